@@ -1,0 +1,195 @@
+//! Fixed-point formats and (de)quantization (METHOD.md §2).
+
+use crate::{FixedError, Result, FLOAT, MAX_EXPONENT, MAX_FIXED_BITS, MIN_EXPONENT, PRUNED};
+
+/// True for the widths qgrad stores: 0 (pruned), 2..=16 (fixed point), 32 (float).
+pub fn is_valid_width(bits: u8) -> bool {
+    bits == PRUNED || bits == FLOAT || (crate::MIN_FIXED_BITS..=MAX_FIXED_BITS).contains(&bits)
+}
+
+/// `2^k` as an `f64`, exact, built from its bit pattern (for `|k| <= 1022`).
+fn pow2(k: i32) -> f64 {
+    debug_assert!((-1022..=1023).contains(&k));
+    f64::from_bits(((1023 + k) as u64) << 52)
+}
+
+/// `ceil(log2(max |x|))` over `values`: the shared exponent of a tensor.
+///
+/// Returns 0 for an empty or all-zero tensor. A tensor whose largest magnitude
+/// is below `2^MIN_EXPONENT` gets `MIN_EXPONENT` (see the crate docs). A NaN or
+/// infinity is an error naming its index.
+pub fn tensor_exponent(values: &[f32]) -> Result<i32> {
+    let mut max_abs = 0.0f32;
+    for (index, &value) in values.iter().enumerate() {
+        if !value.is_finite() {
+            return Err(FixedError::NonFinite { index, value });
+        }
+        max_abs = max_abs.max(value.abs());
+    }
+    if max_abs == 0.0 {
+        return Ok(0);
+    }
+    // Every f32 is a normal f64, so the f64 exponent field is floor(log2(x));
+    // log2 is an integer exactly when the mantissa is zero.
+    let bits = f64::from(max_abs).to_bits();
+    let floor_log2 = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let is_power_of_two = bits & ((1u64 << 52) - 1) == 0;
+    let exponent = floor_log2 + i32::from(!is_power_of_two);
+    Ok(exponent.max(MIN_EXPONENT))
+}
+
+/// Fewest bits that hold every integer `0..=max_value`: `ceil(log2(max_value + 1))`,
+/// 0 for `max_value == 0`.
+pub fn bits_needed(max_value: u64) -> u32 {
+    64 - max_value.leading_zeros()
+}
+
+/// One fixed-point format: `bits`-bit two's-complement integers `q` meaning
+/// `q · 2^-(bits - 1 - exponent)`, covering `[-2^exponent, 2^exponent - step]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedFormat {
+    /// Integer width, 2..=16.
+    pub bits: u8,
+    /// Shared range exponent `e`: values lie in `±2^e`.
+    pub exponent: i32,
+}
+
+impl FixedFormat {
+    /// A format of `bits` (2..=16) bits and range `±2^exponent`.
+    pub fn new(bits: u8, exponent: i32) -> Result<Self> {
+        if !(crate::MIN_FIXED_BITS..=MAX_FIXED_BITS).contains(&bits) {
+            return Err(FixedError::InvalidWidth(bits));
+        }
+        if !(MIN_EXPONENT..=MAX_EXPONENT).contains(&exponent) {
+            return Err(FixedError::ExponentOutOfRange { exponent });
+        }
+        Ok(Self { bits, exponent })
+    }
+
+    /// Number of fractional bits `f = bits - 1 - exponent` (negative when the
+    /// step is larger than 1).
+    pub fn frac_bits(self) -> i32 {
+        i32::from(self.bits) - 1 - self.exponent
+    }
+
+    /// Quantization step `2^-f`.
+    pub fn step(self) -> f64 {
+        pow2(-self.frac_bits())
+    }
+
+    /// Smallest integer, `-2^(bits-1)`.
+    pub fn min_int(self) -> i32 {
+        -(1i32 << (self.bits - 1))
+    }
+
+    /// Largest integer, `2^(bits-1) - 1`.
+    pub fn max_int(self) -> i32 {
+        (1i32 << (self.bits - 1)) - 1
+    }
+
+    /// The integer nearest to `x / step`, ties away from zero, saturated to
+    /// `min_int..=max_int`. Infinities saturate; NaN maps to 0 (the slice
+    /// functions reject non-finite input instead).
+    #[inline]
+    pub fn quantize(self, x: f32) -> i32 {
+        let scaled = f64::from(x) * pow2(self.frac_bits());
+        // `as` maps NaN to 0; the clamp keeps infinities in range.
+        scaled
+            .round()
+            .clamp(f64::from(self.min_int()), f64::from(self.max_int())) as i32
+    }
+
+    /// Unbiased stochastic rounding: `floor(x/step) + 1` with probability equal
+    /// to the fractional part of `x/step`, else `floor(x/step)`; saturated like
+    /// [`quantize`](Self::quantize). Its expectation is `x / step` for in-range
+    /// `x`. Draws exactly one `f64` from `rng` per call, so a seeded generator
+    /// gives reproducible results.
+    pub fn quantize_stochastic<R: rand::Rng + ?Sized>(self, x: f32, rng: &mut R) -> i32 {
+        let scaled = f64::from(x) * pow2(self.frac_bits());
+        let floor = scaled.floor();
+        let up = rng.random::<f64>() < scaled - floor;
+        let rounded = if up { floor + 1.0 } else { floor };
+        rounded.clamp(f64::from(self.min_int()), f64::from(self.max_int())) as i32
+    }
+
+    /// The value `q · 2^-f`. Exact for every `q` in range (see the crate docs).
+    #[inline]
+    pub fn dequantize(self, q: i32) -> f32 {
+        (f64::from(q) * pow2(-self.frac_bits())) as f32
+    }
+}
+
+/// Checks lengths and widths shared by [`quantize_values`] and [`fake_quantize`].
+fn check_inputs(values: &[f32], widths: &[u8], exponent: i32) -> Result<()> {
+    if values.len() != widths.len() {
+        return Err(FixedError::LengthMismatch {
+            values: values.len(),
+            widths: widths.len(),
+        });
+    }
+    if !(MIN_EXPONENT..=MAX_EXPONENT).contains(&exponent) {
+        return Err(FixedError::ExponentOutOfRange { exponent });
+    }
+    let mut seen = [false; 256];
+    for &w in widths {
+        seen[usize::from(w)] = true;
+    }
+    if let Some(bad) = (0..=255u8).find(|&w| seen[usize::from(w)] && !is_valid_width(w)) {
+        return Err(FixedError::InvalidWidth(bad));
+    }
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(FixedError::NonFinite {
+            index,
+            value: values[index],
+        });
+    }
+    Ok(())
+}
+
+/// Per-width formats for one exponent, indexed by width (0..=16).
+fn format_table(exponent: i32) -> [Option<FixedFormat>; 17] {
+    let mut table = [None; 17];
+    for bits in crate::MIN_FIXED_BITS..=MAX_FIXED_BITS {
+        table[usize::from(bits)] = Some(FixedFormat { bits, exponent });
+    }
+    table
+}
+
+/// Integers for per-element widths sharing one exponent. Width 0 gives 0;
+/// width 32 is an error (a float has no fixed-point integer); so are a length
+/// mismatch, an invalid width, an exponent out of range and a NaN/infinity.
+pub fn quantize_values(values: &[f32], widths: &[u8], exponent: i32) -> Result<Vec<i32>> {
+    check_inputs(values, widths, exponent)?;
+    if let Some(index) = widths.iter().position(|&w| w == FLOAT) {
+        return Err(FixedError::FloatHasNoInteger { index });
+    }
+    let table = format_table(exponent);
+    Ok(values
+        .iter()
+        .zip(widths)
+        .map(|(&x, &w)| match table[usize::from(w)] {
+            Some(format) => format.quantize(x),
+            None => 0,
+        })
+        .collect())
+}
+
+/// Quantize, then dequantize: what the model computes with after
+/// quantization. Width 0 gives 0.0; width 32 keeps the value unchanged.
+/// Errors on a length mismatch, an invalid width, an exponent out of range and
+/// a NaN/infinity.
+pub fn fake_quantize(values: &[f32], widths: &[u8], exponent: i32) -> Result<Vec<f32>> {
+    check_inputs(values, widths, exponent)?;
+    let table = format_table(exponent);
+    Ok(values
+        .iter()
+        .zip(widths)
+        .map(|(&x, &w)| match w {
+            FLOAT => x,
+            _ => match table[usize::from(w)] {
+                Some(format) => format.dequantize(format.quantize(x)),
+                None => 0.0,
+            },
+        })
+        .collect())
+}
