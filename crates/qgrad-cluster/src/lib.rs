@@ -1,1 +1,94 @@
-//! placeholder
+//! `qgrad-cluster`: parallel sorting, exact optimal 1-D k-means
+//! (Ckmeans.1d.dp), quantile splits, and the assignment of bit widths by
+//! importance (METHOD.md §3, steps 1–3).
+//!
+//! # Design
+//! Post-training quantization sorts the accumulated gradients `A` of all
+//! parameters (about 15 M for VGG-16), splits them into `K` groups and gives
+//! the group with the highest centre the most bits. Everything here works on
+//! plain slices so that the deployment side never compiles candle.
+//!
+//! * [`par_sort_f32`] sorts in IEEE total order with a radix sort: one
+//!   most-significant-digit pass, then the buckets in parallel (rayon), each
+//!   with least-significant-digit passes. Comparison sorts are several times
+//!   slower on 15 M keys.
+//! * [`ckmeans_1d`] is the exact dynamic programme of Ckmeans.1d.dp (Wang &
+//!   Song 2011): `D[k][i] = min_j D[k-1][j-1] + SSE(j..=i)`, with `SSE` from
+//!   prefix sums over data shifted by its median (less cancellation). The
+//!   optimal split point is monotone in `i`, so each layer is solved by divide
+//!   and conquer in `O(n log n)` (the two halves in parallel), `O(K n log n)`
+//!   in all. Equal values are first merged into weighted points: an optimal
+//!   clustering never separates equal values (moving a copy to its twins'
+//!   cluster cannot increase the SSE), so the result stays exact, ties are
+//!   never split, and heavily tied data (pruned or quantized models) gets
+//!   faster.
+//! * [`assign_widths`] sorts a copy of the importances, clusters it, and maps
+//!   every element to its cluster by comparing with the clusters' value
+//!   boundaries (no index sort needed, because clusters are contiguous value
+//!   ranges).
+//!
+//! # Decisions (documented choices where METHOD.md is silent)
+//! * Fewer distinct importances than widths: there are fewer clusters; the
+//!   highest cluster gets `widths[0]`, the next `widths[1]`, and so on, and the
+//!   lowest widths are not used. The safe direction: parameters keep more bits.
+//! * Constant importance (one distinct value, which includes an all-zero `A`):
+//!   nothing distinguishes the parameters, so all get `widths[0]` — the safe
+//!   choice; the user sees an unquantized-looking result rather than a model
+//!   pruned at random.
+//! * [`ClusterMethod::LogKMeans`] clusters `ln(A + eps)` with
+//!   `eps = LOG_EPS_RELATIVE · max(A)` ([`LOG_EPS_RELATIVE`] = 1e-12). `A` must
+//!   be `>= 0`. Relative `eps` keeps the method scale-invariant (multiplying
+//!   `A` by a constant, e.g. a different learning-rate schedule length, does
+//!   not change the widths) and puts parameters that never saw a gradient
+//!   (`A = 0`) far below all others.
+//! * [`ClusterMethod::Quantiles`]: group `k` gets `fractions[k]` of the
+//!   elements (rounded so that the counts sum to `n`: boundaries are
+//!   `round(n · cumulative fraction)`). A boundary that falls inside a run of
+//!   equal importances moves to the nearer end of the run (the lower end on a
+//!   tie), so equal importances always get equal widths; a group may then be
+//!   larger or smaller than asked, or empty.
+//! * NaN or infinite importance is an error; an empty input gives an empty
+//!   output.
+
+mod ckmeans;
+mod method;
+mod sort;
+
+pub use ckmeans::{ckmeans_1d, Clustering};
+pub use method::{assign_widths, ClusterMethod, LOG_EPS_RELATIVE};
+pub use sort::par_sort_f32;
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClusterError {
+    /// A NaN or infinite input value.
+    #[error("value at index {index} is not finite ({value})")]
+    NonFinite { index: usize, value: f64 },
+    /// Input that must be sorted ascending is not.
+    #[error("input is not sorted ascending at index {index}")]
+    NotSorted { index: usize },
+    /// Zero clusters asked for a non-empty input.
+    #[error("number of clusters must be at least 1 (got {0})")]
+    ZeroClusters(usize),
+    /// The widths list is empty or not strictly decreasing.
+    #[error(
+        "bit widths must be a non-empty, strictly decreasing list (b_1 > b_2 > ...), got {0:?}"
+    )]
+    BadWidths(Vec<u8>),
+    /// Quantile fractions that are negative, not finite, do not sum to 1, or
+    /// do not match the number of widths.
+    #[error("bad quantile fractions {fractions:?}: {reason}")]
+    BadFractions { fractions: Vec<f64>, reason: String },
+    /// A negative importance where the method needs `A >= 0`.
+    #[error("importance at index {index} is negative ({value}); log-k-means needs A >= 0")]
+    NegativeImportance { index: usize, value: f64 },
+    /// More distinct values than the exact k-means keeps indices for.
+    #[error("too many distinct values for exact k-means: {distinct} (at most 2^32 - 1)")]
+    TooLarge { distinct: usize },
+    /// A cluster method name that cannot be parsed.
+    #[error("cannot parse cluster method {input:?}: {reason}")]
+    Parse { input: String, reason: String },
+}
