@@ -1,0 +1,345 @@
+//! The encoder: quantize every element with its own width, keep the
+//! non-zeros, choose CSR or dense per tensor, and bit-pack every field.
+
+use std::io::Write;
+use std::path::Path;
+
+use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
+
+use crate::error::{CsrError, Result};
+use crate::format::{
+    csr_widths, dense_tag_bits, matrix_dims, FileHeader, Layout, LayoutChoice, TensorHeader,
+    CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+};
+use crate::model::CompressedModel;
+use crate::report::SizeReport;
+
+/// One tensor to encode: float values and a width per element.
+///
+/// Widths: 0 pruned, 2..=16 fixed point, 32 kept as raw f32. The encoder
+/// quantizes each element with its width, all sharing the exponent
+/// `qgrad_fixed::tensor_exponent` of the non-pruned values; elements whose
+/// integer is 0 (or whose f32 is ±0.0) are zeros and not stored.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorData<'a> {
+    /// Unique name.
+    pub name: &'a str,
+    /// Shape; the matrix view is rows = shape[0], cols = product of the rest
+    /// (rank 0 or 1: one row).
+    pub shape: &'a [usize],
+    /// Float values, row-major, `product(shape)` of them.
+    pub values: &'a [f32],
+    /// One width per value.
+    pub widths: &'a [u8],
+}
+
+/// Encoder options.
+#[derive(Clone, Debug, Default)]
+pub struct EncodeOptions {
+    /// Layout policy per tensor.
+    pub layout: LayoutChoice,
+    /// Free-form key/value metadata stored in the header.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// A tensor after quantization: its stored non-zeros in row-major order.
+struct QuantizedTensor {
+    rows: u64,
+    cols: u64,
+    exponent: i32,
+    /// Per non-zero: row-major element index, width, raw bits (two's
+    /// complement integer or f32 bits).
+    flat_of: Vec<u64>,
+    widths_of: Vec<u8>,
+    raw_of: Vec<u64>,
+    /// Number of non-zeros in each row.
+    row_counts: Vec<u64>,
+    has_zero: bool,
+}
+
+fn quantize_tensor(t: &TensorData) -> Result<QuantizedTensor> {
+    let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+    let (rows, cols) =
+        matrix_dims(&shape).ok_or_else(|| CsrError::invalid(t.name, "shape product overflows"))?;
+    let elements = rows
+        .checked_mul(cols)
+        .ok_or_else(|| CsrError::invalid(t.name, "shape product overflows"))?;
+    if elements > MAX_TENSOR_ELEMENTS {
+        return Err(CsrError::invalid(
+            t.name,
+            format!("{elements} elements exceed the format's limit of {MAX_TENSOR_ELEMENTS}"),
+        ));
+    }
+    if t.values.len() as u64 != elements || t.widths.len() as u64 != elements {
+        return Err(CsrError::invalid(
+            t.name,
+            format!(
+                "shape {:?} has {elements} elements but {} values and {} widths were given",
+                t.shape,
+                t.values.len(),
+                t.widths.len()
+            ),
+        ));
+    }
+    if let Some(i) = t
+        .widths
+        .iter()
+        .position(|&w| !qgrad_fixed::is_valid_width(w))
+    {
+        return Err(CsrError::invalid(
+            t.name,
+            format!(
+                "element {i} has width {}: expected 0, 2..=16 or 32",
+                t.widths[i]
+            ),
+        ));
+    }
+    let kept: Vec<f32> = t
+        .values
+        .iter()
+        .zip(t.widths)
+        .filter(|(_, &w)| w != PRUNED)
+        .map(|(&v, _)| v)
+        .collect();
+    let exponent = qgrad_fixed::tensor_exponent(&kept)
+        .map_err(|e| CsrError::invalid(t.name, format!("cannot find the exponent: {e}")))?;
+    if !(MIN_EXPONENT..=MAX_EXPONENT).contains(&exponent) {
+        return Err(CsrError::invalid(
+            t.name,
+            format!("exponent {exponent} is outside {MIN_EXPONENT}..={MAX_EXPONENT} (a value is too large)"),
+        ));
+    }
+    let formats: Vec<Option<FixedFormat>> = (0..=16u8)
+        .map(|b| FixedFormat::new(b, exponent).ok())
+        .collect();
+
+    let mut q = QuantizedTensor {
+        rows,
+        cols,
+        exponent,
+        flat_of: Vec::new(),
+        widths_of: Vec::new(),
+        raw_of: Vec::new(),
+        row_counts: vec![0; rows as usize],
+        has_zero: false,
+    };
+    for (i, (&v, &w)) in t.values.iter().zip(t.widths).enumerate() {
+        let raw = match w {
+            PRUNED => None,
+            FLOAT => (v != 0.0).then(|| u64::from(v.to_bits())),
+            _ => {
+                // Valid widths 2..=16 always have a format (exponent checked above).
+                let format = formats[usize::from(w)].ok_or_else(|| {
+                    CsrError::invalid(t.name, format!("no fixed-point format for width {w}"))
+                })?;
+                let int = format.quantize(v);
+                (int != 0).then_some(int as i64 as u64)
+            }
+        };
+        match raw {
+            Some(raw) => {
+                // cols > 0 here: an element exists.
+                let i = i as u64;
+                q.row_counts[(i / cols) as usize] += 1;
+                q.flat_of.push(i);
+                q.widths_of.push(w);
+                q.raw_of.push(raw);
+            }
+            None => q.has_zero = true,
+        }
+    }
+    Ok(q)
+}
+
+/// Bits the CSR and dense layouts would take (payload only).
+fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
+    let nnz = q.widths_of.len() as u128;
+    let value_bits: u128 = q.widths_of.iter().map(|&w| u128::from(w)).sum();
+    match layout {
+        Layout::Csr => {
+            let w = csr_widths(q.cols, nnz as u64, table.len());
+            (u128::from(q.rows) + 1) * u128::from(w.row_ptr)
+                + nnz * u128::from(w.col_idx + w.tag)
+                + value_bits
+        }
+        Layout::Dense => {
+            let elements = u128::from(q.rows) * u128::from(q.cols);
+            elements * u128::from(dense_tag_bits(table.len())) + value_bits
+        }
+    }
+}
+
+fn sorted_table(q: &QuantizedTensor, with_zero: bool) -> Vec<u8> {
+    let mut seen = [false; 33];
+    for &w in &q.widths_of {
+        seen[usize::from(w)] = true;
+    }
+    seen[0] = with_zero;
+    (0..=32u8).filter(|&w| seen[usize::from(w)]).collect()
+}
+
+fn tag_of(table: &[u8], w: u8) -> u64 {
+    // The table was built from these very widths, so the search succeeds.
+    table.binary_search(&w).unwrap_or(0) as u64
+}
+
+fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
+    let bits = payload_bits(q, table, layout);
+    let mut writer = qgrad_fixed::BitWriter::with_capacity_bits(bits as usize);
+    match layout {
+        Layout::Csr => {
+            let nnz = q.widths_of.len() as u64;
+            let w = csr_widths(q.cols, nnz, table.len());
+            let mut ptr = 0u64;
+            writer.write_bits(0, w.row_ptr);
+            for &count in &q.row_counts {
+                ptr += count;
+                writer.write_bits(ptr, w.row_ptr);
+            }
+            for &i in &q.flat_of {
+                writer.write_bits(i % q.cols, w.col_idx);
+            }
+            for &width in &q.widths_of {
+                writer.write_bits(tag_of(table, width), w.tag);
+            }
+            for (&width, &raw) in q.widths_of.iter().zip(&q.raw_of) {
+                writer.write_bits(raw, u32::from(width));
+            }
+        }
+        Layout::Dense => {
+            let tag_bits = dense_tag_bits(table.len());
+            let zero_tag = tag_of(table, 0);
+            let mut k = 0usize;
+            for i in 0..q.rows * q.cols {
+                if q.flat_of.get(k) == Some(&i) {
+                    let width = q.widths_of[k];
+                    writer.write_bits(tag_of(table, width), tag_bits);
+                    writer.write_bits(q.raw_of[k], u32::from(width));
+                    k += 1;
+                } else {
+                    writer.write_bits(zero_tag, tag_bits);
+                }
+            }
+        }
+    }
+    writer.finish()
+}
+
+/// Encodes tensors into the bytes of a compressed model file (FORMAT.md).
+pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>> {
+    let mut names = std::collections::HashSet::new();
+    let mut headers = Vec::with_capacity(tensors.len());
+    let mut payloads = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        if !names.insert(t.name) {
+            return Err(CsrError::invalid(t.name, "the name appears twice"));
+        }
+        let q = quantize_tensor(t)?;
+        let nnz = q.widths_of.len() as u64;
+        let candidate = |layout: Layout| -> Result<(TensorHeader, usize)> {
+            let table = sorted_table(&q, layout == Layout::Dense && q.has_zero);
+            let payload_bytes = payload_bits(&q, &table, layout).div_ceil(8) as u64;
+            let header = TensorHeader {
+                name: t.name.to_owned(),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+                exponent: q.exponent,
+                layout,
+                width_table: table,
+                nnz,
+                payload_bytes,
+            };
+            let header_len = postcard::to_allocvec(&header)
+                .map_err(|e| CsrError::Serialize(e.to_string()))?
+                .len();
+            Ok((header, header_len + payload_bytes as usize))
+        };
+        // A dense tensor must spend at least one bit per element (FORMAT.md),
+        // so a tensor without non-zeros is always CSR.
+        let dense_ok = nnz > 0;
+        let (header, _) = match options.layout {
+            LayoutChoice::Csr => candidate(Layout::Csr)?,
+            LayoutChoice::Dense if dense_ok => candidate(Layout::Dense)?,
+            LayoutChoice::Dense => candidate(Layout::Csr)?,
+            LayoutChoice::Auto => {
+                // Whole bytes of the tensor in the file: header entry + payload.
+                let csr = candidate(Layout::Csr)?;
+                if dense_ok {
+                    let dense = candidate(Layout::Dense)?;
+                    if dense.1 < csr.1 {
+                        dense
+                    } else {
+                        csr
+                    }
+                } else {
+                    csr
+                }
+            }
+        };
+        let payload = write_payload(&q, &header.width_table, header.layout);
+        debug_assert_eq!(payload.len() as u64, header.payload_bytes);
+        headers.push(header);
+        payloads.push(payload);
+    }
+    let header = FileHeader {
+        metadata: options.metadata.clone(),
+        tensors: headers,
+    };
+    let header_bytes =
+        postcard::to_allocvec(&header).map_err(|e| CsrError::Serialize(e.to_string()))?;
+    let header_len = u32::try_from(header_bytes.len())
+        .map_err(|_| CsrError::Serialize("the header exceeds 4 GiB".into()))?;
+    let payload_len: usize = payloads.iter().map(Vec::len).sum();
+    let file_len = PREFIX_BYTES + header_bytes.len() + payload_len + CHECKSUM_BYTES;
+
+    let mut out = Vec::with_capacity(file_len);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&header_len.to_le_bytes());
+    out.extend_from_slice(&(file_len as u64).to_le_bytes());
+    out.extend_from_slice(&header_bytes);
+    for p in &payloads {
+        out.extend_from_slice(p);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len(), file_len);
+    Ok(out)
+}
+
+/// Encodes and writes the file atomically (a temporary file in the same
+/// directory, synced, then renamed over `path`), and returns the size report
+/// of the file as it lies on disk. On any failure the previous file at
+/// `path`, if any, is left untouched and no temporary file remains.
+pub fn write_file(
+    path: impl AsRef<Path>,
+    tensors: &[TensorData],
+    options: &EncodeOptions,
+) -> Result<SizeReport> {
+    let path = path.as_ref();
+    let bytes = encode(tensors, options)?;
+    let io_err = |source: std::io::Error| CsrError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    tmp.write_all(&bytes).map_err(io_err)?;
+    tmp.as_file().sync_all().map_err(io_err)?;
+    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    let on_disk = std::fs::metadata(path).map_err(io_err)?.len();
+    let mut report = CompressedModel::from_bytes(&bytes)?.size_report();
+    if on_disk != report.file_bytes {
+        return Err(CsrError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(format!(
+                "wrote {} bytes but the file has {on_disk}",
+                report.file_bytes
+            )),
+        });
+    }
+    report.file_bytes = on_disk;
+    Ok(report)
+}

@@ -1,0 +1,521 @@
+//! Integer inference straight from the compressed file.
+//!
+//! # Arithmetic
+//! A tensor's fixed-point elements of width `b` have `f_b = b - 1 - e`
+//! fractional bits (shared exponent `e`). [`SparseKernel`] brings them to one
+//! scale, the largest `F = max f_b` of the tensor, by shifting each integer
+//! left by `F - f_b` (at most 14 bits, so every weight still fits an `i32`).
+//! Activations are [`FixedActivations`]: an `i32` per element and a number of
+//! fractional bits `f_a` per row (sample). The inner loop is then a plain
+//! integer multiply-add, and one output is
+//!
+//! ```text
+//! y = acc · 2^-(F + f_a)  +  Σ_float w · x        (in f64, rounded to f32 once)
+//! ```
+//!
+//! where `acc` is the exact integer sum over the fixed-point weights and the
+//! second sum covers the width-32 (raw f32) weights, accumulated separately in
+//! `f64`. The integer accumulator is chosen per call from a proven bound,
+//! `max|w| · max|x| · max non-zeros per row`: `i32` when that is below
+//! `2^31` (twice the SIMD lanes), else `i64`, else `i128`, so the integer sum
+//! never overflows. The result differs from the product of the dequantized
+//! operands only by the single final rounding to `f32` ("one output rounding
+//! step"), as long as `|acc| < 2^53` (always true for 16-bit weights and
+//! activations with fewer than 2^22 non-zeros per row) and the tensor has no
+//! f32 weights (whose f64 sum adds a rounding of relative size 2^-53).
+//!
+//! # Parallelism
+//! A single sample (mat-vec) runs in parallel over weight rows with a gather
+//! from the activation row. A batch is transposed to `[cols][batch]` so that
+//! every non-zero weight updates a contiguous run of accumulators (a
+//! vectorisable axpy), in parallel over weight rows and in tiles of the batch.
+//! Convolution lowers the input with im2col straight into that transposed
+//! layout (`[c·k·k][oh·ow]`), so it runs on the same kernel.
+
+use rayon::prelude::*;
+
+use qgrad_fixed::{FixedFormat, FLOAT};
+
+use crate::error::{CsrError, Result};
+use crate::model::CompressedTensor;
+
+/// Batch columns processed per tile (keeps the accumulators in L1/L2).
+const TILE: usize = 256;
+/// Upper bound on the im2col buffer of one conv chunk, in elements.
+const IM2COL_CHUNK_ELEMENTS: usize = 8 << 20;
+
+/// Fixed-point activations: `values[r * cols + c]` means
+/// `values[..] · 2^-frac_bits[r]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FixedActivations {
+    /// Integers, row-major.
+    pub values: Vec<i32>,
+    /// Rows (samples).
+    pub rows: usize,
+    /// Columns (features).
+    pub cols: usize,
+    /// Fractional bits, one per row.
+    pub frac_bits: Vec<i32>,
+}
+
+impl FixedActivations {
+    /// Quantizes `x` (`rows × cols`, row-major) to `bits`-bit (2..=16)
+    /// fixed point with one exponent per row, `tensor_exponent(row)`, rounding
+    /// to nearest (ties away from zero) as qgrad-fixed does.
+    pub fn quantize(x: &[f32], rows: usize, cols: usize, bits: u8) -> Result<Self> {
+        if !(qgrad_fixed::MIN_FIXED_BITS..=qgrad_fixed::MAX_FIXED_BITS).contains(&bits) {
+            return Err(CsrError::InvalidOption(format!(
+                "activation width {bits} bits: expected 2..=16"
+            )));
+        }
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| CsrError::ShapeMismatch(format!("{rows} × {cols} overflows")))?;
+        if x.len() != n {
+            return Err(CsrError::ShapeMismatch(format!(
+                "{} activations given for {rows} rows × {cols} columns",
+                x.len()
+            )));
+        }
+        let mut values = vec![0i32; n];
+        let mut frac_bits = vec![0i32; rows];
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let e = qgrad_fixed::tensor_exponent(row)?;
+            let format = FixedFormat::new(bits, e)?;
+            frac_bits[r] = format.frac_bits();
+            for (q, &v) in values[r * cols..(r + 1) * cols].iter_mut().zip(row) {
+                *q = format.quantize(v);
+            }
+        }
+        Ok(Self {
+            values,
+            rows,
+            cols,
+            frac_bits,
+        })
+    }
+
+    /// The values as `f32` (`q · 2^-f`, computed in f64 and rounded once).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.values.len());
+        for r in 0..self.rows {
+            let scale = pow2(-i64::from(self.frac_bits.get(r).copied().unwrap_or(0)));
+            let row = self
+                .values
+                .get(r * self.cols..(r + 1) * self.cols)
+                .unwrap_or(&[]);
+            out.extend(row.iter().map(|&q| (f64::from(q) * scale) as f32));
+        }
+        out
+    }
+
+    fn validate(&self) -> Result<()> {
+        let n = self.rows.checked_mul(self.cols).ok_or_else(|| {
+            CsrError::ShapeMismatch(format!("{} × {} overflows", self.rows, self.cols))
+        })?;
+        if self.values.len() != n {
+            return Err(CsrError::ShapeMismatch(format!(
+                "activations hold {} values but declare {} rows × {} columns",
+                self.values.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        if self.frac_bits.len() != self.rows {
+            return Err(CsrError::ShapeMismatch(format!(
+                "activations have {} rows but {} frac_bits",
+                self.rows,
+                self.frac_bits.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `2^k` in f64 (0 or infinity beyond the f64 range).
+fn pow2(k: i64) -> f64 {
+    2f64.powi(k.clamp(-2000, 2000) as i32)
+}
+
+/// The kernel-ready form of a tensor: CSR with plain `u32`/`i32` arrays, the
+/// fixed-point part at one common scale and the f32 part kept apart.
+#[derive(Clone, Debug)]
+pub struct SparseKernel {
+    rows: usize,
+    cols: usize,
+    /// Fractional bits `F` of the common integer scale.
+    frac_bits: i32,
+    row_ptr: Vec<u32>,
+    col: Vec<u32>,
+    val: Vec<i32>,
+    max_abs_val: u64,
+    max_row_nnz: u64,
+    float_row_ptr: Vec<u32>,
+    float_col: Vec<u32>,
+    float_val: Vec<f32>,
+}
+
+/// Integer accumulator types the kernel may run with.
+trait Acc: Copy + Default + Send + Sync + std::ops::AddAssign {
+    fn from_i32(v: i32) -> Self;
+    fn mul(a: Self, b: Self) -> Self;
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! impl_acc {
+    ($t:ty) => {
+        impl Acc for $t {
+            #[inline(always)]
+            fn from_i32(v: i32) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn mul(a: Self, b: Self) -> Self {
+                a * b
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+impl_acc!(i32);
+impl_acc!(i64);
+impl_acc!(i128);
+
+#[derive(Clone, Copy)]
+enum AccWidth {
+    I32,
+    I64,
+    I128,
+}
+
+impl SparseKernel {
+    /// Builds the kernel form of a decoded tensor.
+    pub fn from_tensor(t: &CompressedTensor) -> Self {
+        let (row_ptr_all, col_all) = t.csr_parts();
+        let widths = t.entry_widths();
+        let max_fixed_width = widths.iter().copied().filter(|&w| w != FLOAT).max();
+        let frac_bits = max_fixed_width.map_or(0, |w| i32::from(w) - 1 - t.exponent);
+        let mut k = SparseKernel {
+            rows: t.rows(),
+            cols: t.cols(),
+            frac_bits,
+            row_ptr: Vec::with_capacity(t.rows() + 1),
+            col: Vec::new(),
+            val: Vec::new(),
+            max_abs_val: 0,
+            max_row_nnz: 0,
+            float_row_ptr: Vec::with_capacity(t.rows() + 1),
+            float_col: Vec::new(),
+            float_val: Vec::new(),
+        };
+        k.row_ptr.push(0);
+        k.float_row_ptr.push(0);
+        for r in 0..t.rows() {
+            let start = k.val.len();
+            for e in row_ptr_all[r] as usize..row_ptr_all[r + 1] as usize {
+                match t.entry_int(e) {
+                    Some(q) => {
+                        // Shift by max width - own width (<= 14): |q << s| < 2^15.
+                        let shift = max_fixed_width.map_or(0, |m| m - widths[e]);
+                        let v = q << shift;
+                        k.max_abs_val = k.max_abs_val.max(u64::from(v.unsigned_abs()));
+                        k.col.push(col_all[e]);
+                        k.val.push(v);
+                    }
+                    None => {
+                        k.float_col.push(col_all[e]);
+                        k.float_val.push(f32::from_bits(t.raw_bits(e)));
+                    }
+                }
+            }
+            k.max_row_nnz = k.max_row_nnz.max((k.val.len() - start) as u64);
+            k.row_ptr.push(k.val.len() as u32);
+            k.float_row_ptr.push(k.float_val.len() as u32);
+        }
+        k
+    }
+
+    /// Output rows (weight rows).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Fractional bits of the common integer scale of the weights.
+    pub fn frac_bits(&self) -> i32 {
+        self.frac_bits
+    }
+
+    fn acc_width(&self, max_abs_x: u64) -> AccWidth {
+        let bound =
+            u128::from(self.max_abs_val) * u128::from(max_abs_x) * u128::from(self.max_row_nnz);
+        if bound < 1 << 31 {
+            AccWidth::I32
+        } else if bound < 1 << 63 {
+            AccWidth::I64
+        } else {
+            AccWidth::I128
+        }
+    }
+
+    /// `y[b, r] = Σ_c W[r, c] · x[b, c]`, returned row-major `[x.rows, self.rows]`.
+    pub fn matmul(&self, x: &FixedActivations) -> Result<Vec<f32>> {
+        x.validate()?;
+        if x.cols != self.cols {
+            return Err(CsrError::ShapeMismatch(format!(
+                "activations have {} columns but the weight matrix has {}",
+                x.cols, self.cols
+            )));
+        }
+        let batch = x.rows;
+        let max_abs_x = x
+            .values
+            .iter()
+            .map(|v| u64::from(v.unsigned_abs()))
+            .max()
+            .unwrap_or(0);
+        let width = self.acc_width(max_abs_x);
+        if batch == 1 {
+            let mut y = vec![0f32; self.rows];
+            match width {
+                AccWidth::I32 => self.matvec::<i32>(&x.values, x.frac_bits[0], &mut y),
+                AccWidth::I64 => self.matvec::<i64>(&x.values, x.frac_bits[0], &mut y),
+                AccWidth::I128 => self.matvec::<i128>(&x.values, x.frac_bits[0], &mut y),
+            }
+            return Ok(y);
+        }
+        // Transpose to [cols][batch] so that each weight updates a contiguous run.
+        let mut xt = vec![0i32; x.values.len()];
+        xt.par_chunks_mut(batch.max(1))
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (b, d) in dst.iter_mut().enumerate() {
+                    *d = x.values[b * self.cols + c];
+                }
+            });
+        let mut yt = vec![0f32; self.rows * batch];
+        self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
+        let mut y = vec![0f32; batch * self.rows];
+        y.par_chunks_mut(self.rows.max(1))
+            .enumerate()
+            .for_each(|(b, dst)| {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = yt[r * batch + b];
+                }
+            });
+        Ok(y)
+    }
+
+    fn matvec<A: Acc>(&self, x: &[i32], frac: i32, y: &mut [f32]) {
+        let scale = pow2(-(i64::from(self.frac_bits) + i64::from(frac)));
+        let x_scale = pow2(-i64::from(frac));
+        y.par_iter_mut()
+            .with_min_len(32)
+            .enumerate()
+            .for_each(|(r, out)| {
+                let mut acc = A::default();
+                for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
+                    acc += A::mul(
+                        A::from_i32(self.val[k]),
+                        A::from_i32(x[self.col[k] as usize]),
+                    );
+                }
+                let mut facc = 0f64;
+                for k in self.float_row_ptr[r] as usize..self.float_row_ptr[r + 1] as usize {
+                    facc += f64::from(self.float_val[k])
+                        * f64::from(x[self.float_col[k] as usize])
+                        * x_scale;
+                }
+                *out = (acc.to_f64() * scale + facc) as f32;
+            });
+    }
+
+    /// `yt[r][j] = Σ_c W[r, c] · xt[c][j]` for `n` columns `j` with
+    /// fractional bits `col_frac[j]` (one per column).
+    fn spmm_t(&self, xt: &[i32], n: usize, col_frac: &[i32], max_abs_x: u64, yt: &mut [f32]) {
+        match self.acc_width(max_abs_x) {
+            AccWidth::I32 => self.spmm_t_with::<i32>(xt, n, col_frac, yt),
+            AccWidth::I64 => self.spmm_t_with::<i64>(xt, n, col_frac, yt),
+            AccWidth::I128 => self.spmm_t_with::<i128>(xt, n, col_frac, yt),
+        }
+    }
+
+    fn spmm_t_with<A: Acc>(&self, xt: &[i32], n: usize, col_frac: &[i32], yt: &mut [f32]) {
+        if n == 0 {
+            return;
+        }
+        let scale: Vec<f64> = col_frac
+            .iter()
+            .map(|&f| pow2(-(i64::from(self.frac_bits) + i64::from(f))))
+            .collect();
+        let x_scale: Vec<f64> = col_frac.iter().map(|&f| pow2(-i64::from(f))).collect();
+        yt.par_chunks_mut(n).enumerate().for_each_init(
+            || (vec![A::default(); TILE], vec![0f64; TILE]),
+            |(acc, facc), (r, out)| {
+                for j0 in (0..n).step_by(TILE) {
+                    let len = TILE.min(n - j0);
+                    let acc = &mut acc[..len];
+                    let facc = &mut facc[..len];
+                    acc.fill(A::default());
+                    facc.fill(0.0);
+                    for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
+                        let w = A::from_i32(self.val[k]);
+                        let start = self.col[k] as usize * n + j0;
+                        for (a, &xv) in acc.iter_mut().zip(&xt[start..start + len]) {
+                            *a += A::mul(w, A::from_i32(xv));
+                        }
+                    }
+                    for k in self.float_row_ptr[r] as usize..self.float_row_ptr[r + 1] as usize {
+                        let w = f64::from(self.float_val[k]);
+                        let start = self.float_col[k] as usize * n + j0;
+                        for (j, (a, &xv)) in
+                            facc.iter_mut().zip(&xt[start..start + len]).enumerate()
+                        {
+                            *a += w * f64::from(xv) * x_scale[j0 + j];
+                        }
+                    }
+                    for j in 0..len {
+                        out[j0 + j] = (acc[j].to_f64() * scale[j0 + j] + facc[j]) as f32;
+                    }
+                }
+            },
+        );
+    }
+
+    /// 2-D convolution of `x` (rows = samples, cols = `c·h·w`) with this
+    /// kernel read as `[o, c, kernel, kernel]`, zero padding, square stride.
+    /// Returns `[samples, o, oh, ow]` row-major and `[o, oh, ow]`.
+    pub fn conv2d(
+        &self,
+        x: &FixedActivations,
+        input: [usize; 3],
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<(Vec<f32>, [usize; 3])> {
+        x.validate()?;
+        let [c, h, w] = input;
+        if stride == 0 || kernel == 0 {
+            return Err(CsrError::InvalidOption(format!(
+                "conv2d needs kernel >= 1 and stride >= 1, got kernel {kernel}, stride {stride}"
+            )));
+        }
+        let patch = c
+            .checked_mul(kernel)
+            .and_then(|v| v.checked_mul(kernel))
+            .ok_or_else(|| CsrError::ShapeMismatch("c·k·k overflows".into()))?;
+        if patch != self.cols {
+            return Err(CsrError::ShapeMismatch(format!(
+                "weight has {} columns but c·k·k = {c}·{kernel}·{kernel} = {patch}",
+                self.cols
+            )));
+        }
+        let image = c
+            .checked_mul(h)
+            .and_then(|v| v.checked_mul(w))
+            .ok_or_else(|| CsrError::ShapeMismatch("c·h·w overflows".into()))?;
+        if image != x.cols {
+            return Err(CsrError::ShapeMismatch(format!(
+                "activations have {} columns but the input [{c}, {h}, {w}] has {image}",
+                x.cols
+            )));
+        }
+        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+            return Err(CsrError::ShapeMismatch(format!(
+                "kernel {kernel} is larger than the padded input {}×{}",
+                h + 2 * padding,
+                w + 2 * padding
+            )));
+        }
+        let oh = (h + 2 * padding - kernel) / stride + 1;
+        let ow = (w + 2 * padding - kernel) / stride + 1;
+        let positions = oh * ow;
+        let o = self.rows;
+        let samples = x.rows;
+        let max_abs_x = x
+            .values
+            .iter()
+            .map(|v| u64::from(v.unsigned_abs()))
+            .max()
+            .unwrap_or(0);
+        let mut y = vec![0f32; samples * o * positions];
+        let per_sample = (patch * positions).max(1);
+        let chunk = (IM2COL_CHUNK_ELEMENTS / per_sample).clamp(1, samples.max(1));
+        for s0 in (0..samples).step_by(chunk) {
+            let ns = chunk.min(samples - s0);
+            let n = ns * positions;
+            // im2col in the transposed layout: row (ci, ki, kj), column (sample, oy, ox).
+            let mut xt = vec![0i32; patch * n];
+            xt.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+                let ci = row / (kernel * kernel);
+                let ki = (row / kernel) % kernel;
+                let kj = row % kernel;
+                for s in 0..ns {
+                    let img = &x.values[(s0 + s) * image..(s0 + s + 1) * image];
+                    for oy in 0..oh {
+                        let iy = (oy * stride + ki) as isize - padding as isize;
+                        let base = s * positions + oy * ow;
+                        if iy < 0 || iy >= h as isize {
+                            continue; // stays zero
+                        }
+                        for ox in 0..ow {
+                            let ix = (ox * stride + kj) as isize - padding as isize;
+                            if ix >= 0 && ix < w as isize {
+                                dst[base + ox] = img[ci * h * w + iy as usize * w + ix as usize];
+                            }
+                        }
+                    }
+                }
+            });
+            let col_frac: Vec<i32> = (0..n).map(|j| x.frac_bits[s0 + j / positions]).collect();
+            let mut yt = vec![0f32; o * n];
+            self.spmm_t(&xt, n, &col_frac, max_abs_x, &mut yt);
+            // yt is [o][sample][position]; y is [sample][o][position].
+            for s in 0..ns {
+                for oc in 0..o {
+                    let src = &yt[oc * n + s * positions..oc * n + (s + 1) * positions];
+                    let dst_start = ((s0 + s) * o + oc) * positions;
+                    y[dst_start..dst_start + positions].copy_from_slice(src);
+                }
+            }
+        }
+        Ok((y, [o, oh, ow]))
+    }
+}
+
+impl CompressedTensor {
+    /// `y[b, r] = Σ_c W[r, c] · x[b, c]` with integer accumulation (see the
+    /// module docs), row-major `[x.rows, self.rows()]`.
+    pub fn matmul(&self, x: &FixedActivations) -> Result<Vec<f32>> {
+        self.kernel().matmul(x)
+    }
+
+    /// Convolution with this tensor as the weight `[o, c, kernel, kernel]`
+    /// (im2col + the same integer kernel). `x` rows are samples of
+    /// `input = [c, h, w]`. Returns `[samples, o, oh, ow]` and `[o, oh, ow]`.
+    pub fn conv2d(
+        &self,
+        x: &FixedActivations,
+        input: [usize; 3],
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<(Vec<f32>, [usize; 3])> {
+        let expected = [self.rows(), input[0], kernel, kernel];
+        if self.shape.as_slice() != expected.as_slice() {
+            return Err(CsrError::ShapeMismatch(format!(
+                "conv2d weight `{}` has shape {:?}, expected {:?} ([o, c, k, k])",
+                self.name, self.shape, expected
+            )));
+        }
+        self.kernel().conv2d(x, input, kernel, stride, padding)
+    }
+}
