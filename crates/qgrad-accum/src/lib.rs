@@ -36,6 +36,9 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
 
+/// `(name, shape, values)`: one accumulated-gradient tensor copied to the host.
+pub type HostTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Suffix of every accumulated-gradient tensor name in a saved file.
 pub const ACCGRAD_SUFFIX: &str = ".accgrad";
 
@@ -186,7 +189,7 @@ impl AccumulatedGradients {
     }
 
     /// `(name, shape, values)` of every accumulator, in order (one device→host copy).
-    pub fn to_host(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn to_host(&self) -> Result<Vec<HostTensor>> {
         self.entries
             .iter()
             .map(|e| {

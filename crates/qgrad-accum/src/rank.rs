@@ -43,7 +43,7 @@ fn order(a: &RankedElement, b: &RankedElement) -> Ordering {
         .then(a.index.cmp(&b.index))
 }
 
-type HostScores = [(String, Vec<usize>, Vec<f32>)];
+type HostScores = [crate::HostTensor];
 
 fn check(scores: &HostScores) -> Result<()> {
     for (name, shape, values) in scores {
