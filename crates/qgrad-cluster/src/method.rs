@@ -6,7 +6,7 @@ use std::str::FromStr;
 use rayon::prelude::*;
 
 use crate::ckmeans::ckmeans_weighted;
-use crate::sort::par_sort_f32;
+use crate::sort::{par_sort_f32, to_key};
 use crate::{ClusterError, Result};
 
 /// `eps = LOG_EPS_RELATIVE · max(A)` in [`ClusterMethod::LogKMeans`]'s
@@ -131,7 +131,7 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
         return Err(ClusterError::BadWidths(widths.to_vec()));
     }
     method.validate(widths.len())?;
-    if let Some(index) = importance.par_iter().position_first(|v| !v.is_finite()) {
+    if let Some(index) = first_non_finite(importance) {
         return Err(ClusterError::NonFinite {
             index,
             value: f64::from(importance[index]),
@@ -149,33 +149,82 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
         return Ok(Vec::new());
     }
 
-    let mut sorted = importance.to_vec();
-    par_sort_f32(&mut sorted);
-    if sorted[0] == sorted[sorted.len() - 1] {
+    let (min, max) = importance
+        .par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                })
+        })
+        .reduce(
+            || (f32::INFINITY, f32::NEG_INFINITY),
+            |a, b| (a.0.min(b.0), a.1.max(b.1)),
+        );
+    if min == max {
         // Constant importance: nothing distinguishes the parameters.
         return Ok(vec![widths[0]; importance.len()]);
     }
     // (lowest importance of the group, its width), ascending by importance.
     let groups = match method {
-        ClusterMethod::KMeans => kmeans_groups(&sorted, widths, &f64::from),
-        ClusterMethod::LogKMeans => kmeans_groups(&sorted, widths, &log_transform(&sorted)),
-        ClusterMethod::Quantiles { fractions } => quantile_groups(&sorted, widths, fractions),
-    }?;
-    drop(sorted);
+        // Quantiles need only K-1 order statistics: select them instead of
+        // sorting everything.
+        ClusterMethod::Quantiles { fractions } if importance.len() >= SELECT_THRESHOLD => {
+            quantile_groups_select(importance, widths, fractions)
+        }
+        _ => {
+            let mut sorted = importance.to_vec();
+            par_sort_f32(&mut sorted);
+            match method {
+                ClusterMethod::KMeans => kmeans_groups(&sorted, widths, &f64::from),
+                ClusterMethod::LogKMeans => kmeans_groups(&sorted, widths, &log_transform(&sorted)),
+                ClusterMethod::Quantiles { fractions } => {
+                    quantile_groups(&sorted, widths, fractions)
+                }
+            }?
+        }
+    };
 
-    let (&(_, lowest_width), higher) = groups
-        .split_first()
-        .expect("non-empty input gives at least one group");
-    Ok(importance
-        .par_iter()
-        .map(|&a| {
-            higher
-                .iter()
-                .rev()
-                .find(|(lower, _)| a >= *lower)
-                .map_or(lowest_width, |&(_, w)| w)
-        })
-        .collect())
+    Ok(lookup_widths(importance, &groups))
+}
+
+/// Elements per parallel task in the element-wise passes.
+const CHUNK: usize = 1 << 16;
+/// From this many elements on, quantile splits select order statistics
+/// instead of sorting.
+const SELECT_THRESHOLD: usize = 1 << 16;
+/// Bits of the radix-select histogram (the top bits of the order key).
+const SELECT_BITS: u32 = 16;
+
+/// Index of the first non-finite value, if any (a fast vectorizable check
+/// first, the position only when something is wrong).
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    let any_bad = values
+        .par_chunks(CHUNK)
+        .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()));
+    if any_bad {
+        values.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
+}
+
+/// Width of every element from the groups' lower bounds: the number of
+/// group lower bounds (above the lowest group's) that an element reaches
+/// indexes the width, which compiles to branch-free compares.
+fn lookup_widths(importance: &[f32], groups: &[(f32, u8)]) -> Vec<u8> {
+    let lowers: Vec<f32> = groups.iter().skip(1).map(|g| g.0).collect();
+    let widths: Vec<u8> = groups.iter().map(|g| g.1).collect();
+    let mut out = vec![0u8; importance.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(importance.par_chunks(CHUNK))
+        .for_each(|(out, importance)| {
+            for (o, &a) in out.iter_mut().zip(importance) {
+                let reached = lowers.iter().map(|&l| usize::from(a >= l)).sum::<usize>();
+                *o = widths[reached];
+            }
+        });
+    out
 }
 
 /// The transform of [`ClusterMethod::LogKMeans`] for sorted, non-negative `A`.
@@ -268,5 +317,189 @@ fn snap_to_run_edge(sorted: &[f32], b: usize) -> usize {
         start
     } else {
         end
+    }
+}
+
+/// The same groups as [`quantile_groups`] without a full sort: a histogram
+/// of the top 16 bits of the order keys locates each needed order statistic
+/// in one bucket; one more pass gathers those buckets, which are sorted
+/// (they are small for any spread-out data). Boundaries that fall in a run
+/// of equal values get the run's ends from one counting pass each.
+fn quantile_groups_select(importance: &[f32], widths: &[u8], fractions: &[f64]) -> Vec<(f32, u8)> {
+    let n = importance.len();
+    let k = widths.len();
+    let shift = 32 - SELECT_BITS;
+    let bucket_of = |v: f32| (to_key(v) >> shift) as usize;
+    let hist = importance
+        .par_chunks(CHUNK)
+        .fold(
+            || vec![0usize; 1 << SELECT_BITS],
+            |mut h, c| {
+                c.iter().for_each(|&v| h[bucket_of(v)] += 1);
+                h
+            },
+        )
+        .reduce(
+            || vec![0usize; 1 << SELECT_BITS],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    let mut below = Vec::with_capacity(hist.len() + 1);
+    let mut acc = 0usize;
+    below.push(0usize);
+    for &h in &hist {
+        acc += h;
+        below.push(acc);
+    }
+    let bucket_of_rank = |r: usize| below.partition_point(|&b| b <= r) - 1;
+
+    // Target boundaries (ascending group g has fractions[k-1-g]), and the
+    // ranks whose values they need.
+    let mut targets = Vec::with_capacity(k - 1);
+    let mut cumulative = 0.0f64;
+    for g in 0..k - 1 {
+        cumulative += fractions[k - 1 - g];
+        targets.push(((n as f64) * cumulative).round().clamp(0.0, n as f64) as usize);
+    }
+    let mut wanted = vec![false; hist.len()];
+    for &b in &targets {
+        if b > 0 && b < n {
+            wanted[bucket_of_rank(b - 1)] = true;
+            wanted[bucket_of_rank(b)] = true;
+        }
+    }
+    let mut gathered: Vec<f32> = importance
+        .par_iter()
+        .copied()
+        .filter(|&v| wanted[bucket_of(v)])
+        .collect();
+    par_sort_f32(&mut gathered);
+    // Position in `gathered` of the first element of each wanted bucket.
+    let mut gathered_start = vec![0usize; hist.len()];
+    let mut offset = 0usize;
+    for (bucket, &is_wanted) in wanted.iter().enumerate() {
+        if is_wanted {
+            gathered_start[bucket] = offset;
+            offset += hist[bucket];
+        }
+    }
+    let value_at = |r: usize| {
+        let bucket = bucket_of_rank(r);
+        gathered[gathered_start[bucket] + (r - below[bucket])]
+    };
+
+    // (position, value at that rank) of every boundary, as in
+    // `snap_to_run_edge`, kept non-decreasing.
+    let mut boundaries: Vec<(usize, Option<f32>)> = vec![(0, None)];
+    for &b in &targets {
+        let snapped = if b == 0 || b >= n {
+            (b, None)
+        } else {
+            let (lo, hi) = (value_at(b - 1), value_at(b));
+            if lo != hi {
+                (b, Some(hi))
+            } else {
+                let (less, less_or_equal, next_above) = run_around(importance, hi);
+                if b - less <= less_or_equal - b {
+                    (less, Some(hi))
+                } else {
+                    (less_or_equal, next_above)
+                }
+            }
+        };
+        let previous = *boundaries.last().expect("starts with 0");
+        boundaries.push(if snapped.0 < previous.0 {
+            previous
+        } else {
+            snapped
+        });
+    }
+    boundaries.push((n, None));
+    (0..k)
+        .filter(|&g| boundaries[g].0 < boundaries[g + 1].0)
+        .map(|g| {
+            (
+                boundaries[g].1.unwrap_or(f32::NEG_INFINITY),
+                widths[k - 1 - g],
+            )
+        })
+        .collect()
+}
+
+/// Counts of values `< v` and `<= v`, and the smallest value `> v`.
+fn run_around(values: &[f32], v: f32) -> (usize, usize, Option<f32>) {
+    values
+        .par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .fold((0usize, 0usize, None::<f32>), |(lt, le, above), &x| {
+                    let above = if x > v {
+                        Some(above.map_or(x, |a: f32| a.min(x)))
+                    } else {
+                        above
+                    };
+                    (lt + usize::from(x < v), le + usize::from(x <= v), above)
+                })
+        })
+        .reduce(
+            || (0, 0, None),
+            |a, b| {
+                let above = match (a.2, b.2) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+                (a.0 + b.0, a.1 + b.1, above)
+            },
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The selection path gives exactly the groups of the sorting path, ties
+    /// and all.
+    #[test]
+    fn quantile_select_equals_sort() {
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let widths = [16u8, 8, 4, 2, 0];
+        for case in 0..12 {
+            let n = 70_000 + case * 1_000;
+            let values: Vec<f32> = (0..n)
+                .map(|_| match case % 4 {
+                    // Heavy ties: boundaries land inside runs.
+                    0 => f32::from(rng.random_range(0u8..7)),
+                    1 => (rng.random::<f32>() * 10.0 - 5.0).exp(),
+                    2 => {
+                        if rng.random_bool(0.6) {
+                            0.0
+                        } else {
+                            rng.random::<f32>()
+                        }
+                    }
+                    _ => {
+                        (rng.random::<f32>() - 0.5) * if rng.random_bool(0.5) { -0.0 } else { 1.0 }
+                    }
+                })
+                .collect();
+            let fractions = match case % 3 {
+                0 => vec![0.01, 0.02, 0.03, 0.04, 0.90],
+                1 => vec![0.2, 0.2, 0.2, 0.2, 0.2],
+                _ => vec![0.0, 0.5, 0.0, 0.25, 0.25],
+            };
+            let mut sorted = values.clone();
+            par_sort_f32(&mut sorted);
+            let by_sort = quantile_groups(&sorted, &widths, &fractions).unwrap();
+            let by_select = quantile_groups_select(&values, &widths, &fractions);
+            assert_eq!(
+                lookup_widths(&values, &by_sort),
+                lookup_widths(&values, &by_select),
+                "case {case}"
+            );
+        }
     }
 }

@@ -17,7 +17,7 @@ const HISTOGRAM_CHUNK: usize = 1 << 16;
 /// Maps an `f32` to a `u32` whose unsigned order is `f32::total_cmp` order:
 /// negative numbers have all bits flipped, positive ones the sign bit set.
 #[inline(always)]
-fn to_key(v: f32) -> u32 {
+pub(crate) fn to_key(v: f32) -> u32 {
     let b = v.to_bits();
     if b & 0x8000_0000 != 0 {
         !b

@@ -295,6 +295,25 @@ proptest! {
     }
 
     #[test]
+    fn quantize_matches_f64_round_reference(x in finite_f32(), bits in fixed_bits(), e in MIN_EXPONENT..=MAX_EXPONENT) {
+        let f = FixedFormat::new(bits, e).unwrap();
+        let reference = (f64::from(x) * 2f64.powi(f.frac_bits()))
+            .round()
+            .clamp(f64::from(f.min_int()), f64::from(f.max_int())) as i32;
+        prop_assert_eq!(f.quantize(x), reference);
+    }
+
+    #[test]
+    fn quantize_ties_and_near_ties(k in -40_000i32..40_000, bits in fixed_bits()) {
+        // k/2 + tiny offsets around the tie, with step 1 (frac_bits 0).
+        let f = FixedFormat::new(bits, i32::from(bits) - 1).unwrap();
+        for x in [k as f32 * 0.5, f32::from_bits((k as f32 * 0.5).to_bits().wrapping_add(1)), f32::from_bits((k as f32 * 0.5).to_bits().wrapping_sub(1))] {
+            let reference = f64::from(x).round().clamp(f64::from(f.min_int()), f64::from(f.max_int())) as i32;
+            prop_assert_eq!(f.quantize(x), reference, "x = {}", x);
+        }
+    }
+
+    #[test]
     fn in_range_error_is_at_most_half_a_step(x in finite_f32(), bits in fixed_bits(), e in -30i32..30) {
         let f = FixedFormat::new(bits, e).unwrap();
         let lo = f64::from(f.min_int()) * f.step();
