@@ -428,15 +428,27 @@ impl SparseKernel {
                 x.cols
             )));
         }
-        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+        let overflow = || CsrError::ShapeMismatch("conv2d output size overflows".into());
+        let padded_h = padding
+            .checked_mul(2)
+            .and_then(|p| p.checked_add(h))
+            .ok_or_else(overflow)?;
+        let padded_w = padding
+            .checked_mul(2)
+            .and_then(|p| p.checked_add(w))
+            .ok_or_else(overflow)?;
+        if padded_h < kernel || padded_w < kernel {
             return Err(CsrError::ShapeMismatch(format!(
-                "kernel {kernel} is larger than the padded input {}×{}",
-                h + 2 * padding,
-                w + 2 * padding
+                "kernel {kernel} is larger than the padded input {padded_h}×{padded_w}"
             )));
         }
-        let oh = (h + 2 * padding - kernel) / stride + 1;
-        let ow = (w + 2 * padding - kernel) / stride + 1;
+        let oh = (padded_h - kernel) / stride + 1;
+        let ow = (padded_w - kernel) / stride + 1;
+        oh.checked_mul(ow)
+            .and_then(|p| p.checked_mul(self.rows.max(1)))
+            .and_then(|p| p.checked_mul(x.rows.max(1)))
+            .and_then(|p| p.checked_mul(patch.max(1)))
+            .ok_or_else(overflow)?;
         let positions = oh * ow;
         let o = self.rows;
         let samples = x.rows;

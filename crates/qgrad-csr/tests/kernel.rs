@@ -175,5 +175,6 @@ fn shape_errors() {
     assert!(cw.conv2d(&x, [1, 2, 2], 2, 0, 0).is_err());
     let one = FixedActivations::quantize(&[1.0], 1, 1, 8).unwrap();
     assert!(cw.conv2d(&one, [1, 1, 1], 2, 1, 0).is_err());
+    assert!(cw.conv2d(&x, [1, 2, 2], 2, 1, usize::MAX / 2).is_err());
     assert!(cw.conv2d(&x, [1, 2, 2], 2, 1, 0).is_ok());
 }
