@@ -1,0 +1,37 @@
+//! Project automation behind `cargo xtask`: dataset download, the end-to-end
+//! reproduction of the thesis results, the accuracy–compression sweep, and the
+//! report and plots.
+//!
+//! Design: the binary (`main.rs`) only parses the command line; everything
+//! else lives in this library so that the integration tests in `xtask/tests/`
+//! can drive the downloader against a loopback server and the report and plot
+//! writers against synthetic results, without a network or a training run.
+//! The reproduction orchestrates qgrad-models' public API (training, the three
+//! quantization methods, export, integer inference) and never re-implements a
+//! method step: this crate decides *what* to run and records it; the library
+//! crates decide *how*.
+//!
+//! Everything written (datasets, results, reports, plots) goes to a temporary
+//! name in the target directory first and is renamed into place, so an
+//! interrupted run never leaves a half-written file under a final name — which
+//! is also what makes `reproduce` safely resumable.
+
+pub mod download;
+pub mod fsutil;
+pub mod plot;
+pub mod report;
+pub mod results;
+
+use std::path::PathBuf;
+
+/// The repository root (the workspace), found from this crate's manifest
+/// directory at compile time: `cargo xtask` is always run from a checkout.
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// `datasets/` in the repository.
+pub fn default_data_dir() -> PathBuf {
+    repo_root().join("datasets")
+}
