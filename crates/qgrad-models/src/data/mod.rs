@@ -7,6 +7,9 @@
 //! `ChaCha8Rng` seeded by `(seed, epoch)`, so an epoch's batches are the same
 //! on every run and after a resume.
 
+pub mod cifar;
+pub mod mnist;
+
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,19 +25,21 @@ pub struct Dataset {
 }
 
 /// Per-channel normalisation `(x/255 - mean[c]) / std[c]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Normalization {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
 
 /// Training-time augmentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Augment {
     None,
     /// Random crop after zero-padding by `pad` pixels, and a horizontal flip
     /// with probability 1/2 (the CIFAR-10 recipe).
-    CropFlip { pad: usize },
+    CropFlip {
+        pad: usize,
+    },
 }
 
 impl Dataset {
@@ -115,17 +120,23 @@ impl Dataset {
         out.clear();
         out.resize(indices.len() * size, 0.0);
         let scale: Vec<f32> = norm.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
-        let shift: Vec<f32> = norm.mean.iter().zip(&norm.std).map(|(m, s)| m / s).collect();
+        let shift: Vec<f32> = norm
+            .mean
+            .iter()
+            .zip(&norm.std)
+            .map(|(m, s)| m / s)
+            .collect();
         for (slot, &i) in indices.iter().enumerate() {
             let src = &self.images[i * size..(i + 1) * size];
             let dst = &mut out[slot * size..(slot + 1) * size];
             let (dy, dx, flip) = match augment {
                 Augment::None => (0isize, 0isize, false),
                 Augment::CropFlip { pad } => {
-                    let p = pad as isize;
+                    // rand 0.9 samples i64 but not isize.
+                    let p = pad.min(i32::MAX as usize) as i64;
                     (
-                        rng.random_range(-p..=p),
-                        rng.random_range(-p..=p),
+                        rng.random_range(-p..=p) as isize,
+                        rng.random_range(-p..=p) as isize,
                         rng.random_bool(0.5),
                     )
                 }
@@ -134,7 +145,11 @@ impl Dataset {
                 for y in 0..h {
                     for x in 0..w {
                         let sy = y as isize + dy;
-                        let sx0 = if flip { (w - 1 - x) as isize } else { x as isize };
+                        let sx0 = if flip {
+                            (w - 1 - x) as isize
+                        } else {
+                            x as isize
+                        };
                         let sx = sx0 + dx;
                         // Zero padding means a 0 pixel before normalisation.
                         let pixel = if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
@@ -201,7 +216,13 @@ mod tests {
         assert_eq!(labels, vec![7, 1]);
         let first = d.images[48] as f32 / 255.0;
         assert!((out[0] - (first - 0.5) / 0.25).abs() < 1e-5);
-        let labels = d.gather(&[0], &norm, Augment::CropFlip { pad: 1 }, &mut rng, &mut out);
+        let labels = d.gather(
+            &[0],
+            &norm,
+            Augment::CropFlip { pad: 1 },
+            &mut rng,
+            &mut out,
+        );
         assert_eq!(labels, vec![1]);
         let lo = (0.0 - 0.5) / 0.25;
         let hi = (1.0 - 0.5) / 0.25;

@@ -1,0 +1,529 @@
+//! The candle training network: an interpreter of `Arch::layers()`.
+//!
+//! Nothing here knows LeNet or VGG: the forward pass walks the `LayerSpec`
+//! list, so the training network, the quantized evaluation and the integer
+//! inference all read one definition. Trainable parameters live in a
+//! `candle_nn::VarMap` (names from `arch.rs`); batch-norm running statistics
+//! are buffers kept apart, so neither the optimizer nor the accumulated
+//! gradients ever see them.
+//!
+//! Initialisation follows PyTorch's defaults (Kaiming-uniform with a = √5 for
+//! weights, i.e. U(±1/√fan_in), and U(±1/√fan_in) for biases; batch-norm γ = 1,
+//! β = 0), drawn on the host from a `ChaCha8Rng` seeded by the caller: candle's
+//! own random initialisers are not seedable on every device. Dropout masks
+//! come from the same kind of generator, re-seeded per epoch by the training
+//! loop, so a resumed run draws the same masks.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::arch::{Arch, LayerSpec};
+use crate::data::{epoch_rng, Augment, Dataset, Normalization};
+use crate::error::{ModelsError, Result};
+
+/// Batch-norm running-statistics momentum (PyTorch's default).
+pub const BN_MOMENTUM: f64 = 0.1;
+/// Batch-norm epsilon (PyTorch's default).
+pub const BN_EPS: f64 = 1e-5;
+
+/// A tensor copied to the host: the exchange format between training,
+/// quantization and export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl NamedTensor {
+    pub fn from_tensor(name: &str, t: &Tensor) -> Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            shape: t.dims().to_vec(),
+            values: t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        })
+    }
+
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        if self.shape.iter().product::<usize>() != self.values.len() {
+            return Err(ModelsError::Shape {
+                what: self.name.clone(),
+                expected: self.shape.clone(),
+                got: vec![self.values.len()],
+            });
+        }
+        Ok(Tensor::from_slice(
+            &self.values,
+            self.shape.as_slice(),
+            device,
+        )?)
+    }
+}
+
+/// A network of [`Arch`] on one device: trainable parameters plus buffers.
+pub struct Network {
+    pub arch: Arch,
+    /// The trainable parameters, by the names of `Arch::parameter_shapes`.
+    pub varmap: VarMap,
+    /// Parameters in layer order (the same `Var`s as in `varmap`).
+    params: Vec<(String, Var)>,
+    /// Batch-norm running statistics, `Arch::buffer_shapes` order. Updated by
+    /// training-mode forward passes, hence the lock (`forward` takes `&self`).
+    buffers: Mutex<Vec<(String, Tensor)>>,
+    /// Dropout generator; see [`Network::reseed_dropout`].
+    dropout_rng: Mutex<ChaCha8Rng>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("arch", &self.arch)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn fan_in(shape: &[usize]) -> usize {
+    shape.iter().skip(1).product::<usize>().max(1)
+}
+
+impl Network {
+    /// A freshly initialised network (seeded, see the module docs).
+    pub fn new(arch: Arch, device: &Device, seed: u64) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let shapes = arch.parameter_shapes();
+        let varmap = VarMap::new();
+        let mut params = Vec::with_capacity(shapes.len());
+        // Biases use the fan-in of the weight before them.
+        let mut last_fan_in = 1usize;
+        for (name, shape) in &shapes {
+            let count: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with(".bn.weight") {
+                vec![1.0; count]
+            } else if name.ends_with(".bn.bias") {
+                vec![0.0; count]
+            } else {
+                if name.ends_with(".weight") {
+                    last_fan_in = fan_in(shape);
+                }
+                let bound = 1.0 / (last_fan_in as f32).sqrt();
+                (0..count)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
+            };
+            let var = Var::from_vec(values, shape.as_slice(), device)?;
+            varmap
+                .data()
+                .lock()
+                .map_err(|_| ModelsError::Other("VarMap lock poisoned".into()))?
+                .insert(name.clone(), var.clone());
+            params.push((name.clone(), var));
+        }
+        let buffers = arch
+            .buffer_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = if name.ends_with("running_var") {
+                    Tensor::ones(shape.as_slice(), DType::F32, device)?
+                } else {
+                    Tensor::zeros(shape.as_slice(), DType::F32, device)?
+                };
+                Ok((name, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            arch,
+            varmap,
+            params,
+            buffers: Mutex::new(buffers),
+            dropout_rng: Mutex::new(epoch_rng(seed, 0, 2)),
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `(name, Var)` of every trainable parameter, in layer order.
+    pub fn parameters(&self) -> Vec<(String, Var)> {
+        self.params.clone()
+    }
+
+    /// The parameter `name`.
+    pub fn parameter(&self, name: &str) -> Option<&Var> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Re-seeds the dropout generator; the training loop calls this at the
+    /// start of every epoch with `(seed, epoch)`.
+    pub fn reseed_dropout(&self, seed: u64, epoch: u64) {
+        if let Ok(mut rng) = self.dropout_rng.lock() {
+            *rng = epoch_rng(seed, epoch, 2);
+        }
+    }
+
+    fn buffers_lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<(String, Tensor)>>> {
+        self.buffers
+            .lock()
+            .map_err(|_| ModelsError::Other("network buffers lock poisoned".into()))
+    }
+
+    /// Trainable parameters copied to the host, in layer order.
+    pub fn params_to_host(&self) -> Result<Vec<NamedTensor>> {
+        self.params
+            .iter()
+            .map(|(n, v)| NamedTensor::from_tensor(n, v.as_tensor()))
+            .collect()
+    }
+
+    /// Buffers (batch-norm running statistics) copied to the host.
+    pub fn buffers_to_host(&self) -> Result<Vec<NamedTensor>> {
+        self.buffers_lock()?
+            .iter()
+            .map(|(n, t)| NamedTensor::from_tensor(n, t))
+            .collect()
+    }
+
+    /// Parameters (layer order) followed by buffers, copied to the host.
+    /// Buffers are recognisable by their `.running_mean`/`.running_var` names
+    /// and are not weights: quantizers must skip them.
+    pub fn to_host(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = self.params_to_host()?;
+        out.extend(self.buffers_to_host()?);
+        Ok(out)
+    }
+
+    /// Overwrites parameters and/or buffers by name. Every given tensor must
+    /// exist with the same shape; tensors not given keep their values.
+    pub fn set_from_host(&mut self, tensors: &[NamedTensor]) -> Result<()> {
+        for t in tensors {
+            if let Some((_, var)) = self.params.iter().find(|(n, _)| n == &t.name) {
+                check_shape(&t.name, var.dims(), &t.shape)?;
+                var.set(&t.to_tensor(&self.device)?)?;
+                continue;
+            }
+            let mut buffers = self.buffers_lock()?;
+            let Some((_, buf)) = buffers.iter_mut().find(|(n, _)| n == &t.name) else {
+                return Err(ModelsError::Other(format!(
+                    "{} has no parameter or buffer named '{}'",
+                    self.arch, t.name
+                )));
+            };
+            check_shape(&t.name, buf.dims(), &t.shape)?;
+            *buf = t.to_tensor(&self.device)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces one parameter's values on the device (no host copy); used by
+    /// in-training quantization hooks.
+    pub fn set_parameter(&self, name: &str, values: &Tensor) -> Result<()> {
+        let var = self
+            .parameter(name)
+            .ok_or_else(|| ModelsError::Other(format!("no parameter named '{name}'")))?;
+        check_shape(name, var.dims(), values.dims())?;
+        var.set(&values.to_device(&self.device)?.to_dtype(DType::F32)?)?;
+        Ok(())
+    }
+
+    /// Logits `[n, classes]` for `x: [n, c, h, w]`. In training mode batch norm
+    /// uses batch statistics (and updates its running statistics) and dropout
+    /// is active.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let [c, h, w] = self.arch.input_shape();
+        let dims = x.dims();
+        if dims.len() != 4 || dims[1..] != [c, h, w] {
+            return Err(ModelsError::Shape {
+                what: format!("{} input", self.arch),
+                expected: vec![dims.first().copied().unwrap_or(0), c, h, w],
+                got: dims.to_vec(),
+            });
+        }
+        let mut x = x.clone();
+        for layer in self.arch.layers() {
+            x = match layer {
+                LayerSpec::Linear { name, .. } => {
+                    let (w, b) = self.weight_bias(&name)?;
+                    qgrad_ops::linear(&x, w, Some(b))?
+                }
+                LayerSpec::Conv2d {
+                    name,
+                    stride,
+                    padding,
+                    ..
+                } => {
+                    let (w, b) = self.weight_bias(&name)?;
+                    qgrad_ops::conv2d(&x, w, Some(b), stride, padding)?
+                }
+                LayerSpec::BatchNorm { name, .. } => self.batch_norm(&x, &name, train)?,
+                LayerSpec::MaxPool2d { size } => qgrad_ops::max_pool2d(&x, size)?,
+                LayerSpec::Relu => x.relu()?,
+                LayerSpec::Dropout { p_percent } => {
+                    if train && p_percent > 0 {
+                        self.dropout(&x, p_percent)?
+                    } else {
+                        x
+                    }
+                }
+                LayerSpec::Flatten => x.flatten_from(1)?,
+            };
+        }
+        Ok(x)
+    }
+
+    fn weight_bias(&self, layer: &str) -> Result<(&Tensor, &Tensor)> {
+        let get = |suffix: &str| {
+            let name = format!("{layer}.{suffix}");
+            self.parameter(&name)
+                .map(|v| v.as_tensor())
+                .ok_or_else(|| ModelsError::Other(format!("missing parameter '{name}'")))
+        };
+        Ok((get("weight")?, get("bias")?))
+    }
+
+    fn batch_norm(&self, x: &Tensor, layer: &str, train: bool) -> Result<Tensor> {
+        let (gamma, beta) = self.weight_bias(&format!("{layer}.bn"))?;
+        let channels = gamma.dim(0)?;
+        // Statistics over every axis but the channel axis (1).
+        let (reduce, bshape): (Vec<usize>, Vec<usize>) = match x.rank() {
+            4 => (vec![0, 2, 3], vec![1, channels, 1, 1]),
+            2 => (vec![0], vec![1, channels]),
+            r => {
+                return Err(ModelsError::Other(format!(
+                    "batch norm '{layer}' needs a rank-2 or rank-4 input, got rank {r}"
+                )))
+            }
+        };
+        let mean_name = format!("{layer}.bn.running_mean");
+        let var_name = format!("{layer}.bn.running_var");
+        let (mean, var) = if train {
+            let count = reduce
+                .iter()
+                .map(|&d| x.dim(d))
+                .product::<candle_core::Result<usize>>()?;
+            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
+            // Running statistics: PyTorch's update with the unbiased variance.
+            let unbiased = count as f64 / (count.max(2) - 1) as f64;
+            let mut buffers = self.buffers_lock()?;
+            for (name, batch_stat, scale) in [(&mean_name, &mean, 1.0), (&var_name, &var, unbiased)]
+            {
+                let slot = buffers
+                    .iter_mut()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| ModelsError::Other(format!("missing buffer '{name}'")))?;
+                let stat = batch_stat
+                    .detach()
+                    .flatten_all()?
+                    .affine(BN_MOMENTUM * scale, 0.0)?;
+                slot.1 = (slot.1.affine(1.0 - BN_MOMENTUM, 0.0)? + stat)?;
+            }
+            (mean, var)
+        } else {
+            let buffers = self.buffers_lock()?;
+            let find = |name: &str| {
+                buffers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.reshape(bshape.as_slice()))
+                    .ok_or_else(|| ModelsError::Other(format!("missing buffer '{name}'")))
+            };
+            (find(&mean_name)??, find(&var_name)??)
+        };
+        let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
+        Ok(y.broadcast_mul(&gamma.reshape(bshape.as_slice())?)?
+            .broadcast_add(&beta.reshape(bshape.as_slice())?)?)
+    }
+
+    fn dropout(&self, x: &Tensor, p_percent: u8) -> Result<Tensor> {
+        let p = f64::from(p_percent.min(100)) / 100.0;
+        if p >= 1.0 {
+            return Ok(x.zeros_like()?);
+        }
+        let keep_scale = (1.0 / (1.0 - p)) as f32;
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .map_err(|_| ModelsError::Other("dropout generator lock poisoned".into()))?;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random_bool(p) { 0.0 } else { keep_scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?;
+        Ok(x.mul(&mask)?)
+    }
+
+    /// Test accuracy (fraction in [0, 1]) and mean cross-entropy loss,
+    /// evaluation mode, batches in dataset order.
+    pub fn evaluate_with_loss(
+        &self,
+        data: &Dataset,
+        norm: &Normalization,
+        batch: usize,
+    ) -> Result<(f64, f64)> {
+        if data.is_empty() {
+            return Err(ModelsError::Config(
+                "cannot evaluate on an empty dataset".into(),
+            ));
+        }
+        if data.shape != self.arch.input_shape() {
+            return Err(ModelsError::Shape {
+                what: format!("{} dataset images", self.arch),
+                expected: self.arch.input_shape().to_vec(),
+                got: data.shape.to_vec(),
+            });
+        }
+        let batch = batch.max(1);
+        let order: Vec<usize> = (0..data.len()).collect();
+        let mut rng = epoch_rng(0, 0, 0);
+        let mut buf = Vec::new();
+        let mut correct = 0u64;
+        let mut loss_sum = 0f64;
+        for idx in order.chunks(batch) {
+            let labels = data.gather(idx, norm, Augment::None, &mut rng, &mut buf);
+            let [c, h, w] = data.shape;
+            let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &self.device)?;
+            let y = Tensor::from_vec(labels, idx.len(), &self.device)?;
+            let logits = self.forward(&x, false)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
+            let pred = logits.argmax(D::Minus1)?;
+            correct += pred
+                .eq(&y)?
+                .to_dtype(DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as u64;
+        }
+        Ok((
+            correct as f64 / data.len() as f64,
+            loss_sum / data.len() as f64,
+        ))
+    }
+
+    /// Test accuracy (fraction in [0, 1]).
+    pub fn evaluate(&self, data: &Dataset, norm: &Normalization, batch: usize) -> Result<f64> {
+        Ok(self.evaluate_with_loss(data, norm, batch)?.0)
+    }
+}
+
+fn check_shape(name: &str, expected: &[usize], got: &[usize]) -> Result<()> {
+    if expected != got {
+        return Err(ModelsError::Shape {
+            what: name.to_string(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_of_the_lenets() {
+        let dev = Device::Cpu;
+        assert_eq!(
+            Network::new(Arch::Lenet300100, &dev, 0)
+                .unwrap()
+                .num_parameters(),
+            266_610
+        );
+        assert_eq!(
+            Network::new(Arch::Lenet5, &dev, 0)
+                .unwrap()
+                .num_parameters(),
+            431_080
+        );
+    }
+
+    #[test]
+    fn init_is_seeded_and_pytorch_like() {
+        let dev = Device::Cpu;
+        let a = Network::new(Arch::Lenet300100, &dev, 3)
+            .unwrap()
+            .to_host()
+            .unwrap();
+        let b = Network::new(Arch::Lenet300100, &dev, 3)
+            .unwrap()
+            .to_host()
+            .unwrap();
+        let c = Network::new(Arch::Lenet300100, &dev, 4)
+            .unwrap()
+            .to_host()
+            .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let bound = 1.0 / 784f32.sqrt();
+        assert!(a[0].values.iter().all(|v| v.abs() <= bound));
+        assert!(a[0].values.iter().any(|v| v.abs() > 0.9 * bound));
+    }
+
+    #[test]
+    fn forward_shapes_and_bad_input() {
+        let dev = Device::Cpu;
+        for arch in [Arch::Lenet300100, Arch::Lenet5] {
+            let net = Network::new(arch, &dev, 0).unwrap();
+            let x = Tensor::zeros((3, 1, 28, 28), DType::F32, &dev).unwrap();
+            assert_eq!(net.forward(&x, true).unwrap().dims(), &[3, 10]);
+            let bad = Tensor::zeros((3, 784), DType::F32, &dev).unwrap();
+            assert!(matches!(
+                net.forward(&bad, false),
+                Err(ModelsError::Shape { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn batch_norm_and_dropout_on_vgg_small_batch() {
+        let dev = Device::Cpu;
+        let net = Network::new(Arch::Vgg16, &dev, 1).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+        net.reseed_dropout(5, 0);
+        let a = net.forward(&x, true).unwrap();
+        assert_eq!(a.dims(), &[2, 10]);
+        // Running statistics moved away from their initial values.
+        let bufs = net.buffers_to_host().unwrap();
+        assert_eq!(bufs[0].name, "conv1.bn.running_mean");
+        assert!(bufs[0].values.iter().any(|&v| v != 0.0));
+        // Same dropout seed, same buffers -> same output; eval is deterministic.
+        let e1 = net.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        let e2 = net.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(e1, e2);
+        assert!(e1.iter().flatten().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn set_from_host_round_trip_and_errors() {
+        let dev = Device::Cpu;
+        let src = Network::new(Arch::Lenet5, &dev, 1).unwrap();
+        let mut dst = Network::new(Arch::Lenet5, &dev, 2).unwrap();
+        dst.set_from_host(&src.to_host().unwrap()).unwrap();
+        assert_eq!(dst.to_host().unwrap(), src.to_host().unwrap());
+        let bad = NamedTensor {
+            name: "conv1.weight".into(),
+            shape: vec![1],
+            values: vec![0.0],
+        };
+        assert!(dst.set_from_host(&[bad]).is_err());
+        let unknown = NamedTensor {
+            name: "nope".into(),
+            shape: vec![1],
+            values: vec![0.0],
+        };
+        assert!(dst.set_from_host(&[unknown]).is_err());
+    }
+}

@@ -1,0 +1,637 @@
+//! The training loop: seeded mini-batches, SGD with momentum, accumulated
+//! gradients after every backward pass, per-epoch evaluation, an epoch hook
+//! for in-training quantization (METHOD.md §4), checkpoints and resume.
+//!
+//! Resume is bit-identical because nothing random is carried between epochs:
+//! the shuffle, augmentation and dropout generators of epoch `e` are derived
+//! from `(seed, e)`, and the learning rate is a function of `e`. A checkpoint
+//! written after epoch `e` holds everything else (parameters, buffers,
+//! momentum, accumulated gradients, freeze masks), so continuing from it runs
+//! exactly the same arithmetic as the uninterrupted run.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use qgrad_accum::{AccumulatedGradients, FreezeMask};
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{Arch, DatasetKind};
+use crate::checkpoint;
+use crate::data::{epoch_rng, Augment, Dataset, Normalization};
+use crate::error::{ModelsError, Result};
+use crate::net::Network;
+use crate::optim::{LrSchedule, Sgd};
+
+/// Everything that defines a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate (epoch 0), scaled by `schedule`.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: LrSchedule,
+    /// Seeds initialisation, shuffling, augmentation and dropout.
+    pub seed: u64,
+    pub augment: Augment,
+    /// `None`: per-channel mean/std of the training set.
+    pub normalization: Option<Normalization>,
+    pub eval_batch_size: usize,
+    /// Stop each epoch after this many batches (quick runs, tests, benches).
+    pub max_batches_per_epoch: Option<usize>,
+    /// Show a progress bar (only ever drawn when stderr is a terminal).
+    pub progress: bool,
+    /// Write `checkpoint.safetensors` (and `checkpoint.accgrad.safetensors`)
+    /// here after every epoch; `TrainState::resume_or_new` continues from it.
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// Recipes that reach the float baselines of METHOD.md §7 on the full data
+    /// sets: SGD with momentum 0.9, weight decay 5e-4 and cosine decay.
+    pub fn default_for(arch: Arch) -> Self {
+        let (epochs, lr, augment) = match arch {
+            Arch::Lenet300100 => (20, 0.05, Augment::None),
+            Arch::Lenet5 => (20, 0.05, Augment::None),
+            Arch::AlexNet => (100, 0.05, Augment::CropFlip { pad: 4 }),
+            Arch::Vgg16 => (150, 0.05, Augment::CropFlip { pad: 4 }),
+        };
+        Self {
+            epochs,
+            batch_size: 128,
+            lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::Cosine { min_lr: 0.0 },
+            seed: 1,
+            augment,
+            normalization: match arch.dataset() {
+                DatasetKind::Mnist => Some(Normalization {
+                    mean: vec![0.1307],
+                    std: vec![0.3081],
+                }),
+                DatasetKind::Cifar10 => None,
+            },
+            eval_batch_size: 1000,
+            max_batches_per_epoch: None,
+            progress: true,
+            checkpoint_dir: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelsError::Config(m));
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad("batch sizes must be >= 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate must be positive, got {}", self.lr));
+        }
+        if let Some(n) = &self.normalization {
+            if n.mean.len() != n.std.len() || n.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return bad("normalization needs one positive std per mean".into());
+            }
+        }
+        self.schedule.validate()
+    }
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub lr: f64,
+    /// Mean training cross-entropy over the epoch's batches.
+    pub train_loss: f64,
+    /// Test accuracy in [0, 1] after the epoch (and after the hook).
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    /// Training time of the epoch (without evaluation).
+    pub seconds: f64,
+    pub images_per_second: f64,
+    /// Fraction of parameter elements frozen after the epoch.
+    pub frozen_fraction: f64,
+}
+
+/// The history of a run (including epochs from before a resume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub epochs: Vec<EpochStats>,
+    /// The epoch this call started at (0 for a fresh run).
+    pub started_at_epoch: usize,
+}
+
+impl TrainReport {
+    pub fn final_accuracy(&self) -> Option<f64> {
+        self.epochs.last().map(|e| e.test_accuracy)
+    }
+}
+
+/// Called after every epoch's training, before evaluation and checkpointing.
+/// In-training quantization uses it to quantize parameters
+/// (`state.network.set_parameter`) and freeze them (`state.set_mask`).
+pub trait EpochHook {
+    fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()>;
+}
+
+/// Everything that changes during training.
+pub struct TrainState {
+    pub network: Network,
+    pub accum: AccumulatedGradients,
+    /// Per parameter (aligned with `network.parameters()`): `None` = all trainable.
+    pub masks: Vec<Option<FreezeMask>>,
+    pub optimizer: Sgd,
+    /// Completed epochs; training continues at this epoch.
+    pub epoch: usize,
+    pub history: Vec<EpochStats>,
+}
+
+impl std::fmt::Debug for TrainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainState")
+            .field("network", &self.network)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl TrainState {
+    /// A fresh network (seeded by `config.seed`) with zero momentum and scores.
+    pub fn new(arch: Arch, device: &Device, config: &TrainConfig) -> Result<Self> {
+        let network = Network::new(arch, device, config.seed)?;
+        Self::from_network(network, config)
+    }
+
+    /// Starts training an existing network.
+    pub fn from_network(network: Network, config: &TrainConfig) -> Result<Self> {
+        let params = network.parameters();
+        let accum = AccumulatedGradients::new(&params)?;
+        let optimizer = Sgd::new(&params, config.momentum, config.weight_decay)?;
+        Ok(Self {
+            masks: vec![None; params.len()],
+            network,
+            accum,
+            optimizer,
+            epoch: 0,
+            history: Vec::new(),
+        })
+    }
+
+    /// Continues from `config.checkpoint_dir`'s checkpoint if there is one,
+    /// otherwise starts fresh. Returns whether it resumed.
+    pub fn resume_or_new(
+        arch: Arch,
+        device: &Device,
+        config: &TrainConfig,
+    ) -> Result<(Self, bool)> {
+        if let Some(dir) = &config.checkpoint_dir {
+            let path = dir.join(checkpoint::CHECKPOINT_FILE);
+            if path.is_file() {
+                let (mut state, _) = checkpoint::load_checkpoint(&path, device)?;
+                // The caller's optimizer settings win over the stored ones.
+                state.optimizer.momentum = config.momentum;
+                state.optimizer.weight_decay = config.weight_decay;
+                if state.network.arch != arch {
+                    return Err(ModelsError::checkpoint(
+                        &path,
+                        format!("holds {}, not {arch}", state.network.arch),
+                    ));
+                }
+                return Ok((state, true));
+            }
+        }
+        Ok((Self::new(arch, device, config)?, false))
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.network
+            .parameters()
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| ModelsError::Other(format!("no parameter named '{name}'")))
+    }
+
+    /// The freeze mask of parameter `name`, if any element of it is frozen.
+    pub fn mask(&self, name: &str) -> Option<&FreezeMask> {
+        let i = self.index_of(name).ok()?;
+        self.masks[i].as_ref()
+    }
+
+    /// Sets the freeze mask of parameter `name` (replacing the old one).
+    pub fn set_mask(&mut self, name: &str, mask: FreezeMask) -> Result<()> {
+        let i = self.index_of(name)?;
+        let params = self.network.parameters();
+        if mask.dims() != params[i].1.dims() {
+            return Err(ModelsError::Shape {
+                what: format!("{name} freeze mask"),
+                expected: params[i].1.dims().to_vec(),
+                got: mask.dims().to_vec(),
+            });
+        }
+        self.masks[i] = Some(mask);
+        Ok(())
+    }
+
+    /// Fraction of all parameter elements that are frozen.
+    pub fn frozen_fraction(&self) -> Result<f64> {
+        let mut frozen = 0usize;
+        for m in self.masks.iter().flatten() {
+            frozen += m.num_frozen()?;
+        }
+        Ok(frozen as f64 / self.network.num_parameters().max(1) as f64)
+    }
+
+    /// One optimizer step on a batch: forward, cross-entropy, backward,
+    /// `A += |g|`, SGD update. Returns the (device) loss, detached.
+    pub fn train_step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<Tensor> {
+        let logits = self.network.forward(x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+        let grads = loss.backward()?;
+        self.accum.accumulate(&grads)?;
+        self.optimizer.step(&grads, lr, &self.masks)?;
+        Ok(loss.detach())
+    }
+}
+
+fn progress_bar(config: &TrainConfig, steps: usize, epoch: usize) -> ProgressBar {
+    if !config.progress || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!("{}/{}", epoch + 1, config.epochs));
+    bar
+}
+
+/// Trains `state` from `state.epoch` to `config.epochs` on `train_data`,
+/// evaluating on `test_data` after every epoch. `hook` runs after each epoch's
+/// training; the checkpoint (if configured) is written after the hook.
+pub fn train(
+    state: &mut TrainState,
+    train_data: &Dataset,
+    test_data: &Dataset,
+    config: &TrainConfig,
+    mut hook: Option<&mut dyn EpochHook>,
+) -> Result<TrainReport> {
+    config.validate()?;
+    let arch = state.network.arch;
+    for (what, data) in [("training", train_data), ("test", test_data)] {
+        if data.is_empty() {
+            return Err(ModelsError::Config(format!("the {what} set is empty")));
+        }
+        if data.shape != arch.input_shape() {
+            return Err(ModelsError::Shape {
+                what: format!("{what} images for {arch}"),
+                expected: arch.input_shape().to_vec(),
+                got: data.shape.to_vec(),
+            });
+        }
+    }
+    let norm = config
+        .normalization
+        .clone()
+        .unwrap_or_else(|| train_data.channel_statistics());
+    if norm.mean.len() != train_data.shape[0] {
+        return Err(ModelsError::Config(format!(
+            "normalization has {} channels, images have {}",
+            norm.mean.len(),
+            train_data.shape[0]
+        )));
+    }
+    let device = state.network.device().clone();
+    let [c, h, w] = train_data.shape;
+    let started_at_epoch = state.epoch;
+    let mut buf = Vec::new();
+    for epoch in state.epoch..config.epochs {
+        let lr = config.schedule.lr_at(config.lr, epoch, config.epochs);
+        let order = train_data.epoch_order(config.seed, epoch as u64, true);
+        let mut aug_rng = epoch_rng(config.seed, epoch as u64, 1);
+        state.network.reseed_dropout(config.seed, epoch as u64);
+        let batches: Vec<&[usize]> = order
+            .chunks(config.batch_size)
+            .take(config.max_batches_per_epoch.unwrap_or(usize::MAX))
+            .collect();
+        let bar = progress_bar(config, batches.len(), epoch);
+        let start = Instant::now();
+        let mut loss_sum = Tensor::zeros((), DType::F32, &device)?;
+        let mut images = 0usize;
+        for (step, idx) in batches.iter().enumerate() {
+            let labels = train_data.gather(idx, &norm, config.augment, &mut aug_rng, &mut buf);
+            let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &device)?;
+            let y = Tensor::from_vec(labels, idx.len(), &device)?;
+            let loss = state.train_step(&x, &y, lr)?;
+            loss_sum = (loss_sum + loss.affine(idx.len() as f64, 0.0)?)?;
+            images += idx.len();
+            if !bar.is_hidden() && step % 20 == 0 {
+                bar.set_message(format!(
+                    "loss {:.4}",
+                    loss.to_scalar::<f32>().unwrap_or(f32::NAN)
+                ));
+            }
+            bar.inc(1);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let train_loss = loss_sum.to_scalar::<f32>()? as f64 / images.max(1) as f64;
+        if !train_loss.is_finite() {
+            return Err(ModelsError::Diverged(format!(
+                "mean training loss of epoch {} is {train_loss} (learning rate {lr} too high?)",
+                epoch + 1
+            )));
+        }
+        if let Some(h) = hook.as_deref_mut() {
+            h.after_epoch(epoch, state)?;
+        }
+        let (test_accuracy, test_loss) =
+            state
+                .network
+                .evaluate_with_loss(test_data, &norm, config.eval_batch_size)?;
+        state.history.push(EpochStats {
+            epoch,
+            lr,
+            train_loss,
+            test_accuracy,
+            test_loss,
+            seconds,
+            images_per_second: images as f64 / seconds.max(1e-9),
+            frozen_fraction: state.frozen_fraction()?,
+        });
+        state.epoch = epoch + 1;
+        if let Some(dir) = &config.checkpoint_dir {
+            save_in_dir(state, config, &norm, dir)?;
+        }
+    }
+    Ok(TrainReport {
+        epochs: state.history.clone(),
+        started_at_epoch,
+    })
+}
+
+fn save_in_dir(
+    state: &TrainState,
+    config: &TrainConfig,
+    norm: &Normalization,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelsError::io(dir, e))?;
+    let mut config = config.clone();
+    config.normalization = Some(norm.clone());
+    checkpoint::save_checkpoint(state, &config, &dir.join(checkpoint::CHECKPOINT_FILE))?;
+    state
+        .accum
+        .save(dir.join(checkpoint::ACCGRAD_FILE))
+        .map_err(ModelsError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mnist::load_mnist;
+    use crate::net::NamedTensor;
+    use qgrad_accum::{select_lowest, Scope};
+
+    fn mini() -> (Dataset, Dataset) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+        let (train, test) = load_mnist(&dir).unwrap();
+        (train, test.take(300))
+    }
+
+    fn quick_config(arch: Arch, epochs: usize, batches: usize) -> TrainConfig {
+        let mut c = TrainConfig::default_for(arch);
+        c.epochs = epochs;
+        c.batch_size = 32;
+        c.max_batches_per_epoch = Some(batches);
+        c.progress = false;
+        c.seed = 11;
+        c
+    }
+
+    #[test]
+    fn a_short_run_lowers_the_loss() {
+        let (train_set, test_set) = mini();
+        let config = quick_config(Arch::Lenet300100, 3, 40);
+        let mut state = TrainState::new(Arch::Lenet300100, &Device::Cpu, &config).unwrap();
+        let (_, initial_loss) = state
+            .network
+            .evaluate_with_loss(&test_set, config.normalization.as_ref().unwrap(), 100)
+            .unwrap();
+        let report = train(&mut state, &train_set, &test_set, &config, None).unwrap();
+        assert_eq!(report.epochs.len(), 3);
+        let first = &report.epochs[0];
+        let last = &report.epochs[2];
+        assert!(last.train_loss < first.train_loss, "{report:?}");
+        assert!(
+            last.test_loss < 0.5 * initial_loss,
+            "{initial_loss} -> {report:?}"
+        );
+        assert!(last.test_accuracy > 0.8, "{report:?}");
+        assert!(first.images_per_second > 0.0);
+        assert_eq!(state.accum.steps(), 120);
+        // Every parameter, biases included, has collected importance.
+        for (name, _, values) in state.accum.to_host().unwrap() {
+            assert!(values.iter().any(|&v| v > 0.0), "{name}");
+        }
+    }
+
+    /// Freezes the lower half (by accumulated gradient) of fc1 after epoch 0,
+    /// writing rounded values into it first, like in-training quantization.
+    struct FreezeHalfOfFc1;
+
+    impl EpochHook for FreezeHalfOfFc1 {
+        fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
+            if epoch != 0 {
+                return Ok(());
+            }
+            let scores: Vec<_> = state
+                .accum
+                .to_host()?
+                .into_iter()
+                .filter(|(n, _, _)| n == "fc1.weight")
+                .collect();
+            let selected = select_lowest(&scores, 0.5, Scope::Global, None)?;
+            let current = NamedTensor::from_tensor(
+                "fc1.weight",
+                state.network.parameter("fc1.weight").unwrap().as_tensor(),
+            )?;
+            let rounded: Vec<f32> = current
+                .values
+                .iter()
+                .zip(&selected[0])
+                .map(|(&v, &s)| if s { (v * 16.0).round() / 16.0 } else { v })
+                .collect();
+            let shape = current.shape.as_slice();
+            let t = Tensor::from_vec(rounded, shape, state.network.device())?;
+            state.network.set_parameter("fc1.weight", &t)?;
+            let mask = FreezeMask::from_frozen(shape, &selected[0], state.network.device())?;
+            state.set_mask("fc1.weight", mask)
+        }
+    }
+
+    #[test]
+    fn frozen_parameters_stay_unchanged() {
+        let (train_set, test_set) = mini();
+        let config = quick_config(Arch::Lenet300100, 3, 15);
+        let mut state = TrainState::new(Arch::Lenet300100, &Device::Cpu, &config).unwrap();
+        let mut first = config.clone();
+        first.epochs = 1;
+        train(
+            &mut state,
+            &train_set,
+            &test_set,
+            &first,
+            Some(&mut FreezeHalfOfFc1),
+        )
+        .unwrap();
+        let frozen = state.mask("fc1.weight").unwrap().frozen_flags().unwrap();
+        assert_eq!(frozen.iter().filter(|&&f| f).count(), 300 * 784 / 2);
+        let before = state.network.params_to_host().unwrap();
+        train(
+            &mut state,
+            &train_set,
+            &test_set,
+            &config,
+            Some(&mut FreezeHalfOfFc1),
+        )
+        .unwrap();
+        let after = state.network.params_to_host().unwrap();
+        let (b, a) = (&before[0].values, &after[0].values);
+        let mut moved = 0;
+        for i in 0..b.len() {
+            if frozen[i] {
+                assert_eq!(a[i].to_bits(), b[i].to_bits(), "frozen element {i} moved");
+            } else if a[i] != b[i] {
+                moved += 1;
+            }
+        }
+        assert!(
+            moved > b.len() / 4,
+            "trainable elements should move ({moved})"
+        );
+        assert_ne!(before[2].values, after[2].values, "fc2 keeps training");
+        assert!((state.history[2].frozen_fraction - 117_600.0 / 266_610.0).abs() < 1e-9);
+    }
+
+    /// Runs `FreezeHalfOfFc1`, then fails in epoch `.0`, before that epoch's
+    /// checkpoint: what a kill in the middle of the epoch leaves on disk.
+    struct KillAt(usize);
+
+    impl EpochHook for KillAt {
+        fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
+            if epoch == self.0 {
+                return Err(ModelsError::Other("killed".into()));
+            }
+            FreezeHalfOfFc1.after_epoch(epoch, state)
+        }
+    }
+
+    fn snapshot(state: &TrainState) -> Vec<(String, Vec<u32>)> {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut out: Vec<(String, Vec<u32>)> = state
+            .network
+            .to_host()
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name, bits(&t.values)))
+            .collect();
+        for (name, _, values) in state.accum.to_host().unwrap() {
+            out.push((format!("{name}.accgrad"), bits(&values)));
+        }
+        for (name, v) in state.optimizer.velocities() {
+            out.push((
+                format!("{name}.momentum"),
+                bits(&v.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one_bitwise() {
+        let (train_set, test_set) = mini();
+        let dev = Device::Cpu;
+        for arch in [Arch::Lenet300100, Arch::Lenet5] {
+            let dir_a = tempfile::tempdir().unwrap();
+            let dir_b = tempfile::tempdir().unwrap();
+            let mut config = quick_config(arch, 3, 4);
+            config.checkpoint_dir = Some(dir_a.path().to_path_buf());
+            let mut hook = FreezeHalfOfFc1;
+            let (mut straight, resumed) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+            assert!(!resumed);
+            let full = train(
+                &mut straight,
+                &train_set,
+                &test_set,
+                &config,
+                Some(&mut hook),
+            )
+            .unwrap();
+
+            // The same run, killed during its third epoch (after the second
+            // epoch's checkpoint) ...
+            config.checkpoint_dir = Some(dir_b.path().to_path_buf());
+            let (mut first, _) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+            let killed = train(
+                &mut first,
+                &train_set,
+                &test_set,
+                &config,
+                Some(&mut KillAt(2)),
+            );
+            assert!(matches!(killed, Err(ModelsError::Other(m)) if m == "killed"));
+            drop(first);
+            // ... and resumed in a fresh state from disk.
+            let (mut second, resumed) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+            assert!(resumed);
+            assert_eq!(second.epoch, 2);
+            let rest = train(&mut second, &train_set, &test_set, &config, Some(&mut hook)).unwrap();
+            assert_eq!(rest.started_at_epoch, 2);
+            assert_eq!(rest.epochs.len(), 3);
+            assert_eq!(rest.epochs[2].train_loss, full.epochs[2].train_loss);
+            assert_eq!(rest.epochs[2].test_accuracy, full.epochs[2].test_accuracy);
+            assert!(
+                snapshot(&second) == snapshot(&straight),
+                "{arch}: resumed run differs"
+            );
+            assert_eq!(second.accum.steps(), straight.accum.steps());
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let (train_set, test_set) = mini();
+        let mut config = quick_config(Arch::Lenet300100, 1, 1);
+        let mut state = TrainState::new(Arch::Lenet300100, &Device::Cpu, &config).unwrap();
+        config.batch_size = 0;
+        assert!(matches!(
+            train(&mut state, &train_set, &test_set, &config, None),
+            Err(ModelsError::Config(_))
+        ));
+        config.batch_size = 8;
+        config.lr = f64::NAN;
+        assert!(train(&mut state, &train_set, &test_set, &config, None).is_err());
+        config.lr = 1e9;
+        config.max_batches_per_epoch = Some(10);
+        assert!(matches!(
+            train(&mut state, &train_set, &test_set, &config, None),
+            Err(ModelsError::Diverged(_))
+        ));
+        let mut cifar_like = train_set.take(4);
+        cifar_like.shape = [3, 32, 32];
+        config.lr = 0.1;
+        assert!(matches!(
+            train(&mut state, &cifar_like, &test_set, &config, None),
+            Err(ModelsError::Shape { .. })
+        ));
+        let bad_mask = FreezeMask::trainable(&[3], &Device::Cpu).unwrap();
+        assert!(state.set_mask("fc1.weight", bad_mask.clone()).is_err());
+        assert!(state.set_mask("nope", bad_mask).is_err());
+    }
+}
