@@ -41,6 +41,8 @@ use crate::model::CompressedTensor;
 
 /// Batch columns processed per tile (keeps the accumulators in L1/L2).
 const TILE: usize = 256;
+/// Batch columns kept in registers by the inner loop (4 AVX2 vectors of i32).
+const REG_TILE: usize = 32;
 /// Upper bound on the im2col buffer of one conv chunk, in elements.
 const IM2COL_CHUNK_ELEMENTS: usize = 8 << 20;
 
@@ -136,6 +138,20 @@ impl FixedActivations {
 /// `2^k` in f64 (0 or infinity beyond the f64 range).
 fn pow2(k: i64) -> f64 {
     2f64.powi(k.clamp(-2000, 2000) as i32)
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]`, in cache-sized blocks.
+fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const BLOCK: usize = 16;
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
 }
 
 /// The kernel-ready form of a tensor: CSR with plain `u32`/`i32` arrays, the
@@ -292,25 +308,16 @@ impl SparseKernel {
             }
             return Ok(y);
         }
-        // Transpose to [cols][batch] so that each weight updates a contiguous run.
+        // Transpose to [cols][batch] so that each weight updates a contiguous
+        // run. The transposes are serial and blocked: they are cheap, and one
+        // parallel phase per call (the product) avoids waiting on descheduled
+        // workers more than once on a busy machine.
         let mut xt = vec![0i32; x.values.len()];
-        xt.par_chunks_mut(batch.max(1))
-            .enumerate()
-            .for_each(|(c, dst)| {
-                for (b, d) in dst.iter_mut().enumerate() {
-                    *d = x.values[b * self.cols + c];
-                }
-            });
+        transpose(&x.values, batch, self.cols, &mut xt);
         let mut yt = vec![0f32; self.rows * batch];
         self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
         let mut y = vec![0f32; batch * self.rows];
-        y.par_chunks_mut(self.rows.max(1))
-            .enumerate()
-            .for_each(|(b, dst)| {
-                for (r, d) in dst.iter_mut().enumerate() {
-                    *d = yt[r * batch + b];
-                }
-            });
+        transpose(&yt, self.rows, batch, &mut y);
         Ok(y)
     }
 
@@ -364,13 +371,37 @@ impl SparseKernel {
                     let len = TILE.min(n - j0);
                     let acc = &mut acc[..len];
                     let facc = &mut facc[..len];
-                    acc.fill(A::default());
                     facc.fill(0.0);
-                    for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
-                        let w = A::from_i32(self.val[k]);
-                        let start = self.col[k] as usize * n + j0;
-                        for (a, &xv) in acc.iter_mut().zip(&xt[start..start + len]) {
-                            *a += A::mul(w, A::from_i32(xv));
+                    let (lo, hi) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+                    let (cols, vals) = (&self.col[lo..hi], &self.val[lo..hi]);
+                    // Full register tiles first: a fixed-size accumulator array
+                    // stays in vector registers across all non-zeros of the row.
+                    let mut j = 0;
+                    while j + REG_TILE <= len {
+                        let mut regs = [A::default(); REG_TILE];
+                        for (&c, &v) in cols.iter().zip(vals) {
+                            let w = A::from_i32(v);
+                            let start = c as usize * n + j0 + j;
+                            let xs: &[i32; REG_TILE] = xt[start..start + REG_TILE]
+                                .try_into()
+                                .expect("slice of REG_TILE elements");
+                            for (a, &xv) in regs.iter_mut().zip(xs) {
+                                *a += A::mul(w, A::from_i32(xv));
+                            }
+                        }
+                        acc[j..j + REG_TILE].copy_from_slice(&regs);
+                        j += REG_TILE;
+                    }
+                    if j < len {
+                        let rest = &mut acc[j..len];
+                        let rest_len = rest.len();
+                        rest.fill(A::default());
+                        for (&c, &v) in cols.iter().zip(vals) {
+                            let w = A::from_i32(v);
+                            let start = c as usize * n + j0 + j;
+                            for (a, &xv) in rest.iter_mut().zip(&xt[start..start + rest_len]) {
+                                *a += A::mul(w, A::from_i32(xv));
+                            }
                         }
                     }
                     for k in self.float_row_ptr[r] as usize..self.float_row_ptr[r + 1] as usize {
