@@ -24,7 +24,7 @@ use crate::report::SizeReport;
 pub struct TensorData<'a> {
     /// Unique name.
     pub name: &'a str,
-    /// Shape; the matrix view is rows = shape[0], cols = product of the rest
+    /// Shape; the matrix view is rows = `shape[0]`, cols = product of the rest
     /// (rank 0 or 1: one row).
     pub shape: &'a [usize],
     /// Float values, row-major, `product(shape)` of them.

@@ -74,7 +74,7 @@ pub(crate) fn bits_for(max: u64) -> u32 {
     qgrad_fixed::bits_needed(max)
 }
 
-/// Matrix view of a shape: rows = shape[0], cols = product of the rest; a
+/// Matrix view of a shape: rows = `shape[0]`, cols = product of the rest; a
 /// tensor of rank 0 or 1 is one row. `None` on overflow.
 pub(crate) fn matrix_dims(shape: &[u64]) -> Option<(u64, u64)> {
     if shape.len() <= 1 {

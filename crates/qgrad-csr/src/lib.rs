@@ -2,7 +2,7 @@
 //! (METHOD.md §6), and integer inference straight from it.
 //!
 //! # What is in a file
-//! Each tensor is a matrix (rows = shape[0], cols = the rest; a bias is one
+//! Each tensor is a matrix (rows = `shape[0]`, cols = the rest; a bias is one
 //! row) whose elements were quantized with per-element widths (0 pruned,
 //! 2..=16 fixed point sharing one exponent per tensor, 32 raw f32). Only the
 //! non-zeros are kept, as bit-packed CSR (row pointers, column indices, a

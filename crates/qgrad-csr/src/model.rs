@@ -123,12 +123,12 @@ impl CompressedModel {
 }
 
 impl CompressedTensor {
-    /// Rows of the matrix view (shape[0]; 1 for rank 0 and 1).
+    /// Rows of the matrix view (`shape[0]`; 1 for rank 0 and 1).
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// Columns of the matrix view (product of shape[1..]).
+    /// Columns of the matrix view (product of `shape[1..]`).
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -190,7 +190,9 @@ impl CompressedTensor {
     }
 
     /// Dense row-major values; equal to `qgrad_fixed::fake_quantize` of the
-    /// encoder's input, element for element.
+    /// encoder's input, element for element. Allocates `rows · cols` values:
+    /// a valid file may declare a large all-zero tensor in a few bytes, so
+    /// check [`num_elements`](Self::num_elements) first for untrusted files.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.num_elements()];
         for r in 0..self.rows {
