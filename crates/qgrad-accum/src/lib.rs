@@ -402,7 +402,8 @@ fn add_abs_assign(accum: &mut Tensor, grad: &Tensor) -> candle_core::Result<()> 
     if accum.device().is_cpu() && accum.is_contiguous() {
         accum.inplace_op2(grad, &AddAbsAssign)
     } else {
-        *accum = accum.add(&grad.abs()?)?;
+        // Detached so the running sum never records a backprop graph.
+        *accum = accum.add(&grad.detach().abs()?)?;
         Ok(())
     }
 }

@@ -116,10 +116,13 @@ impl Sgd {
             )));
         }
         for (i, (_, var)) in self.params.iter().enumerate() {
-            let theta = var.as_tensor();
-            let Some(g) = grads.get(theta) else {
+            let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Detached: the update must not record a backprop graph, or every
+            // velocity would keep the previous step's tensors alive.
+            let theta = &var.as_tensor().detach();
+            let g = &g.detach();
             let d = if self.weight_decay != 0.0 {
                 (g + theta.affine(self.weight_decay, 0.0)?)?
             } else {
@@ -225,7 +228,10 @@ mod tests {
         assert_eq!(after[0].to_bits(), before[0].to_bits());
         assert_eq!(after[2].to_bits(), before[2].to_bits());
         assert_ne!(after[1], before[1]);
-        let v = opt.velocities().next().unwrap().1.to_vec1::<f32>().unwrap();
+        let velocity = opt.velocities().next().unwrap().1;
+        // No backprop graph is kept alive across steps (that leaked memory).
+        assert!(!velocity.track_op());
+        let v = velocity.to_vec1::<f32>().unwrap();
         assert_eq!((v[0], v[2]), (0.0, 0.0));
     }
 

@@ -634,4 +634,47 @@ mod tests {
         assert!(state.set_mask("fc1.weight", bad_mask.clone()).is_err());
         assert!(state.set_mask("nope", bad_mask).is_err());
     }
+
+    /// The default recipe on the real MNIST (release build; minutes):
+    /// `QGRAD_MNIST_DIR=/path QGRAD_ARCH=lenet-300-100 [QGRAD_EPOCHS=n]
+    /// cargo test --release -p qgrad-models -- --ignored --nocapture full_mnist`.
+    /// With the full default epochs it checks the METHOD.md §7 baseline.
+    #[test]
+    #[ignore = "needs the full MNIST and minutes of CPU"]
+    fn full_mnist_default_recipe() {
+        let dir = std::env::var("QGRAD_MNIST_DIR").expect("set QGRAD_MNIST_DIR");
+        let arch: Arch = std::env::var("QGRAD_ARCH")
+            .unwrap_or_else(|_| "lenet-300-100".into())
+            .parse()
+            .unwrap();
+        let (train_set, test_set) = load_mnist(Path::new(&dir)).unwrap();
+        let mut config = TrainConfig::default_for(arch);
+        let full_epochs = config.epochs;
+        if let Ok(e) = std::env::var("QGRAD_EPOCHS") {
+            config.epochs = e.parse().unwrap();
+        }
+        let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+        let report = train(&mut state, &train_set, &test_set, &config, None).unwrap();
+        for e in &report.epochs {
+            eprintln!(
+                "{arch} epoch {:>2} lr {:.4} loss {:.4} test {:.2}% {:.1}s {:.0} img/s",
+                e.epoch + 1,
+                e.lr,
+                e.train_loss,
+                100.0 * e.test_accuracy,
+                e.seconds,
+                e.images_per_second
+            );
+        }
+        let target = match arch {
+            Arch::Lenet300100 => 0.982,
+            _ => 0.990,
+        };
+        let accuracy = report.final_accuracy().unwrap();
+        if config.epochs >= full_epochs {
+            assert!(accuracy >= target, "{arch}: {accuracy} < {target}");
+        } else {
+            assert!(accuracy > 0.95, "{arch}: {accuracy}");
+        }
+    }
 }
