@@ -20,6 +20,7 @@ pub mod download;
 pub mod fsutil;
 pub mod plot;
 pub mod report;
+pub mod reproduce;
 pub mod results;
 
 use std::path::PathBuf;

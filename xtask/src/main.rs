@@ -21,8 +21,151 @@ struct Cli {
 enum Command {
     /// Fetch MNIST and/or CIFAR-10 into datasets/, verified against the published checksums.
     Download(DownloadArgs),
+    /// Train the float baselines, run post-training, in-training and combined
+    /// quantization and the trade-off sweep; write REPORT.md, results.json,
+    /// results.csv and plots.
+    Reproduce(ReproduceArgs),
+    /// The accuracy–compression sweep (bit-width lists, clustering methods,
+    /// split fractions) with its Pareto front; same outputs as reproduce.
+    Sweep(ReproduceArgs),
+    /// Re-render REPORT.md and the plots from an existing results.json.
+    Report {
+        /// The output folder of a reproduce or sweep run.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Side-by-side training benchmark against PyTorch.
     BenchTrain(bench_train::BenchTrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReproduceArgs {
+    /// The shipped MNIST subset (datasets/mnist-mini), few epochs: about 2 minutes on 2 cores.
+    #[arg(long, conflicts_with = "smoke")]
+    quick: bool,
+    /// A few hundred images and one epoch: checks the whole pipeline in seconds.
+    #[arg(long)]
+    smoke: bool,
+    /// Models, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "lenet-300-100,lenet-5")]
+    models: Vec<String>,
+    /// Methods, comma-separated: post-training, in-training, combined.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "post-training,in-training,combined"
+    )]
+    methods: Vec<String>,
+    /// Training device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Float training epochs [default: per model and scale].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Output folder [default: runs/reproduce, runs/quick, runs/smoke or runs/sweep].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// MNIST folder [default: datasets/mnist, or datasets/mnist-mini with --quick/--smoke].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Redo work whose results exist already.
+    #[arg(long)]
+    force: bool,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the trade-off sweep (headline points only).
+    #[arg(long)]
+    no_sweep: bool,
+    /// Activation width of the quantized evaluation and integer inference.
+    #[arg(long, default_value_t = 16)]
+    act_bits: u8,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+fn run_reproduce(args: ReproduceArgs, sweep_command: bool) -> Result<()> {
+    use xtask::reproduce::{ReproduceOptions, Scale};
+    use xtask::results::Method;
+    let scale = if args.smoke {
+        Scale::Smoke
+    } else if args.quick {
+        Scale::Quick
+    } else {
+        Scale::Full
+    };
+    let models = args
+        .models
+        .iter()
+        .map(|m| {
+            m.parse::<qgrad_models::Arch>()
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let methods = args
+        .methods
+        .iter()
+        .map(|m| Method::parse(m))
+        .collect::<Result<Vec<_>>>()?;
+    let device = match args.device {
+        DeviceArg::Cpu => candle_core::Device::Cpu,
+        DeviceArg::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("no CUDA device ({e}); build with --features cuda or use --device cpu")
+        })?,
+    };
+    let root = xtask::repo_root();
+    let default_out = match (sweep_command, scale) {
+        (true, _) => "runs/sweep",
+        (false, Scale::Full) => "runs/reproduce",
+        (false, Scale::Quick) => "runs/quick",
+        (false, Scale::Smoke) => "runs/smoke",
+    };
+    let data = args.data.unwrap_or_else(|| match scale {
+        Scale::Full => xtask::default_data_dir().join("mnist"),
+        _ => xtask::default_data_dir().join("mnist-mini"),
+    });
+    let opts = ReproduceOptions {
+        scale,
+        models,
+        methods,
+        device,
+        device_name: format!("{:?}", args.device).to_lowercase(),
+        epochs: args.epochs,
+        out: args.out.unwrap_or_else(|| root.join(default_out)),
+        data,
+        force: args.force,
+        seed: args.seed,
+        sweep: !args.no_sweep,
+        act_bits: args.act_bits,
+        progress: !args.quiet,
+        command: format!(
+            "cargo xtask {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    };
+    let record = xtask::reproduce::run(&opts)?;
+    println!(
+        "wrote {} ({} points, {:.1}s)",
+        opts.out.join("REPORT.md").display(),
+        record.points.len(),
+        record.elapsed_seconds
+    );
+    Ok(())
+}
+
+fn run_report(out: PathBuf) -> Result<()> {
+    let record = xtask::results::RunRecord::read(&out.join("results.json"))?;
+    xtask::plot::write_plots(&record, &out.join("plots"))?;
+    xtask::report::write_report(&record, &out.join("REPORT.md"), "plots")?;
+    println!("wrote {}", out.join("REPORT.md").display());
+    Ok(())
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +242,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Download(args) => run_download(args),
+        Command::Reproduce(args) => run_reproduce(args, false),
+        Command::Sweep(args) => run_reproduce(args, true),
+        Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
     };
     match result {

@@ -33,6 +33,9 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Every request the server saw: (path, first byte asked for by `Range`).
+type RequestLog = Arc<Mutex<Vec<(String, Option<u64>)>>>;
+
 /// How the server misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -48,7 +51,7 @@ enum Mode {
 /// itself after 20 s in any case. Records every request's (path, range).
 struct Server {
     base: String,
-    log: Arc<Mutex<Vec<(String, Option<u64>)>>>,
+    log: RequestLog,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -57,7 +60,7 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}/", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log: RequestLog = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,690 @@
+//! `cargo xtask reproduce` and `cargo xtask sweep`: train the float
+//! baselines, run the three methods (METHOD.md §3–5) and the trade-off sweep,
+//! and write results.json, results.csv, REPORT.md and the plots.
+//!
+//! # What runs
+//!
+//! Per model: one float training run (the baseline), then
+//! * post-training quantization of the baseline for the headline options and
+//!   for every sweep grid point (bit-width lists × clustering methods); no
+//!   training, so these are cheap;
+//! * one in-training run per split fraction (the headline fraction plus the
+//!   sweep fractions). Decided: in-training fine-tunes the trained float
+//!   baseline (as incremental network quantization does) rather than training
+//!   from scratch, with a split after every epoch; the float remainder keeps
+//!   training;
+//! * combined quantization of every in-training result with the headline
+//!   widths and the sweep widths (cheap once the in-training run exists).
+//!
+//! Every point is exported through qgrad-csr and its ratio is read from the
+//! file on disk. The accuracy is the quantized model's, evaluated in candle
+//! with the same activation quantization as the integer inference; headline
+//! points are also run straight from the file with the integer kernels.
+//!
+//! # Resuming
+//!
+//! Work is cached under `<out>/cache/<model>-<fingerprint>/`, the fingerprint
+//! being a hash of everything that changes the numbers (data, epochs, seed,
+//! recipe). The float training checkpoints after every epoch (qgrad-models
+//! resumes it), every point is stored as JSON when done, and a rerun skips
+//! whatever already exists, unless `--force`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use qgrad_cluster::ClusterMethod;
+use qgrad_models::data::{mnist::load_mnist, Dataset, Normalization};
+use qgrad_models::export::{export, ExportMetadata};
+use qgrad_models::int_infer::{evaluate_candle, FileModel};
+use qgrad_models::quantize::{
+    accum_to_host, combined, post_training, FractionSchedule, InTrainingHook, InTrainingOptions,
+    PostTrainingOptions, QuantizedTensor, Scope,
+};
+use qgrad_models::{train, Arch, DatasetKind, NamedTensor, Network, TrainConfig, TrainState};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::download::hex;
+use crate::fsutil::write_atomic;
+use crate::results::{mark_pareto, Baseline, Method, ResultPoint, Role, RunRecord};
+
+/// How big a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scale {
+    /// The full data set and full recipes.
+    Full,
+    /// The shipped MNIST subset, few epochs: ≤ 2 minutes on 2 cores.
+    Quick,
+    /// A few hundred images, one epoch: an integration test in a debug build.
+    Smoke,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReproduceOptions {
+    pub scale: Scale,
+    #[serde(serialize_with = "arch_names")]
+    pub models: Vec<Arch>,
+    pub methods: Vec<Method>,
+    #[serde(skip)]
+    pub device: Device,
+    pub device_name: String,
+    /// Float training epochs (None: the scale's default).
+    pub epochs: Option<usize>,
+    pub out: PathBuf,
+    pub data: PathBuf,
+    pub force: bool,
+    pub seed: u64,
+    /// Run the trade-off sweep too.
+    pub sweep: bool,
+    /// Activation width of the quantized evaluation and integer inference.
+    pub act_bits: u8,
+    pub progress: bool,
+    pub command: String,
+}
+
+fn arch_names<S: serde::Serializer>(models: &[Arch], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(models.iter().map(|a| a.name()))
+}
+
+/// The recipe of one scale: epochs and image counts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Recipe {
+    float_epochs: usize,
+    in_training_epochs: usize,
+    in_training_lr: f64,
+    train_images: Option<usize>,
+    test_images: Option<usize>,
+    headline_post: (Vec<u8>, String),
+    headline_fraction: f64,
+    low_bits: u8,
+    headline_combined_widths: Vec<u8>,
+    sweep_widths: Vec<Vec<u8>>,
+    sweep_clusters: Vec<String>,
+    sweep_fractions: Vec<f64>,
+    sweep_combined_widths: Vec<Vec<u8>>,
+}
+
+fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>) -> Recipe {
+    let full_epochs = match arch {
+        Arch::Lenet300100 => 20,
+        Arch::Lenet5 => 10,
+        _ => TrainConfig::default_for(arch).epochs,
+    };
+    let (float_epochs, in_training_epochs, train_images, test_images) = match scale {
+        Scale::Full => (full_epochs, 4, None, None),
+        Scale::Quick => (4, 2, None, None),
+        Scale::Smoke => (1, 1, Some(512), Some(256)),
+    };
+    let sweep_fractions = match scale {
+        Scale::Full => vec![0.6, 0.8, 0.9],
+        Scale::Quick => vec![0.9],
+        Scale::Smoke => vec![],
+    };
+    Recipe {
+        float_epochs: epochs.unwrap_or(float_epochs),
+        in_training_epochs,
+        in_training_lr: 0.01,
+        train_images,
+        test_images,
+        headline_post: (vec![16, 8, 4, 2, 0], "kmeans".into()),
+        headline_fraction: 0.7,
+        low_bits: 4,
+        headline_combined_widths: vec![8, 4, 2, 0],
+        sweep_widths: match scale {
+            Scale::Smoke => vec![vec![8, 4, 0]],
+            _ => vec![
+                vec![16, 8, 4, 2, 0],
+                vec![8, 4, 2, 0],
+                vec![8, 6, 4, 0],
+                vec![6, 4, 2, 0],
+                vec![16, 8, 0],
+                vec![8, 4, 0],
+                vec![4, 2, 0],
+                vec![4, 0],
+            ],
+        },
+        sweep_clusters: match scale {
+            Scale::Smoke => vec!["kmeans".into()],
+            _ => vec!["kmeans".into(), "log-kmeans".into(), "quantiles".into()],
+        },
+        sweep_fractions,
+        sweep_combined_widths: match scale {
+            Scale::Smoke => vec![],
+            _ => vec![vec![8, 4, 2, 0], vec![4, 2, 0], vec![4, 0], vec![2, 0]],
+        },
+    }
+}
+
+/// The clustering method by name; `quantiles` splits into equal shares.
+fn cluster_method(name: &str, k: usize) -> Result<ClusterMethod> {
+    Ok(match name {
+        "kmeans" => ClusterMethod::KMeans,
+        "log-kmeans" => ClusterMethod::LogKMeans,
+        "quantiles" => ClusterMethod::Quantiles {
+            fractions: vec![1.0 / k as f64; k],
+        },
+        other => bail!("unknown clustering method {other:?}"),
+    })
+}
+
+fn widths_str(w: &[u8]) -> String {
+    w.iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn fingerprint(parts: &impl Serialize) -> String {
+    let json = serde_json::to_string(parts).unwrap_or_default();
+    hex(&Sha256::digest(json.as_bytes()))[..12].to_string()
+}
+
+fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// The git commit of the checkout (with `-dirty` when it has changes), or
+/// `unknown` outside git.
+pub fn git_commit() -> String {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(crate::repo_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(c) => {
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{c}-dirty")
+            } else {
+                c
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
+struct ModelContext<'a> {
+    arch: Arch,
+    opts: &'a ReproduceOptions,
+    recipe: Recipe,
+    cache: PathBuf,
+    test: Dataset,
+    norm: Normalization,
+    params: Vec<NamedTensor>,
+    buffers: Vec<NamedTensor>,
+    accum: Vec<NamedTensor>,
+    float_accuracy: f64,
+    num_params: u64,
+}
+
+/// Runs the reproduction and writes every output under `opts.out`.
+pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
+    let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if !(2..=16).contains(&opts.act_bits) {
+        bail!("--act-bits must be in 2..=16, got {}", opts.act_bits);
+    }
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut baselines = Vec::new();
+    let mut points = Vec::new();
+    for &arch in &opts.models {
+        let (baseline, mut pts) = run_model(arch, opts)?;
+        baselines.push(baseline);
+        points.append(&mut pts);
+    }
+    mark_pareto(&mut points);
+    let recipes: Vec<(String, Recipe)> = opts
+        .models
+        .iter()
+        .map(|&a| (a.name().to_string(), recipe(opts.scale, a, opts.epochs)))
+        .collect();
+    let record = RunRecord {
+        qgrad_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit(),
+        command: opts.command.clone(),
+        started_unix,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        seed: opts.seed,
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        device: opts.device_name.clone(),
+        config: serde_json::json!({ "options": opts, "recipes": recipes }),
+        baselines,
+        points,
+    };
+    record.write_json(&opts.out.join("results.json"))?;
+    record.write_csv(&opts.out.join("results.csv"))?;
+    crate::plot::write_plots(&record, &opts.out.join("plots"))?;
+    crate::report::write_report(&record, &opts.out.join("REPORT.md"), "plots")?;
+    Ok(record)
+}
+
+fn load_data(
+    arch: Arch,
+    opts: &ReproduceOptions,
+    recipe: &Recipe,
+) -> Result<(Dataset, Dataset, PathBuf)> {
+    if arch.dataset() != DatasetKind::Mnist {
+        bail!(
+            "{} needs CIFAR-10; reproduce runs the MNIST models (lenet-300-100, lenet-5) so far",
+            arch.name()
+        );
+    }
+    let dir = opts.data.clone();
+    let (mut train_set, mut test_set) = load_mnist(&dir).with_context(|| {
+        format!(
+            "loading MNIST from {} (fetch it with `cargo xtask download mnist --mirror ../shared/datasets`, or pass --data DIR)",
+            dir.display()
+        )
+    })?;
+    if let Some(n) = recipe.train_images {
+        train_set = train_set.take(n.min(train_set.len()));
+    }
+    if let Some(n) = recipe.test_images {
+        test_set = test_set.take(n.min(test_set.len()));
+    }
+    Ok((train_set, test_set, dir))
+}
+
+fn run_model(arch: Arch, opts: &ReproduceOptions) -> Result<(Baseline, Vec<ResultPoint>)> {
+    let recipe = recipe(opts.scale, arch, opts.epochs);
+    let (train_set, test_set, data_dir) = load_data(arch, opts, &recipe)?;
+    let mut config = TrainConfig::default_for(arch);
+    config.epochs = recipe.float_epochs;
+    config.seed = opts.seed;
+    config.progress = opts.progress;
+    let fp = fingerprint(&(
+        arch.name(),
+        &data_dir,
+        train_set.len(),
+        test_set.len(),
+        &config,
+        &recipe,
+        opts.act_bits,
+        &opts.device_name,
+    ));
+    let cache = opts.out.join("cache").join(format!("{}-{fp}", arch.name()));
+    if opts.force && cache.exists() {
+        std::fs::remove_dir_all(&cache).with_context(|| format!("removing {}", cache.display()))?;
+    }
+    config.checkpoint_dir = Some(cache.join("float"));
+    let norm = config
+        .normalization
+        .clone()
+        .unwrap_or_else(|| train_set.channel_statistics());
+
+    eprintln!(
+        "[{}] float training: {} epochs on {} images ({})",
+        arch.name(),
+        config.epochs,
+        train_set.len(),
+        data_dir.display()
+    );
+    let t0 = Instant::now();
+    let (mut state, resumed) = TrainState::resume_or_new(arch, &opts.device, &config)?;
+    if resumed {
+        eprintln!(
+            "[{}] resuming the float run at epoch {}",
+            arch.name(),
+            state.epoch
+        );
+    }
+    train(&mut state, &train_set, &test_set, &config, None)?;
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let float_accuracy = state
+        .network
+        .evaluate(&test_set, &norm, config.eval_batch_size)?;
+    let baseline_path = cache.join("baseline.json");
+    let baseline = match load_json::<Baseline>(&baseline_path) {
+        Some(b) => b,
+        None => {
+            let b = Baseline {
+                model: arch.name().into(),
+                // Relative to the repository when inside it, so reports
+                // from different checkouts compare.
+                dataset_dir: data_dir
+                    .strip_prefix(crate::repo_root())
+                    .unwrap_or(&data_dir)
+                    .display()
+                    .to_string(),
+                train_images: train_set.len(),
+                test_images: test_set.len(),
+                params: state.network.num_parameters() as u64,
+                epochs: config.epochs,
+                epoch_accuracy: state.history.iter().map(|e| e.test_accuracy).collect(),
+                float_accuracy,
+                train_seconds,
+                train_config: serde_json::to_value(&config)?,
+            };
+            save_json(&baseline_path, &b)?;
+            b
+        }
+    };
+    eprintln!(
+        "[{}] float accuracy {:.2} %",
+        arch.name(),
+        float_accuracy * 100.0
+    );
+
+    let ctx = ModelContext {
+        arch,
+        opts,
+        cache,
+        test: test_set.clone(),
+        norm: norm.clone(),
+        params: state.network.params_to_host()?,
+        buffers: state.network.buffers_to_host()?,
+        accum: accum_to_host(&state)?,
+        float_accuracy,
+        num_params: state.network.num_parameters() as u64,
+        recipe,
+    };
+    let mut points = Vec::new();
+    let r = &ctx.recipe;
+
+    // Post-training: headline, then the sweep grid.
+    if opts.methods.contains(&Method::PostTraining) {
+        let (w, c) = &r.headline_post;
+        points.push(ctx.post_point(w, c, Role::Main)?);
+        if opts.sweep {
+            for w in &r.sweep_widths {
+                for c in &r.sweep_clusters {
+                    if (w, c) == (&r.headline_post.0, &r.headline_post.1) {
+                        continue;
+                    }
+                    points.push(ctx.post_point(w, c, Role::Sweep)?);
+                }
+            }
+        }
+    }
+
+    // In-training runs (one per fraction), each followed by combined.
+    let wants_it = opts.methods.contains(&Method::InTraining);
+    let wants_comb = opts.methods.contains(&Method::Combined);
+    if wants_it || wants_comb {
+        let mut fractions = vec![(r.headline_fraction, Role::Main)];
+        if opts.sweep {
+            fractions.extend(
+                r.sweep_fractions
+                    .iter()
+                    .filter(|f| **f != r.headline_fraction)
+                    .map(|f| (*f, Role::Sweep)),
+            );
+        }
+        for (p, role) in fractions {
+            let mut combos: Vec<(Vec<u8>, Role)> = Vec::new();
+            if wants_comb {
+                combos.push((r.headline_combined_widths.clone(), role));
+                if opts.sweep {
+                    for w in &r.sweep_combined_widths {
+                        if *w != r.headline_combined_widths {
+                            combos.push((w.clone(), Role::Sweep));
+                        }
+                    }
+                }
+            }
+            points.extend(ctx.in_training_points(&train_set, p, role, wants_it, &combos)?);
+        }
+    }
+    Ok((baseline, points))
+}
+
+impl ModelContext<'_> {
+    fn point_path(&self, key: &str) -> PathBuf {
+        self.cache.join("points").join(format!("{key}.json"))
+    }
+
+    fn model_file(&self, key: &str) -> (PathBuf, String) {
+        let rel = format!("models/{}/{key}.qgrad", self.arch.name());
+        (self.opts.out.join(&rel), rel)
+    }
+
+    fn post_point(&self, widths: &[u8], cluster: &str, role: Role) -> Result<ResultPoint> {
+        let key = format!("post-w{}-{cluster}", widths_str(widths).replace(',', "_"));
+        if let Some(p) = self.cached(&key, role) {
+            return Ok(p);
+        }
+        let t0 = Instant::now();
+        let popts = PostTrainingOptions {
+            widths: widths.to_vec(),
+            method: cluster_method(cluster, widths.len())?,
+            scope: Scope::Global,
+        };
+        let (q, _summary) = post_training(&self.params, &self.accum, &popts, None)?;
+        let label = format!("widths {} {cluster} global", widths_str(widths));
+        let options =
+            serde_json::json!({ "widths": widths, "cluster": cluster, "scope": "global" });
+        self.finish_point(&key, Method::PostTraining, role, label, options, &q, t0)
+    }
+
+    fn cached(&self, key: &str, role: Role) -> Option<ResultPoint> {
+        let mut p: ResultPoint = load_json(&self.point_path(key))?;
+        // The file must still be there for the record to be true.
+        if !self.opts.out.join(&p.file).is_file() {
+            return None;
+        }
+        p.role = role;
+        if role == Role::Main && p.file_accuracy.is_none() {
+            return None;
+        }
+        Some(p)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_point(
+        &self,
+        key: &str,
+        method: Method,
+        role: Role,
+        label: String,
+        options: serde_json::Value,
+        q: &[QuantizedTensor],
+        t0: Instant,
+    ) -> Result<ResultPoint> {
+        let (path, rel) = self.model_file(key);
+        let meta = ExportMetadata {
+            arch: self.arch,
+            act_bits: self.opts.act_bits,
+            norm: self.norm.clone(),
+            method: method.name().into(),
+            options: options.clone(),
+            seed: Some(self.opts.seed),
+            extra: vec![],
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let size = export(
+            &path,
+            q,
+            &self.buffers,
+            &meta,
+            qgrad_csr::LayoutChoice::Auto,
+        )?;
+        let file_bytes = std::fs::metadata(&path)?.len();
+        let eval = evaluate_candle(
+            self.arch,
+            q,
+            &self.buffers,
+            &self.test,
+            &self.norm,
+            self.opts.act_bits,
+            500,
+            &self.opts.device,
+        )?;
+        let file_accuracy = if role == Role::Main {
+            let model = qgrad_csr::CompressedModel::read_file(&path)
+                .with_context(|| format!("reading back {}", path.display()))?;
+            let fm = FileModel::new(&model)?;
+            let rep = fm.evaluate(&self.test, 500)?;
+            let mismatches = rep.mismatches(&eval);
+            if mismatches > 0 {
+                eprintln!(
+                    "[{}] warning: {key}: integer inference from the file disagrees with candle on {mismatches} images",
+                    self.arch.name()
+                );
+            }
+            Some(rep.accuracy)
+        } else {
+            None
+        };
+        let point = ResultPoint {
+            model: self.arch.name().into(),
+            method,
+            role,
+            label,
+            options,
+            params: self.num_params,
+            file_bytes,
+            ratio: 32.0 * self.num_params as f64 / (8.0 * file_bytes as f64),
+            accuracy: eval.accuracy,
+            file_accuracy,
+            float_accuracy: self.float_accuracy,
+            seconds: t0.elapsed().as_secs_f64(),
+            file: rel,
+            pareto: false,
+        };
+        debug_assert_eq!(size.file_bytes, file_bytes);
+        eprintln!(
+            "[{}] {} {}: {:.2}x, {:.2} %",
+            self.arch.name(),
+            method.name(),
+            point.label,
+            point.ratio,
+            point.accuracy * 100.0
+        );
+        save_json(&self.point_path(key), &point)?;
+        Ok(point)
+    }
+
+    /// One in-training run at split fraction `p` (fine-tuning the float
+    /// baseline), its in-training point, and combined points for `combos`.
+    fn in_training_points(
+        &self,
+        train_set: &Dataset,
+        p: f64,
+        role: Role,
+        want_in_training: bool,
+        combos: &[(Vec<u8>, Role)],
+    ) -> Result<Vec<ResultPoint>> {
+        let r = &self.recipe;
+        let it_key = format!("in-p{p}-b{}-e{}", r.low_bits, r.in_training_epochs);
+        let comb_key = |w: &[u8]| {
+            format!(
+                "comb-p{p}-b{}-e{}-w{}",
+                r.low_bits,
+                r.in_training_epochs,
+                widths_str(w).replace(',', "_")
+            )
+        };
+        let mut cached = Vec::new();
+        let mut all_cached = true;
+        if want_in_training {
+            match self.cached(&it_key, role) {
+                Some(pt) => cached.push(pt),
+                None => all_cached = false,
+            }
+        }
+        for (w, crole) in combos {
+            match self.cached(&comb_key(w), *crole) {
+                Some(pt) => cached.push(pt),
+                None => all_cached = false,
+            }
+        }
+        if all_cached {
+            return Ok(cached);
+        }
+
+        let t0 = Instant::now();
+        let options = InTrainingOptions {
+            fraction: FractionSchedule::Constant(p),
+            low_bits: r.low_bits,
+            start_epoch: 0,
+        };
+        let mut network = Network::new(self.arch, &self.opts.device, self.opts.seed)?;
+        let mut float = self.params.clone();
+        float.extend(self.buffers.iter().cloned());
+        network.set_from_host(&float)?;
+        let mut config = TrainConfig::default_for(self.arch);
+        config.epochs = r.in_training_epochs;
+        config.lr = r.in_training_lr;
+        config.seed = self.opts.seed.wrapping_add(1);
+        config.progress = self.opts.progress;
+        config.normalization = Some(self.norm.clone());
+        let mut state = TrainState::from_network(network, &config)?;
+        let mut hook = InTrainingHook::new(options.clone(), &state)?;
+        eprintln!(
+            "[{}] in-training: fraction {p}, {} bits, {} epochs from the float baseline",
+            self.arch.name(),
+            r.low_bits,
+            config.epochs
+        );
+        train(&mut state, train_set, &self.test, &config, Some(&mut hook))?;
+        let q = hook.finish(&state)?;
+        let accum = accum_to_host(&state)?;
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let it_options = serde_json::to_value(&options)?;
+        let mut out = Vec::new();
+        if want_in_training {
+            let t = Instant::now();
+            let mut pt = self.finish_point(
+                &it_key,
+                Method::InTraining,
+                role,
+                format!(
+                    "p {p}, {} bits, {} epochs",
+                    r.low_bits, r.in_training_epochs
+                ),
+                serde_json::json!({ "in_training": it_options, "epochs": r.in_training_epochs }),
+                &q,
+                t,
+            )?;
+            pt.seconds += train_seconds;
+            save_json(&self.point_path(&it_key), &pt)?;
+            out.push(pt);
+        }
+        for (w, crole) in combos {
+            let t = Instant::now();
+            let popts = PostTrainingOptions {
+                widths: w.clone(),
+                method: ClusterMethod::KMeans,
+                scope: Scope::Global,
+            };
+            let (cq, _) = combined(&q, &accum, &popts)?;
+            let mut pt = self.finish_point(
+                &comb_key(w),
+                Method::Combined,
+                *crole,
+                format!("p {p}, {} bits, then widths {} kmeans", r.low_bits, widths_str(w)),
+                serde_json::json!({ "in_training": it_options, "epochs": r.in_training_epochs, "widths": w, "cluster": "kmeans" }),
+                &cq,
+                t,
+            )?;
+            pt.seconds += train_seconds;
+            save_json(&self.point_path(&comb_key(w)), &pt)?;
+            out.push(pt);
+        }
+        Ok(out)
+    }
+}
