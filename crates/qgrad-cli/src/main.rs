@@ -1,1 +1,298 @@
-fn main() {}
+//! `qgrad`: train a network, quantize it by accumulated gradients
+//! (post-training, in-training or combined, METHOD.md §3–5), write the
+//! bit-packed compressed file, run that file with integer kernels, and inspect
+//! it.
+//!
+//! Design: the binary is a thin layer over the libraries. Every subcommand
+//! parses its options with clap (usage errors exit with 2), runs one pipeline
+//! from `commands`, and prints a human-readable summary on stdout, or one JSON
+//! document with `--json` (so a script reads stdout and nothing else); progress
+//! and stage messages go to stderr. Failures are classified by what went
+//! wrong: unreadable or invalid input files and data sets exit with 3, every
+//! other runtime failure with 1. Errors print as `error: …` followed by their
+//! cause chain; the program never panics on user input.
+
+mod commands;
+mod failure;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use qgrad_cluster::ClusterMethod;
+use qgrad_models::quantize::{FractionSchedule, Scope};
+use qgrad_models::Arch;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  runtime failure (training diverged, I/O error while writing, ...)
+  2  usage error (unknown option, malformed value, inconsistent options)
+  3  bad input: a data set, checkpoint or compressed file that is missing,
+     unreadable, corrupt or does not fit the model";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qgrad",
+    version,
+    about = "Accumulated-gradient quantization and bit-packed CSR compression of neural networks",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a float network and save a checkpoint (parameters, accumulated
+    /// gradients, optimizer state) into a directory; rerunning resumes.
+    #[command(after_help = EXIT_CODES)]
+    Train(TrainArgs),
+    /// Quantize a network with one of the three methods and write the
+    /// compressed file; reports ratio and accuracy (float, quantized in candle,
+    /// and from the file with integer kernels).
+    #[command(subcommand)]
+    Quantize(QuantizeCommand),
+    /// Run a compressed file on the test set with qgrad-csr's integer kernels
+    /// and print its accuracy.
+    #[command(after_help = EXIT_CODES)]
+    Eval(EvalArgs),
+    /// Per-tensor table of a compressed file: parameters, non-zeros, layout,
+    /// bit-width histogram, bytes, bits per parameter and ratio.
+    #[command(after_help = EXIT_CODES)]
+    Inspect(InspectArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum QuantizeCommand {
+    /// Post-training quantization (METHOD §3) of a trained checkpoint.
+    #[command(after_help = EXIT_CODES)]
+    Post(PostArgs),
+    /// In-training quantization (METHOD §4): train while freezing the
+    /// low-importance fraction at --low-bits after every epoch.
+    #[command(name = "in-training", after_help = EXIT_CODES)]
+    InTraining(InTrainingArgs),
+    /// Combined (METHOD §5): in-training, then post-training of the float
+    /// remainder only.
+    #[command(after_help = EXIT_CODES)]
+    Combined(CombinedArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// Data set directory (MNIST: the four IDX files, .gz or not). Default:
+    /// the MNIST subset shipped in the repository (datasets/mnist-mini, found
+    /// from the current directory or the binary's location).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Evaluate on the first N test images only.
+    #[arg(long, value_name = "N")]
+    test_limit: Option<usize>,
+    /// Train on the first N training images only.
+    #[arg(long, value_name = "N")]
+    train_limit: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct TrainingArgs {
+    /// Network: lenet-300-100, lenet-5, alexnet or vgg-16.
+    #[arg(long, default_value = "lenet-300-100", value_parser = parse_arch)]
+    model: Arch,
+    /// Seed of initialisation, shuffling, augmentation and dropout.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Epochs (default: the model's recipe, 20 for the LeNets).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Base learning rate (default: the model's recipe).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Stop each epoch after N batches (quick runs).
+    #[arg(long, value_name = "N")]
+    max_batches: Option<usize>,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct PostOptionArgs {
+    /// Bit widths b_1 > b_2 > ... (0 = prune, 2..=16, 32 = keep f32).
+    #[arg(long, default_value = "16,8,4,2,0", value_parser = parse_widths)]
+    widths: Vec<u8>,
+    /// Clustering of the accumulated gradients: kmeans, log-kmeans or
+    /// quantiles:f1,f2,... (one share per width, summing to 1).
+    #[arg(long = "cluster", default_value = "kmeans", value_parser = parse_cluster)]
+    cluster: ClusterMethod,
+    /// Cluster all layers together (global) or each layer separately (per-layer).
+    #[arg(long, default_value = "global", value_parser = parse_scope)]
+    scope: Scope,
+}
+
+#[derive(Args, Debug, Clone)]
+struct InTrainingOptionArgs {
+    /// Split fraction p (0.5 < p < 1) quantized at every split, or a list
+    /// "p1,p2,..." (one per split; no splits after the list).
+    #[arg(long, default_value = "0.7", value_parser = parse_fraction)]
+    fraction: FractionSchedule,
+    /// Bit width of the frozen group (0 = prune, 2..=16).
+    #[arg(long, default_value_t = 4)]
+    low_bits: u8,
+    /// First epoch (0-based) after which a split happens.
+    #[arg(long, default_value_t = 0)]
+    start_epoch: usize,
+    /// Start from this trained checkpoint (file or directory) instead of a
+    /// fresh network; its accumulated gradients carry on.
+    #[arg(long, value_name = "CHECKPOINT")]
+    init: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct OutputArgs {
+    /// Where to write the compressed file.
+    #[arg(long, short, value_name = "FILE")]
+    out: PathBuf,
+    /// Activation width of integer inference (2..=16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(2..=16))]
+    act_bits: u8,
+    /// Tensor layout: auto (smaller of CSR and dense), csr or dense.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "dense"])]
+    layout: String,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Checkpoint directory (created; an existing checkpoint there is resumed).
+    #[arg(long, short, value_name = "DIR")]
+    out: PathBuf,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PostArgs {
+    /// Trained checkpoint: a checkpoint.safetensors file or its directory.
+    #[arg(long, value_name = "CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    post: PostOptionArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+struct InTrainingArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    #[command(flatten)]
+    in_training: InTrainingOptionArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+struct CombinedArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    #[command(flatten)]
+    in_training: InTrainingOptionArgs,
+    #[command(flatten)]
+    post: PostOptionArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// The compressed model file.
+    file: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Images per batch.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Also evaluate the file's dequantized weights in candle (f64 layers,
+    /// same activation quantization) and count the images on which the two
+    /// disagree.
+    #[arg(long)]
+    compare_candle: bool,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The compressed model file.
+    file: PathBuf,
+    /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse()
+        .map_err(|e: qgrad_models::arch::UnknownArch| e.to_string())
+}
+
+fn parse_widths(s: &str) -> Result<Vec<u8>, String> {
+    s.split(',')
+        .map(|w| {
+            w.trim()
+                .parse::<u8>()
+                .map_err(|e| format!("'{w}' is not a bit width: {e}"))
+        })
+        .collect()
+}
+
+fn parse_cluster(s: &str) -> Result<ClusterMethod, String> {
+    s.parse()
+        .map_err(|e: qgrad_cluster::ClusterError| e.to_string())
+}
+
+fn parse_scope(s: &str) -> Result<Scope, String> {
+    s.parse()
+        .map_err(|e: qgrad_models::ModelsError| e.to_string())
+}
+
+fn parse_fraction(s: &str) -> Result<FractionSchedule, String> {
+    s.parse()
+        .map_err(|e: qgrad_models::ModelsError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => commands::train(args),
+        Command::Quantize(QuantizeCommand::Post(args)) => commands::post(args),
+        Command::Quantize(QuantizeCommand::InTraining(args)) => commands::in_training(args),
+        Command::Quantize(QuantizeCommand::Combined(args)) => commands::combined(args),
+        Command::Eval(args) => commands::eval(args),
+        Command::Inspect(args) => commands::inspect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            failure.print();
+            ExitCode::from(failure.code)
+        }
+    }
+}
