@@ -15,6 +15,7 @@ struct Owned {
     shape: Vec<usize>,
     values: Vec<f32>,
     widths: Vec<u8>,
+    exponent: None,
 }
 
 fn lenet_300_100() -> Vec<Owned> {
@@ -53,6 +54,7 @@ fn decode_bench(c: &mut Criterion) {
             shape: &t.shape,
             values: &t.values,
             widths: &t.widths,
+            exponent: None,
         })
         .collect();
     let options = EncodeOptions::default();

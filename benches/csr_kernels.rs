@@ -46,6 +46,7 @@ fn layer(sparsity: f64, seed: u64) -> (Vec<f32>, CompressedModel) {
             shape: &[ROWS, COLS],
             values: &values,
             widths: &widths,
+            exponent: None,
         }],
         &EncodeOptions::default(),
     )

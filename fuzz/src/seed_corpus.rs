@@ -38,12 +38,14 @@ fn main() {
                     shape: &shape,
                     values: &values,
                     widths: &widths,
+                    exponent: None,
                 },
                 TensorData {
                     name: "b",
                     shape: &[rows],
                     values: &bias,
                     widths: &bias_w,
+                    exponent: None,
                 },
             ];
             let options = EncodeOptions {

@@ -18,8 +18,9 @@ use crate::report::SizeReport;
 ///
 /// Widths: 0 pruned, 2..=16 fixed point, 32 kept as raw f32. The encoder
 /// quantizes each element with its width, all sharing the exponent
-/// `qgrad_fixed::tensor_exponent` of the non-pruned values; elements whose
-/// integer is 0 (or whose f32 is ±0.0) are zeros and not stored.
+/// `qgrad_fixed::tensor_exponent` of the non-pruned values (or `exponent`
+/// where given); elements whose integer is 0 (or whose f32 is ±0.0) are zeros
+/// and not stored.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorData<'a> {
     /// Unique name.
@@ -31,6 +32,13 @@ pub struct TensorData<'a> {
     pub values: &'a [f32],
     /// One width per value.
     pub widths: &'a [u8],
+    /// The tensor's exponent, where the caller fixed it: a model quantized
+    /// (and frozen) during training keeps the exponent its values were
+    /// quantized with, which re-deriving it from the already-quantized values
+    /// can change (their maximum may have rounded down to a power of two).
+    /// `None`: `tensor_exponent` of the non-pruned values. Values outside the
+    /// range a given exponent allows saturate, as quantization does.
+    pub exponent: Option<i32>,
 }
 
 /// Encoder options.
@@ -101,8 +109,19 @@ fn quantize_tensor(t: &TensorData) -> Result<QuantizedTensor> {
         .filter(|(_, &w)| w != PRUNED)
         .map(|(&v, _)| v)
         .collect();
-    let exponent = qgrad_fixed::tensor_exponent(&kept)
-        .map_err(|e| CsrError::invalid(t.name, format!("cannot find the exponent: {e}")))?;
+    let exponent = match t.exponent {
+        Some(e) => {
+            if let Some(i) = kept.iter().position(|v| !v.is_finite()) {
+                return Err(CsrError::invalid(
+                    t.name,
+                    format!("value {i} of the kept values is not finite"),
+                ));
+            }
+            e
+        }
+        None => qgrad_fixed::tensor_exponent(&kept)
+            .map_err(|e| CsrError::invalid(t.name, format!("cannot find the exponent: {e}")))?,
+    };
     if !(MIN_EXPONENT..=MAX_EXPONENT).contains(&exponent) {
         return Err(CsrError::invalid(
             t.name,

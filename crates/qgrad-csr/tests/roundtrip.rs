@@ -215,3 +215,29 @@ fn failed_writes_leave_the_previous_file_intact() {
     assert!(err.to_string().contains("no/such/dir"), "{err}");
     assert!(!missing.exists());
 }
+
+/// A tensor quantized during training keeps its exponent in the file: values
+/// already on the grid of exponent `e` must decode unchanged even when the
+/// exponent re-derived from them would be smaller (here 0.5 → -1, which would
+/// saturate 0.5 to 0.25 at 2 bits).
+#[test]
+fn an_explicit_exponent_is_kept() {
+    let values = [0.5f32, -0.5, 0.0, 0.5];
+    let widths = [2u8, 2, 2, 2];
+    let tensor = |exponent| qgrad_csr::TensorData {
+        name: "t",
+        shape: &[4],
+        values: &values,
+        widths: &widths,
+        exponent,
+    };
+    let options = qgrad_csr::EncodeOptions::default();
+    let kept = qgrad_csr::encode(&[tensor(Some(0))], &options).unwrap();
+    let model = qgrad_csr::CompressedModel::from_bytes(&kept).unwrap();
+    assert_eq!(model.tensors[0].exponent, 0);
+    assert_eq!(model.tensors[0].dequantize(), values.to_vec());
+    let derived = qgrad_csr::encode(&[tensor(None)], &options).unwrap();
+    let model = qgrad_csr::CompressedModel::from_bytes(&derived).unwrap();
+    assert_eq!(model.tensors[0].exponent, -1);
+    assert_eq!(model.tensors[0].dequantize(), vec![0.25, -0.5, 0.0, 0.25]);
+}

@@ -23,6 +23,7 @@ impl OwnedTensor {
             shape: &self.shape,
             values: &self.values,
             widths: &self.widths,
+            exponent: None,
         }
     }
 }
