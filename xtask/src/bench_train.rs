@@ -1,7 +1,358 @@
-//! `cargo xtask bench-train` (placeholder until the side-by-side benchmark lands).
-#[derive(clap::Args, Debug)]
-pub struct BenchTrainArgs {}
+//! `cargo xtask bench-train`: qgrad's training step against PyTorch's, side by
+//! side, on the same machine, network, batch size and thread count.
+//!
+//! Each network is trained for a fixed number of steps on random data (SGD
+//! with momentum 0.9 and weight decay 5e-4, cross-entropy, training mode: batch
+//! norm on batch statistics, dropout on) once by qgrad and once by PyTorch
+//! (`xtask/bench_train_torch.py`). Every side runs in its own process, so that
+//! each peak RSS (`VmHWM` / `ru_maxrss`) is that side's alone; the qgrad side is
+//! this same binary re-run with the hidden `--worker` flag. The thread count is
+//! passed as `RAYON_NUM_THREADS` (read by rayon, candle and qgrad-ops) and as
+//! `torch.set_num_threads`.
+//!
+//! PyTorch is a measurement tool, never a dependency: point `--python` at an
+//! interpreter that has it (default `/work/venv-torch/bin/python` when it
+//! exists, else `python3`), or pass `--skip-torch`.
 
-pub fn run(_args: BenchTrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench-train is not built yet")
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use qgrad_models::{Arch, Network, Sgd};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet, vgg-16.
+    #[arg(long, value_delimiter = ',', default_value = "lenet-300-100,lenet-5,alexnet,vgg-16")]
+    nets: Vec<String>,
+    /// Timed steps per network [default: 40 for LeNet-300-100, 20 LeNet-5,
+    /// 10 AlexNet, 3 VGG-16].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Untimed steps before the timed ones (allocator, caches, thread pools).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Threads for both sides [default: the available cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Python interpreter with PyTorch installed.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Measure qgrad only.
+    #[arg(long)]
+    skip_torch: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Seed for the weights and the random batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Internal: run the qgrad side of one network in this process and print
+    /// one JSON line.
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+/// One side's measurement of one network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SideResult {
+    side: String,
+    net: String,
+    threads: usize,
+    batch: usize,
+    steps: usize,
+    seconds: f64,
+    images_per_sec: f64,
+    peak_rss_kib: u64,
+    /// qgrad only: mean milliseconds per step in forward, backward and update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    phases_ms: Option<[f64; 3]>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    net: String,
+    qgrad: SideResult,
+    pytorch: Option<SideResult>,
+    /// qgrad images/s divided by PyTorch images/s (> 1: qgrad is faster).
+    speed_ratio: Option<f64>,
+}
+
+fn parse_arch(name: &str) -> Result<Arch> {
+    Arch::ALL
+        .into_iter()
+        .find(|a| a.name() == name)
+        .with_context(|| {
+            let known: Vec<_> = Arch::ALL.iter().map(|a| a.name()).collect();
+            format!("unknown network '{name}' (known: {})", known.join(", "))
+        })
+}
+
+fn default_steps(arch: Arch) -> usize {
+    match arch {
+        Arch::Lenet300100 => 40,
+        Arch::Lenet5 => 20,
+        Arch::AlexNet => 10,
+        Arch::Vgg16 => 3,
+    }
+}
+
+pub fn run(args: BenchTrainArgs) -> Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let archs = args
+        .nets
+        .iter()
+        .map(|n| parse_arch(n.trim()))
+        .collect::<Result<Vec<_>>>()?;
+    let threads = match args.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if args.worker {
+        let [arch] = archs.as_slice() else {
+            bail!("--worker measures exactly one network");
+        };
+        let steps = args.steps.unwrap_or_else(|| default_steps(*arch));
+        let result = qgrad_side(*arch, args.batch, steps, args.warmup, threads, args.seed)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = PathBuf::from("/work/venv-torch/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench_train_torch.py");
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let mut rows = Vec::new();
+    for &arch in &archs {
+        let steps = args.steps.unwrap_or_else(|| default_steps(arch));
+        let common = [
+            "--steps".to_string(),
+            steps.to_string(),
+            "--warmup".into(),
+            args.warmup.to_string(),
+            "--batch".into(),
+            args.batch.to_string(),
+            "--threads".into(),
+            threads.to_string(),
+            "--seed".into(),
+            args.seed.to_string(),
+        ];
+        eprintln!("{}: qgrad, {steps} steps of {} on {threads} threads", arch.name(), args.batch);
+        let mut qgrad_cmd = Command::new(&exe);
+        qgrad_cmd
+            .args(["bench-train", "--worker", "--nets", arch.name()])
+            .args(&common);
+        let qgrad = run_side(qgrad_cmd, threads, "qgrad")?;
+        let pytorch = if args.skip_torch {
+            None
+        } else {
+            eprintln!("{}: PyTorch", arch.name());
+            let mut torch_cmd = Command::new(&python);
+            torch_cmd.arg(&script).args(["--net", arch.name()]).args(&common);
+            Some(run_side(torch_cmd, threads, "PyTorch")?)
+        };
+        let speed_ratio = pytorch
+            .as_ref()
+            .map(|p| qgrad.images_per_sec / p.images_per_sec);
+        rows.push(Row {
+            net: arch.name().to_string(),
+            qgrad,
+            pytorch,
+            speed_ratio,
+        });
+    }
+    print_table(&rows, args.batch, threads);
+    if let Some(path) = &args.json {
+        write_json(path, &rows)?;
+    }
+    Ok(())
+}
+
+/// Runs one side in a child process with the thread count in its environment
+/// and parses the JSON line it prints last.
+fn run_side(mut cmd: Command, threads: usize, what: &str) -> Result<SideResult> {
+    let t = threads.to_string();
+    cmd.env("RAYON_NUM_THREADS", &t)
+        .env("OMP_NUM_THREADS", &t)
+        .env("MKL_NUM_THREADS", &t);
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting the {what} side ({cmd:?})"))?;
+    if !out.status.success() {
+        bail!(
+            "the {what} side failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("the {what} side printed no result:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing the {what} result: {line}"))
+}
+
+fn print_table(rows: &[Row], batch: usize, threads: usize) {
+    println!("\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps");
+    println!(
+        "{:<14} {:>12} {:>12} {:>8} {:>14} {:>14}   qgrad ms/step: fwd / bwd / update",
+        "net", "qgrad img/s", "torch img/s", "ratio", "qgrad RSS MiB", "torch RSS MiB"
+    );
+    for row in rows {
+        let (torch_ips, torch_rss) = match &row.pytorch {
+            Some(p) => (
+                format!("{:.1}", p.images_per_sec),
+                format!("{:.0}", p.peak_rss_kib as f64 / 1024.0),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let ratio = row
+            .speed_ratio
+            .map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
+        let phases = row.qgrad.phases_ms.map_or_else(String::new, |p| {
+            format!("{:.1} / {:.1} / {:.1}", p[0], p[1], p[2])
+        });
+        println!(
+            "{:<14} {:>12.1} {:>12} {:>8} {:>14.0} {:>14}   {}",
+            row.net,
+            row.qgrad.images_per_sec,
+            torch_ips,
+            ratio,
+            row.qgrad.peak_rss_kib as f64 / 1024.0,
+            torch_rss,
+            phases
+        );
+    }
+}
+
+/// Atomic write: a temporary file in the same folder, then a rename.
+fn write_json(path: &Path, rows: &[Row]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    serde_json::to_writer_pretty(&mut tmp, rows)?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Deterministic values in [-1, 1) (splitmix64): the benchmark's input batch.
+fn random_values(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Mean cross-entropy of `logits [n, k]` against one-hot `targets [n, k]`,
+/// written with candle-core ops (log-sum-exp with the row maximum removed).
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)? as f64;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    Ok((log_probs * targets)?.sum_all()?.affine(-1.0 / n, 0.0)?)
+}
+
+/// Peak resident set size of this process in KiB (`VmHWM`).
+fn peak_rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM line in /proc/self/status")
+}
+
+fn qgrad_side(
+    arch: Arch,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    seed: u64,
+) -> Result<SideResult> {
+    let device = Device::Cpu;
+    let net = Network::new(arch, &device, seed)?;
+    let mut sgd = Sgd::new(&net.parameters(), 0.9, 5e-4)?;
+    let [c, h, w] = arch.input_shape();
+    let classes = arch.num_classes();
+    let x = Tensor::from_vec(random_values(seed ^ 0x5EED, batch * c * h * w), (batch, c, h, w), &device)?;
+    let labels: Vec<f32> = (0..batch)
+        .flat_map(|i| {
+            let label = (i * 7 + seed as usize) % classes;
+            (0..classes).map(move |k| if k == label { 1.0 } else { 0.0 })
+        })
+        .collect();
+    let targets = Tensor::from_vec(labels, (batch, classes), &device)?.to_dtype(DType::F32)?;
+
+    let mut phases = [0f64; 3];
+    let mut step = |timed: bool| -> Result<()> {
+        let t0 = Instant::now();
+        let logits = net.forward(&x, true)?;
+        let loss = cross_entropy(&logits, &targets)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        sgd.step(&grads, 0.01, &[])?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            bail!("{}: the loss became {value}", arch.name());
+        }
+        let t3 = Instant::now();
+        if timed {
+            phases[0] += (t1 - t0).as_secs_f64();
+            phases[1] += (t2 - t1).as_secs_f64();
+            phases[2] += (t3 - t2).as_secs_f64();
+        }
+        Ok(())
+    };
+    for _ in 0..warmup {
+        step(false)?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(true)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let per_step_ms = |s: f64| 1000.0 * s / steps.max(1) as f64;
+    Ok(SideResult {
+        side: "qgrad".into(),
+        net: arch.name().into(),
+        threads,
+        batch,
+        steps,
+        seconds,
+        images_per_sec: (batch * steps) as f64 / seconds,
+        peak_rss_kib: peak_rss_kib()?,
+        phases_ms: Some([per_step_ms(phases[0]), per_step_ms(phases[1]), per_step_ms(phases[2])]),
+    })
 }

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""PyTorch side of `cargo xtask bench-train`.
+
+Trains one network of METHOD.md section 7 for a fixed number of steps on random
+data (SGD with momentum and weight decay, cross-entropy, training mode) with the
+same batch size and thread count as the qgrad side, and prints one JSON line:
+images/s over the timed steps and the process's peak RSS.
+
+PyTorch is a measurement tool only, never a dependency of qgrad: install it in
+a virtual environment outside the repository, e.g.
+    python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def build(net, nn):
+    if net == "lenet-300-100":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 300), nn.ReLU(),
+            nn.Linear(300, 100), nn.ReLU(),
+            nn.Linear(100, 10),
+        ), (1, 28, 28)
+    if net == "lenet-5":
+        # Caffe's LeNet-5: no non-linearity after the convolutions.
+        return nn.Sequential(
+            nn.Conv2d(1, 20, 5), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(800, 500), nn.ReLU(),
+            nn.Linear(500, 10),
+        ), (1, 28, 28)
+    if net == "alexnet":
+        return nn.Sequential(
+            nn.Conv2d(3, 64, 11, stride=4, padding=5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 10),
+        ), (3, 32, 32)
+    if net == "vgg-16":
+        layers, channels = [], 3
+        for width in [64, 64, 0, 128, 128, 0, 256, 256, 256, 0,
+                      512, 512, 512, 0, 512, 512, 512, 0]:
+            if width == 0:
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(channels, width, 3, padding=1),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        layers += [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(),
+                   nn.Dropout(0.5), nn.Linear(512, 10)]
+        return nn.Sequential(*layers), (3, 32, 32)
+    raise SystemExit(f"unknown network {net!r}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", required=True)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, shape = build(args.net, nn)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(args.batch, *shape)
+    y = torch.randint(0, 10, (args.batch,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "side": "pytorch",
+        "net": args.net,
+        "version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "steps": args.steps,
+        "seconds": seconds,
+        "images_per_sec": args.batch * args.steps / seconds,
+        "peak_rss_kib": peak_kib,
+        "final_loss": loss,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
