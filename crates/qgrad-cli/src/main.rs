@@ -122,8 +122,10 @@ struct TrainingArgs {
 #[derive(Args, Debug, Clone)]
 struct PostOptionArgs {
     /// Bit widths b_1 > b_2 > ... (0 = prune, 2..=16, 32 = keep f32).
+    // (Spelled `std::vec::Vec` so that clap parses one comma-separated value
+    // rather than repeated occurrences.)
     #[arg(long, default_value = "16,8,4,2,0", value_parser = parse_widths)]
-    widths: Vec<u8>,
+    widths: std::vec::Vec<u8>,
     /// Clustering of the accumulated gradients: kmeans, log-kmeans or
     /// quantiles:f1,f2,... (one share per width, summing to 1).
     #[arg(long = "cluster", default_value = "kmeans", value_parser = parse_cluster)]

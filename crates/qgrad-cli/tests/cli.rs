@@ -1,0 +1,269 @@
+//! End-to-end tests of the `qgrad` binary on the shipped MNIST subset: the
+//! happy path (train → quantize → eval/inspect agree) and the failure paths
+//! (bad options exit 2, bad files exit 3, never a panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn qgrad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qgrad"))
+        .args(args)
+        .output()
+        .expect("the qgrad binary runs")
+}
+
+fn mini() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}
+
+#[test]
+fn help_is_available_everywhere() {
+    for args in [
+        vec!["--help"],
+        vec!["train", "--help"],
+        vec!["quantize", "--help"],
+        vec!["quantize", "post", "--help"],
+        vec!["quantize", "in-training", "--help"],
+        vec!["quantize", "combined", "--help"],
+        vec!["eval", "--help"],
+        vec!["inspect", "--help"],
+    ] {
+        let o = qgrad(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("Usage"), "{args:?}");
+    }
+    let o = qgrad(&["quantize", "post", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Exit codes"));
+}
+
+#[test]
+fn bad_options_are_usage_errors() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["frobnicate"], "unrecognized subcommand"),
+        (
+            &[
+                "quantize",
+                "post",
+                "--checkpoint",
+                "x",
+                "--out",
+                "y",
+                "--widths",
+                "4,x",
+            ],
+            "not a bit width",
+        ),
+        (
+            &[
+                "quantize",
+                "post",
+                "--checkpoint",
+                "x",
+                "--out",
+                "y",
+                "--cluster",
+                "median",
+            ],
+            "kmeans",
+        ),
+        (
+            &["quantize", "in-training", "--out", "y", "--fraction", "0.3"],
+            "(0.5, 1)",
+        ),
+        (
+            &["quantize", "in-training", "--out", "y", "--model", "resnet"],
+            "unknown model",
+        ),
+        (
+            &["quantize", "combined", "--out", "y", "--act-bits", "40"],
+            "40",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_clean_failure(&qgrad(args), 2, needle);
+    }
+    // Consistent-looking values that contradict each other are usage errors too.
+    let o = qgrad(&[
+        "quantize",
+        "in-training",
+        "--out",
+        "y",
+        "--low-bits",
+        "1",
+        "--data",
+        mini().to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, "low bit width");
+}
+
+#[test]
+fn missing_and_corrupt_files_exit_with_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.qgz");
+    let garbage = dir.path().join("garbage.qgz");
+    std::fs::write(&garbage, b"QGRADCSR this is not a model at all").unwrap();
+    for file in [&missing, &garbage] {
+        let f = file.to_str().unwrap();
+        assert_clean_failure(&qgrad(&["eval", f]), 3, "error:");
+        assert_clean_failure(&qgrad(&["inspect", f]), 3, "cannot read");
+    }
+    let o = qgrad(&[
+        "quantize",
+        "post",
+        "--checkpoint",
+        garbage.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.qgz").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 3, "checkpoint");
+    let o = qgrad(&[
+        "train",
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--out",
+        dir.path().join("ck").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 3, "MNIST");
+}
+
+#[test]
+fn train_quantize_eval_and_inspect_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let ck = dir.path().join("ck");
+    let o = qgrad(&[
+        "train",
+        "--data",
+        data,
+        "--out",
+        ck.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-batches",
+        "30",
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--test-limit",
+        "300",
+        "--no-progress",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = dir.path().join("post.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "post",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--data",
+        data,
+        "--out",
+        file.to_str().unwrap(),
+        "--widths",
+        "8,4,0",
+        "--cluster",
+        "quantiles:0.1,0.3,0.6",
+        "--test-limit",
+        "300",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(q["mismatches"], 0);
+    assert_eq!(q["quantized_accuracy"], q["file_accuracy"]);
+    assert!(q["float_accuracy"].as_f64().unwrap() > 0.5, "{q}");
+    let bytes = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(q["file_bytes"], bytes);
+    let ratio = q["ratio"].as_f64().unwrap();
+    assert!((ratio - 32.0 * 266_610.0 / (8.0 * bytes as f64)).abs() < 1e-9);
+
+    let o = qgrad(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--json",
+        "--compare-candle",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], q["file_accuracy"]);
+    assert_eq!(e["mismatches"], 0);
+
+    let o = qgrad(&["inspect", file.to_str().unwrap()]);
+    assert!(o.status.success());
+    let table = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "fc1.weight",
+        "fc3.bias",
+        "total",
+        "lenet-300-100",
+        "post-training",
+    ] {
+        assert!(table.contains(needle), "{needle} missing from\n{table}");
+    }
+    // A truncated copy of a valid file is rejected with exit code 3.
+    let cut = dir.path().join("cut.qgz");
+    let full = std::fs::read(&file).unwrap();
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    assert_clean_failure(
+        &qgrad(&["eval", cut.to_str().unwrap(), "--data", data]),
+        3,
+        "error:",
+    );
+
+    // In-training and combined from the trained checkpoint, one short epoch.
+    for method in ["in-training", "combined"] {
+        let out = dir.path().join(format!("{method}.qgz"));
+        let o = qgrad(&[
+            "quantize",
+            method,
+            "--init",
+            ck.to_str().unwrap(),
+            "--data",
+            data,
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--max-batches",
+            "10",
+            "--batch-size",
+            "32",
+            "--fraction",
+            "0.8",
+            "--low-bits",
+            "2",
+            "--test-limit",
+            "200",
+            "--no-progress",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["mismatches"], 0, "{method}: {r}");
+        assert_eq!(r["splits"].as_array().unwrap().len(), 1);
+        let hist = r["summary"]["width_histogram"].to_string();
+        if method == "in-training" {
+            assert!(hist.contains("[32,"), "{hist}");
+        } else {
+            assert!(!hist.contains("[32,"), "{hist}");
+        }
+    }
+}
