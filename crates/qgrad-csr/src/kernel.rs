@@ -16,8 +16,11 @@
 //! where `acc` is the exact integer sum over the fixed-point weights and the
 //! second sum covers the width-32 (raw f32) weights, accumulated separately in
 //! `f64`. The integer accumulator is chosen per call from a proven bound,
-//! `max|w| · max|x| · max non-zeros per row`: `i32` when that is below
-//! `2^31` (twice the SIMD lanes), else `i64`, else `i128`, so the integer sum
+//! `max|w| · max|x| · max non-zeros per row`: integers carried in `f32` when
+//! that is below `2^24` (every operand, product and partial sum is then an
+//! integer f32 represents exactly, so no operation rounds, and the f32 units
+//! are the widest multiply-add of the CPU: the common case of ≤ 8-bit
+//! operands), `i32` below `2^31`, else `i64`, else `i128`, so the integer sum
 //! never overflows. The result differs from the product of the dequantized
 //! operands only by the single final rounding to `f32` ("one output rounding
 //! step"), as long as `|acc| < 2^53` (always true for 16-bit weights and
@@ -25,8 +28,9 @@
 //! f32 weights (whose f64 sum adds a rounding of relative size 2^-53).
 //!
 //! # Parallelism
-//! A single sample (mat-vec) runs in parallel over weight rows with a gather
-//! from the activation row. A batch is transposed to `[cols][batch]` so that
+//! Calls with fewer than `SERIAL_WORK` multiply-adds run serially (fork/join
+//! costs more than they do). A single sample (mat-vec) runs over weight rows
+//! with a gather from the activation row. A batch is transposed to `[cols][batch]` so that
 //! every non-zero weight updates a contiguous run of accumulators (a
 //! vectorisable axpy), in parallel over weight rows and in tiles of the batch.
 //! Convolution lowers the input with im2col straight into that transposed
@@ -140,18 +144,136 @@ fn pow2(k: i64) -> f64 {
     2f64.powi(k.clamp(-2000, 2000) as i32)
 }
 
-/// `dst[c * rows + r] = src[r * cols + c]`, in cache-sized blocks.
+/// `dst[c * rows + r] = src[r * cols + c]`.
 fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    const BLOCK: usize = 16;
-    for r0 in (0..rows).step_by(BLOCK) {
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r in r0..(r0 + BLOCK).min(rows) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
+    transpose_with(src, rows, cols, dst, |v| v);
+}
+
+/// [`transpose`] with an element conversion on the way. Eight source rows at
+/// a time: eight sequential read streams and one contiguous 8-element write
+/// per column, with no per-element bounds checks.
+fn transpose_with<T: Copy, U: Copy>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    dst: &mut [U],
+    convert: impl Fn(T) -> U,
+) {
+    const R: usize = 8;
+    let src = &src[..rows * cols];
+    let dst = &mut dst[..rows * cols];
+    let mut r0 = 0;
+    while r0 + R <= rows {
+        let block: [&[T]; R] = std::array::from_fn(|k| &src[(r0 + k) * cols..(r0 + k + 1) * cols]);
+        for (c, d) in dst.chunks_exact_mut(rows).enumerate() {
+            let d: &mut [U; R] = (&mut d[r0..r0 + R]).try_into().expect("R elements");
+            for k in 0..R {
+                d[k] = convert(block[k][c]);
             }
         }
+        r0 += R;
     }
+    for r in r0..rows {
+        for (c, &v) in src[r * cols..(r + 1) * cols].iter().enumerate() {
+            dst[c * rows + r] = convert(v);
+        }
+    }
+}
+
+/// `max |v|` (0 when empty).
+fn max_abs(values: &[i32]) -> u64 {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { max_abs_avx2(values) };
+        }
+    }
+    max_abs_body(values)
+}
+
+/// [`max_abs_body`] for AVX2, which has the unsigned 32-bit max that baseline
+/// SSE2 lacks (there the scan costs as much as a sparse product).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_avx2(values: &[i32]) -> u64 {
+    max_abs_body(values)
+}
+
+#[inline(always)]
+fn max_abs_body(values: &[i32]) -> u64 {
+    u64::from(values.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0))
+}
+
+/// `out[j] = Σ_k vals[k] · xt[cols[k] · n + j]` for `j < out.len() <= n`, in
+/// f32 (exact under the caller's bound, see [`SparseKernel::spmm_f32`]).
+fn axpy_rows_f32(cols: &[u32], vals: &[i32], xt: &[f32], n: usize, out: &mut [f32]) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { axpy_rows_f32_avx2(cols, vals, xt, n, out) };
+            return;
+        }
+    }
+    axpy_rows_f32_body(cols, vals, xt, n, out);
+}
+
+/// [`axpy_rows_f32_body`] compiled for AVX2 (the default target is baseline
+/// x86-64, whose SSE2 vectors are half as wide).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_rows_f32_avx2(cols: &[u32], vals: &[i32], xt: &[f32], n: usize, out: &mut [f32]) {
+    axpy_rows_f32_body(cols, vals, xt, n, out);
+}
+
+#[inline(always)]
+fn axpy_rows_f32_body(cols: &[u32], vals: &[i32], xt: &[f32], n: usize, out: &mut [f32]) {
+    let len = out.len();
+    let mut j = 0;
+    while j + F32_LANES <= len {
+        axpy_block::<F32_LANES>(cols, vals, xt, n, j, &mut out[j..j + F32_LANES]);
+        j += F32_LANES;
+    }
+    while j + 8 <= len {
+        axpy_block::<8>(cols, vals, xt, n, j, &mut out[j..j + 8]);
+        j += 8;
+    }
+    while j < len {
+        axpy_block::<1>(cols, vals, xt, n, j, &mut out[j..j + 1]);
+        j += 1;
+    }
+}
+
+/// One block of `L` lanes starting at lane `j`: a fixed-size accumulator
+/// array that stays in vector registers across all non-zeros of the row.
+#[inline(always)]
+fn axpy_block<const L: usize>(
+    cols: &[u32],
+    vals: &[i32],
+    xt: &[f32],
+    n: usize,
+    j: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [0f32; L];
+    for (&c, &v) in cols.iter().zip(vals) {
+        let w = v as f32;
+        let start = c as usize * n + j;
+        let xs: &[f32; L] = xt[start..start + L]
+            .try_into()
+            .expect("slice of L elements");
+        for (a, &x) in acc.iter_mut().zip(xs) {
+            *a += w * x;
+        }
+    }
+    out.copy_from_slice(&acc);
 }
 
 /// The kernel-ready form of a tensor: CSR with plain `u32`/`i32` arrays, the
@@ -201,12 +323,24 @@ impl_acc!(i32);
 impl_acc!(i64);
 impl_acc!(i128);
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AccWidth {
+    /// Integers carried in `f32`: exact because every operand, product and
+    /// partial sum is an integer below `2^24` in magnitude.
+    F32,
     I32,
     I64,
     I128,
 }
+
+/// Integers up to this magnitude are exactly representable in `f32`.
+const F32_EXACT_BOUND: u128 = 1 << 24;
+/// Multiply-adds below which one call runs serially: rayon's fork/join costs
+/// more than the work (and waits on descheduled workers on a busy machine).
+const SERIAL_WORK: usize = 1 << 21;
+/// Batch lanes accumulated in registers by the f32 axpy kernel (8 AVX2
+/// vectors: enough independent chains to hide the add latency).
+const F32_LANES: usize = 64;
 
 impl SparseKernel {
     /// Builds the kernel form of a decoded tensor.
@@ -273,7 +407,9 @@ impl SparseKernel {
     fn acc_width(&self, max_abs_x: u64) -> AccWidth {
         let bound =
             u128::from(self.max_abs_val) * u128::from(max_abs_x) * u128::from(self.max_row_nnz);
-        if bound < 1 << 31 {
+        if bound < F32_EXACT_BOUND {
+            AccWidth::F32
+        } else if bound < 1 << 31 {
             AccWidth::I32
         } else if bound < 1 << 63 {
             AccWidth::I64
@@ -292,17 +428,15 @@ impl SparseKernel {
             )));
         }
         let batch = x.rows;
-        let max_abs_x = x
-            .values
-            .iter()
-            .map(|v| u64::from(v.unsigned_abs()))
-            .max()
-            .unwrap_or(0);
+        let max_abs_x = max_abs(&x.values);
         let width = self.acc_width(max_abs_x);
         if batch == 1 {
             let mut y = vec![0f32; self.rows];
             match width {
-                AccWidth::I32 => self.matvec::<i32>(&x.values, x.frac_bits[0], &mut y),
+                // A gather is scalar either way; i32 needs no conversion of x.
+                AccWidth::F32 | AccWidth::I32 => {
+                    self.matvec::<i32>(&x.values, x.frac_bits[0], &mut y)
+                }
                 AccWidth::I64 => self.matvec::<i64>(&x.values, x.frac_bits[0], &mut y),
                 AccWidth::I128 => self.matvec::<i128>(&x.values, x.frac_bits[0], &mut y),
             }
@@ -312,10 +446,16 @@ impl SparseKernel {
         // run. The transposes are serial and blocked: they are cheap, and one
         // parallel phase per call (the product) avoids waiting on descheduled
         // workers more than once on a busy machine.
-        let mut xt = vec![0i32; x.values.len()];
-        transpose(&x.values, batch, self.cols, &mut xt);
         let mut yt = vec![0f32; self.rows * batch];
-        self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
+        if width == AccWidth::F32 {
+            let mut xt = vec![0f32; x.values.len()];
+            transpose_with(&x.values, batch, self.cols, &mut xt, |v| v as f32);
+            self.spmm_f32(&xt, batch, &x.frac_bits, &mut yt);
+        } else {
+            let mut xt = vec![0i32; x.values.len()];
+            transpose(&x.values, batch, self.cols, &mut xt);
+            self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
+        }
         let mut y = vec![0f32; batch * self.rows];
         transpose(&yt, self.rows, batch, &mut y);
         Ok(y)
@@ -324,34 +464,93 @@ impl SparseKernel {
     fn matvec<A: Acc>(&self, x: &[i32], frac: i32, y: &mut [f32]) {
         let scale = pow2(-(i64::from(self.frac_bits) + i64::from(frac)));
         let x_scale = pow2(-i64::from(frac));
-        y.par_iter_mut()
-            .with_min_len(32)
-            .enumerate()
-            .for_each(|(r, out)| {
-                let mut acc = A::default();
-                for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
-                    acc += A::mul(
-                        A::from_i32(self.val[k]),
-                        A::from_i32(x[self.col[k] as usize]),
-                    );
-                }
-                let mut facc = 0f64;
-                for k in self.float_row_ptr[r] as usize..self.float_row_ptr[r + 1] as usize {
-                    facc += f64::from(self.float_val[k])
-                        * f64::from(x[self.float_col[k] as usize])
-                        * x_scale;
-                }
-                *out = (acc.to_f64() * scale + facc) as f32;
-            });
+        let row = |r: usize, out: &mut f32| {
+            let mut acc = A::default();
+            let (lo, hi) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+            for (&c, &v) in self.col[lo..hi].iter().zip(&self.val[lo..hi]) {
+                acc += A::mul(A::from_i32(v), A::from_i32(x[c as usize]));
+            }
+            let mut facc = 0f64;
+            for k in self.float_row_ptr[r] as usize..self.float_row_ptr[r + 1] as usize {
+                facc += f64::from(self.float_val[k])
+                    * f64::from(x[self.float_col[k] as usize])
+                    * x_scale;
+            }
+            *out = (acc.to_f64() * scale + facc) as f32;
+        };
+        if self.val.len() + self.float_val.len() < SERIAL_WORK {
+            y.iter_mut().enumerate().for_each(|(r, out)| row(r, out));
+        } else {
+            y.par_iter_mut()
+                .with_min_len(32)
+                .enumerate()
+                .for_each(|(r, out)| row(r, out));
+        }
     }
 
     /// `yt[r][j] = Σ_c W[r, c] · xt[c][j]` for `n` columns `j` with
     /// fractional bits `col_frac[j]` (one per column).
     fn spmm_t(&self, xt: &[i32], n: usize, col_frac: &[i32], max_abs_x: u64, yt: &mut [f32]) {
         match self.acc_width(max_abs_x) {
+            AccWidth::F32 => {
+                let xf: Vec<f32> = xt.iter().map(|&v| v as f32).collect();
+                self.spmm_f32(&xf, n, col_frac, yt)
+            }
             AccWidth::I32 => self.spmm_t_with::<i32>(xt, n, col_frac, yt),
             AccWidth::I64 => self.spmm_t_with::<i64>(xt, n, col_frac, yt),
             AccWidth::I128 => self.spmm_t_with::<i128>(xt, n, col_frac, yt),
+        }
+    }
+
+    /// [`Self::spmm_t`] for `acc_width == F32`: the integers of `xt` carried
+    /// in `f32`. Exact: every operand, product and partial sum is an integer
+    /// of magnitude `<= max|w| · max|x| · max_row_nnz < 2^24`, and f32
+    /// represents all such integers, so no multiply or add ever rounds. The
+    /// f32 units are the widest multiply-add the CPU has (8 lanes per AVX2
+    /// instruction, no widening needed).
+    fn spmm_f32(&self, xt: &[f32], n: usize, col_frac: &[i32], yt: &mut [f32]) {
+        if n == 0 {
+            return;
+        }
+        let scale: Vec<f64> = col_frac
+            .iter()
+            .map(|&f| pow2(-(i64::from(self.frac_bits) + i64::from(f))))
+            .collect();
+        let x_scale: Vec<f64> = col_frac.iter().map(|&f| pow2(-i64::from(f))).collect();
+        let row = |r: usize, out: &mut [f32]| {
+            let (lo, hi) = (self.row_ptr[r] as usize, self.row_ptr[r + 1] as usize);
+            let wvals: &[i32] = &self.val[lo..hi];
+            let cols = &self.col[lo..hi];
+            axpy_rows_f32(cols, wvals, xt, n, out);
+            let (flo, fhi) = (
+                self.float_row_ptr[r] as usize,
+                self.float_row_ptr[r + 1] as usize,
+            );
+            if flo == fhi {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = (f64::from(*o) * scale[j]) as f32;
+                }
+            } else {
+                // Rare: width-32 weights, summed in f64 per column.
+                for (j, o) in out.iter_mut().enumerate() {
+                    let mut facc = 0f64;
+                    for k in flo..fhi {
+                        facc += f64::from(self.float_val[k])
+                            * f64::from(xt[self.float_col[k] as usize * n + j])
+                            * x_scale[j];
+                    }
+                    *o = (f64::from(*o) * scale[j] + facc) as f32;
+                }
+            }
+        };
+        if (self.val.len() + self.float_val.len()).saturating_mul(n) < SERIAL_WORK {
+            yt.chunks_mut(n)
+                .enumerate()
+                .for_each(|(r, out)| row(r, out));
+        } else {
+            yt.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(r, out)| row(r, out));
         }
     }
 
@@ -483,12 +682,7 @@ impl SparseKernel {
         let positions = oh * ow;
         let o = self.rows;
         let samples = x.rows;
-        let max_abs_x = x
-            .values
-            .iter()
-            .map(|v| u64::from(v.unsigned_abs()))
-            .max()
-            .unwrap_or(0);
+        let max_abs_x = max_abs(&x.values);
         let mut y = vec![0f32; samples * o * positions];
         let per_sample = (patch * positions).max(1);
         let chunk = (IM2COL_CHUNK_ELEMENTS / per_sample).clamp(1, samples.max(1));
