@@ -26,7 +26,11 @@ use serde::{Deserialize, Serialize};
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
     /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet, vgg-16.
-    #[arg(long, value_delimiter = ',', default_value = "lenet-300-100,lenet-5,alexnet,vgg-16")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lenet-300-100,lenet-5,alexnet,vgg-16"
+    )]
     nets: Vec<String>,
     /// Timed steps per network [default: 40 for LeNet-300-100, 20 LeNet-5,
     /// 10 AlexNet, 3 VGG-16].
@@ -152,7 +156,11 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "--seed".into(),
             args.seed.to_string(),
         ];
-        eprintln!("{}: qgrad, {steps} steps of {} on {threads} threads", arch.name(), args.batch);
+        eprintln!(
+            "{}: qgrad, {steps} steps of {} on {threads} threads",
+            arch.name(),
+            args.batch
+        );
         let mut qgrad_cmd = Command::new(&exe);
         qgrad_cmd
             .args(["bench-train", "--worker", "--nets", arch.name()])
@@ -163,7 +171,10 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         } else {
             eprintln!("{}: PyTorch", arch.name());
             let mut torch_cmd = Command::new(&python);
-            torch_cmd.arg(&script).args(["--net", arch.name()]).args(&common);
+            torch_cmd
+                .arg(&script)
+                .args(["--net", arch.name()])
+                .args(&common);
             Some(run_side(torch_cmd, threads, "PyTorch")?)
         };
         let speed_ratio = pytorch
@@ -210,7 +221,9 @@ fn run_side(mut cmd: Command, threads: usize, what: &str) -> Result<SideResult> 
 }
 
 fn print_table(rows: &[Row], batch: usize, threads: usize) {
-    println!("\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps");
+    println!(
+        "\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps"
+    );
     println!(
         "{:<14} {:>12} {:>12} {:>8} {:>14} {:>14}   qgrad ms/step: fwd / bwd / update",
         "net", "qgrad img/s", "torch img/s", "ratio", "qgrad RSS MiB", "torch RSS MiB"
@@ -284,7 +297,8 @@ fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Peak resident set size of this process in KiB (`VmHWM`).
 fn peak_rss_kib() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -305,7 +319,11 @@ fn qgrad_side(
     let mut sgd = Sgd::new(&net.parameters(), 0.9, 5e-4)?;
     let [c, h, w] = arch.input_shape();
     let classes = arch.num_classes();
-    let x = Tensor::from_vec(random_values(seed ^ 0x5EED, batch * c * h * w), (batch, c, h, w), &device)?;
+    let x = Tensor::from_vec(
+        random_values(seed ^ 0x5EED, batch * c * h * w),
+        (batch, c, h, w),
+        &device,
+    )?;
     let labels: Vec<f32> = (0..batch)
         .flat_map(|i| {
             let label = (i * 7 + seed as usize) % classes;
@@ -353,6 +371,10 @@ fn qgrad_side(
         seconds,
         images_per_sec: (batch * steps) as f64 / seconds,
         peak_rss_kib: peak_rss_kib()?,
-        phases_ms: Some([per_step_ms(phases[0]), per_step_ms(phases[1]), per_step_ms(phases[2])]),
+        phases_ms: Some([
+            per_step_ms(phases[0]),
+            per_step_ms(phases[1]),
+            per_step_ms(phases[2]),
+        ]),
     })
 }

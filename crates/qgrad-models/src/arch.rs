@@ -39,14 +39,21 @@ pub enum LayerSpec {
     /// the features of the preceding linear layer). Parameters
     /// `<name>.bn.weight`/`<name>.bn.bias`, buffers `<name>.bn.running_mean` /
     /// `<name>.bn.running_var`.
-    BatchNorm { name: String, channels: usize },
+    BatchNorm {
+        name: String,
+        channels: usize,
+    },
     /// Non-overlapping max pooling, kernel == stride (the only max-pool candle
     /// can differentiate).
-    MaxPool2d { size: usize },
+    MaxPool2d {
+        size: usize,
+    },
     Relu,
     /// Dropout with probability `p_percent / 100` in training, identity in
     /// evaluation. (An integer so that the spec stays `Eq`.)
-    Dropout { p_percent: u8 },
+    Dropout {
+        p_percent: u8,
+    },
     /// `[n, c, h, w]` → `[n, c·h·w]`.
     Flatten,
 }
@@ -291,7 +298,10 @@ mod tests {
         let alexnet = Arch::AlexNet.num_parameters();
         assert_eq!(alexnet, 2_472_266, "about 2.47 M");
         let vgg = Arch::Vgg16.num_parameters();
-        assert!((14_900_000..15_100_000).contains(&vgg), "about 15 M, got {vgg}");
+        assert!(
+            (14_900_000..15_100_000).contains(&vgg),
+            "about 15 M, got {vgg}"
+        );
     }
 
     #[test]

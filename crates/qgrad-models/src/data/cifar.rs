@@ -205,6 +205,9 @@ mod tests {
         for &l in &test.labels {
             counts[l as usize] += 1;
         }
-        assert_eq!(counts, [1000; 10], "the test batch has 1000 images per class");
+        assert_eq!(
+            counts, [1000; 10],
+            "the test batch has 1000 images per class"
+        );
     }
 }
