@@ -15,7 +15,6 @@ struct Owned {
     shape: Vec<usize>,
     values: Vec<f32>,
     widths: Vec<u8>,
-    exponent: None,
 }
 
 fn lenet_300_100() -> Vec<Owned> {
