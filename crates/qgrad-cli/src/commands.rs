@@ -550,6 +550,35 @@ pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
         .finish(&state)
         .runtime("cannot collect the in-training result")?;
     let summary = qgrad_models::quantize::summarize(&quantized);
+    let options = in_training_json(&opts, &args.in_training, &config);
+    let run = (&state, &hook, &config, float_accuracy);
+    export_trained(
+        "in-training",
+        options,
+        quantized,
+        summary,
+        run,
+        (&train, &test),
+        &args.output,
+    )
+}
+
+/// Exports the outcome of an in-training run (in-training or combined): the
+/// record both methods share, built in one place.
+fn export_trained(
+    method: &'static str,
+    options: serde_json::Value,
+    params: Vec<QuantizedTensor>,
+    summary: QuantizeSummary,
+    (state, hook, config, float_accuracy): (
+        &TrainState,
+        &InTrainingHook,
+        &TrainConfig,
+        Option<f64>,
+    ),
+    (train, test): (&Dataset, &Dataset),
+    output: &OutputArgs,
+) -> CliResult<()> {
     let buffers = state
         .network
         .buffers_to_host()
@@ -557,20 +586,20 @@ pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
     evaluate_and_export(
         Quantized {
             arch: state.network.arch,
-            method: "in-training",
-            options: in_training_json(&opts, &args.in_training, &config),
+            method,
+            options,
             seed: Some(config.seed),
-            params: quantized,
+            params,
             summary,
             buffers,
-            norm: normalization(&config, &train),
-            test: &test,
+            norm: normalization(config, train),
+            test,
             float_accuracy,
             trained_accuracy: state.history.last().map(|e| e.test_accuracy),
             training: state.history.clone(),
             splits: hook.log.clone(),
         },
-        &args.output,
+        output,
     )
 }
 
@@ -591,30 +620,18 @@ pub fn combined(args: CombinedArgs) -> CliResult<()> {
     let accum = accum_to_host(&state).runtime("cannot copy accumulated gradients")?;
     let (quantized, summary) = combine(&in_training, &accum, &post_opts)
         .runtime("post-training quantization of the remainder failed")?;
-    let buffers = state
-        .network
-        .buffers_to_host()
-        .runtime("cannot copy buffers")?;
     let mut options = in_training_json(&opts, &args.in_training, &config);
     options["widths"] = json!(post_opts.widths);
     options["cluster"] = json!(post_opts.method.to_string());
     options["scope"] = json!(post_opts.scope.to_string());
-    evaluate_and_export(
-        Quantized {
-            arch: state.network.arch,
-            method: "combined",
-            options,
-            seed: Some(config.seed),
-            params: quantized,
-            summary,
-            buffers,
-            norm: normalization(&config, &train),
-            test: &test,
-            float_accuracy,
-            trained_accuracy: state.history.last().map(|e| e.test_accuracy),
-            training: state.history.clone(),
-            splits: hook.log.clone(),
-        },
+    let run = (&state, &hook, &config, float_accuracy);
+    export_trained(
+        "combined",
+        options,
+        quantized,
+        summary,
+        run,
+        (&train, &test),
         &args.output,
     )
 }
