@@ -62,12 +62,19 @@ struct ReproduceArgs {
     /// Float training epochs [default: per model and scale].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Epochs of each in-training run [default: per scale]; with --epochs this
+    /// shortens a CIFAR-10 run on CPU.
+    #[arg(long)]
+    in_training_epochs: Option<usize>,
     /// Output folder [default: runs/reproduce, runs/quick, runs/smoke or runs/sweep].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// MNIST folder [default: datasets/mnist, or datasets/mnist-mini with --quick/--smoke].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// CIFAR-10 folder, for alexnet and vgg-16 [default: datasets/cifar10].
+    #[arg(long, value_name = "DIR")]
+    cifar_data: Option<PathBuf>,
     /// Redo work whose results exist already.
     #[arg(long)]
     force: bool,
@@ -138,8 +145,12 @@ fn run_reproduce(args: ReproduceArgs, sweep_command: bool) -> Result<()> {
         device,
         device_name: format!("{:?}", args.device).to_lowercase(),
         epochs: args.epochs,
+        in_training_epochs: args.in_training_epochs,
         out: args.out.unwrap_or_else(|| root.join(default_out)),
         data,
+        cifar_data: args
+            .cifar_data
+            .unwrap_or_else(|| xtask::default_data_dir().join("cifar10")),
         force: args.force,
         seed: args.seed,
         sweep: !args.no_sweep,

@@ -8,13 +8,17 @@ use std::process::Command;
 use xtask::results::{Method, Role, RunRecord};
 
 fn reproduce(out: &Path, extra: &[&str]) -> std::process::Output {
+    reproduce_model(out, "lenet-300-100", extra)
+}
+
+fn reproduce_model(out: &Path, model: &str, extra: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args([
             "reproduce",
             "--smoke",
             "--quiet",
             "--models",
-            "lenet-300-100",
+            model,
             "--out",
         ])
         .arg(out)
@@ -117,4 +121,31 @@ fn bad_options_are_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cargo xtask download"), "{err}");
+}
+
+#[test]
+fn cifar_smoke_reproduction_runs_alexnet_through_every_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = qgrad_models::data::cifar::write_synthetic(&dir.path().join("cifar"), 8).unwrap();
+    let out = dir.path().join("out");
+    reproduce_model(
+        &out,
+        "alexnet",
+        &["--cifar-data", data.to_str().unwrap(), "--no-sweep"],
+    );
+    let record = RunRecord::read(&out.join("results.json")).unwrap();
+    assert_eq!(record.baselines.len(), 1);
+    assert_eq!(record.baselines[0].params, 2_472_266);
+    assert_eq!(record.baselines[0].train_images, 40);
+    for m in Method::ALL {
+        let p = record
+            .points
+            .iter()
+            .find(|p| p.method == m && p.role == Role::Main)
+            .unwrap_or_else(|| panic!("no headline point for {}", m.name()));
+        // Convolutions run from the file with the integer kernels too.
+        assert_eq!(p.file_accuracy, Some(p.accuracy), "{}", p.label);
+    }
+    let report = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
+    assert!(report.contains("6.39x"), "the thesis ratio is beside ours");
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
 use qgrad_models::checkpoint::{load_checkpoint, CHECKPOINT_FILE};
+use qgrad_models::data::cifar::load_cifar10;
 use qgrad_models::data::mnist::load_mnist;
 use qgrad_models::data::{Dataset, Normalization};
 use qgrad_models::export::{export, ExportMetadata};
@@ -35,9 +36,16 @@ fn device() -> Device {
     Device::Cpu
 }
 
-/// `datasets/mnist-mini` in the current directory or an ancestor of it or of
-/// the binary (a binary under `target/…/` finds the repository's copy).
-fn default_mnist_dir() -> Option<PathBuf> {
+/// The default data folder of a data set: `datasets/mnist-mini` (the subset
+/// shipped in the repository) for MNIST, `datasets/cifar10` (where
+/// `cargo xtask download cifar10` puts it) for CIFAR-10; looked for in the
+/// current directory or an ancestor of it or of the binary (a binary under
+/// `target/…/` finds the repository's copy).
+fn default_data_dir(kind: DatasetKind) -> Option<PathBuf> {
+    let rel = match kind {
+        DatasetKind::Mnist => "mnist-mini",
+        DatasetKind::Cifar10 => "cifar10",
+    };
     let mut roots = Vec::new();
     if let Ok(cwd) = std::env::current_dir() {
         roots.push(cwd);
@@ -47,7 +55,7 @@ fn default_mnist_dir() -> Option<PathBuf> {
     }
     roots.iter().find_map(|root| {
         root.ancestors()
-            .map(|dir| dir.join("datasets").join("mnist-mini"))
+            .map(|dir| dir.join("datasets").join(rel))
             .find(|dir| dir.is_dir())
     })
 }
@@ -55,31 +63,28 @@ fn default_mnist_dir() -> Option<PathBuf> {
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
     let dir = match &args.data {
         Some(dir) => dir.clone(),
-        None => match arch.dataset() {
-            DatasetKind::Mnist => default_mnist_dir().ok_or_else(|| {
-                Failure::new(
-                    INPUT,
-                    anyhow::anyhow!(
-                        "no --data given and the shipped subset datasets/mnist-mini was not \
-                         found from the current directory or the binary's location"
-                    ),
-                )
-            })?,
-            DatasetKind::Cifar10 => {
-                return Err(Failure::usage(format!(
-                    "{arch} trains on CIFAR-10: give its directory with --data"
-                )))
-            }
-        },
+        None => default_data_dir(arch.dataset()).ok_or_else(|| {
+            let hint = match arch.dataset() {
+                DatasetKind::Mnist => "the shipped subset datasets/mnist-mini was not found",
+                DatasetKind::Cifar10 => {
+                    "datasets/cifar10 was not found (fetch it with `cargo xtask download cifar10`)"
+                }
+            };
+            Failure::new(
+                INPUT,
+                anyhow::anyhow!(
+                    "{arch}: no --data given and {hint} from the current directory or the \
+                     binary's location"
+                ),
+            )
+        })?,
     };
     let (mut train, mut test) = match arch.dataset() {
         DatasetKind::Mnist => {
             load_mnist(&dir).input(format!("cannot load MNIST from {}", dir.display()))?
         }
         DatasetKind::Cifar10 => {
-            return Err(Failure::usage(format!(
-                "{arch}: CIFAR-10 is not supported by this command yet"
-            )))
+            load_cifar10(&dir).input(format!("cannot load CIFAR-10 from {}", dir.display()))?
         }
     };
     if let Some(n) = args.train_limit {

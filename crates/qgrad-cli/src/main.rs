@@ -81,9 +81,11 @@ enum QuantizeCommand {
 
 #[derive(Args, Debug, Clone)]
 struct DataArgs {
-    /// Data set directory (MNIST: the four IDX files, .gz or not). Default:
-    /// the MNIST subset shipped in the repository (datasets/mnist-mini, found
-    /// from the current directory or the binary's location).
+    /// Data set directory: MNIST's four IDX files (.gz or not) or CIFAR-10's
+    /// binary batches (the folder holding cifar-10-batches-bin/ or the batch
+    /// files themselves). Default: the MNIST subset shipped in the repository
+    /// (datasets/mnist-mini) or datasets/cifar10, found from the current
+    /// directory or the binary's location.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// Evaluate on the first N test images only.

@@ -267,3 +267,66 @@ fn train_quantize_eval_and_inspect_agree() {
         }
     }
 }
+
+#[test]
+fn cifar_models_train_quantize_and_run_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = qgrad_models::data::cifar::write_synthetic(&dir.path().join("cifar"), 16).unwrap();
+    let data = data.to_str().unwrap();
+    let ck = dir.path().join("alexnet");
+    let o = qgrad(&[
+        "train",
+        "--model",
+        "alexnet",
+        "--data",
+        data,
+        "--out",
+        ck.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = dir.path().join("alexnet.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "post",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--data",
+        data,
+        "--out",
+        file.to_str().unwrap(),
+        "--widths",
+        "8,4,0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(q["mismatches"], 0, "{q}");
+    assert_eq!(q["quantized_accuracy"], q["file_accuracy"]);
+    assert_eq!(q["parameters"], 2_472_266);
+    let o = qgrad(&["eval", file.to_str().unwrap(), "--data", data, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], q["file_accuracy"]);
+
+    // A missing CIFAR-10 folder is a clear input error, not a panic.
+    let missing = dir.path().join("nowhere");
+    assert_clean_failure(
+        &qgrad(&[
+            "train",
+            "--model",
+            "vgg-16",
+            "--data",
+            missing.to_str().unwrap(),
+            "--out",
+            dir.path().join("v").to_str().unwrap(),
+        ]),
+        3,
+        "CIFAR-10",
+    );
+}

@@ -97,6 +97,30 @@ pub fn load_batches(paths: &[PathBuf]) -> Result<Dataset> {
     })
 }
 
+/// Writes a small synthetic CIFAR-10 folder under `root`
+/// (`cifar-10-batches-bin/` with the five training batches and the test
+/// batch, `records_per_file` records each) and returns `root`. Labels cycle
+/// through the classes and each image's brightness follows its label, so
+/// there is something to learn. For tests and demos that must not need the
+/// real data set.
+pub fn write_synthetic(root: &Path, records_per_file: usize) -> Result<PathBuf> {
+    let dir = root.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&dir).map_err(|e| ModelsError::io(&dir, e))?;
+    for (f, name) in TRAIN_FILES.iter().chain([&TEST_FILE]).enumerate() {
+        let mut bytes = Vec::with_capacity(records_per_file * RECORD_BYTES);
+        for i in 0..records_per_file {
+            let label = ((i + f) % 10) as u8;
+            bytes.push(label);
+            bytes.extend(
+                (0..IMAGE_BYTES).map(|p| label.wrapping_mul(25).wrapping_add((p % 7) as u8)),
+            );
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| ModelsError::io(&path, e))?;
+    }
+    Ok(root.to_path_buf())
+}
+
 /// Appends the records of one batch file's bytes, validating them.
 pub fn parse_batch(
     path: &Path,
