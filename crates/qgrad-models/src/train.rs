@@ -441,6 +441,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn cifar_models_give_logits_and_a_few_steps_lower_the_loss() {
+        // Tiny inputs: four fixed images, a few steps on the same batch.
+        let dev = Device::Cpu;
+        for arch in [Arch::AlexNet, Arch::Vgg16] {
+            let mut config = TrainConfig::default_for(arch);
+            config.seed = 3;
+            config.lr = 0.01;
+            let mut state = TrainState::new(arch, &dev, &config).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &dev).unwrap();
+            let labels = Tensor::new(&[1u32, 3, 5, 7], &dev).unwrap();
+            let logits = state.network.forward(&x, false).unwrap();
+            assert_eq!(logits.dims(), &[4, 10], "{arch}");
+            let first = state
+                .train_step(&x, &labels, config.lr)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let mut last = first;
+            for _ in 0..4 {
+                last = state
+                    .train_step(&x, &labels, config.lr)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+            }
+            assert!(first.is_finite() && last.is_finite(), "{arch}");
+            assert!(last < first, "{arch}: loss {first} -> {last}");
+        }
+    }
+
     /// Freezes the lower half (by accumulated gradient) of fc1 after epoch 0,
     /// writing rounded values into it first, like in-training quantization.
     struct FreezeHalfOfFc1;
