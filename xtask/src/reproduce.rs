@@ -826,23 +826,38 @@ impl ModelContext<'_> {
             low_bits: it.low_bits,
             start_epoch: 0,
         };
-        let mut network = Network::new(self.arch, &self.opts.device, self.opts.seed)?;
-        let mut float = self.params.clone();
-        float.extend(self.buffers.iter().cloned());
-        network.set_from_host(&float)?;
         let mut config = TrainConfig::default_for(self.arch);
         config.epochs = it.epochs;
         config.lr = it.lr;
         config.seed = self.opts.seed.wrapping_add(1);
         config.progress = self.opts.progress;
         config.normalization = Some(self.norm.clone());
-        let mut state = TrainState::from_network(network, &config)?;
+        // Checkpointed after every epoch (with the split state), so a killed
+        // reproduction resumes mid-run.
+        config.checkpoint_dir = Some(self.cache.join("runs").join(it.key()));
+        let (resumed, was_resumed) =
+            TrainState::resume_or_new(self.arch, &self.opts.device, &config)?;
+        let mut state = if was_resumed {
+            eprintln!(
+                "[{}] resuming in-training {} after epoch {}",
+                self.arch.name(),
+                it.label(),
+                resumed.epoch
+            );
+            resumed
+        } else {
+            let mut network = Network::new(self.arch, &self.opts.device, self.opts.seed)?;
+            let mut float = self.params.clone();
+            float.extend(self.buffers.iter().cloned());
+            network.set_from_host(&float)?;
+            eprintln!(
+                "[{}] in-training: {} from the float baseline",
+                self.arch.name(),
+                it.label()
+            );
+            TrainState::from_network(network, &config)?
+        };
         let mut hook = InTrainingHook::new(options.clone(), &state)?;
-        eprintln!(
-            "[{}] in-training: {} from the float baseline",
-            self.arch.name(),
-            it.label()
-        );
         train(&mut state, train_set, &self.test, &config, Some(&mut hook))?;
         let q = hook.finish(&state)?;
         let accum = accum_to_host(&state)?;

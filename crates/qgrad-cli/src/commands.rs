@@ -179,6 +179,21 @@ impl EpochHook for EpochPrinter<'_> {
             None => Ok(()),
         }
     }
+
+    // The wrapped hook's state is what checkpoints must carry.
+    fn checkpoint_state(&self) -> qgrad_models::Result<Option<String>> {
+        match self.inner.as_deref() {
+            Some(h) => h.checkpoint_state(),
+            None => Ok(None),
+        }
+    }
+
+    fn restore_state(&mut self, saved: &str, state: &TrainState) -> qgrad_models::Result<()> {
+        match self.inner.as_deref_mut() {
+            Some(h) => h.restore_state(saved, state),
+            None => Ok(()),
+        }
+    }
 }
 
 fn run_training(
@@ -192,7 +207,15 @@ fn run_training(
         printed: state.history.len(),
         inner: hook,
     };
-    train_loop(state, train, test, config, Some(&mut printer)).runtime("training failed")?;
+    train_loop(state, train, test, config, Some(&mut printer)).map_err(|e| match e {
+        // A resumed checkpoint that does not fit the options is the user's
+        // to fix, like any other bad option.
+        qgrad_models::ModelsError::Config(m) => Failure::usage(m),
+        e => Failure::new(
+            crate::failure::RUNTIME,
+            anyhow::Error::new(e).context("training failed"),
+        ),
+    })?;
     printer.flush(state);
     Ok(())
 }
@@ -479,12 +502,13 @@ fn run_in_training(
     training: &TrainingArgs,
     opts: &InTrainingOptions,
     init: Option<&Path>,
+    checkpoint_dir: Option<&Path>,
     train: &Dataset,
     test: &Dataset,
 ) -> CliResult<(TrainState, InTrainingHook, TrainConfig, Option<f64>)> {
     let arch = training.model;
     let mut config = training_config(arch, training)?;
-    let (mut state, float_accuracy) = match init {
+    let (state, float_accuracy) = match init {
         Some(path) => {
             let (mut state, init_config) = load_trained(path)?;
             if state.network.arch != arch {
@@ -515,6 +539,27 @@ fn run_in_training(
             None,
         ),
     };
+    let mut state = state;
+    if let Some(dir) = checkpoint_dir {
+        config.checkpoint_dir = Some(dir.to_path_buf());
+        let file = dir.join(CHECKPOINT_FILE);
+        if file.is_file() {
+            let (resumed, _) = load_trained(&file)?;
+            if resumed.network.arch != arch {
+                return Err(Failure::usage(format!(
+                    "--checkpoint-dir {} holds a {} run, but --model is {arch}",
+                    dir.display(),
+                    resumed.network.arch
+                )));
+            }
+            eprintln!(
+                "resuming the in-training run in {} after epoch {}",
+                dir.display(),
+                resumed.epoch
+            );
+            state = resumed;
+        }
+    }
     let mut hook =
         InTrainingHook::new(opts.clone(), &state).usage("invalid in-training options")?;
     eprintln!(
@@ -548,6 +593,7 @@ pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
         &args.training,
         &opts,
         args.in_training.init.as_deref(),
+        args.in_training.checkpoint_dir.as_deref(),
         &train,
         &test,
     )?;
@@ -616,6 +662,7 @@ pub fn combined(args: CombinedArgs) -> CliResult<()> {
         &args.training,
         &opts,
         args.in_training.init.as_deref(),
+        args.in_training.checkpoint_dir.as_deref(),
         &train,
         &test,
     )?;

@@ -153,6 +153,11 @@ struct InTrainingOptionArgs {
     /// fresh network; its accumulated gradients carry on.
     #[arg(long, value_name = "CHECKPOINT")]
     init: Option<PathBuf>,
+    /// Checkpoint the run here after every epoch (network, momentum,
+    /// accumulated gradients, freeze masks and the split state); a checkpoint
+    /// already there is resumed, so a killed run continues where it stopped.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

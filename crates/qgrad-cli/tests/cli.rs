@@ -330,3 +330,49 @@ fn cifar_models_train_quantize_and_run_from_the_file() {
         "CIFAR-10",
     );
 }
+
+#[test]
+fn in_training_checkpoints_resume_and_refuse_other_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let ck = dir.path().join("run");
+    let run = |low_bits: &str, out: &str| {
+        qgrad(&[
+            "quantize",
+            "in-training",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--max-batches",
+            "5",
+            "--batch-size",
+            "32",
+            "--test-limit",
+            "200",
+            "--fraction",
+            "0.7",
+            "--low-bits",
+            low_bits,
+            "--checkpoint-dir",
+            ck.to_str().unwrap(),
+            "--no-progress",
+            "--json",
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+        ])
+    };
+    let first = run("3", "a.qgz");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(ck.join("checkpoint.safetensors").is_file());
+    // Run again: everything comes from the checkpoint, same file contents.
+    let again = run("3", "b.qgz");
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("resuming"), "{}", stderr(&again));
+    assert_eq!(
+        std::fs::read(dir.path().join("a.qgz")).unwrap(),
+        std::fs::read(dir.path().join("b.qgz")).unwrap()
+    );
+    assert_clean_failure(&run("4", "c.qgz"), 2, "other options");
+    assert!(!dir.path().join("c.qgz").exists());
+}

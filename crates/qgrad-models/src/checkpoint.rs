@@ -40,6 +40,11 @@ pub struct CheckpointHeader {
     pub accum_steps: u64,
     pub config: TrainConfig,
     pub history: Vec<EpochStats>,
+    /// The epoch hook's own state (in-training quantization: which elements
+    /// are frozen, the exponents, the splits done), so a killed run resumes
+    /// with it. Absent in checkpoints of plain training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_state: Option<String>,
 }
 
 /// Writes `state` (and the `config` it was trained with) to `path` atomically.
@@ -76,6 +81,7 @@ pub fn save_checkpoint(state: &TrainState, config: &TrainConfig, path: &Path) ->
         accum_steps: state.accum.steps(),
         config: config.clone(),
         history: state.history.clone(),
+        hook_state: state.hook_state.clone(),
     };
     let mut metadata = HashMap::new();
     let json = serde_json::to_string(&header)
@@ -179,6 +185,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(TrainState, Trai
         optimizer,
         epoch: header.epoch,
         history: header.history,
+        hook_state: header.hook_state,
     };
     Ok((state, header.config))
 }

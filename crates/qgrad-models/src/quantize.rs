@@ -497,7 +497,7 @@ pub struct InTrainingState {
 }
 
 /// What one split did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitOutcome {
     pub split: usize,
     /// Indices of the tensors that got newly frozen elements.
@@ -765,7 +765,60 @@ impl InTrainingHook {
     }
 }
 
+/// What an in-training checkpoint stores beside the network: everything of
+/// [`InTrainingState`] but the frozen flags, which the checkpoint's freeze
+/// masks already hold (one bit of JSON per element would be far larger).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedHook {
+    options: InTrainingOptions,
+    names: Vec<String>,
+    exponents: Vec<Option<i32>>,
+    splits: usize,
+    log: Vec<(usize, SplitOutcome)>,
+}
+
 impl EpochHook for InTrainingHook {
+    fn checkpoint_state(&self) -> Result<Option<String>> {
+        let st = &self.quantizer.state;
+        let saved = SavedHook {
+            options: st.options.clone(),
+            names: st.names.clone(),
+            exponents: st.exponents.clone(),
+            splits: st.splits,
+            log: self.log.clone(),
+        };
+        serde_json::to_string(&saved)
+            .map(Some)
+            .map_err(|e| ModelsError::Other(format!("cannot encode the in-training state: {e}")))
+    }
+
+    fn restore_state(&mut self, saved: &str, state: &TrainState) -> Result<()> {
+        let saved: SavedHook = serde_json::from_str(saved).map_err(|e| {
+            ModelsError::Config(format!(
+                "the checkpoint's in-training state is unreadable ({e}); it was not written by this kind of run"
+            ))
+        })?;
+        let st = &mut self.quantizer.state;
+        if saved.options != st.options || saved.names != st.names {
+            return Err(ModelsError::Config(format!(
+                "the checkpoint comes from an in-training run with other options \
+                 (p = {}, b_low = {}, start epoch {}); resume with those or use another directory",
+                saved.options.fraction, saved.options.low_bits, saved.options.start_epoch
+            )));
+        }
+        let params = state.network.parameters();
+        for (t, (name, _)) in params.iter().enumerate() {
+            st.frozen[t] = match state.mask(name) {
+                Some(mask) => mask.frozen_flags()?,
+                None => vec![false; st.frozen[t].len()],
+            };
+        }
+        st.exponents = saved.exponents;
+        st.splits = saved.splits;
+        self.log = saved.log;
+        Ok(())
+    }
+
     fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
         if !self.quantizer.split_due(epoch) {
             return Ok(());
@@ -1051,5 +1104,126 @@ mod tests {
                 r.values
             );
         }
+    }
+}
+
+/// In-training runs through the real training loop on the shipped MNIST
+/// subset: checkpointing and resuming mid-run.
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::data::mnist::load_mnist;
+    use crate::{train, Arch, TrainConfig};
+    use candle_core::Device;
+    use std::path::Path;
+
+    /// The in-training hook, with the process "killed" after epoch `at`'s
+    /// hook ran but before its checkpoint was written.
+    struct KilledAfter<'a> {
+        inner: &'a mut InTrainingHook,
+        at: usize,
+    }
+
+    impl EpochHook for KilledAfter<'_> {
+        fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
+            self.inner.after_epoch(epoch, state)?;
+            if epoch == self.at {
+                return Err(ModelsError::Other("killed".into()));
+            }
+            Ok(())
+        }
+        fn checkpoint_state(&self) -> Result<Option<String>> {
+            self.inner.checkpoint_state()
+        }
+        fn restore_state(&mut self, saved: &str, state: &TrainState) -> Result<()> {
+            self.inner.restore_state(saved, state)
+        }
+    }
+
+    #[test]
+    fn an_interrupted_in_training_run_resumes_to_the_same_result() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+        let (train_set, test_set) = load_mnist(&dir).unwrap();
+        let test_set = test_set.take(200);
+        let dev = Device::Cpu;
+        let arch = Arch::Lenet300100;
+        let mut config = TrainConfig::default_for(arch);
+        config.epochs = 4;
+        config.batch_size = 32;
+        config.max_batches_per_epoch = Some(6);
+        config.progress = false;
+        let options = InTrainingOptions {
+            fraction: FractionSchedule::PerSplit(vec![0.6, 0.7, 0.8]),
+            low_bits: 3,
+            start_epoch: 0,
+        };
+
+        let straight_dir = tempfile::tempdir().unwrap();
+        config.checkpoint_dir = Some(straight_dir.path().to_path_buf());
+        let (mut straight, _) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+        let mut hook = InTrainingHook::new(options.clone(), &straight).unwrap();
+        train(
+            &mut straight,
+            &train_set,
+            &test_set,
+            &config,
+            Some(&mut hook),
+        )
+        .unwrap();
+        let expected = hook.finish(&straight).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        config.checkpoint_dir = Some(dir.path().to_path_buf());
+        let (mut first, _) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+        let mut first_hook = InTrainingHook::new(options.clone(), &first).unwrap();
+        let killed = train(
+            &mut first,
+            &train_set,
+            &test_set,
+            &config,
+            Some(&mut KilledAfter {
+                inner: &mut first_hook,
+                at: 2,
+            }),
+        );
+        assert!(matches!(killed, Err(ModelsError::Other(m)) if m == "killed"));
+        drop((first, first_hook));
+
+        // A fresh process: state and hook come back from the checkpoint of
+        // epoch 1 (two splits done).
+        let (mut second, resumed) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+        assert!(resumed);
+        assert_eq!(second.epoch, 2);
+        let mut second_hook = InTrainingHook::new(options.clone(), &second).unwrap();
+        train(
+            &mut second,
+            &train_set,
+            &test_set,
+            &config,
+            Some(&mut second_hook),
+        )
+        .unwrap();
+        assert_eq!(second_hook.quantizer.state().splits, 3);
+        assert_eq!(second_hook.log, hook.log);
+        let got = second_hook.finish(&second).unwrap();
+        assert_eq!(got, expected, "resumed in-training result differs");
+
+        // Resuming with other options is refused, not silently mixed.
+        let other = InTrainingOptions {
+            low_bits: 4,
+            ..options
+        };
+        let (mut third, _) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
+        let mut other_hook = InTrainingHook::new(other, &third).unwrap();
+        config.epochs = 5;
+        let err = train(
+            &mut third,
+            &train_set,
+            &test_set,
+            &config,
+            Some(&mut other_hook),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("other options"), "{err}");
     }
 }

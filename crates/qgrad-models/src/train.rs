@@ -136,6 +136,18 @@ impl TrainReport {
 /// (`state.network.set_parameter`) and freeze them (`state.set_mask`).
 pub trait EpochHook {
     fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()>;
+
+    /// The hook's state, serialised, to be stored in the checkpoint written
+    /// after each epoch (`None`: the hook keeps no state worth resuming).
+    fn checkpoint_state(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    /// Restores the state a checkpoint holds before a resumed run goes on;
+    /// `state` is the resumed training state (its freeze masks included).
+    fn restore_state(&mut self, _saved: &str, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Everything that changes during training.
@@ -148,6 +160,9 @@ pub struct TrainState {
     /// Completed epochs; training continues at this epoch.
     pub epoch: usize,
     pub history: Vec<EpochStats>,
+    /// The epoch hook's state as of the last completed epoch (see
+    /// [`EpochHook::checkpoint_state`]); saved in and loaded from checkpoints.
+    pub hook_state: Option<String>,
 }
 
 impl std::fmt::Debug for TrainState {
@@ -178,6 +193,7 @@ impl TrainState {
             optimizer,
             epoch: 0,
             history: Vec::new(),
+            hook_state: None,
         })
     }
 
@@ -309,6 +325,10 @@ pub fn train(
     let device = state.network.device().clone();
     let [c, h, w] = train_data.shape;
     let started_at_epoch = state.epoch;
+    if let (Some(h), Some(saved)) = (hook.as_deref_mut(), &state.hook_state) {
+        // A resumed run: the hook continues where the checkpoint left it.
+        h.restore_state(saved, state)?;
+    }
     let mut buf = Vec::new();
     for epoch in state.epoch..config.epochs {
         let lr = config.schedule.lr_at(config.lr, epoch, config.epochs);
@@ -365,6 +385,9 @@ pub fn train(
             frozen_fraction: state.frozen_fraction()?,
         });
         state.epoch = epoch + 1;
+        if let Some(h) = hook.as_deref() {
+            state.hook_state = h.checkpoint_state()?;
+        }
         if let Some(dir) = &config.checkpoint_dir {
             save_in_dir(state, config, &norm, dir)?;
         }
