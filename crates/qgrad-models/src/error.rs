@@ -9,6 +9,12 @@ pub enum ModelsError {
     Candle(#[from] candle_core::Error),
     #[error("accumulated gradients: {0}")]
     Accum(#[from] qgrad_accum::AccumError),
+    #[error("fixed point: {0}")]
+    Fixed(#[from] qgrad_fixed::FixedError),
+    #[error("clustering: {0}")]
+    Cluster(#[from] qgrad_cluster::ClusterError),
+    #[error("compressed file: {0}")]
+    Csr(#[from] qgrad_csr::CsrError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::data::Normalization;
 use crate::error::{ModelsError, Result};
-use crate::quantize::{csr_err, QuantizedTensor};
+use crate::quantize::QuantizedTensor;
 use crate::{Arch, NamedTensor};
 
 fn invalid(message: impl Into<String>) -> ModelsError {
@@ -122,8 +122,8 @@ pub fn export(
     }
     metadata.extend(meta.extra.iter().cloned());
     let options = EncodeOptions { layout, metadata };
-    let bytes = qgrad_csr::encode(&tensors, &options).map_err(csr_err)?;
-    let decoded = CompressedModel::from_bytes(&bytes).map_err(csr_err)?;
+    let bytes = qgrad_csr::encode(&tensors, &options)?;
+    let decoded = CompressedModel::from_bytes(&bytes)?;
     verify_round_trip(&decoded, quantized, buffers)?;
     write_atomically(path, &bytes)?;
     let on_disk = std::fs::metadata(path)

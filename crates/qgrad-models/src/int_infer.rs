@@ -39,7 +39,7 @@ use serde::Serialize;
 use crate::data::{epoch_rng, Augment, Dataset, Normalization};
 use crate::error::{ModelsError, Result};
 use crate::export::{read_metadata, FileMetadata};
-use crate::quantize::{csr_err, fixed_err, QuantizedTensor};
+use crate::quantize::QuantizedTensor;
 use crate::{Arch, LayerSpec, NamedTensor};
 
 /// Batch-norm epsilon; must equal the training forward pass's.
@@ -243,12 +243,8 @@ impl<'m> FileModel<'m> {
                             x.per_sample()
                         )));
                     }
-                    let acts = FixedActivations::quantize(&x.values, x.n, inputs, bits)
-                        .map_err(csr_err)?;
-                    let mut y = self
-                        .tensor(&format!("{name}.weight"))?
-                        .matmul(&acts)
-                        .map_err(csr_err)?;
+                    let acts = FixedActivations::quantize(&x.values, x.n, inputs, bits)?;
+                    let mut y = self.tensor(&format!("{name}.weight"))?.matmul(&acts)?;
                     let bias = self.float(&format!("{name}.bias"))?;
                     for row in y.chunks_exact_mut(outputs) {
                         for (v, b) in row.iter_mut().zip(&bias) {
@@ -276,13 +272,11 @@ impl<'m> FileModel<'m> {
                         )));
                     }
                     let per = x.per_sample();
-                    let acts =
-                        FixedActivations::quantize(&x.values, x.n, per, bits).map_err(csr_err)?;
+                    let acts = FixedActivations::quantize(&x.values, x.n, per, bits)?;
                     let input = [x.shape[0], x.shape[1], x.shape[2]];
                     let (mut y, out_shape) = self
                         .tensor(&format!("{name}.weight"))?
-                        .conv2d(&acts, input, kernel, stride, padding)
-                        .map_err(csr_err)?;
+                        .conv2d(&acts, input, kernel, stride, padding)?;
                     let bias = self.float(&format!("{name}.bias"))?;
                     let plane = out_shape[1] * out_shape[2];
                     if out_shape[0] != out_channels || y.len() != x.n * out_channels * plane {
@@ -397,7 +391,7 @@ fn quantize_activations_candle(x: &Tensor, bits: u8) -> Result<Tensor> {
     let max_abs: Vec<f32> = flat.abs()?.max_keepdim(1)?.flatten_all()?.to_vec1()?;
     let mut scale = Vec::with_capacity(n);
     for m in max_abs {
-        let e = qgrad_fixed::tensor_exponent(&[m]).map_err(fixed_err)?;
+        let e = qgrad_fixed::tensor_exponent(&[m])?;
         let f = bits as i32 - 1 - e;
         scale.push((f as f64).exp2());
     }

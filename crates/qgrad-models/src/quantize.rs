@@ -55,18 +55,6 @@ fn invalid(message: impl Into<String>) -> ModelsError {
     ModelsError::Config(message.into())
 }
 
-pub(crate) fn fixed_err(e: qgrad_fixed::FixedError) -> ModelsError {
-    ModelsError::Other(format!("fixed point: {e}"))
-}
-
-pub(crate) fn cluster_err(e: qgrad_cluster::ClusterError) -> ModelsError {
-    ModelsError::Other(format!("clustering: {e}"))
-}
-
-pub(crate) fn csr_err(e: qgrad_csr::CsrError) -> ModelsError {
-    ModelsError::Other(format!("compressed file: {e}"))
-}
-
 /// Over which set of parameters the accumulated gradients are clustered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Scope {
@@ -427,8 +415,7 @@ pub fn post_training(
         .collect();
     for members in groups.values() {
         let importance: Vec<f32> = members.iter().map(|m| m.2).collect();
-        let assigned =
-            assign_widths(&importance, &opts.widths, &opts.method).map_err(cluster_err)?;
+        let assigned = assign_widths(&importance, &opts.widths, &opts.method)?;
         for (&(t, i, _), w) in members.iter().zip(assigned) {
             widths[t][i] = w;
         }
@@ -438,9 +425,9 @@ pub fn post_training(
     for (t, param) in params.iter().enumerate() {
         let exponent = match already {
             Some(q) => q[t].exponent,
-            None => tensor_exponent(&param.values).map_err(fixed_err)?,
+            None => tensor_exponent(&param.values)?,
         };
-        let quantized = fake_quantize(&param.values, &widths[t], exponent).map_err(fixed_err)?;
+        let quantized = fake_quantize(&param.values, &widths[t], exponent)?;
         let mut values = quantized;
         if let Some(q) = already {
             // Frozen elements keep their stored value bit for bit.
@@ -615,7 +602,7 @@ impl InTrainingQuantizer {
         // Exponents are fixed at the first split and never change afterwards.
         for (t, param) in params.iter().enumerate() {
             if self.state.exponents[t].is_none() {
-                self.state.exponents[t] = Some(tensor_exponent(&param.values).map_err(fixed_err)?);
+                self.state.exponents[t] = Some(tensor_exponent(&param.values)?);
             }
         }
         // (A, tensor, element) of every float element; ties broken by position.
@@ -651,8 +638,7 @@ impl InTrainingQuantizer {
             }
             let exponent = self.state.exponents[t].unwrap_or(0);
             let selected: Vec<f32> = elements.iter().map(|&i| params[t].values[i]).collect();
-            let quantized = fake_quantize(&selected, &vec![low; selected.len()], exponent)
-                .map_err(fixed_err)?;
+            let quantized = fake_quantize(&selected, &vec![low; selected.len()], exponent)?;
             for (&i, q) in elements.iter().zip(quantized) {
                 params[t].values[i] = q;
                 self.state.frozen[t][i] = true;
@@ -686,7 +672,7 @@ impl InTrainingQuantizer {
         for (t, param) in params.iter().enumerate() {
             let exponent = match self.state.exponents[t] {
                 Some(e) => e,
-                None => tensor_exponent(&param.values).map_err(fixed_err)?,
+                None => tensor_exponent(&param.values)?,
             };
             let widths: Vec<u8> = self.state.frozen[t]
                 .iter()
@@ -694,7 +680,7 @@ impl InTrainingQuantizer {
                 .collect();
             // A frozen value that moved would mean the training loop ignored
             // the freeze mask; re-quantizing would hide that, so refuse.
-            let requantized = fake_quantize(&param.values, &widths, exponent).map_err(fixed_err)?;
+            let requantized = fake_quantize(&param.values, &widths, exponent)?;
             if let Some(i) = requantized
                 .iter()
                 .zip(&param.values)
