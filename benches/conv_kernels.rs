@@ -6,8 +6,13 @@
 //! - `conv_backward/*`: forward + backward of `Σ y ⊙ r` for the input and
 //!   weight gradients (the input as a variable, as for every layer but the
 //!   first) and the bias gradient.
+//! - `batch_norm_forward/*`, `batch_norm_backward/*`: training-mode batch norm
+//!   (`qgrad_ops::batch_norm_train`, one custom op on the CPU, against its
+//!   composition from candle ops) on VGG-16 activations at batch 128, forward
+//!   alone and forward + backward for the input, γ and β gradients.
 //!
 //! Short run: `cargo bench --bench conv_kernels -- --warm-up-time 1 --measurement-time 3`
+//! (append a filter, e.g. `batch_norm`, before the options to run one group).
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -148,5 +153,70 @@ fn conv_backward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, conv_forward, conv_backward);
+/// Batch-norm inputs `[n, c, h, w]` of VGG-16 at batch 128: the first block
+/// (largest activation) and the last (most channels, 2×2 planes).
+const BN_SHAPES: &[(&str, [usize; 4])] = &[
+    ("vgg-bn 64@32x32", [128, 64, 32, 32]),
+    ("vgg-bn 512@2x2", [128, 512, 2, 2]),
+];
+
+type BatchNormFn =
+    fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<(Tensor, Tensor, Tensor)>;
+
+const BN_IMPLS: [(&str, BatchNormFn); 2] = [
+    ("qgrad", qgrad_ops::batch_norm_train),
+    ("candle", qgrad_ops::reference::batch_norm_train),
+];
+
+fn bn_tensors(dims: [usize; 4]) -> (Var, Var, Var, Tensor) {
+    let dev = Device::Cpu;
+    let len = dims.iter().product();
+    let t = |seed, len, shape: &[usize]| Tensor::from_vec(values(seed, len), shape, &dev).unwrap();
+    (
+        Var::from_tensor(&t(1, len, &dims)).unwrap(),
+        Var::from_tensor(&t(2, dims[1], &[dims[1]])).unwrap(),
+        Var::from_tensor(&t(3, dims[1], &[dims[1]])).unwrap(),
+        t(4, len, &dims),
+    )
+}
+
+fn batch_norm_forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch_norm_forward");
+    group.sample_size(10);
+    for &(label, dims) in BN_SHAPES {
+        let (x, gamma, beta, _) = bn_tensors(dims);
+        let x = x.as_tensor().detach();
+        for (name, bn) in BN_IMPLS {
+            group.bench_function(BenchmarkId::new(name, label), |bench| {
+                bench.iter(|| bn(&x, &gamma, &beta, 1e-5).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+fn batch_norm_backward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch_norm_backward");
+    group.sample_size(10);
+    for &(label, dims) in BN_SHAPES {
+        let (x, gamma, beta, r) = bn_tensors(dims);
+        for (name, bn) in BN_IMPLS {
+            group.bench_function(BenchmarkId::new(name, label), |bench| {
+                bench.iter(|| {
+                    let (y, _, _) = bn(&x, &gamma, &beta, 1e-5).unwrap();
+                    (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    conv_forward,
+    conv_backward,
+    batch_norm_forward,
+    batch_norm_backward
+);
 criterion_main!(benches);

@@ -292,30 +292,24 @@ impl Network {
         Ok((get("weight")?, get("bias")?))
     }
 
+    /// Batch norm over the channel axis (1) of a rank-2 or rank-4 input, as
+    /// one qgrad-ops op. Training mode normalises with the batch statistics
+    /// and updates the running ones (PyTorch's update, with the unbiased
+    /// variance); evaluation mode uses the running statistics.
     fn batch_norm(&self, x: &Tensor, layer: &str, train: bool) -> Result<Tensor> {
         let (gamma, beta) = self.weight_bias(&format!("{layer}.bn"))?;
-        let channels = gamma.dim(0)?;
-        // Statistics over every axis but the channel axis (1).
-        let (reduce, bshape): (Vec<usize>, Vec<usize>) = match x.rank() {
-            4 => (vec![0, 2, 3], vec![1, channels, 1, 1]),
-            2 => (vec![0], vec![1, channels]),
-            r => {
-                return Err(ModelsError::Other(format!(
-                    "batch norm '{layer}' needs a rank-2 or rank-4 input, got rank {r}"
-                )))
-            }
-        };
+        if !matches!(x.rank(), 2 | 4) {
+            return Err(ModelsError::Other(format!(
+                "batch norm '{layer}' needs a rank-2 or rank-4 input, got rank {}",
+                x.rank()
+            )));
+        }
         let mean_name = format!("{layer}.bn.running_mean");
         let var_name = format!("{layer}.bn.running_var");
-        let (mean, var) = if train {
-            let count = reduce
-                .iter()
-                .map(|&d| x.dim(d))
-                .product::<candle_core::Result<usize>>()?;
-            let mean = x.mean_keepdim(reduce.as_slice())?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
-            // Running statistics: PyTorch's update with the unbiased variance.
+        if train {
+            let (y, mean, var) = qgrad_ops::batch_norm_train(x, gamma, beta, BN_EPS)?;
+            // Values per channel: every axis but the channel axis.
+            let count = x.elem_count() / gamma.dim(0)?.max(1);
             let unbiased = count as f64 / (count.max(2) - 1) as f64;
             let mut buffers = self.buffers_lock()?;
             for (name, batch_stat, scale) in [(&mean_name, &mean, 1.0), (&var_name, &var, unbiased)]
@@ -324,28 +318,28 @@ impl Network {
                     .iter_mut()
                     .find(|(n, _)| n == name)
                     .ok_or_else(|| ModelsError::Other(format!("missing buffer '{name}'")))?;
-                let stat = batch_stat
-                    .detach()
-                    .flatten_all()?
-                    .affine(BN_MOMENTUM * scale, 0.0)?;
+                let stat = batch_stat.affine(BN_MOMENTUM * scale, 0.0)?;
                 slot.1 = (slot.1.affine(1.0 - BN_MOMENTUM, 0.0)? + stat)?;
             }
-            (mean, var)
+            Ok(y)
         } else {
             let buffers = self.buffers_lock()?;
             let find = |name: &str| {
                 buffers
                     .iter()
                     .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.reshape(bshape.as_slice()))
+                    .map(|(_, t)| t)
                     .ok_or_else(|| ModelsError::Other(format!("missing buffer '{name}'")))
             };
-            (find(&mean_name)??, find(&var_name)??)
-        };
-        let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
-        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
-        Ok(y.broadcast_mul(&gamma.reshape(bshape.as_slice())?)?
-            .broadcast_add(&beta.reshape(bshape.as_slice())?)?)
+            Ok(qgrad_ops::batch_norm_eval(
+                x,
+                gamma,
+                beta,
+                find(&mean_name)?,
+                find(&var_name)?,
+                BN_EPS,
+            )?)
+        }
     }
 
     fn dropout(&self, x: &Tensor, p_percent: u8) -> Result<Tensor> {

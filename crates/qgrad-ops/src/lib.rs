@@ -1,8 +1,10 @@
 //! Training ops for candle that run fast on the CPU.
 //!
-//! qgrad-models' forward pass calls [`conv2d`], [`linear`] and [`max_pool2d`];
-//! they have candle's semantics (same shapes, same numbers within f32
-//! rounding, same gradients), and on the CPU they run as candle custom ops:
+//! qgrad-models' forward pass calls [`conv2d`], [`linear`], [`max_pool2d`],
+//! [`batch_norm_train`] and [`batch_norm_eval`]; they have candle's semantics
+//! (same shapes, same numbers within f32 rounding, same gradients; for batch
+//! norm, which candle lacks, the semantics of its composition from candle ops
+//! in [`mod@reference`]), and on the CPU they run as candle custom ops:
 //!
 //! - **Convolution through im2col + GEMM, both ways.** candle differentiates a
 //!   convolution's input through its naive `conv_transpose2d` (4–9 GFLOP/s on
@@ -21,6 +23,12 @@
 //!   also what candle reads.
 //! - **Buffer reuse.** im2col scratch buffers live per worker thread across
 //!   calls and training steps.
+//! - **Batch norm as one op.** Built from candle ops, training-mode batch norm
+//!   is about ten broadcast ops, each a full pass over the activation with an
+//!   intermediate of its size kept for the backward pass. The custom op makes
+//!   three passes forward (mean, two-pass variance, output) and two backward,
+//!   keeps only per-channel statistics, accumulates its sums in f64, and
+//!   parallelises over channels (see `batch_norm.rs`).
 //!
 //! Bias addition is fused into the forward GEMM and its gradient is a plain
 //! channel sum, so a layer is one graph node instead of candle's three
@@ -28,16 +36,19 @@
 //!
 //! Where the fast path does not apply (a tensor on a CUDA or Metal device, a
 //! dtype other than f32, a linear input with more than 2 dimensions) the same
-//! functions call candle's own ops, as [`reference`] does; the CUDA build
+//! functions call candle's own ops, as [`mod@reference`] does; the CUDA build
 //! therefore runs candle's kernels on the GPU, and its CPU tensors take the
 //! same fast path as the CPU build.
 
+mod batch_norm;
 mod conv;
 mod custom;
 mod dense;
 mod gemm_f32;
 mod pool;
 mod scratch;
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -135,6 +146,81 @@ pub fn max_pool2d(x: &Tensor, size: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(custom::MaxPool2dOp { size })
 }
 
+/// Training-mode batch norm over the channel axis of `x: [n, c]` or
+/// `[n, c, h, w]`, with the batch statistics; `gamma` and `beta` are `[c]`.
+///
+/// Returns `(y, mean, var)`: `y = (x - mean) / sqrt(var + eps) · gamma + beta`
+/// and the per-channel batch mean and *biased* batch variance (`[c]`, the
+/// values `y` was normalised with), for the caller's running averages. The
+/// statistics are detached: gradients flow through `y` only.
+///
+/// On the CPU one custom op computes `y` and leaves the statistics in a slot
+/// it shares with this function (a custom op has one output), so they cost no
+/// extra pass.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm::BnGeometry::new(x.dims(), &[("weight", gamma.dims()), ("bias", beta.dims())])?;
+    if !fast_path(&[x, gamma, beta]) {
+        return reference::batch_norm_train(x, gamma, beta, eps);
+    }
+    let stats = Arc::new(OnceLock::new());
+    let op = custom::BatchNormTrainOp {
+        eps,
+        stats: Arc::clone(&stats),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = stats
+        .get()
+        .ok_or_else(|| OpsError::Internal("batch norm forward left no statistics".into()))?;
+    let to_tensor = |v: &[f64]| {
+        let v: Vec<f32> = v.iter().map(|&s| s as f32).collect();
+        Tensor::from_vec(v, gamma.dims(), x.device())
+    };
+    Ok((y, to_tensor(&stats.mean)?, to_tensor(&stats.var)?))
+}
+
+/// Evaluation-mode batch norm with running statistics (all of `gamma`,
+/// `beta`, `running_mean`, `running_var` `[c]`):
+/// `y = (x - running_mean) · (gamma / sqrt(running_var + eps)) + beta`.
+///
+/// On the CPU this is one element-wise pass; the per-channel scale is a
+/// candle op on `[c]` tensors, so `gamma` and `beta` still get gradients (the
+/// running statistics are treated as constants; one that is part of a graph
+/// takes candle's path, which differentiates it).
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    batch_norm::BnGeometry::new(
+        x.dims(),
+        &[
+            ("weight", gamma.dims()),
+            ("bias", beta.dims()),
+            ("running mean", running_mean.dims()),
+            ("running variance", running_var.dims()),
+        ],
+    )?;
+    if !fast_path(&[x, gamma, beta, running_mean, running_var]) || running_mean.track_op() {
+        return reference::batch_norm_eval(x, gamma, beta, running_mean, running_var, eps);
+    }
+    let scale = gamma.div(&(running_var + eps)?.sqrt()?)?;
+    let op = custom::ChannelAffineOp {
+        center: running_mean.to_vec1()?,
+    };
+    x.contiguous()?
+        .apply_op3(&scale.contiguous()?, &beta.contiguous()?, op)
+}
+
 /// candle's own ops with the same signatures: what the fast ops replace, the
 /// path for non-CPU devices and other dtypes, and the reference the tests and
 /// benchmarks compare against.
@@ -165,5 +251,53 @@ pub mod reference {
 
     pub fn max_pool2d(x: &Tensor, size: usize) -> Result<Tensor> {
         x.max_pool2d(size)
+    }
+
+    /// The axes batch norm reduces over (all but the channel axis 1) and the
+    /// shape a `[c]` tensor broadcasts from.
+    fn batch_norm_axes(x: &Tensor, channels: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        match x.rank() {
+            4 => Ok((vec![0, 2, 3], vec![1, channels, 1, 1])),
+            2 => Ok((vec![0], vec![1, channels])),
+            r => Err(crate::OpsError::Shape(format!(
+                "batch norm needs a rank-2 or rank-4 input, got rank {r}"
+            ))
+            .into()),
+        }
+    }
+
+    pub fn batch_norm_train(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (reduce, bshape) = batch_norm_axes(x, gamma.dims1()?)?;
+        let mean = x.mean_keepdim(reduce.as_slice())?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
+        let inv_std = (&var + eps)?.sqrt()?.recip()?;
+        let y = centered
+            .broadcast_mul(&inv_std)?
+            .broadcast_mul(&gamma.reshape(bshape.as_slice())?)?
+            .broadcast_add(&beta.reshape(bshape.as_slice())?)?;
+        Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+    }
+
+    pub fn batch_norm_eval(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (_, bshape) = batch_norm_axes(x, gamma.dims1()?)?;
+        let shape = bshape.as_slice();
+        let inv_std = (running_var.reshape(shape)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_sub(&running_mean.reshape(shape)?)?
+            .broadcast_mul(&inv_std)?
+            .broadcast_mul(&gamma.reshape(shape)?)?
+            .broadcast_add(&beta.reshape(shape)?)
     }
 }

@@ -174,6 +174,33 @@ proptest! {
     }
 
     #[test]
+    fn batch_norm_train_matches_candle(
+        seed in any::<u64>(),
+        n in 1usize..5,
+        c in 1usize..6,
+        h in 1usize..6,
+        w in 1usize..6,
+        rank4 in any::<bool>(),
+        input_needs_grad in any::<bool>(),
+    ) {
+        let dims = if rank4 { vec![n, c, h, w] } else { vec![n, c] };
+        check_batch_norm_train(seed, &dims, input_needs_grad);
+    }
+
+    #[test]
+    fn batch_norm_eval_matches_candle(
+        seed in any::<u64>(),
+        n in 1usize..5,
+        c in 1usize..6,
+        h in 1usize..6,
+        w in 1usize..6,
+        rank4 in any::<bool>(),
+    ) {
+        let dims = if rank4 { vec![n, c, h, w] } else { vec![n, c] };
+        check_batch_norm_eval(seed, &dims);
+    }
+
+    #[test]
     fn max_pool2d_matches_candle(
         seed in any::<u64>(),
         n in 1usize..4,
@@ -229,6 +256,171 @@ fn check_linear(
             slow_grads.get(t).expect("missing candle gradient"),
         );
     }
+}
+
+const BN_EPS: f64 = 1e-5;
+
+/// Output, batch statistics and the gradients for `x` (when it is a
+/// variable), γ and β, against the composition of candle ops.
+fn check_batch_norm_train(seed: u64, dims: &[usize], input_needs_grad: bool) {
+    let x_var = var(seed, dims);
+    let x_const = x_var.as_tensor().detach();
+    let x = if input_needs_grad {
+        x_var.as_tensor()
+    } else {
+        &x_const
+    };
+    let gamma = var(seed + 1, &[dims[1]]);
+    let beta = var(seed + 2, &[dims[1]]);
+    let (fast, fast_mean, fast_var) =
+        qgrad_ops::batch_norm_train(x, &gamma, &beta, BN_EPS).unwrap();
+    let (slow, slow_mean, slow_var) =
+        reference::batch_norm_train(x, &gamma, &beta, BN_EPS).unwrap();
+    assert_close("batch norm output", &fast, &slow);
+    assert_close("batch norm mean", &fast_mean, &slow_mean);
+    assert_close("batch norm variance", &fast_var, &slow_var);
+    assert_eq!(fast_mean.dims(), &[dims[1]]);
+    assert!(!fast_mean.track_op() && !fast_var.track_op());
+
+    let fast_grads = weighted_sum(&fast, seed + 3).backward().unwrap();
+    let slow_grads = weighted_sum(&slow, seed + 3).backward().unwrap();
+    let mut params = vec![("weight", gamma.as_tensor()), ("bias", beta.as_tensor())];
+    if input_needs_grad {
+        params.push(("input", x));
+    } else {
+        assert!(
+            fast_grads.get(x).is_none(),
+            "a constant input got a gradient"
+        );
+    }
+    for (name, t) in params {
+        assert_close(
+            &format!("batch norm {name} gradient"),
+            fast_grads.get(t).expect("missing gradient"),
+            slow_grads.get(t).expect("missing candle gradient"),
+        );
+    }
+}
+
+/// Evaluation mode: output and the gradients for `x`, γ and β.
+fn check_batch_norm_eval(seed: u64, dims: &[usize]) {
+    let c = dims[1];
+    let x = var(seed, dims);
+    let gamma = var(seed + 1, &[c]);
+    let beta = var(seed + 2, &[c]);
+    let running_mean = tensor(seed + 3, &[c]);
+    // Positive variances, some below eps's scale.
+    let running_var = tensor(seed + 4, &[c]).sqr().unwrap();
+    let fast =
+        qgrad_ops::batch_norm_eval(&x, &gamma, &beta, &running_mean, &running_var, BN_EPS).unwrap();
+    let slow =
+        reference::batch_norm_eval(&x, &gamma, &beta, &running_mean, &running_var, BN_EPS).unwrap();
+    assert_close("batch norm (eval) output", &fast, &slow);
+    let fast_grads = weighted_sum(&fast, seed + 5).backward().unwrap();
+    let slow_grads = weighted_sum(&slow, seed + 5).backward().unwrap();
+    for (name, t) in [
+        ("input", x.as_tensor()),
+        ("weight", &gamma),
+        ("bias", &beta),
+    ] {
+        assert_close(
+            &format!("batch norm (eval) {name} gradient"),
+            fast_grads.get(t).expect("missing gradient"),
+            slow_grads.get(t).expect("missing candle gradient"),
+        );
+    }
+}
+
+#[test]
+fn batch_norm_edge_cases() {
+    // One value per channel (variance 0, only eps keeps 1/sqrt finite), a
+    // 1x1 plane, many channels with tiny planes (several channels per task),
+    // a large plane (several planes per sample, the lane tails), rank 2 wide.
+    let shapes: &[&[usize]] = &[
+        &[1, 3, 1, 1],
+        &[1, 4],
+        &[5, 2, 1, 1],
+        &[16, 64, 2, 2],
+        &[3, 5, 33, 31],
+        &[32, 300],
+    ];
+    for (i, dims) in shapes.iter().enumerate() {
+        for input_needs_grad in [false, true] {
+            check_batch_norm_train(200 + i as u64, dims, input_needs_grad);
+        }
+        check_batch_norm_eval(300 + i as u64, dims);
+    }
+}
+
+#[test]
+fn batch_norm_statistics_with_a_large_mean() {
+    // A channel far from 0 with a small spread: the two-pass f64 statistics
+    // match the exact values computed on the host in f64.
+    let dims = [4, 2, 3, 3];
+    let raw = values(9, 72);
+    let x: Vec<f32> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if (i / 9) % 2 == 1 { 1000.0 + v } else { *v })
+        .collect();
+    let xt = Tensor::from_vec(x.clone(), &dims, &Device::Cpu).unwrap();
+    let ones = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let (y, mean, var) = qgrad_ops::batch_norm_train(&xt, &ones, &zeros, BN_EPS).unwrap();
+    let mean: Vec<f32> = mean.to_vec1().unwrap();
+    let var: Vec<f32> = var.to_vec1().unwrap();
+    for c in 0..2 {
+        let vals: Vec<f64> = (0..x.len())
+            .filter(|i| (i / 9) % 2 == c)
+            .map(|i| f64::from(x[i]))
+            .collect();
+        let m = vals.iter().sum::<f64>() / vals.len() as f64;
+        let v = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / vals.len() as f64;
+        assert_eq!(mean[c], m as f32, "mean of channel {c}");
+        assert_eq!(var[c], v as f32, "variance of channel {c}");
+    }
+    // Normalised output: zero mean and unit variance per channel.
+    let (_, y_mean, y_var) = reference::batch_norm_train(&y, &ones, &zeros, BN_EPS).unwrap();
+    for (m, v) in y_mean
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .zip(y_var.to_vec1::<f32>().unwrap())
+    {
+        assert!(
+            m.abs() < 1e-5 && (v - 1.0).abs() < 1e-3,
+            "mean {m}, var {v}"
+        );
+    }
+}
+
+#[test]
+fn batch_norm_bad_arguments_and_other_dtypes() {
+    let x = tensor(1, &[2, 3, 4, 4]);
+    let g = tensor(2, &[3]);
+    let b = tensor(3, &[3]);
+    assert!(qgrad_ops::batch_norm_train(&tensor(4, &[2, 3, 4]), &g, &b, BN_EPS).is_err());
+    assert!(qgrad_ops::batch_norm_train(&x, &tensor(5, &[4]), &b, BN_EPS).is_err());
+    assert!(qgrad_ops::batch_norm_train(&x, &g, &tensor(5, &[2]), BN_EPS).is_err());
+    let empty = Tensor::zeros((0, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(qgrad_ops::batch_norm_train(&empty, &g, &b, BN_EPS).is_err());
+    assert!(qgrad_ops::batch_norm_eval(&x, &g, &b, &tensor(6, &[2]), &g, BN_EPS).is_err());
+    // f64 and a non-contiguous input take candle's path / a copy.
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let (y64, m64, _) = qgrad_ops::batch_norm_train(
+        &x64,
+        &g.to_dtype(DType::F64).unwrap(),
+        &b.to_dtype(DType::F64).unwrap(),
+        BN_EPS,
+    )
+    .unwrap();
+    assert_eq!((y64.dtype(), m64.dtype()), (DType::F64, DType::F64));
+    let xt = x.transpose(2, 3).unwrap();
+    assert_close(
+        "transposed batch norm input",
+        &qgrad_ops::batch_norm_train(&xt, &g, &b, BN_EPS).unwrap().0,
+        &reference::batch_norm_train(&xt, &g, &b, BN_EPS).unwrap().0,
+    );
 }
 
 /// The max-pool gradient computed on the host: each window's gradient goes
