@@ -206,6 +206,9 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
         (Scale::Quick, true) => (2, 1, Some(5000), Some(1000)),
         (Scale::Smoke, _) => (1, 1, Some(512), Some(256)),
     };
+    // An explicit --in-training-epochs (a shortened run) caps every
+    // in-training run, the combined one included, at that many epochs.
+    let shortened = it_epochs;
     let it_epochs = it_epochs.unwrap_or(in_training_epochs);
     let sweep_fractions = match scale {
         Scale::Full => vec![0.6, 0.8, 0.9],
@@ -241,8 +244,9 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
         widths: vec![8, 6, 4],
         cluster: "log-kmeans".into(),
     };
-    let (headline_combined, sweep_combined) = match scale {
-        Scale::Full => (
+    let (headline_combined, sweep_combined) = match (scale, shortened) {
+        (_, Some(e)) => (combined(&vec![0.6; e.clamp(1, 5)], e, 0.02), vec![]),
+        (Scale::Full, None) => (
             combined(&[0.6; 5], it_epochs.max(5) * 2 + 2, 0.02),
             // The high-ratio end of the trade-off, where one LeNet-300-100
             // epoch costs about a second.
@@ -254,7 +258,7 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
                 _ => vec![],
             },
         ),
-        _ => (combined(&[0.6; 2], it_epochs.max(2) + 1, 0.02), vec![]),
+        (_, None) => (combined(&[0.6; 2], it_epochs.max(2) + 1, 0.02), vec![]),
     };
     Recipe {
         float_epochs: epochs.unwrap_or(float_epochs),
