@@ -122,40 +122,44 @@ impl InTrainingRecipe {
         }
     }
 
+    /// The split fractions joined by `sep` (one number for a constant).
+    fn fractions_joined(&self, sep: &str) -> String {
+        match &self.fraction {
+            FractionSchedule::Constant(p) => p.to_string(),
+            FractionSchedule::PerSplit(list) => list
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(sep),
+        }
+    }
+
     /// A file-name-safe key naming everything that changes the run.
     fn key(&self) -> String {
-        let frac = match &self.fraction {
-            FractionSchedule::Constant(p) => format!("p{p}"),
-            FractionSchedule::PerSplit(list) => format!(
-                "s{}",
-                list.iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("_")
-            ),
+        let kind = match &self.fraction {
+            FractionSchedule::Constant(_) => "p",
+            FractionSchedule::PerSplit(_) => "s",
         };
         let lr = if self.lr == 0.01 {
             String::new()
         } else {
             format!("-lr{}", self.lr)
         };
-        format!("{frac}-b{}-e{}{lr}", self.low_bits, self.epochs)
+        format!(
+            "{kind}{}-b{}-e{}{lr}",
+            self.fractions_joined("_"),
+            self.low_bits,
+            self.epochs
+        )
     }
 
     fn label(&self) -> String {
-        let frac = match &self.fraction {
-            FractionSchedule::Constant(p) => format!("p {p}"),
-            FractionSchedule::PerSplit(list) => format!(
-                "p {}",
-                list.iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("/")
-            ),
-        };
         format!(
-            "{frac}, {} bits, {} epochs, lr {}",
-            self.low_bits, self.epochs, self.lr
+            "p {}, {} bits, {} epochs, lr {}",
+            self.fractions_joined("/"),
+            self.low_bits,
+            self.epochs,
+            self.lr
         )
     }
 }
