@@ -298,7 +298,16 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
         sweep_fractions,
         sweep_combined_widths: match scale {
             Scale::Smoke => vec![],
-            _ => vec![vec![8, 6, 4], vec![8, 4, 2], vec![6, 4], vec![4, 2]],
+            // A single remainder width costs one tag bit per non-zero of a
+            // mixed tensor instead of two.
+            _ => vec![
+                vec![8, 6, 4],
+                vec![8, 4, 2],
+                vec![6, 4],
+                vec![4, 2],
+                vec![6],
+                vec![4],
+            ],
         },
     }
 }
