@@ -220,7 +220,8 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
         Scale::Smoke => vec![],
     };
     // Headline options, found on full MNIST (seed 1, `qgrad quantize …`
-    // from the float baseline) to land on the thesis ratios:
+    // from the float baseline) to land on the thesis ratios (README.md,
+    // "Reproducing the thesis table", has what the reproduction measures):
     // * post-training: LeNet-300-100 8,4,2,0 log-k-means gave 7.03x (thesis
     //   7.62x); LeNet-5 4,2,0 in equal quantiles 11.2x (thesis 10.87x);
     // * in-training: 3-bit splits, because the coarser grid rounds most
