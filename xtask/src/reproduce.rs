@@ -35,6 +35,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use qgrad_cluster::ClusterMethod;
+use qgrad_models::checkpoint::CHECKPOINT_FILE;
 use qgrad_models::data::{cifar::load_cifar10, mnist::load_mnist, Dataset, Normalization};
 use qgrad_models::export::{export, ExportMetadata};
 use qgrad_models::int_infer::{evaluate_candle, FileModel};
@@ -877,10 +878,10 @@ impl ModelContext<'_> {
         config.normalization = Some(self.norm.clone());
         // Checkpointed after every epoch (with the split state), so a killed
         // reproduction resumes mid-run.
-        config.checkpoint_dir = Some(self.cache.join("runs").join(it.key()));
-        let (resumed, was_resumed) =
-            TrainState::resume_or_new(self.arch, &self.opts.device, &config)?;
-        let mut state = if was_resumed {
+        let run_dir = self.cache.join("runs").join(it.key());
+        config.checkpoint_dir = Some(run_dir.clone());
+        let mut state = if run_dir.join(CHECKPOINT_FILE).is_file() {
+            let (resumed, _) = TrainState::resume_or_new(self.arch, &self.opts.device, &config)?;
             eprintln!(
                 "[{}] resuming in-training {} after epoch {}",
                 self.arch.name(),
