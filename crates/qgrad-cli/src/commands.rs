@@ -501,14 +501,13 @@ pub fn post(args: PostArgs) -> CliResult<()> {
 fn run_in_training(
     training: &TrainingArgs,
     opts: &InTrainingOptions,
-    init: Option<&Path>,
-    checkpoint_dir: Option<&Path>,
+    in_args: &InTrainingOptionArgs,
     train: &Dataset,
     test: &Dataset,
 ) -> CliResult<(TrainState, InTrainingHook, TrainConfig, Option<f64>)> {
     let arch = training.model;
     let mut config = training_config(arch, training)?;
-    let (state, float_accuracy) = match init {
+    let (state, float_accuracy) = match in_args.init.as_deref() {
         Some(path) => {
             let (mut state, init_config) = load_trained(path)?;
             if state.network.arch != arch {
@@ -540,7 +539,7 @@ fn run_in_training(
         ),
     };
     let mut state = state;
-    if let Some(dir) = checkpoint_dir {
+    if let Some(dir) = in_args.checkpoint_dir.as_deref() {
         config.checkpoint_dir = Some(dir.to_path_buf());
         let file = dir.join(CHECKPOINT_FILE);
         if file.is_file() {
@@ -589,14 +588,8 @@ fn in_training_json(
 pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
     let opts = in_training_options(&args.in_training)?;
     let (train, test) = load_data(args.training.model, &args.data)?;
-    let (state, hook, config, float_accuracy) = run_in_training(
-        &args.training,
-        &opts,
-        args.in_training.init.as_deref(),
-        args.in_training.checkpoint_dir.as_deref(),
-        &train,
-        &test,
-    )?;
+    let (state, hook, config, float_accuracy) =
+        run_in_training(&args.training, &opts, &args.in_training, &train, &test)?;
     let quantized = hook
         .finish(&state)
         .runtime("cannot collect the in-training result")?;
@@ -658,14 +651,8 @@ pub fn combined(args: CombinedArgs) -> CliResult<()> {
     let post_opts = post_options(&args.post)?;
     let opts = in_training_options(&args.in_training)?;
     let (train, test) = load_data(args.training.model, &args.data)?;
-    let (state, hook, config, float_accuracy) = run_in_training(
-        &args.training,
-        &opts,
-        args.in_training.init.as_deref(),
-        args.in_training.checkpoint_dir.as_deref(),
-        &train,
-        &test,
-    )?;
+    let (state, hook, config, float_accuracy) =
+        run_in_training(&args.training, &opts, &args.in_training, &train, &test)?;
     let in_training = hook
         .finish(&state)
         .runtime("cannot collect the in-training result")?;

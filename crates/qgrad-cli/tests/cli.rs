@@ -27,6 +27,28 @@ fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
 
+/// `qgrad quantize post` at widths 8,4,0 with `--json` (plus `extra`),
+/// which must succeed; its JSON document.
+fn quantize_post_json(ck: &Path, data: &str, file: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "quantize",
+        "post",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--data",
+        data,
+        "--out",
+        file.to_str().unwrap(),
+        "--widths",
+        "8,4,0",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = qgrad(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 #[test]
 fn help_is_available_everywhere() {
     for args in [
@@ -164,25 +186,12 @@ fn train_quantize_eval_and_inspect_agree() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let file = dir.path().join("post.qgz");
-    let o = qgrad(&[
-        "quantize",
-        "post",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--data",
+    let q = quantize_post_json(
+        &ck,
         data,
-        "--out",
-        file.to_str().unwrap(),
-        "--widths",
-        "8,4,0",
-        "--cluster",
-        "quantiles:0.1,0.3,0.6",
-        "--test-limit",
-        "300",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        &file,
+        &["--cluster", "quantiles:0.1,0.3,0.6", "--test-limit", "300"],
+    );
     assert_eq!(q["mismatches"], 0);
     assert_eq!(q["quantized_accuracy"], q["file_accuracy"]);
     assert!(q["float_accuracy"].as_f64().unwrap() > 0.5, "{q}");
@@ -291,21 +300,7 @@ fn cifar_models_train_quantize_and_run_from_the_file() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let file = dir.path().join("alexnet.qgz");
-    let o = qgrad(&[
-        "quantize",
-        "post",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--data",
-        data,
-        "--out",
-        file.to_str().unwrap(),
-        "--widths",
-        "8,4,0",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let q = quantize_post_json(&ck, data, &file, &[]);
     assert_eq!(q["mismatches"], 0, "{q}");
     assert_eq!(q["quantized_accuracy"], q["file_accuracy"]);
     assert_eq!(q["parameters"], 2_472_266);
