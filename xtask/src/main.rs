@@ -250,6 +250,9 @@ fn run_download(args: DownloadArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Training reuses the same buffers every step; keep them mapped (see
+    // qgrad_ops::retain_freed_memory for the measurement).
+    qgrad_ops::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Download(args) => run_download(args),

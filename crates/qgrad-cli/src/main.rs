@@ -288,6 +288,9 @@ fn parse_fraction(s: &str) -> Result<FractionSchedule, String> {
 }
 
 fn main() -> ExitCode {
+    // Training reuses the same buffers every step; keep them mapped (see
+    // qgrad_ops::retain_freed_memory for the measurement).
+    qgrad_ops::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train(args),

@@ -22,7 +22,9 @@
 //!   saves there. The thread count is rayon's (`RAYON_NUM_THREADS`), which is
 //!   also what candle reads.
 //! - **Buffer reuse.** im2col scratch buffers live per worker thread across
-//!   calls and training steps.
+//!   calls and training steps, and [`retain_freed_memory`] (called by the
+//!   `qgrad` and `xtask` binaries) keeps glibc from unmapping candle's freed
+//!   tensors, which cost a fifth of a LeNet-300-100 step in page faults.
 //! - **Batch norm as one op.** Built from candle ops, training-mode batch norm
 //!   is about ten broadcast ops, each a full pass over the activation with an
 //!   intermediate of its size kept for the backward pass. The custom op makes
@@ -40,6 +42,7 @@
 //! therefore runs candle's kernels on the GPU, and its CPU tensors take the
 //! same fast path as the CPU build.
 
+mod allocator;
 mod batch_norm;
 mod conv;
 mod custom;
@@ -47,6 +50,8 @@ mod dense;
 mod gemm_f32;
 mod pool;
 mod scratch;
+
+pub use allocator::retain_freed_memory;
 
 use std::sync::{Arc, OnceLock};
 
