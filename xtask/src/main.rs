@@ -250,9 +250,10 @@ fn run_download(args: DownloadArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    // Training reuses the same buffers every step; keep them mapped (see
-    // qgrad_ops::retain_freed_memory for the measurement).
-    qgrad_ops::retain_freed_memory();
+    // Keep freed buffers mapped and candle's spinning pool off rayon's cores
+    // (measurements in qgrad_ops::prepare_cpu_training_process); before any
+    // thread starts, since it sets an environment variable.
+    qgrad_ops::prepare_cpu_training_process();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Download(args) => run_download(args),

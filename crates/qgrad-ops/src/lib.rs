@@ -17,14 +17,15 @@
 //!   first layer's input gradient (the image batch) is never computed. candle's
 //!   own matmul and conv always compute both.
 //! - **Threading that fits 2 cores.** Convolutions split the batch into one
-//!   chunk per thread and run single-threaded GEMMs side by side; small GEMMs
-//!   (the MLP's) are not split at all, since fork/join costs more than it
-//!   saves there. The thread count is rayon's (`RAYON_NUM_THREADS`), which is
-//!   also what candle reads.
+//!   chunk per thread and run single-threaded GEMMs side by side; GEMMs under
+//!   2M multiply-adds are not split at all, since fork/join costs more than
+//!   it saves there. The thread count is rayon's (`RAYON_NUM_THREADS`, default
+//!   all cores).
 //! - **Buffer reuse.** im2col scratch buffers live per worker thread across
-//!   calls and training steps, and [`retain_freed_memory`] (called by the
-//!   `qgrad` and `xtask` binaries) keeps glibc from unmapping candle's freed
-//!   tensors, which cost a fifth of a LeNet-300-100 step in page faults.
+//!   calls and training steps, and [`prepare_cpu_training_process`] (called
+//!   by the `qgrad` and `xtask` binaries) keeps glibc from unmapping candle's
+//!   freed tensors, which cost a fifth of a LeNet-300-100 step in page
+//!   faults, and keeps candle's spinning thread pool off the cores rayon uses.
 //! - **Batch norm as one op.** Built from candle ops, training-mode batch norm
 //!   is about ten broadcast ops, each a full pass over the activation with an
 //!   intermediate of its size kept for the backward pass. The custom op makes
@@ -42,16 +43,18 @@
 //! therefore runs candle's kernels on the GPU, and its CPU tensors take the
 //! same fast path as the CPU build.
 
-mod allocator;
 mod batch_norm;
 mod conv;
 mod custom;
 mod dense;
 mod gemm_f32;
 mod pool;
+mod process;
 mod scratch;
 
-pub use allocator::retain_freed_memory;
+pub use process::{
+    keep_candle_single_threaded, prepare_cpu_training_process, retain_freed_memory, ProcessSetup,
+};
 
 use std::sync::{Arc, OnceLock};
 
