@@ -22,6 +22,17 @@ use gemm::Parallelism;
 /// Output columns a chunk aims for (see the module docs).
 const TARGET_CHUNK_COLUMNS: usize = 512;
 
+/// Output rows narrower than this are unfolded (and folded back) through a
+/// per-position gather table instead of row copies: for the 2×2 and 4×4
+/// outputs of AlexNet's and VGG-16's late layers a row copy moves 2–4 floats
+/// per `memcpy`/`memset` call, and the calls cost more than the copying
+/// (im2col was 15 % of an AlexNet step).
+const MIN_COPIED_ROW: usize = 8;
+
+/// Gather-table entry of a position that reads the zero padding; any offset
+/// past the input plane reads as 0 (see `im2col_gather`).
+const PADDING: usize = usize::MAX;
+
 /// Everything about one convolution's shapes, validated once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ConvGeometry {
@@ -159,8 +170,43 @@ impl ConvGeometry {
         (lo.min(hi), hi)
     }
 
+    /// Whether im2col and col2im go through [`Self::gather_table`]: for
+    /// strided convolutions (element-wise anyway) and narrow outputs.
+    fn uses_gather(&self) -> bool {
+        self.stride != 1 || self.out_w < MIN_COPIED_ROW
+    }
+
+    /// For every kernel offset `(ki, kj)` (row `ki·kw + kj`, `p` entries per
+    /// row), the offset in an input plane that each output position reads, or
+    /// [`PADDING`].
+    fn gather_table(&self) -> Vec<usize> {
+        let (kh, kw, s, pad) = (self.kernel_h, self.kernel_w, self.stride, self.padding);
+        let mut table = Vec::with_capacity(kh * kw * self.positions());
+        for ki in 0..kh {
+            for kj in 0..kw {
+                for oh in 0..self.out_h {
+                    for ow in 0..self.out_w {
+                        let (ih, iw) = (
+                            (oh * s + ki).wrapping_sub(pad),
+                            (ow * s + kj).wrapping_sub(pad),
+                        );
+                        table.push(if ih < self.height && iw < self.width {
+                            ih * self.width + iw
+                        } else {
+                            PADDING
+                        });
+                    }
+                }
+            }
+        }
+        table
+    }
+
     /// Unfolds samples `first..first + count` of `x` into `col [ckk, count·p]`.
     fn im2col(&self, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+        if self.uses_gather() {
+            return self.im2col_gather(x, first, count, col);
+        }
         let (p, cols) = (self.positions(), count * self.positions());
         let (kh, kw, s) = (self.kernel_h, self.kernel_w, self.stride);
         let (h, w, ow) = (self.height, self.width, self.out_w);
@@ -185,16 +231,51 @@ impl ConvGeometry {
                             if ow_lo >= ow_hi {
                                 continue;
                             }
-                            let iw0 = ow_lo * s + kj - self.padding;
+                            // Stride 1 here (strided convolutions gather).
+                            let iw0 = ow_lo + kj - self.padding;
                             let src_row = &src[ih * w..(ih + 1) * w];
-                            if s == 1 {
-                                out_row[ow_lo..ow_hi]
-                                    .copy_from_slice(&src_row[iw0..iw0 + (ow_hi - ow_lo)]);
-                            } else {
-                                for (o, v) in out_row[ow_lo..ow_hi].iter_mut().enumerate() {
-                                    *v = src_row[iw0 + o * s];
-                                }
-                            }
+                            out_row[ow_lo..ow_hi]
+                                .copy_from_slice(&src_row[iw0..iw0 + (ow_hi - ow_lo)]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::im2col`] through the gather table.
+    fn im2col_gather(&self, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+        let (p, cols) = (self.positions(), count * self.positions());
+        let (kk, plane) = (self.kernel_h * self.kernel_w, self.height * self.width);
+        let table = self.gather_table();
+        for ci in 0..self.in_channels {
+            for (k, offsets) in table.chunks_exact(p).enumerate() {
+                let r = ci * kk + k;
+                let row = &mut col[r * cols..(r + 1) * cols];
+                for (b, dst) in row.chunks_exact_mut(p).enumerate() {
+                    let src = &x[(first + b) * self.input_sample_len() + ci * plane..][..plane];
+                    for (d, &offset) in dst.iter_mut().zip(offsets) {
+                        *d = src.get(offset).copied().unwrap_or(0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::col2im_add`] through the gather table.
+    fn col2im_add_gather(&self, col: &[f32], count: usize, dx: &mut [f32]) {
+        let (p, cols) = (self.positions(), count * self.positions());
+        let (kk, plane) = (self.kernel_h * self.kernel_w, self.height * self.width);
+        let table = self.gather_table();
+        for ci in 0..self.in_channels {
+            for (k, offsets) in table.chunks_exact(p).enumerate() {
+                let r = ci * kk + k;
+                let row = &col[r * cols..(r + 1) * cols];
+                for (b, src) in row.chunks_exact(p).enumerate() {
+                    let dst = &mut dx[b * self.input_sample_len() + ci * plane..][..plane];
+                    for (v, &offset) in src.iter().zip(offsets) {
+                        if let Some(d) = dst.get_mut(offset) {
+                            *d += v;
                         }
                     }
                 }
@@ -205,6 +286,9 @@ impl ConvGeometry {
     /// Adds `col [ckk, count·p]` back onto `dx` (the samples of the chunk,
     /// `dx` starting at the chunk's first sample).
     fn col2im_add(&self, col: &[f32], count: usize, dx: &mut [f32]) {
+        if self.uses_gather() {
+            return self.col2im_add_gather(col, count, dx);
+        }
         let (p, cols) = (self.positions(), count * self.positions());
         let (kh, kw, s) = (self.kernel_h, self.kernel_w, self.stride);
         let (h, w, ow) = (self.height, self.width, self.out_w);
@@ -224,19 +308,12 @@ impl ConvGeometry {
                         let src = &row[b * p..(b + 1) * p];
                         for oh in oh_lo..oh_hi {
                             let ih = oh * s + ki - self.padding;
-                            let iw0 = ow_lo * s + kj - self.padding;
+                            // Stride 1 here (strided convolutions gather).
+                            let iw0 = ow_lo + kj - self.padding;
                             let in_row = &src[oh * ow + ow_lo..oh * ow + ow_hi];
                             let dst_row = &mut dst[ih * w..(ih + 1) * w];
-                            if s == 1 {
-                                for (d, v) in
-                                    dst_row[iw0..iw0 + in_row.len()].iter_mut().zip(in_row)
-                                {
-                                    *d += v;
-                                }
-                            } else {
-                                for (o, v) in in_row.iter().enumerate() {
-                                    dst_row[iw0 + o * s] += v;
-                                }
+                            for (d, v) in dst_row[iw0..iw0 + in_row.len()].iter_mut().zip(in_row) {
+                                *d += v;
                             }
                         }
                     }
