@@ -39,6 +39,11 @@ pub struct BenchTrainArgs {
     /// Untimed steps before the timed ones (allocator, caches, thread pools).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Measurements per side and network, alternating qgrad and PyTorch; the
+    /// table shows each side's median run (shared machines drift by tens of
+    /// percent between runs, and alternating exposes both sides to it).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Images per step.
     #[arg(long, default_value_t = 128)]
     batch: usize,
@@ -82,8 +87,12 @@ struct SideResult {
 #[derive(Debug, Serialize)]
 struct Row {
     net: String,
+    /// The median run of each side (by images/s).
     qgrad: SideResult,
     pytorch: Option<SideResult>,
+    /// images/s of every run, in the order measured.
+    qgrad_runs: Vec<f64>,
+    pytorch_runs: Vec<f64>,
     /// qgrad images/s divided by PyTorch images/s (> 1: qgrad is faster).
     speed_ratio: Option<f64>,
 }
@@ -110,6 +119,9 @@ fn default_steps(arch: Arch) -> usize {
 pub fn run(args: BenchTrainArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
     }
     let archs = args
         .nets
@@ -156,27 +168,35 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "--seed".into(),
             args.seed.to_string(),
         ];
-        eprintln!(
-            "{}: qgrad, {steps} steps of {} on {threads} threads",
-            arch.name(),
-            args.batch
-        );
-        let mut qgrad_cmd = Command::new(&exe);
-        qgrad_cmd
-            .args(["bench-train", "--worker", "--nets", arch.name()])
-            .args(&common);
-        let qgrad = run_side(qgrad_cmd, threads, "qgrad")?;
-        let pytorch = if args.skip_torch {
-            None
-        } else {
-            eprintln!("{}: PyTorch", arch.name());
-            let mut torch_cmd = Command::new(&python);
-            torch_cmd
-                .arg(&script)
-                .args(["--net", arch.name()])
+        let mut qgrad_runs = Vec::new();
+        let mut torch_runs = Vec::new();
+        for repeat in 1..=args.repeats {
+            eprintln!(
+                "{}: qgrad, {steps} steps of {} on {threads} threads (run {repeat}/{})",
+                arch.name(),
+                args.batch,
+                args.repeats
+            );
+            let mut qgrad_cmd = Command::new(&exe);
+            qgrad_cmd
+                .args(["bench-train", "--worker", "--nets", arch.name()])
                 .args(&common);
-            Some(run_side(torch_cmd, threads, "PyTorch")?)
-        };
+            qgrad_runs.push(run_side(qgrad_cmd, threads, "qgrad")?);
+            if !args.skip_torch {
+                eprintln!("{}: PyTorch (run {repeat}/{})", arch.name(), args.repeats);
+                let mut torch_cmd = Command::new(&python);
+                torch_cmd
+                    .arg(&script)
+                    .args(["--net", arch.name()])
+                    .args(&common);
+                torch_runs.push(run_side(torch_cmd, threads, "PyTorch")?);
+            }
+        }
+        let speeds = |runs: &[SideResult]| runs.iter().map(|r| r.images_per_sec).collect();
+        let (qgrad_speeds, torch_speeds): (Vec<f64>, Vec<f64>) =
+            (speeds(&qgrad_runs), speeds(&torch_runs));
+        let qgrad = median_run(qgrad_runs).context("no qgrad run")?;
+        let pytorch = median_run(torch_runs);
         let speed_ratio = pytorch
             .as_ref()
             .map(|p| qgrad.images_per_sec / p.images_per_sec);
@@ -184,14 +204,23 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             net: arch.name().to_string(),
             qgrad,
             pytorch,
+            qgrad_runs: qgrad_speeds,
+            pytorch_runs: torch_speeds,
             speed_ratio,
         });
     }
-    print_table(&rows, args.batch, threads);
+    print_table(&rows, args.batch, threads, args.repeats);
     if let Some(path) = &args.json {
         write_json(path, &rows)?;
     }
     Ok(())
+}
+
+/// The run with the median images/s (the upper median for an even count).
+fn median_run(mut runs: Vec<SideResult>) -> Option<SideResult> {
+    runs.sort_by(|a, b| a.images_per_sec.total_cmp(&b.images_per_sec));
+    let middle = runs.len() / 2;
+    runs.into_iter().nth(middle)
 }
 
 /// Runs one side in a child process with the thread count in its environment
@@ -220,9 +249,10 @@ fn run_side(mut cmd: Command, threads: usize, what: &str) -> Result<SideResult> 
     serde_json::from_str(line).with_context(|| format!("parsing the {what} result: {line}"))
 }
 
-fn print_table(rows: &[Row], batch: usize, threads: usize) {
+fn print_table(rows: &[Row], batch: usize, threads: usize, repeats: usize) {
     println!(
-        "\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps"
+        "\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps, \
+         median of {repeats} alternating run(s) per side"
     );
     println!(
         "{:<14} {:>12} {:>12} {:>8} {:>14} {:>14}   qgrad ms/step: fwd / bwd / update",
@@ -377,4 +407,32 @@ fn qgrad_side(
             per_step_ms(phases[2]),
         ]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_at(images_per_sec: f64) -> SideResult {
+        SideResult {
+            side: "qgrad".into(),
+            net: "lenet-5".into(),
+            threads: 2,
+            batch: 128,
+            steps: 1,
+            seconds: 1.0,
+            images_per_sec,
+            peak_rss_kib: 0,
+            phases_ms: None,
+        }
+    }
+
+    #[test]
+    fn median_run_picks_the_middle_speed() {
+        let runs = vec![run_at(30.0), run_at(10.0), run_at(20.0)];
+        assert_eq!(median_run(runs).unwrap().images_per_sec, 20.0);
+        let runs = vec![run_at(4.0), run_at(1.0), run_at(3.0), run_at(2.0)];
+        assert_eq!(median_run(runs).unwrap().images_per_sec, 3.0);
+        assert!(median_run(Vec::new()).is_none());
+    }
 }
