@@ -306,12 +306,13 @@ impl InplaceOp2 for Descend {
         if theta.len() != v.len() {
             candle_core::bail!("qgrad-sgd-descend: length mismatch");
         }
+        let lr = self.lr;
         for (t, &v) in theta.iter_mut().zip(v) {
             // A zero step leaves θ alone bit for bit: `-0.0 - 0.0` would
-            // turn a frozen (pruned) -0.0 into +0.0.
-            if v != 0.0 {
-                *t -= v * self.lr;
-            }
+            // turn a frozen (pruned) -0.0 into +0.0. Written as a select,
+            // not a conditional store, so that it vectorises (the branchy
+            // form took 6 % of a LeNet-300-100 step).
+            *t = if v != 0.0 { *t - v * lr } else { *t };
         }
         Ok(())
     }

@@ -545,7 +545,17 @@ pub(crate) fn bias_grad(
 ) -> Result<Vec<f32>, OpsError> {
     check_len("output gradient", dy, batch * channels * positions)?;
     let mut db = vec![0.0f32; channels];
-    if positions == 0 {
+    if positions == 0 || channels == 0 {
+        return Ok(db);
+    }
+    if positions == 1 {
+        // A linear layer: add whole rows (vectorised), the same additions in
+        // the same order as the general loop below.
+        for row in dy.chunks_exact(channels) {
+            for (d, v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
         return Ok(db);
     }
     for sample in dy.chunks_exact(channels * positions) {
