@@ -243,44 +243,53 @@ impl ConvGeometry {
         }
     }
 
-    /// [`Self::im2col`] through the gather table.
-    fn im2col_gather(&self, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+    /// Walks the gather table for a chunk of `count` samples: calls
+    /// `f(block, plane, offsets)` for every `p`-long block of the column
+    /// matrix (row `(ci, ki, kj)`, sample `b`; `block` is its start in the
+    /// matrix), where `plane` is the start of sample `b`'s channel `ci`
+    /// relative to the chunk's first sample, and `offsets` that row's table
+    /// entries. im2col and col2im are this walk with a read or an add.
+    fn for_each_gather_block(&self, count: usize, mut f: impl FnMut(usize, usize, &[usize])) {
         let (p, cols) = (self.positions(), count * self.positions());
         let (kk, plane) = (self.kernel_h * self.kernel_w, self.height * self.width);
         let table = self.gather_table();
         for ci in 0..self.in_channels {
             for (k, offsets) in table.chunks_exact(p).enumerate() {
-                let r = ci * kk + k;
-                let row = &mut col[r * cols..(r + 1) * cols];
-                for (b, dst) in row.chunks_exact_mut(p).enumerate() {
-                    let src = &x[(first + b) * self.input_sample_len() + ci * plane..][..plane];
-                    for (d, &offset) in dst.iter_mut().zip(offsets) {
-                        *d = src.get(offset).copied().unwrap_or(0.0);
-                    }
+                let row = (ci * kk + k) * cols;
+                for b in 0..count {
+                    f(
+                        row + b * p,
+                        b * self.input_sample_len() + ci * plane,
+                        offsets,
+                    );
                 }
             }
         }
     }
 
+    /// [`Self::im2col`] through the gather table.
+    fn im2col_gather(&self, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+        let (p, plane) = (self.positions(), self.height * self.width);
+        let x = &x[first * self.input_sample_len()..];
+        self.for_each_gather_block(count, |block, start, offsets| {
+            let src = &x[start..start + plane];
+            for (d, &offset) in col[block..block + p].iter_mut().zip(offsets) {
+                *d = src.get(offset).copied().unwrap_or(0.0);
+            }
+        });
+    }
+
     /// [`Self::col2im_add`] through the gather table.
     fn col2im_add_gather(&self, col: &[f32], count: usize, dx: &mut [f32]) {
-        let (p, cols) = (self.positions(), count * self.positions());
-        let (kk, plane) = (self.kernel_h * self.kernel_w, self.height * self.width);
-        let table = self.gather_table();
-        for ci in 0..self.in_channels {
-            for (k, offsets) in table.chunks_exact(p).enumerate() {
-                let r = ci * kk + k;
-                let row = &col[r * cols..(r + 1) * cols];
-                for (b, src) in row.chunks_exact(p).enumerate() {
-                    let dst = &mut dx[b * self.input_sample_len() + ci * plane..][..plane];
-                    for (v, &offset) in src.iter().zip(offsets) {
-                        if let Some(d) = dst.get_mut(offset) {
-                            *d += v;
-                        }
-                    }
+        let (p, plane) = (self.positions(), self.height * self.width);
+        self.for_each_gather_block(count, |block, start, offsets| {
+            let dst = &mut dx[start..start + plane];
+            for (v, &offset) in col[block..block + p].iter().zip(offsets) {
+                if let Some(d) = dst.get_mut(offset) {
+                    *d += v;
                 }
             }
-        }
+        });
     }
 
     /// Adds `col [ckk, count·p]` back onto `dx` (the samples of the chunk,
