@@ -7,6 +7,9 @@
 //!   gradient store computed once. Its time divided by `step`'s is the share of
 //!   a step spent on bookkeeping (target ≤ 3 %).
 //!
+//! Runs with the process settings of the training binaries
+//! (`qgrad_ops::prepare_cpu_training_process`).
+//!
 //! Short run: `cargo bench --bench train_step -- --warm-up-time 1 --measurement-time 3`.
 
 use std::hint::black_box;
@@ -73,5 +76,14 @@ fn bench_train_step(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_train_step);
+criterion_group! {
+    name = benches;
+    // The process settings the `qgrad` and `xtask` binaries train with, made
+    // before the first candle op reads them.
+    config = {
+        qgrad_ops::prepare_cpu_training_process();
+        Criterion::default()
+    };
+    targets = bench_train_step
+}
 criterion_main!(benches);
