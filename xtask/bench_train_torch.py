@@ -8,7 +8,8 @@ images/s over the timed steps and the process's peak RSS.
 
 PyTorch is a measurement tool only, never a dependency of qgrad: install it in
 a virtual environment outside the repository, e.g.
-    python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch
+    python3 -m venv ~/venv-torch && ~/venv-torch/bin/pip install torch
+    QGRAD_BENCH_PYTHON=~/venv-torch/bin/python cargo xtask bench-train
 """
 
 import argparse

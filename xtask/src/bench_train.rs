@@ -6,13 +6,14 @@
 //! norm on batch statistics, dropout on) once by qgrad and once by PyTorch
 //! (`xtask/bench_train_torch.py`). Every side runs in its own process, so that
 //! each peak RSS (`VmHWM` / `ru_maxrss`) is that side's alone; the qgrad side is
-//! this same binary re-run with the hidden `--worker` flag. The thread count is
-//! passed as `RAYON_NUM_THREADS` (read by rayon, candle and qgrad-ops) and as
-//! `torch.set_num_threads`.
+//! this same binary re-run with the hidden `--worker` flag, so it trains with
+//! the process settings of `qgrad_ops::prepare_cpu_training_process` like any
+//! qgrad training run. The thread count is passed as `RAYON_NUM_THREADS` (the
+//! pool qgrad-ops' kernels run on) and as `torch.set_num_threads`.
 //!
-//! PyTorch is a measurement tool, never a dependency: point `--python` at an
-//! interpreter that has it (default `/work/venv-torch/bin/python` when it
-//! exists, else `python3`), or pass `--skip-torch`.
+//! PyTorch is a measurement tool, never a dependency: point `--python` (or the
+//! `QGRAD_BENCH_PYTHON` environment variable) at an interpreter that has it
+//! (default `python3`), or pass `--skip-torch`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,7 +51,7 @@ pub struct BenchTrainArgs {
     /// Threads for both sides [default: the available cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Python interpreter with PyTorch installed.
+    /// Python interpreter with PyTorch installed [default: $QGRAD_BENCH_PYTHON, else python3].
     #[arg(long)]
     python: Option<PathBuf>,
     /// Measure qgrad only.
@@ -107,6 +108,9 @@ fn parse_arch(name: &str) -> Result<Arch> {
         })
 }
 
+/// The Python interpreter with PyTorch when `--python` is not given.
+const PYTHON_ENV: &str = "QGRAD_BENCH_PYTHON";
+
 fn default_steps(arch: Arch) -> usize {
     match arch {
         Arch::Lenet300100 => 40,
@@ -143,14 +147,11 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         return Ok(());
     }
 
-    let python = args.python.clone().unwrap_or_else(|| {
-        let venv = PathBuf::from("/work/venv-torch/bin/python");
-        if venv.exists() {
-            venv
-        } else {
-            PathBuf::from("python3")
-        }
-    });
+    let python = args
+        .python
+        .clone()
+        .or_else(|| std::env::var_os(PYTHON_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench_train_torch.py");
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut rows = Vec::new();
