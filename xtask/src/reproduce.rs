@@ -869,6 +869,7 @@ impl ModelContext<'_> {
             fraction: it.fraction.clone(),
             low_bits: it.low_bits,
             start_epoch: 0,
+            ..Default::default()
         };
         let mut config = TrainConfig::default_for(self.arch);
         config.epochs = it.epochs;

@@ -276,6 +276,8 @@ fn in_training_options(args: &InTrainingOptionArgs) -> CliResult<InTrainingOptio
         fraction: args.fraction.clone(),
         low_bits: args.low_bits,
         start_epoch: args.start_epoch,
+        split_every: args.split_every,
+        scope: args.split_scope,
     };
     opts.validate().usage("invalid in-training options")?;
     Ok(opts)
@@ -578,6 +580,8 @@ fn in_training_json(
         "fraction": opts.fraction.to_string(),
         "low_bits": opts.low_bits,
         "start_epoch": opts.start_epoch,
+        "split_every": opts.split_every,
+        "split_scope": opts.scope.to_string(),
         "init": args.init,
         "epochs": config.epochs,
         "lr": config.lr,

@@ -149,6 +149,14 @@ struct InTrainingOptionArgs {
     /// First epoch (0-based) after which a split happens.
     #[arg(long, default_value_t = 0)]
     start_epoch: usize,
+    /// Epochs between two splits (1 = after every epoch, as METHOD §4; more
+    /// lets the float remainder recover before the next split).
+    #[arg(long, default_value_t = 1)]
+    split_every: usize,
+    /// Rank A for a split over all layers together (global) or each layer
+    /// separately (per-layer: every layer freezes its own fraction).
+    #[arg(long, default_value = "global", value_parser = parse_scope)]
+    split_scope: Scope,
     /// Start from this trained checkpoint (file or directory) instead of a
     /// fresh network; its accumulated gradients carry on.
     #[arg(long, value_name = "CHECKPOINT")]

@@ -215,6 +215,20 @@ pub struct InTrainingOptions {
     /// The first epoch (0-based, as counted by the training loop) after which a
     /// split happens.
     pub start_epoch: usize,
+    /// Epochs between two splits: 1 (METHOD §4: after every epoch) or more,
+    /// which gives the float remainder that many epochs to recover before the
+    /// next split.
+    #[serde(default = "one_epoch")]
+    pub split_every: usize,
+    /// Over which set of float elements a split ranks `A`: all layers together
+    /// (global) or each layer separately (every layer freezes its own
+    /// fraction `p`).
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+fn one_epoch() -> usize {
+    1
 }
 
 impl Default for InTrainingOptions {
@@ -223,6 +237,8 @@ impl Default for InTrainingOptions {
             fraction: FractionSchedule::Constant(0.7),
             low_bits: 4,
             start_epoch: 0,
+            split_every: 1,
+            scope: Scope::Global,
         }
     }
 }
@@ -230,6 +246,9 @@ impl Default for InTrainingOptions {
 impl InTrainingOptions {
     pub fn validate(&self) -> Result<()> {
         self.fraction.validate()?;
+        if self.split_every == 0 {
+            return Err(invalid("splits must be at least 1 epoch apart"));
+        }
         if self.low_bits == FLOAT || !is_valid_width(self.low_bits) {
             return Err(invalid(format!(
                 "low bit width {} is not allowed (0 or 2..=16)",
@@ -539,7 +558,9 @@ impl InTrainingQuantizer {
 
     /// Whether a split is due after `epoch` (0-based).
     pub fn split_due(&self, epoch: usize) -> bool {
-        epoch >= self.state.options.start_epoch
+        let options = &self.state.options;
+        epoch >= options.start_epoch
+            && (epoch - options.start_epoch) % options.split_every == 0
             && self
                 .state
                 .options
@@ -605,10 +626,17 @@ impl InTrainingQuantizer {
                 self.state.exponents[t] = Some(tensor_exponent(&param.values)?);
             }
         }
-        // (A, tensor, element) of every float element; ties broken by position.
-        let mut float: Vec<(f32, u32, u32)> = Vec::new();
+        // (A, tensor, element) of every float element, gathered per ranking
+        // group (one group, or one per layer); ties broken by position.
+        let mut groups: BTreeMap<&str, Vec<(f32, u32, u32)>> = BTreeMap::new();
+        let mut float_count = 0;
         for (t, param) in params.iter().enumerate() {
             let a = accum_for(param, accum)?;
+            let key = match self.state.options.scope {
+                Scope::Global => "",
+                Scope::PerLayer => layer_of(&param.name),
+            };
+            let group = groups.entry(key).or_default();
             for (i, (&imp, &frozen)) in a.values.iter().zip(&self.state.frozen[t]).enumerate() {
                 if !frozen {
                     if !imp.is_finite() {
@@ -617,19 +645,24 @@ impl InTrainingQuantizer {
                             param.name
                         )));
                     }
-                    float.push((imp, t as u32, i as u32));
+                    group.push((imp, t as u32, i as u32));
+                    float_count += 1;
                 }
             }
         }
-        let take = ((p * float.len() as f64).round() as usize).min(float.len());
-        if take > 0 && take < float.len() {
-            float.select_nth_unstable_by(take, |x, y| {
-                x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2)))
-            });
-        }
         let mut per_tensor: Vec<Vec<usize>> = vec![Vec::new(); params.len()];
-        for &(_, t, i) in &float[..take] {
-            per_tensor[t as usize].push(i as usize);
+        let mut taken = 0;
+        for float in groups.values_mut() {
+            let take = ((p * float.len() as f64).round() as usize).min(float.len());
+            if take > 0 && take < float.len() {
+                float.select_nth_unstable_by(take, |x, y| {
+                    x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2)))
+                });
+            }
+            for &(_, t, i) in &float[..take] {
+                per_tensor[t as usize].push(i as usize);
+            }
+            taken += take;
         }
         let low = self.state.options.low_bits;
         for (t, elements) in per_tensor.iter().enumerate() {
@@ -656,9 +689,9 @@ impl InTrainingQuantizer {
             changed_tensors: (0..params.len())
                 .filter(|&t| !per_tensor[t].is_empty())
                 .collect(),
-            newly_frozen: take,
+            newly_frozen: taken,
             frozen,
-            float_remaining: float.len() - take,
+            float_remaining: float_count - taken,
         })
     }
 
@@ -946,6 +979,67 @@ mod tests {
         assert!(InTrainingQuantizer::new(opts, &[("a".into(), vec![2])]).is_err());
     }
 
+    #[test]
+    fn splits_can_be_spaced_out_and_ranked_per_layer() {
+        let (mut params, mut accum) = model(6);
+        // fc2 is far more important than fc1: ranked globally it would never
+        // be split before fc1 is exhausted.
+        for a in &mut accum[2..] {
+            a.values.iter_mut().for_each(|v| *v = *v * 100.0 + 1.0);
+        }
+        let opts = InTrainingOptions {
+            fraction: FractionSchedule::Constant(0.6),
+            low_bits: 4,
+            start_epoch: 1,
+            split_every: 3,
+            scope: Scope::PerLayer,
+        };
+        let mut q = InTrainingQuantizer::new(opts, &shapes(&params)).unwrap();
+        let due: Vec<usize> = (0..9).filter(|&e| q.split_due(e)).collect();
+        assert_eq!(due, vec![1, 4, 7]);
+        let outcome = q.split(&mut params, &accum).unwrap();
+        let layer_frozen = |q: &InTrainingQuantizer, range: std::ops::Range<usize>| -> usize {
+            q.state().frozen[range]
+                .iter()
+                .map(|f| f.iter().filter(|&&z| z).count())
+                .sum()
+        };
+        // Each layer (weight and bias together) freezes its own 60 %.
+        assert_eq!(layer_frozen(&q, 0..2), 372, "0.6 of fc1's 620 elements");
+        assert_eq!(layer_frozen(&q, 2..4), 126, "0.6 of fc2's 210 elements");
+        assert_eq!(outcome.newly_frozen, 372 + 126);
+        assert_eq!(outcome.float_remaining, 830 - 372 - 126);
+        // Within a layer the frozen elements are the least important ones.
+        for range in [0..2, 2..4] {
+            let pairs: Vec<(f32, bool)> = range
+                .clone()
+                .flat_map(|t| {
+                    accum[t]
+                        .values
+                        .iter()
+                        .copied()
+                        .zip(q.state().frozen[t].iter().copied())
+                })
+                .collect();
+            let max_frozen = pairs
+                .iter()
+                .filter(|p| p.1)
+                .map(|p| p.0)
+                .fold(f32::MIN, f32::max);
+            let min_float = pairs
+                .iter()
+                .filter(|p| !p.1)
+                .map(|p| p.0)
+                .fold(f32::MAX, f32::min);
+            assert!(max_frozen <= min_float);
+        }
+        let zero_gap = InTrainingOptions {
+            split_every: 0,
+            ..Default::default()
+        };
+        assert!(InTrainingQuantizer::new(zero_gap, &shapes(&params)).is_err());
+    }
+
     fn shapes(params: &[NamedTensor]) -> Vec<(String, Vec<usize>)> {
         params
             .iter()
@@ -972,6 +1066,7 @@ mod tests {
             fraction: FractionSchedule::PerSplit(vec![0.6, 0.75]),
             low_bits: 4,
             start_epoch: 1,
+            ..Default::default()
         };
         let mut q = InTrainingQuantizer::new(opts, &shapes(&params)).unwrap();
         assert!(!q.split_due(0) && q.split_due(1));
@@ -1053,6 +1148,7 @@ mod tests {
             fraction: FractionSchedule::Constant(0.7),
             low_bits: 2,
             start_epoch: 0,
+            ..Default::default()
         };
         let mut q = InTrainingQuantizer::new(opts, &shapes(&params)).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(10);
@@ -1142,6 +1238,7 @@ mod resume_tests {
             fraction: FractionSchedule::PerSplit(vec![0.6, 0.7, 0.8]),
             low_bits: 3,
             start_epoch: 0,
+            ..Default::default()
         };
 
         let straight_dir = tempfile::tempdir().unwrap();
