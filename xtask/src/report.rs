@@ -173,12 +173,33 @@ pub fn render(record: &RunRecord, plots_rel: &str) -> String {
             continue;
         }
         front.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+        // The question a user asks of the front: how far can this model be
+        // compressed for a given accuracy budget?
+        let budgets: Vec<String> = [0.1, 0.5, 1.0]
+            .iter()
+            .map(|&budget| {
+                let best = front
+                    .iter()
+                    .filter(|p| (p.float_accuracy - p.accuracy) * 100.0 <= budget + 1e-9)
+                    .max_by(|a, b| a.ratio.total_cmp(&b.ratio));
+                match best {
+                    Some(p) => format!(
+                        "within {budget} pt: {:.2}x at {} ({:+.2} pt)",
+                        p.ratio,
+                        pct(p.accuracy),
+                        (p.accuracy - p.float_accuracy) * 100.0
+                    ),
+                    None => format!("within {budget} pt: no point"),
+                }
+            })
+            .collect();
         let stem = plot_stem(&model);
         let _ = writeln!(s, "### {model}\n");
         let _ = writeln!(
             s,
             "![{model}: accuracy against compression]({plots_rel}/{stem}.png)\n\n(SVG: [{stem}.svg]({plots_rel}/{stem}.svg))\n"
         );
+        let _ = writeln!(s, "Highest ratio {}.\n", budgets.join("; "));
         let _ = writeln!(s, "Pareto points, by ratio:\n");
         let _ = writeln!(
             s,

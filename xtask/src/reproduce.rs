@@ -102,6 +102,8 @@ struct InTrainingRecipe {
     low_bits: u8,
     epochs: usize,
     lr: f64,
+    /// Epochs between two splits (1: after every epoch).
+    split_every: usize,
 }
 
 impl InTrainingRecipe {
@@ -111,6 +113,7 @@ impl InTrainingRecipe {
             low_bits,
             epochs,
             lr: 0.01,
+            split_every: 1,
         }
     }
 
@@ -120,6 +123,14 @@ impl InTrainingRecipe {
             low_bits,
             epochs,
             lr,
+            split_every: 1,
+        }
+    }
+
+    fn every(self, split_every: usize) -> Self {
+        Self {
+            split_every,
+            ..self
         }
     }
 
@@ -146,8 +157,15 @@ impl InTrainingRecipe {
         } else {
             format!("-lr{}", self.lr)
         };
+        // Keys of runs with a split after every epoch stay as they were, so
+        // their cached results are reused.
+        let gap = if self.split_every == 1 {
+            String::new()
+        } else {
+            format!("-g{}", self.split_every)
+        };
         format!(
-            "{kind}{}-b{}-e{}{lr}",
+            "{kind}{}-b{}-e{}{lr}{gap}",
             self.fractions_joined("_"),
             self.low_bits,
             self.epochs
@@ -155,8 +173,13 @@ impl InTrainingRecipe {
     }
 
     fn label(&self) -> String {
+        let gap = if self.split_every == 1 {
+            String::new()
+        } else {
+            format!(", a split every {} epochs", self.split_every)
+        };
         format!(
-            "p {}, {} bits, {} epochs, lr {}",
+            "p {}, {} bits, {} epochs, lr {}{gap}",
             self.fractions_joined("/"),
             self.low_bits,
             self.epochs,
@@ -869,6 +892,7 @@ impl ModelContext<'_> {
             fraction: it.fraction.clone(),
             low_bits: it.low_bits,
             start_epoch: 0,
+            split_every: it.split_every,
             ..Default::default()
         };
         let mut config = TrainConfig::default_for(self.arch);

@@ -110,6 +110,9 @@ fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     if let Some(lr) = args.lr {
         config.lr = lr;
     }
+    if let Some(decay) = args.weight_decay {
+        config.weight_decay = decay;
+    }
     config.batch_size = args.batch_size;
     config.max_batches_per_epoch = args.max_batches;
     config.progress = !args.no_progress;

@@ -110,6 +110,9 @@ struct TrainingArgs {
     /// Base learning rate (default: the model's recipe).
     #[arg(long)]
     lr: Option<f64>,
+    /// L2 weight decay (default: the model's recipe, 5e-4).
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Mini-batch size.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,

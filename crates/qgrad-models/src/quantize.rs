@@ -38,6 +38,15 @@
 //! * A fraction schedule is either one constant `p` (a split after every epoch
 //!   from `start_epoch` on) or a list (split `i` uses the `i`-th entry; after
 //!   the list no more splits), so the number of splits can be fixed exactly.
+//! * Split spacing (`split_every`, default 1 = METHOD §4's "after each
+//!   epoch"): a split after epochs `start_epoch`, `start_epoch + k`,
+//!   `start_epoch + 2k`, … With `k > 1` the float remainder trains `k` epochs
+//!   between splits and recovers from one before the next, as in incremental
+//!   network quantization. On LeNet-300-100 this is what turns ≈ 98.0 % into
+//!   ≈ 98.3 % at 40–47x (README.md).
+//! * Split scope: `A` is ranked over all float elements of the network
+//!   (global, default, as §3's default) or per layer, each layer then
+//!   freezing its own fraction `p` of its float elements.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;

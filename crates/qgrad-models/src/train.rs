@@ -91,6 +91,12 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate must be positive, got {}", self.lr));
         }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight decay must be zero or positive, got {}",
+                self.weight_decay
+            ));
+        }
         if let Some(n) = &self.normalization {
             if n.mean.len() != n.std.len() || n.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
                 return bad("normalization needs one positive std per mean".into());
@@ -671,6 +677,13 @@ mod tests {
         config.batch_size = 8;
         config.lr = f64::NAN;
         assert!(train(&mut state, &train_set, &test_set, &config, None).is_err());
+        config.lr = 0.01;
+        config.weight_decay = -1e-4;
+        assert!(matches!(
+            train(&mut state, &train_set, &test_set, &config, None),
+            Err(ModelsError::Config(_))
+        ));
+        config.weight_decay = 5e-4;
         config.lr = 1e9;
         config.max_batches_per_epoch = Some(10);
         assert!(matches!(
