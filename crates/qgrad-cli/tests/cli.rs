@@ -128,6 +128,14 @@ fn bad_options_are_usage_errors() {
         mini().to_str().unwrap(),
     ]);
     assert_clean_failure(&o, 2, "low bit width");
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let spacing = ["--split-every", "0", "--data", data];
+    let o = qgrad(&[&["quantize", "combined", "--out", "y"], &spacing[..]].concat());
+    assert_clean_failure(&o, 2, "1 epoch apart");
+    let decay = ["--weight-decay=-0.1", "--data", data];
+    let o = qgrad(&[&["train", "--out", "y"], &decay[..]].concat());
+    assert_clean_failure(&o, 2, "weight decay");
 }
 
 #[test]
