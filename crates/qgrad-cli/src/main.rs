@@ -298,7 +298,21 @@ fn parse_fraction(s: &str) -> Result<FractionSchedule, String> {
         .map_err(|e: qgrad_models::ModelsError| e.to_string())
 }
 
+/// Lets a closed output pipe (`qgrad inspect big.qgz | head`) end the process
+/// quietly, as it ends `cat` or `grep`, instead of making `println!` panic:
+/// Rust starts programs with SIGPIPE ignored, so a write to a closed pipe
+/// returns an error that `println!` turns into a panic.
+fn die_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first in main, before any thread starts; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    die_quietly_on_closed_pipe();
     // Keep freed buffers mapped and candle's spinning pool off rayon's cores
     // (measurements in qgrad_ops::prepare_cpu_training_process); before any
     // thread starts, since it sets an environment variable.

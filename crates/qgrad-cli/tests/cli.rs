@@ -235,6 +235,18 @@ fn train_quantize_eval_and_inspect_agree() {
     ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }
+    // Output into a pipe whose reader is gone (`qgrad inspect f | head`) ends
+    // the process quietly, never with a panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_qgrad"))
+        .args(["inspect", file.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(!o.status.success(), "nothing could be written");
     // A truncated copy of a valid file is rejected with exit code 3.
     let cut = dir.path().join("cut.qgz");
     let full = std::fs::read(&file).unwrap();
