@@ -308,9 +308,11 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
             // these gave 54.8x at 98.05 % and 60.8x at 97.97 %.
             // Then splits four epochs apart, so that the float remainder
             // recovers between them (the most accuracy per bit found): from
-            // the 98.38 % baseline, seeds 1-3 gave 47.4-47.8x at 98.28 %
-            // (-0.10 pt), and with weight decay 1e-3, which rounds more of
-            // the frozen group to zero, 60.5-61.3x at 98.17-98.22 %.
+            // the 98.38 % baseline, `qgrad quantize combined` with seeds 1-3
+            // gave 47.4-47.9x at 98.28 % (-0.10 pt), and with weight decay
+            // 1e-3, which rounds more of the frozen group to zero,
+            // 60.5-61.3x at 98.17-98.22 %. Here (in-training seed 2) they
+            // give 47.43x at 98.18 % and 60.23x at 98.07 %.
             match arch {
                 Arch::Lenet300100 => {
                     let spaced = |wd: Option<f64>| {

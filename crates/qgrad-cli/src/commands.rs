@@ -13,7 +13,7 @@ use qgrad_models::int_infer::{evaluate_candle, EvalReport, FileModel};
 use qgrad_models::optim::Sgd;
 use qgrad_models::quantize::{
     accum_to_host, combined as combine, post_training, InTrainingHook, InTrainingOptions,
-    PostTrainingOptions, QuantizeSummary, QuantizedTensor, SplitOutcome,
+    PostTrainingOptions, QuantizeSummary, QuantizedTensor, Scope, SplitOutcome,
 };
 use qgrad_models::{train as train_loop, Arch, DatasetKind, EpochHook, EpochStats, NamedTensor};
 use qgrad_models::{TrainConfig, TrainState};
@@ -577,19 +577,30 @@ fn run_in_training(
 fn in_training_json(
     opts: &InTrainingOptions,
     args: &InTrainingOptionArgs,
+    training: &TrainingArgs,
     config: &TrainConfig,
 ) -> serde_json::Value {
-    json!({
+    let mut options = json!({
         "fraction": opts.fraction.to_string(),
         "low_bits": opts.low_bits,
         "start_epoch": opts.start_epoch,
-        "split_every": opts.split_every,
-        "split_scope": opts.scope.to_string(),
         "init": args.init,
         "epochs": config.epochs,
         "lr": config.lr,
         "batch_size": config.batch_size,
-    })
+    });
+    // Options at their defaults are left out, so that a file written without
+    // them keeps the bytes (and the ratio) it had before they existed.
+    if opts.split_every != 1 {
+        options["split_every"] = json!(opts.split_every);
+    }
+    if opts.scope != Scope::Global {
+        options["split_scope"] = json!(opts.scope.to_string());
+    }
+    if training.weight_decay.is_some() {
+        options["weight_decay"] = json!(config.weight_decay);
+    }
+    options
 }
 
 pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
@@ -601,7 +612,7 @@ pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
         .finish(&state)
         .runtime("cannot collect the in-training result")?;
     let summary = qgrad_models::quantize::summarize(&quantized);
-    let options = in_training_json(&opts, &args.in_training, &config);
+    let options = in_training_json(&opts, &args.in_training, &args.training, &config);
     let run = (&state, &hook, &config, float_accuracy);
     export_trained(
         "in-training",
@@ -666,7 +677,7 @@ pub fn combined(args: CombinedArgs) -> CliResult<()> {
     let accum = accum_to_host(&state).runtime("cannot copy accumulated gradients")?;
     let (quantized, summary) = combine(&in_training, &accum, &post_opts)
         .runtime("post-training quantization of the remainder failed")?;
-    let mut options = in_training_json(&opts, &args.in_training, &config);
+    let mut options = in_training_json(&opts, &args.in_training, &args.training, &config);
     options["widths"] = json!(post_opts.widths);
     options["cluster"] = json!(post_opts.method.to_string());
     options["scope"] = json!(post_opts.scope.to_string());

@@ -227,17 +227,28 @@ pub struct InTrainingOptions {
     /// Epochs between two splits: 1 (METHOD §4: after every epoch) or more,
     /// which gives the float remainder that many epochs to recover before the
     /// next split.
-    #[serde(default = "one_epoch")]
+    #[serde(default = "one_epoch", skip_serializing_if = "is_one_epoch")]
     pub split_every: usize,
     /// Over which set of float elements a split ranks `A`: all layers together
     /// (global) or each layer separately (every layer freezes its own
     /// fraction `p`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_global")]
     pub scope: Scope,
 }
 
+// The defaults are left out of what is serialized, so a file written with
+// them stays byte for byte what it was before these options existed (and so
+// does its compression ratio).
 fn one_epoch() -> usize {
     1
+}
+
+fn is_one_epoch(n: &usize) -> bool {
+    *n == 1
+}
+
+fn is_global(scope: &Scope) -> bool {
+    *scope == Scope::Global
 }
 
 impl Default for InTrainingOptions {
