@@ -131,22 +131,6 @@ impl InTrainingRecipe {
         }
     }
 
-    /// The same run with a split every `split_every` epochs.
-    fn every(self, split_every: usize) -> Self {
-        Self {
-            split_every,
-            ..self
-        }
-    }
-
-    /// The same run with this weight decay.
-    fn decay(self, weight_decay: f64) -> Self {
-        Self {
-            weight_decay: Some(weight_decay),
-            ..self
-        }
-    }
-
     /// The split fractions joined by `sep` (one number for a constant).
     fn fractions_joined(&self, sep: &str) -> String {
         match &self.fraction {
@@ -157,6 +141,15 @@ impl InTrainingRecipe {
                 .collect::<Vec<_>>()
                 .join(sep),
         }
+    }
+
+    /// The split spacing and weight decay where they differ from a plain
+    /// run's (a split after every epoch, the model's weight decay).
+    fn non_default_extras(&self) -> (Option<usize>, Option<f64>) {
+        (
+            (self.split_every != 1).then_some(self.split_every),
+            self.weight_decay,
+        )
     }
 
     /// A file-name-safe key naming everything that changes the run.
@@ -170,17 +163,11 @@ impl InTrainingRecipe {
         } else {
             format!("-lr{}", self.lr)
         };
-        // Keys of runs with a split after every epoch stay as they were, so
+        // Keys of runs with both at their defaults stay as they were, so
         // their cached results are reused.
-        let gap = if self.split_every == 1 {
-            String::new()
-        } else {
-            format!("-g{}", self.split_every)
-        };
-        let decay = match self.weight_decay {
-            Some(wd) => format!("-wd{wd}"),
-            None => String::new(),
-        };
+        let (gap, decay) = self.non_default_extras();
+        let gap = gap.map(|g| format!("-g{g}")).unwrap_or_default();
+        let decay = decay.map(|wd| format!("-wd{wd}")).unwrap_or_default();
         format!(
             "{kind}{}-b{}-e{}{lr}{gap}{decay}",
             self.fractions_joined("_"),
@@ -190,15 +177,13 @@ impl InTrainingRecipe {
     }
 
     fn label(&self) -> String {
-        let gap = if self.split_every == 1 {
-            String::new()
-        } else {
-            format!(", a split every {} epochs", self.split_every)
-        };
-        let decay = match self.weight_decay {
-            Some(wd) => format!(", weight decay {wd}"),
-            None => String::new(),
-        };
+        let (gap, decay) = self.non_default_extras();
+        let gap = gap
+            .map(|g| format!(", a split every {g} epochs"))
+            .unwrap_or_default();
+        let decay = decay
+            .map(|wd| format!(", weight decay {wd}"))
+            .unwrap_or_default();
         format!(
             "p {}, {} bits, {} epochs, lr {}{gap}{decay}",
             self.fractions_joined("/"),
@@ -315,13 +300,16 @@ fn recipe(scale: Scale, arch: Arch, epochs: Option<usize>, it_epochs: Option<usi
             // give 47.43x at 98.18 % and 60.23x at 98.07 %.
             match arch {
                 Arch::Lenet300100 => {
-                    let spaced = |wd: Option<f64>| {
-                        let mut c = combined_with(&[0.55; 6], 44, 0.04, &[5]);
-                        c.in_training = c.in_training.every(4);
-                        if let Some(wd) = wd {
-                            c.in_training = c.in_training.decay(wd);
+                    let spaced = |weight_decay| {
+                        let c = combined_with(&[0.55; 6], 44, 0.04, &[5]);
+                        CombinedRecipe {
+                            in_training: InTrainingRecipe {
+                                split_every: 4,
+                                weight_decay,
+                                ..c.in_training
+                            },
+                            ..c
                         }
-                        c
                     };
                     vec![
                         combined(&[0.55; 7], 16, 0.03),

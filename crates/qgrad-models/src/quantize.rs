@@ -581,9 +581,7 @@ impl InTrainingQuantizer {
         let options = &self.state.options;
         epoch >= options.start_epoch
             && (epoch - options.start_epoch) % options.split_every == 0
-            && self
-                .state
-                .options
+            && options
                 .fraction
                 .fraction_for_split(self.state.splits)
                 .is_some()
@@ -1031,33 +1029,34 @@ mod tests {
         assert_eq!(outcome.float_remaining, 830 - 372 - 126);
         // Within a layer the frozen elements are the least important ones.
         for range in [0..2, 2..4] {
-            let pairs: Vec<(f32, bool)> = range
-                .clone()
-                .flat_map(|t| {
-                    accum[t]
-                        .values
-                        .iter()
-                        .copied()
-                        .zip(q.state().frozen[t].iter().copied())
-                })
-                .collect();
-            let max_frozen = pairs
-                .iter()
-                .filter(|p| p.1)
-                .map(|p| p.0)
-                .fold(f32::MIN, f32::max);
-            let min_float = pairs
-                .iter()
-                .filter(|p| !p.1)
-                .map(|p| p.0)
-                .fold(f32::MAX, f32::min);
-            assert!(max_frozen <= min_float);
+            assert_frozen_are_least_important(&q, &accum, range);
         }
         let zero_gap = InTrainingOptions {
             split_every: 0,
             ..Default::default()
         };
         assert!(InTrainingQuantizer::new(zero_gap, &shapes(&params)).is_err());
+    }
+
+    /// Over the tensors in `range`, no frozen element has a larger `A` than
+    /// a float one.
+    fn assert_frozen_are_least_important(
+        q: &InTrainingQuantizer,
+        accum: &[NamedTensor],
+        range: std::ops::Range<usize>,
+    ) {
+        let mut max_frozen = f32::MIN;
+        let mut min_float = f32::MAX;
+        for t in range {
+            for (&a, &frozen) in accum[t].values.iter().zip(&q.state().frozen[t]) {
+                if frozen {
+                    max_frozen = max_frozen.max(a);
+                } else {
+                    min_float = min_float.min(a);
+                }
+            }
+        }
+        assert!(max_frozen <= min_float, "{max_frozen} > {min_float}");
     }
 
     fn shapes(params: &[NamedTensor]) -> Vec<(String, Vec<usize>)> {
@@ -1095,26 +1094,7 @@ mod tests {
         assert_eq!(first.newly_frozen, (0.6f64 * total as f64).round() as usize);
         assert_eq!(first.float_remaining, total - first.newly_frozen);
         // The frozen set is exactly the lowest-A elements.
-        let mut all: Vec<(f32, bool)> = Vec::new();
-        for (t, a) in accum.iter().enumerate() {
-            all.extend(
-                a.values
-                    .iter()
-                    .zip(&q.state().frozen[t])
-                    .map(|(&s, &f)| (s, f)),
-            );
-        }
-        let max_frozen = all
-            .iter()
-            .filter(|x| x.1)
-            .map(|x| x.0)
-            .fold(f32::MIN, f32::max);
-        let min_float = all
-            .iter()
-            .filter(|x| !x.1)
-            .map(|x| x.0)
-            .fold(f32::MAX, f32::min);
-        assert!(max_frozen <= min_float);
+        assert_frozen_are_least_important(&q, &accum, 0..accum.len());
         // Frozen values are quantized with the exponent of their tensor.
         let exponents: Vec<i32> = q.state().exponents.iter().map(|e| e.unwrap()).collect();
         for (t, p) in params.iter().enumerate() {
