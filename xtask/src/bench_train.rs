@@ -21,7 +21,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use qgrad_models::{Arch, Network, Sgd};
+use qgrad_models::optim::Sgd;
+use qgrad_models::{Arch, Network};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args, Debug)]
@@ -114,9 +115,9 @@ const PYTHON_ENV: &str = "QGRAD_BENCH_PYTHON";
 fn default_steps(arch: Arch) -> usize {
     match arch {
         Arch::Lenet300100 => 40,
-        Arch::Lenet5 => 20,
+        Arch::Lenet5 | Arch::Mlp { .. } => 20,
         Arch::AlexNet => 10,
-        Arch::Vgg16 => 3,
+        Arch::Vgg16 | Arch::CifarCnn { .. } => 3,
     }
 }
 
@@ -180,7 +181,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             );
             let mut qgrad_cmd = Command::new(&exe);
             qgrad_cmd
-                .args(["bench-train", "--worker", "--nets", arch.name()])
+                .args(["bench-train", "--worker", "--nets", &arch.name()])
                 .args(&common);
             qgrad_runs.push(run_side(qgrad_cmd, threads, "qgrad")?);
             if !args.skip_torch {
@@ -188,7 +189,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
                 let mut torch_cmd = Command::new(&python);
                 torch_cmd
                     .arg(&script)
-                    .args(["--net", arch.name()])
+                    .args(["--net", &arch.name()])
                     .args(&common);
                 torch_runs.push(run_side(torch_cmd, threads, "PyTorch")?);
             }

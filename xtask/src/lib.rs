@@ -6,10 +6,10 @@
 //! else lives in this library so that the integration tests in `xtask/tests/`
 //! can drive the downloader against a loopback server and the report and plot
 //! writers against synthetic results, without a network or a training run.
-//! The reproduction orchestrates qgrad-models' public API (training, the three
-//! quantization methods, export, integer inference) and never re-implements a
-//! method step: this crate decides *what* to run and records it; the library
-//! crates decide *how*.
+//! The reproduction calls `qgrad-pipeline`, the same steps the `qgrad` CLI
+//! calls (training, the three quantization methods, export, integer
+//! inference), and never re-implements one: this crate decides *what* to run
+//! and records it; the library crates decide *how*.
 //!
 //! Everything written (datasets, results, reports, plots) goes to a temporary
 //! name in the target directory first and is renamed into place, so an
@@ -19,6 +19,7 @@
 pub mod download;
 pub mod fsutil;
 pub mod plot;
+mod recipe;
 pub mod report;
 pub mod reproduce;
 pub mod results;

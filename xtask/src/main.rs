@@ -90,6 +90,10 @@ struct ReproduceArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// In-training runs fine-tune the baseline with its accumulated
+    /// gradients carried on (carry, METHOD §1) or started at zero (zero).
+    #[arg(long, default_value = "carry", value_parser = ["carry", "zero"])]
+    accum_start: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +160,7 @@ fn run_reproduce(args: ReproduceArgs, sweep_command: bool) -> Result<()> {
         sweep: !args.no_sweep,
         act_bits: args.act_bits,
         progress: !args.quiet,
+        accum_start: args.accum_start.parse()?,
         command: format!(
             "cargo xtask {}",
             std::env::args().skip(1).collect::<Vec<_>>().join(" ")

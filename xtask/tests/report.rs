@@ -24,7 +24,7 @@ fn point(
         file_accuracy: Some(acc),
         float_accuracy: 0.982,
         seconds: 1.5,
-        file: format!("models/{model}/{label}.qgrad"),
+        file: format!("models/{model}/{label}.qgz"),
         pareto: false,
     }
 }

@@ -1,104 +1,40 @@
-//! The pipelines behind the subcommands.
+//! The subcommands: each parses nothing and computes nothing of its own. It
+//! turns its arguments into `qgrad-pipeline` calls and prints the outcome.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
-use qgrad_models::checkpoint::{load_checkpoint, CHECKPOINT_FILE};
-use qgrad_models::data::cifar::load_cifar10;
-use qgrad_models::data::mnist::load_mnist;
-use qgrad_models::data::{Dataset, Normalization};
-use qgrad_models::export::{export, ExportMetadata};
-use qgrad_models::int_infer::{evaluate_candle, EvalReport, FileModel};
-use qgrad_models::optim::Sgd;
-use qgrad_models::quantize::{
-    accum_to_host, combined as combine, post_training, InTrainingHook, InTrainingOptions,
-    PostTrainingOptions, QuantizeSummary, QuantizedTensor, Scope, SplitOutcome,
+use qgrad_data::Dataset;
+use qgrad_models::eval::evaluate_candle;
+use qgrad_models::methods::{
+    InTrainingOptions, PostTrainingOptions, QuantizeSummary, Scope, SplitOutcome,
 };
-use qgrad_models::{train as train_loop, Arch, DatasetKind, EpochHook, EpochStats, NamedTensor};
-use qgrad_models::{TrainConfig, TrainState};
+use qgrad_models::train::OptimizerKind;
+use qgrad_models::{Arch, EpochStats, TrainConfig, TrainHook, TrainState};
+use qgrad_pipeline::data::{load_datasets, resolve_data_dir};
+use qgrad_pipeline::in_training::{run_in_training, InTrainingOutcome, InTrainingRun, Start};
+use qgrad_pipeline::{
+    compress_combined, compress_in_training, compress_post_training, default_device,
+    export_and_evaluate, load_trained, train_float, Compressed, ExportOptions,
+};
+use qgrad_runtime::{EvalReport, FileModel};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::failure::{Classify, CliResult, Failure, INPUT};
+use crate::failure::{Classify, CliResult, Failure};
 use crate::{
     CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs, InspectArgs,
     OutputArgs, PostArgs, PostOptionArgs, TrainArgs, TrainingArgs,
 };
 
-const EVAL_BATCH: usize = 500;
-
-fn device() -> Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
-        return d;
-    }
-    Device::Cpu
-}
-
-/// The default data folder of a data set: `datasets/mnist-mini` (the subset
-/// shipped in the repository) for MNIST, `datasets/cifar10` (where
-/// `cargo xtask download cifar10` puts it) for CIFAR-10; looked for in the
-/// current directory or an ancestor of it or of the binary (a binary under
-/// `target/…/` finds the repository's copy).
-fn default_data_dir(kind: DatasetKind) -> Option<PathBuf> {
-    let rel = match kind {
-        DatasetKind::Mnist => "mnist-mini",
-        DatasetKind::Cifar10 => "cifar10",
-    };
-    let mut roots = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        roots.push(cwd);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        roots.push(exe);
-    }
-    roots.iter().find_map(|root| {
-        root.ancestors()
-            .map(|dir| dir.join("datasets").join(rel))
-            .find(|dir| dir.is_dir())
-    })
-}
-
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
-    let dir = match &args.data {
-        Some(dir) => dir.clone(),
-        None => default_data_dir(arch.dataset()).ok_or_else(|| {
-            let hint = match arch.dataset() {
-                DatasetKind::Mnist => "the shipped subset datasets/mnist-mini was not found",
-                DatasetKind::Cifar10 => {
-                    "datasets/cifar10 was not found (fetch it with `cargo xtask download cifar10`)"
-                }
-            };
-            Failure::new(
-                INPUT,
-                anyhow::anyhow!(
-                    "{arch}: no --data given and {hint} from the current directory or the \
-                     binary's location"
-                ),
-            )
-        })?,
-    };
-    let (mut train, mut test) = match arch.dataset() {
-        DatasetKind::Mnist => {
-            load_mnist(&dir).input(format!("cannot load MNIST from {}", dir.display()))?
-        }
-        DatasetKind::Cifar10 => {
-            load_cifar10(&dir).input(format!("cannot load CIFAR-10 from {}", dir.display()))?
-        }
-    };
-    if let Some(n) = args.train_limit {
-        train = train.take(n);
-    }
-    if let Some(n) = args.test_limit {
-        test = test.take(n);
-    }
-    if train.is_empty() || test.is_empty() {
-        return Err(Failure::usage(
-            "the training or test set is empty (check the limits)",
-        ));
-    }
-    Ok((train, test))
+    let dir = resolve_data_dir(arch, args.data.as_deref())?;
+    Ok(load_datasets(
+        arch,
+        &dir,
+        args.train_limit,
+        args.test_limit,
+    )?)
 }
 
 fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
@@ -113,26 +49,14 @@ fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     if let Some(decay) = args.weight_decay {
         config.weight_decay = decay;
     }
+    if args.optimizer == "adam" {
+        config.optimizer = OptimizerKind::ADAM;
+    }
     config.batch_size = args.batch_size;
     config.max_batches_per_epoch = args.max_batches;
     config.progress = !args.no_progress;
     config.validate().usage("invalid training options")?;
     Ok(config)
-}
-
-fn checkpoint_file(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(CHECKPOINT_FILE)
-    } else {
-        path.to_path_buf()
-    }
-}
-
-fn normalization(config: &TrainConfig, train: &Dataset) -> Normalization {
-    config
-        .normalization
-        .clone()
-        .unwrap_or_else(|| train.channel_statistics())
 }
 
 fn pct(x: f64) -> String {
@@ -145,82 +69,26 @@ fn print_json<T: Serialize>(value: &T) -> CliResult<()> {
     Ok(())
 }
 
-/// Prints each finished epoch on stderr (the training loop records an
-/// epoch's statistics after its hook; the next hook call prints them) and
-/// delegates to an inner hook.
-struct EpochPrinter<'a> {
-    printed: usize,
-    inner: Option<&'a mut dyn EpochHook>,
-}
+/// Prints each finished epoch on stderr (the training loop's last stage).
+struct EpochPrinter;
 
-fn print_epoch(e: &EpochStats) {
-    eprintln!(
-        "epoch {:>3}: loss {:.4}  test accuracy {}  lr {:.4}  {:.0} img/s  frozen {}",
-        e.epoch + 1,
-        e.train_loss,
-        pct(e.test_accuracy),
-        e.lr,
-        e.images_per_second,
-        pct(e.frozen_fraction)
-    );
-}
-
-impl EpochPrinter<'_> {
-    fn flush(&mut self, state: &TrainState) {
-        for e in state.history.iter().skip(self.printed) {
-            print_epoch(e);
-        }
-        self.printed = state.history.len();
-    }
-}
-
-impl EpochHook for EpochPrinter<'_> {
-    fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> qgrad_models::Result<()> {
-        self.flush(state);
-        match self.inner.as_deref_mut() {
-            Some(h) => h.after_epoch(epoch, state),
-            None => Ok(()),
-        }
+impl TrainHook for EpochPrinter {
+    fn name(&self) -> &'static str {
+        "epoch-printer"
     }
 
-    // The wrapped hook's state is what checkpoints must carry.
-    fn checkpoint_state(&self) -> qgrad_models::Result<Option<String>> {
-        match self.inner.as_deref() {
-            Some(h) => h.checkpoint_state(),
-            None => Ok(None),
-        }
+    fn epoch_finished(&mut self, e: &EpochStats, _: &TrainState) -> qgrad_models::Result<()> {
+        eprintln!(
+            "epoch {:>3}: loss {:.4}  test accuracy {}  lr {:.4}  {:.0} img/s  frozen {}",
+            e.epoch + 1,
+            e.train_loss,
+            pct(e.test_accuracy),
+            e.lr,
+            e.images_per_second,
+            pct(e.frozen_fraction)
+        );
+        Ok(())
     }
-
-    fn restore_state(&mut self, saved: &str, state: &TrainState) -> qgrad_models::Result<()> {
-        match self.inner.as_deref_mut() {
-            Some(h) => h.restore_state(saved, state),
-            None => Ok(()),
-        }
-    }
-}
-
-fn run_training(
-    state: &mut TrainState,
-    train: &Dataset,
-    test: &Dataset,
-    config: &TrainConfig,
-    hook: Option<&mut dyn EpochHook>,
-) -> CliResult<()> {
-    let mut printer = EpochPrinter {
-        printed: state.history.len(),
-        inner: hook,
-    };
-    train_loop(state, train, test, config, Some(&mut printer)).map_err(|e| match e {
-        // A resumed checkpoint that does not fit the options is the user's
-        // to fix, like any other bad option.
-        qgrad_models::ModelsError::Config(m) => Failure::usage(m),
-        e => Failure::new(
-            crate::failure::RUNTIME,
-            anyhow::Error::new(e).context("training failed"),
-        ),
-    })?;
-    printer.flush(state);
-    Ok(())
 }
 
 pub fn train(args: TrainArgs) -> CliResult<()> {
@@ -228,29 +96,31 @@ pub fn train(args: TrainArgs) -> CliResult<()> {
     let mut config = training_config(arch, &args.training)?;
     config.checkpoint_dir = Some(args.out.clone());
     let (train, test) = load_data(arch, &args.data)?;
-    let (mut state, resumed) = TrainState::resume_or_new(arch, &device(), &config)
-        .input(format!("cannot resume from {}", args.out.display()))?;
-    if resumed {
-        eprintln!(
-            "resuming {} after epoch {}",
-            args.out.display(),
-            state.epoch
-        );
-    }
-    eprintln!(
-        "training {arch} for {} epochs on {} images (seed {})",
-        config.epochs,
-        train.len(),
-        config.seed
-    );
-    run_training(&mut state, &train, &test, &config, None)?;
-    let accuracy = state.history.last().map(|e| e.test_accuracy);
-    let checkpoint = args.out.join(CHECKPOINT_FILE);
+    let trained = train_float(
+        arch,
+        &config,
+        &default_device(),
+        (&train, &test),
+        &mut [&mut EpochPrinter],
+        |resumed| {
+            if let Some(epoch) = resumed {
+                eprintln!("resuming {} after epoch {epoch}", args.out.display());
+            }
+            eprintln!(
+                "training {arch} for {} epochs on {} images (seed {})",
+                config.epochs,
+                train.len(),
+                config.seed
+            );
+        },
+    )?;
+    let accuracy = trained.state.history.last().map(|e| e.test_accuracy);
+    let checkpoint = args.out.join(qgrad_models::checkpoint::CHECKPOINT_FILE);
     if args.json {
         print_json(&json!({
             "model": arch.name(),
             "seed": config.seed,
-            "epochs": state.history,
+            "epochs": trained.state.history,
             "test_accuracy": accuracy,
             "checkpoint": checkpoint,
         }))
@@ -286,11 +156,16 @@ fn in_training_options(args: &InTrainingOptionArgs) -> CliResult<InTrainingOptio
     Ok(opts)
 }
 
-fn layout(output: &OutputArgs) -> LayoutChoice {
-    match output.layout.as_str() {
-        "csr" => LayoutChoice::Csr,
-        "dense" => LayoutChoice::Dense,
-        _ => LayoutChoice::Auto,
+fn export_options(output: &OutputArgs) -> ExportOptions {
+    ExportOptions {
+        act_bits: output.act_bits,
+        layout: match output.layout.as_str() {
+            "csr" => LayoutChoice::Csr,
+            "dense" => LayoutChoice::Dense,
+            _ => LayoutChoice::Auto,
+        },
+        device: default_device(),
+        run_file: true,
     }
 }
 
@@ -327,78 +202,68 @@ struct QuantizeOutcome {
     size: SizeReport,
 }
 
-struct Quantized<'a> {
-    arch: Arch,
-    method: &'static str,
-    options: serde_json::Value,
-    seed: Option<u64>,
-    params: Vec<QuantizedTensor>,
-    summary: QuantizeSummary,
-    buffers: Vec<NamedTensor>,
-    norm: Normalization,
-    test: &'a Dataset,
+/// What an in-training run adds to the report.
+#[derive(Default)]
+struct RunReport {
     float_accuracy: Option<f64>,
     trained_accuracy: Option<f64>,
     training: Vec<EpochStats>,
     splits: Vec<(usize, SplitOutcome)>,
 }
 
-/// Evaluates the quantized model in candle, exports it, runs the file with
-/// the integer kernels, and prints the outcome.
-fn evaluate_and_export(q: Quantized, output: &OutputArgs) -> CliResult<()> {
-    let device = device();
-    eprintln!("evaluating the quantized model in candle ...");
-    let candle = evaluate_candle(
-        q.arch,
-        &q.params,
-        &q.buffers,
-        q.test,
-        &q.norm,
-        output.act_bits,
-        EVAL_BATCH,
-        &device,
-    )
-    .runtime("candle evaluation of the quantized model failed")?;
-    let meta = ExportMetadata {
-        arch: q.arch,
-        act_bits: output.act_bits,
-        norm: q.norm.clone(),
-        method: q.method.to_string(),
-        options: q.options.clone(),
-        seed: q.seed,
-        extra: q
-            .float_accuracy
-            .map(|a| vec![("float_accuracy".to_string(), a.to_string())])
-            .unwrap_or_default(),
-    };
-    let size = export(&output.out, &q.params, &q.buffers, &meta, layout(output))
-        .runtime(format!("cannot write {}", output.out.display()))?;
-    eprintln!("running {} with integer kernels ...", output.out.display());
-    let model = CompressedModel::read_file(&output.out)
-        .runtime(format!("cannot read back {}", output.out.display()))?;
-    let file_eval = FileModel::new(&model)
-        .and_then(|m| m.evaluate(q.test, EVAL_BATCH))
-        .runtime("integer inference from the file failed")?;
+impl RunReport {
+    fn of(run: &InTrainingOutcome) -> Self {
+        RunReport {
+            float_accuracy: run.float_accuracy,
+            trained_accuracy: run.state.history.last().map(|e| e.test_accuracy),
+            training: run.state.history.clone(),
+            splits: run.hook.log.clone(),
+        }
+    }
+}
+
+/// Writes the file, evaluates it in candle and from the file, and prints the
+/// outcome.
+fn export_and_print(
+    mut model: Compressed,
+    run: RunReport,
+    test: &Dataset,
+    output: &OutputArgs,
+) -> CliResult<()> {
+    if let Some(a) = run.float_accuracy {
+        model
+            .extra
+            .push(("float_accuracy".to_string(), a.to_string()));
+    }
+    eprintln!(
+        "writing {}, evaluating it in candle and with integer kernels ...",
+        output.out.display()
+    );
+    let out = export_and_evaluate(&model, &output.out, test, &export_options(output))?;
+    let file_eval = out
+        .file
+        .as_ref()
+        .ok_or_else(|| Failure::usage("the file was not run"))?;
     let outcome = QuantizeOutcome {
-        model: q.arch.name().to_string(),
-        method: q.method.to_string(),
-        options: q.options,
-        seed: q.seed,
+        model: model.arch.name(),
+        method: model.method.clone(),
+        options: model.options.clone(),
+        seed: model.seed,
         file: output.out.clone(),
-        file_bytes: size.file_bytes,
-        parameters: size.parameters,
-        ratio: size.ratio,
-        float_accuracy: q.float_accuracy,
-        trained_accuracy: q.trained_accuracy,
-        quantized_accuracy: candle.accuracy,
+        file_bytes: out.size.file_bytes,
+        parameters: out.size.parameters,
+        ratio: out.size.ratio,
+        float_accuracy: run.float_accuracy,
+        trained_accuracy: run.trained_accuracy,
+        quantized_accuracy: out.candle.accuracy,
         file_accuracy: file_eval.accuracy,
-        mismatches: candle.mismatches(&file_eval),
-        test_images: q.test.len(),
+        mismatches: out.mismatches().unwrap_or(0),
+        test_images: test.len(),
         act_bits: output.act_bits,
-        summary: q.summary,
-        training: q.training,
-        splits: q.splits,
-        size,
+        summary: model.summary.clone(),
+        training: run.training,
+        splits: run.splits,
+        size: out.size.clone(),
     };
     if output.json {
         return print_json(&outcome);
@@ -449,129 +314,67 @@ fn evaluate_and_export(q: Quantized, output: &OutputArgs) -> CliResult<()> {
     Ok(())
 }
 
-fn load_trained(path: &Path) -> CliResult<(TrainState, TrainConfig)> {
-    let file = checkpoint_file(path);
-    load_checkpoint(&file, &device()).input(format!("cannot load checkpoint {}", file.display()))
-}
-
 pub fn post(args: PostArgs) -> CliResult<()> {
     let opts = post_options(&args.post)?;
-    let (state, config) = load_trained(&args.checkpoint)?;
-    let arch = state.network.arch;
-    let (train, test) = load_data(arch, &args.data)?;
-    let norm = normalization(&config, &train);
+    let trained = load_trained(&args.checkpoint, &default_device())?;
+    let (train, test) = load_data(trained.arch(), &args.data)?;
+    let norm = trained.normalization(&train);
     eprintln!("evaluating the float model ...");
-    let float_accuracy = state
-        .network
-        .evaluate(&test, &norm, EVAL_BATCH)
-        .runtime("evaluation of the float model failed")?;
-    let params = state
-        .network
-        .params_to_host()
-        .runtime("cannot copy parameters")?;
-    let buffers = state
-        .network
-        .buffers_to_host()
-        .runtime("cannot copy buffers")?;
-    let accum = accum_to_host(&state).runtime("cannot copy accumulated gradients")?;
-    let (quantized, summary) =
-        post_training(&params, &accum, &opts, None).runtime("post-training quantization failed")?;
-    evaluate_and_export(
-        Quantized {
-            arch,
-            method: "post-training",
-            options: json!({
-                "widths": opts.widths,
-                "cluster": opts.method.to_string(),
-                "scope": opts.scope.to_string(),
-                "checkpoint": args.checkpoint,
-            }),
-            seed: Some(config.seed),
-            params: quantized,
-            summary,
-            buffers,
-            norm,
-            test: &test,
-            float_accuracy: Some(float_accuracy),
-            trained_accuracy: None,
-            training: Vec::new(),
-            splits: Vec::new(),
-        },
-        &args.output,
-    )
+    let float_accuracy = trained.accuracy(&test, &norm)?;
+    let options = json!({
+        "widths": opts.widths,
+        "cluster": opts.method.to_string(),
+        "scope": opts.scope.to_string(),
+        "checkpoint": args.checkpoint,
+    });
+    let host = trained.to_host(norm)?;
+    let model = compress_post_training(&host, &opts, options, Some(trained.config.seed))?;
+    let run = RunReport {
+        float_accuracy: Some(float_accuracy),
+        ..Default::default()
+    };
+    export_and_print(model, run, &test, &args.output)
 }
 
-/// Trains with in-training quantization; returns the state, the hook, the
-/// normalisation and the float accuracy of the --init checkpoint.
-fn run_in_training(
+/// Trains with in-training quantization (from --init or from scratch,
+/// resuming --checkpoint-dir's run).
+fn in_training_run(
     training: &TrainingArgs,
     opts: &InTrainingOptions,
     in_args: &InTrainingOptionArgs,
-    train: &Dataset,
-    test: &Dataset,
-) -> CliResult<(TrainState, InTrainingHook, TrainConfig, Option<f64>)> {
+    data: (&Dataset, &Dataset),
+) -> CliResult<InTrainingOutcome> {
     let arch = training.model;
     let mut config = training_config(arch, training)?;
-    let (state, float_accuracy) = match in_args.init.as_deref() {
-        Some(path) => {
-            let (mut state, init_config) = load_trained(path)?;
-            if state.network.arch != arch {
-                return Err(Failure::usage(format!(
-                    "--init holds {}, but --model is {arch}",
-                    state.network.arch
-                )));
-            }
-            // Same normalisation as the network was trained with; a fresh
-            // schedule, momentum and freeze state; the accumulated gradients
-            // carry on.
-            config.normalization = Some(normalization(&init_config, train));
-            let norm = normalization(&config, train);
-            let accuracy = state
-                .network
-                .evaluate(test, &norm, EVAL_BATCH)
-                .runtime("evaluation of the --init model failed")?;
-            let params = state.network.parameters();
-            state.optimizer = Sgd::new(&params, config.momentum, config.weight_decay)
-                .runtime("cannot create the optimizer")?;
-            state.masks = vec![None; params.len()];
-            state.epoch = 0;
-            state.history.clear();
-            (state, Some(accuracy))
-        }
-        None => (
-            TrainState::new(arch, &device(), &config).runtime("cannot create the network")?,
-            None,
-        ),
+    config.checkpoint_dir = in_args.checkpoint_dir.clone();
+    let start = match in_args.init.as_deref() {
+        Some(path) => Start::Checkpoint {
+            path,
+            accum: in_args.accum_start,
+            evaluate: true,
+        },
+        None => Start::Scratch,
     };
-    let mut state = state;
-    if let Some(dir) = in_args.checkpoint_dir.as_deref() {
-        config.checkpoint_dir = Some(dir.to_path_buf());
-        let file = dir.join(CHECKPOINT_FILE);
-        if file.is_file() {
-            let (resumed, _) = load_trained(&file)?;
-            if resumed.network.arch != arch {
-                return Err(Failure::usage(format!(
-                    "--checkpoint-dir {} holds a {} run, but --model is {arch}",
-                    dir.display(),
-                    resumed.network.arch
-                )));
-            }
-            eprintln!(
-                "resuming the in-training run in {} after epoch {}",
-                dir.display(),
-                resumed.epoch
-            );
-            state = resumed;
-        }
-    }
-    let mut hook =
-        InTrainingHook::new(opts.clone(), &state).usage("invalid in-training options")?;
     eprintln!(
         "training {arch} for {} epochs with in-training quantization (p = {}, b_low = {}, from epoch {}, seed {})",
         config.epochs, opts.fraction, opts.low_bits, opts.start_epoch, config.seed
     );
-    run_training(&mut state, train, test, &config, Some(&mut hook))?;
-    Ok((state, hook, config, float_accuracy))
+    let run = InTrainingRun {
+        arch,
+        config,
+        options: opts.clone(),
+        start,
+        device: default_device(),
+    };
+    if let Some(dir) = &in_args.checkpoint_dir {
+        if dir
+            .join(qgrad_models::checkpoint::CHECKPOINT_FILE)
+            .is_file()
+        {
+            eprintln!("resuming the in-training run in {}", dir.display());
+        }
+    }
+    Ok(run_in_training(run, data, &mut [&mut EpochPrinter])?)
 }
 
 fn in_training_json(
@@ -600,97 +403,35 @@ fn in_training_json(
     if training.weight_decay.is_some() {
         options["weight_decay"] = json!(config.weight_decay);
     }
+    if args.init.is_some() && args.accum_start != qgrad_pipeline::AccumStart::Carry {
+        options["accum_start"] = json!(args.accum_start.to_string());
+    }
+    if training.optimizer != "sgd" {
+        options["optimizer"] = json!(training.optimizer);
+    }
     options
 }
 
 pub fn in_training(args: InTrainingArgs) -> CliResult<()> {
     let opts = in_training_options(&args.in_training)?;
     let (train, test) = load_data(args.training.model, &args.data)?;
-    let (state, hook, config, float_accuracy) =
-        run_in_training(&args.training, &opts, &args.in_training, &train, &test)?;
-    let quantized = hook
-        .finish(&state)
-        .runtime("cannot collect the in-training result")?;
-    let summary = qgrad_models::quantize::summarize(&quantized);
-    let options = in_training_json(&opts, &args.in_training, &args.training, &config);
-    let run = (&state, &hook, &config, float_accuracy);
-    export_trained(
-        "in-training",
-        options,
-        quantized,
-        summary,
-        run,
-        (&train, &test),
-        &args.output,
-    )
-}
-
-/// Exports the outcome of an in-training run (in-training or combined): the
-/// record both methods share, built in one place.
-fn export_trained(
-    method: &'static str,
-    options: serde_json::Value,
-    params: Vec<QuantizedTensor>,
-    summary: QuantizeSummary,
-    (state, hook, config, float_accuracy): (
-        &TrainState,
-        &InTrainingHook,
-        &TrainConfig,
-        Option<f64>,
-    ),
-    (train, test): (&Dataset, &Dataset),
-    output: &OutputArgs,
-) -> CliResult<()> {
-    let buffers = state
-        .network
-        .buffers_to_host()
-        .runtime("cannot copy buffers")?;
-    evaluate_and_export(
-        Quantized {
-            arch: state.network.arch,
-            method,
-            options,
-            seed: Some(config.seed),
-            params,
-            summary,
-            buffers,
-            norm: normalization(config, train),
-            test,
-            float_accuracy,
-            trained_accuracy: state.history.last().map(|e| e.test_accuracy),
-            training: state.history.clone(),
-            splits: hook.log.clone(),
-        },
-        output,
-    )
+    let run = in_training_run(&args.training, &opts, &args.in_training, (&train, &test))?;
+    let options = in_training_json(&opts, &args.in_training, &args.training, &run.config);
+    let model = compress_in_training(&run, options)?;
+    export_and_print(model, RunReport::of(&run), &test, &args.output)
 }
 
 pub fn combined(args: CombinedArgs) -> CliResult<()> {
     let post_opts = post_options(&args.post)?;
     let opts = in_training_options(&args.in_training)?;
     let (train, test) = load_data(args.training.model, &args.data)?;
-    let (state, hook, config, float_accuracy) =
-        run_in_training(&args.training, &opts, &args.in_training, &train, &test)?;
-    let in_training = hook
-        .finish(&state)
-        .runtime("cannot collect the in-training result")?;
-    let accum = accum_to_host(&state).runtime("cannot copy accumulated gradients")?;
-    let (quantized, summary) = combine(&in_training, &accum, &post_opts)
-        .runtime("post-training quantization of the remainder failed")?;
-    let mut options = in_training_json(&opts, &args.in_training, &args.training, &config);
+    let run = in_training_run(&args.training, &opts, &args.in_training, (&train, &test))?;
+    let mut options = in_training_json(&opts, &args.in_training, &args.training, &run.config);
     options["widths"] = json!(post_opts.widths);
     options["cluster"] = json!(post_opts.method.to_string());
     options["scope"] = json!(post_opts.scope.to_string());
-    let run = (&state, &hook, &config, float_accuracy);
-    export_trained(
-        "combined",
-        options,
-        quantized,
-        summary,
-        run,
-        (&train, &test),
-        &args.output,
-    )
+    let model = compress_combined(&run, &post_opts, options)?;
+    export_and_print(model, RunReport::of(&run), &test, &args.output)
 }
 
 fn read_model(path: &Path) -> CliResult<CompressedModel> {
@@ -708,21 +449,8 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
         .evaluate(&test, args.batch_size)
         .runtime("integer inference failed")?;
     let candle: Option<EvalReport> = if args.compare_candle {
-        let params: Vec<QuantizedTensor> = model
-            .tensors
-            .iter()
-            .map(|t| QuantizedTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                values: t.dequantize(),
-                widths: t.widths(),
-                exponent: t.exponent,
-            })
-            .collect();
-        let norm = Normalization {
-            mean: file_model.meta.mean.clone(),
-            std: file_model.meta.std.clone(),
-        };
+        let params = qgrad_pipeline::compress::file_tensors(&model);
+        let norm = file_model.meta.normalization();
         Some(
             evaluate_candle(
                 arch,
@@ -732,7 +460,7 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
                 &norm,
                 file_model.meta.act_bits,
                 args.batch_size,
-                &device(),
+                &default_device(),
             )
             .runtime("candle evaluation failed")?,
         )

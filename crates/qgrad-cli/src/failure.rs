@@ -64,3 +64,15 @@ where
         self.map_err(|e| Failure::new(USAGE, anyhow::Error::new(e).context(context.to_string())))
     }
 }
+
+impl From<qgrad_pipeline::PipelineError> for Failure {
+    fn from(e: qgrad_pipeline::PipelineError) -> Self {
+        use qgrad_pipeline::FailureKind;
+        let code = match e.kind() {
+            FailureKind::Input => INPUT,
+            FailureKind::Usage => USAGE,
+            FailureKind::Runtime => RUNTIME,
+        };
+        Failure::new(code, anyhow::Error::new(e))
+    }
+}

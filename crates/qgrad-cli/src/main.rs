@@ -20,8 +20,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use qgrad_cluster::ClusterMethod;
-use qgrad_models::quantize::{FractionSchedule, Scope};
+use qgrad_models::methods::{FractionSchedule, Scope};
 use qgrad_models::Arch;
+use qgrad_pipeline::AccumStart;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -98,7 +99,8 @@ struct DataArgs {
 
 #[derive(Args, Debug, Clone)]
 struct TrainingArgs {
-    /// Network: lenet-300-100, lenet-5, alexnet or vgg-16.
+    /// Network: lenet-300-100, lenet-5, alexnet, vgg-16, an MNIST MLP
+    /// mlp-<width>x<depth>[-bn] or the CIFAR-10 CNN cnn-<channels>.
     #[arg(long, default_value = "lenet-300-100", value_parser = parse_arch)]
     model: Arch,
     /// Seed of initialisation, shuffling, augmentation and dropout.
@@ -122,6 +124,9 @@ struct TrainingArgs {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+    /// Optimizer: sgd (momentum 0.9) or adam (β 0.9/0.999, bias-corrected).
+    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam"])]
+    optimizer: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -161,9 +166,13 @@ struct InTrainingOptionArgs {
     #[arg(long, default_value = "global", value_parser = parse_scope)]
     split_scope: Scope,
     /// Start from this trained checkpoint (file or directory) instead of a
-    /// fresh network; its accumulated gradients carry on.
+    /// fresh network.
     #[arg(long, value_name = "CHECKPOINT")]
     init: Option<PathBuf>,
+    /// With --init: carry the baseline's accumulated gradients on (METHOD §1
+    /// sums over the whole training process) or start them at zero.
+    #[arg(long, default_value = "carry", value_parser = parse_accum_start)]
+    accum_start: AccumStart,
     /// Checkpoint the run here after every epoch (network, momentum,
     /// accumulated gradients, freeze masks and the split state); a checkpoint
     /// already there is resumed, so a killed run continues where it stopped.
@@ -291,6 +300,11 @@ fn parse_cluster(s: &str) -> Result<ClusterMethod, String> {
 fn parse_scope(s: &str) -> Result<Scope, String> {
     s.parse()
         .map_err(|e: qgrad_models::ModelsError| e.to_string())
+}
+
+fn parse_accum_start(s: &str) -> Result<AccumStart, String> {
+    s.parse()
+        .map_err(|e: qgrad_pipeline::PipelineError| e.to_string())
 }
 
 fn parse_fraction(s: &str) -> Result<FractionSchedule, String> {

@@ -257,6 +257,49 @@ fn train_quantize_eval_and_inspect_agree() {
         "error:",
     );
 
+    // A checkpoint with one flipped bit in its tensor data is refused with
+    // exit code 3 and a message naming the file, whichever command reads it.
+    let bad_ck = dir.path().join("bad.safetensors");
+    let mut bytes = std::fs::read(ck.join("checkpoint.safetensors")).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x10;
+    std::fs::write(&bad_ck, &bytes).unwrap();
+    let bad = bad_ck.to_str().unwrap();
+    let out = dir.path().join("never.qgz");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec![
+            "quantize",
+            "post",
+            "--checkpoint",
+            bad,
+            "--data",
+            data,
+            "--out",
+            out,
+        ],
+        vec![
+            "quantize",
+            "in-training",
+            "--init",
+            bad,
+            "--data",
+            data,
+            "--out",
+            out,
+            "--epochs",
+            "1",
+        ],
+    ] {
+        let o = qgrad(&args);
+        assert_clean_failure(&o, 3, "bad.safetensors");
+        assert_clean_failure(&o, 3, "checksum");
+    }
+    assert!(
+        !Path::new(out).exists(),
+        "nothing is written from a corrupt checkpoint"
+    );
+
     // In-training and combined from the trained checkpoint, one short epoch.
     for method in ["in-training", "combined"] {
         let out = dir.path().join(format!("{method}.qgz"));

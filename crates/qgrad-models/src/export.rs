@@ -1,16 +1,11 @@
-//! Export of a quantized model to the compressed file of qgrad-csr, and the
-//! metadata that lets the file run on its own ([`crate::int_infer`]).
+//! Export of a quantized model to the compressed file of qgrad-csr, with the
+//! metadata that lets the file run on its own (`qgrad_runtime::metadata`).
 //!
 //! The file holds every trainable parameter with its per-element widths and
 //! its quantizer's exponent, plus the batch-norm running statistics as f32
 //! (width 32) tensors. Statistics are stored, not folded into the preceding
 //! convolution: folding would change the quantized weights, and the integer
 //! inference must compute exactly what the candle-side quantized model does.
-//!
-//! Metadata keys (all strings): `arch` (the `Arch` name), `act_bits`,
-//! `norm.mean` / `norm.std` (JSON arrays of f32, which round-trip exactly),
-//! `method`, `options` (JSON), `seed`, `qgrad_version`, plus any extra pairs
-//! the caller adds (e.g. `float_accuracy`).
 //!
 //! After writing, the exporter decodes the file it wrote and checks that every
 //! parameter decodes to exactly the quantized values it was given (bit for
@@ -21,43 +16,14 @@ use std::path::Path;
 
 use qgrad_csr::{CompressedModel, EncodeOptions, LayoutChoice, SizeReport, TensorData};
 use qgrad_fixed::FLOAT;
-use serde::Serialize;
+pub use qgrad_runtime::ExportMetadata;
 
-use crate::data::Normalization;
 use crate::error::{ModelsError, Result};
-use crate::quantize::QuantizedTensor;
-use crate::{Arch, NamedTensor};
+use crate::methods::QuantizedTensor;
+use crate::NamedTensor;
 
-fn invalid(message: impl Into<String>) -> ModelsError {
-    ModelsError::Config(message.into())
-}
-
-/// What to write into the file besides the tensors.
-#[derive(Debug, Clone)]
-pub struct ExportMetadata {
-    pub arch: Arch,
-    /// Activation width of the integer inference (2..=16).
-    pub act_bits: u8,
-    pub norm: Normalization,
-    /// `post-training`, `in-training`, `combined` (or anything descriptive).
-    pub method: String,
-    /// The method's options as JSON.
-    pub options: serde_json::Value,
-    pub seed: Option<u64>,
-    /// Further key/value pairs.
-    pub extra: Vec<(String, String)>,
-}
-
-/// The metadata a compressed model file must carry to be run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FileMetadata {
-    pub arch: Arch,
-    pub act_bits: u8,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
-    pub method: Option<String>,
-    pub seed: Option<u64>,
-}
+/// The file extension of compressed models (FORMAT.md).
+pub const EXTENSION: &str = "qgz";
 
 /// Writes `quantized` parameters and f32 `buffers` to `path` (atomically) and
 /// returns the size report of the file on disk.
@@ -68,20 +34,9 @@ pub fn export(
     meta: &ExportMetadata,
     layout: LayoutChoice,
 ) -> Result<SizeReport> {
-    if !(2..=16).contains(&meta.act_bits) {
-        return Err(invalid(format!(
-            "activation width {} is not allowed (2..=16)",
-            meta.act_bits
-        )));
-    }
-    let channels = meta.arch.input_shape()[0];
-    if meta.norm.mean.len() != channels || meta.norm.std.len() != channels {
-        return Err(invalid(format!(
-            "normalisation has {} means and {} deviations for {channels} input channels",
-            meta.norm.mean.len(),
-            meta.norm.std.len()
-        )));
-    }
+    let metadata = meta
+        .to_pairs()
+        .map_err(|e| ModelsError::Config(e.to_string()))?;
     let float_widths: Vec<Vec<u8>> = buffers
         .iter()
         .map(|b| vec![FLOAT; b.values.len()])
@@ -105,22 +60,6 @@ pub fn export(
             exponent: None,
         });
     }
-    let mut metadata = vec![
-        ("arch".to_string(), meta.arch.name().to_string()),
-        ("act_bits".to_string(), meta.act_bits.to_string()),
-        ("norm.mean".to_string(), json(&meta.norm.mean)?),
-        ("norm.std".to_string(), json(&meta.norm.std)?),
-        ("method".to_string(), meta.method.clone()),
-        ("options".to_string(), meta.options.to_string()),
-        (
-            "qgrad_version".to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        ),
-    ];
-    if let Some(seed) = meta.seed {
-        metadata.push(("seed".to_string(), seed.to_string()));
-    }
-    metadata.extend(meta.extra.iter().cloned());
     let options = EncodeOptions { layout, metadata };
     let bytes = qgrad_csr::encode(&tensors, &options)?;
     let decoded = CompressedModel::from_bytes(&bytes)?;
@@ -157,10 +96,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn json<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| ModelsError::Other(format!("metadata: {e}")))
-}
-
 /// Checks that every tensor of `model` decodes to exactly the given values.
 pub fn verify_round_trip(
     model: &CompressedModel,
@@ -191,45 +126,4 @@ pub fn verify_round_trip(
         }
     }
     Ok(())
-}
-
-/// Reads and validates the metadata that [`crate::int_infer`] needs.
-pub fn read_metadata(model: &CompressedModel) -> Result<FileMetadata> {
-    let get = |key: &str| -> Result<&str> {
-        model
-            .metadata_value(key)
-            .ok_or_else(|| invalid(format!("the file's metadata has no '{key}'")))
-    };
-    let arch: Arch = get("arch")?
-        .parse()
-        .map_err(|e| invalid(format!("the file's metadata: {e}")))?;
-    let act_bits: u8 = get("act_bits")?
-        .parse()
-        .ok()
-        .filter(|b| (2..=16).contains(b))
-        .ok_or_else(|| invalid("the file's metadata 'act_bits' is not a width in 2..=16"))?;
-    let floats = |key: &str| -> Result<Vec<f32>> {
-        let v: Vec<f32> = serde_json::from_str(get(key)?)
-            .map_err(|e| invalid(format!("the file's metadata '{key}': {e}")))?;
-        if v.len() != arch.input_shape()[0] || v.iter().any(|x| !x.is_finite()) {
-            return Err(invalid(format!(
-                "the file's metadata '{key}' must hold {} finite numbers",
-                arch.input_shape()[0]
-            )));
-        }
-        Ok(v)
-    };
-    let mean = floats("norm.mean")?;
-    let std = floats("norm.std")?;
-    if std.iter().any(|&s| s <= 0.0) {
-        return Err(invalid("the file's metadata 'norm.std' must be positive"));
-    }
-    Ok(FileMetadata {
-        arch,
-        act_bits,
-        mean,
-        std,
-        method: model.metadata_value("method").map(str::to_string),
-        seed: model.metadata_value("seed").and_then(|s| s.parse().ok()),
-    })
 }

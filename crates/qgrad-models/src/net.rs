@@ -34,12 +34,16 @@ pub const BN_EPS: f64 = 1e-5;
 /// quantization and export.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
+    /// The parameter or buffer name.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its values, row-major.
     pub values: Vec<f32>,
 }
 
 impl NamedTensor {
+    /// Copies `t` to the host as f32.
     pub fn from_tensor(name: &str, t: &Tensor) -> Result<Self> {
         Ok(Self {
             name: name.to_string(),
@@ -48,6 +52,7 @@ impl NamedTensor {
         })
     }
 
+    /// A tensor of these values on `device` (shape checked).
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         if self.shape.iter().product::<usize>() != self.values.len() {
             return Err(ModelsError::Shape {
@@ -66,6 +71,7 @@ impl NamedTensor {
 
 /// A network of [`Arch`] on one device: trainable parameters plus buffers.
 pub struct Network {
+    /// The description this network interprets.
     pub arch: Arch,
     /// The trainable parameters, by the names of `Arch::parameter_shapes`.
     pub varmap: VarMap,
@@ -77,7 +83,15 @@ pub struct Network {
     /// Dropout generator; see [`Network::reseed_dropout`].
     dropout_rng: Mutex<ChaCha8Rng>,
     device: Device,
+    /// Quantize the input of every linear and convolution layer to this
+    /// many bits in the forward pass (see [`Network::set_activation_bits`]).
+    act_bits: Option<u8>,
 }
+
+/// Weights the forward pass uses instead of the parameters of the same name
+/// (a method's quantized weights `Ŵ = Q(W)` with a straight-through
+/// gradient, built by the method from the parameters).
+pub type WeightOverrides = std::collections::HashMap<String, Tensor>;
 
 impl std::fmt::Debug for Network {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,9 +157,11 @@ impl Network {
             buffers: Mutex::new(buffers),
             dropout_rng: Mutex::new(epoch_rng(seed, 0, 2)),
             device: device.clone(),
+            act_bits: None,
         })
     }
 
+    /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -240,7 +256,40 @@ impl Network {
     /// Logits `[n, classes]` for `x: [n, c, h, w]`. In training mode batch norm
     /// uses batch statistics (and updates its running statistics) and dropout
     /// is active.
+    /// Quantizes the input of every linear and convolution layer to `bits`
+    /// bits (2..=16) in every forward pass, training and evaluation alike,
+    /// exactly as the integer inference from the file does (one exponent per
+    /// sample), with a straight-through gradient; `None` computes in f32.
+    pub fn set_activation_bits(&mut self, bits: Option<u8>) -> Result<()> {
+        if let Some(b) = bits {
+            if !(2..=16).contains(&b) {
+                return Err(ModelsError::Config(format!(
+                    "activation width {b} is not allowed (2..=16)"
+                )));
+            }
+        }
+        self.act_bits = bits;
+        Ok(())
+    }
+
+    /// The activation width of the forward pass, if quantized.
+    pub fn activation_bits(&self) -> Option<u8> {
+        self.act_bits
+    }
+
+    /// The forward pass: logits `[n, classes]` of images `[n, c, h, w]`.
+    /// `train` selects batch statistics for batch norm and enables dropout.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, train, &WeightOverrides::new())
+    }
+
+    /// [`forward`](Self::forward) with some weights replaced by `overrides`.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        overrides: &WeightOverrides,
+    ) -> Result<Tensor> {
         let [c, h, w] = self.arch.input_shape();
         let dims = x.dims();
         if dims.len() != 4 || dims[1..] != [c, h, w] {
@@ -254,7 +303,8 @@ impl Network {
         for layer in self.arch.layers() {
             x = match layer {
                 LayerSpec::Linear { name, .. } => {
-                    let (w, b) = self.weight_bias(&name)?;
+                    let (w, b) = self.weight_bias(&name, overrides)?;
+                    let x = self.quantize_input(&x)?;
                     qgrad_ops::linear(&x, w, Some(b))?
                 }
                 LayerSpec::Conv2d {
@@ -263,7 +313,8 @@ impl Network {
                     padding,
                     ..
                 } => {
-                    let (w, b) = self.weight_bias(&name)?;
+                    let (w, b) = self.weight_bias(&name, overrides)?;
+                    let x = self.quantize_input(&x)?;
                     qgrad_ops::conv2d(&x, w, Some(b), stride, padding)?
                 }
                 LayerSpec::BatchNorm { name, .. } => self.batch_norm(&x, &name, train)?,
@@ -282,9 +333,16 @@ impl Network {
         Ok(x)
     }
 
-    fn weight_bias(&self, layer: &str) -> Result<(&Tensor, &Tensor)> {
+    fn weight_bias<'a>(
+        &'a self,
+        layer: &str,
+        overrides: &'a WeightOverrides,
+    ) -> Result<(&'a Tensor, &'a Tensor)> {
         let get = |suffix: &str| {
             let name = format!("{layer}.{suffix}");
+            if let Some(t) = overrides.get(&name) {
+                return Ok(t);
+            }
             self.parameter(&name)
                 .map(|v| v.as_tensor())
                 .ok_or_else(|| ModelsError::Other(format!("missing parameter '{name}'")))
@@ -292,12 +350,25 @@ impl Network {
         Ok((get("weight")?, get("bias")?))
     }
 
+    /// `x` quantized to the network's activation width with one exponent per
+    /// sample (`FixedActivations::quantize`'s rule), straight-through:
+    /// the value is the quantized one, the gradient passes to `x` unchanged.
+    fn quantize_input(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(bits) = self.act_bits else {
+            return Ok(x.clone());
+        };
+        let q = crate::eval::quantize_activations(&x.detach(), bits)?.to_dtype(DType::F32)?;
+        // q + (x − x̄) is q exactly (x − x̄ = 0) and has x's gradient.
+        Ok((q + (x - x.detach())?)?)
+    }
+
     /// Batch norm over the channel axis (1) of a rank-2 or rank-4 input, as
     /// one qgrad-ops op. Training mode normalises with the batch statistics
     /// and updates the running ones (PyTorch's update, with the unbiased
     /// variance); evaluation mode uses the running statistics.
     fn batch_norm(&self, x: &Tensor, layer: &str, train: bool) -> Result<Tensor> {
-        let (gamma, beta) = self.weight_bias(&format!("{layer}.bn"))?;
+        let none = WeightOverrides::new();
+        let (gamma, beta) = self.weight_bias(&format!("{layer}.bn"), &none)?;
         if !matches!(x.rank(), 2 | 4) {
             return Err(ModelsError::Other(format!(
                 "batch norm '{layer}' needs a rank-2 or rank-4 input, got rank {}",

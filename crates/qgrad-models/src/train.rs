@@ -1,6 +1,36 @@
-//! The training loop: seeded mini-batches, SGD with momentum, accumulated
-//! gradients after every backward pass, per-epoch evaluation, an epoch hook
-//! for in-training quantization (METHOD.md §4), checkpoints and resume.
+//! The training loop: seeded mini-batches, an optimizer (SGD or Adam),
+//! accumulated gradients after every backward pass, per-epoch evaluation,
+//! checkpoints and resume, and the named stages where a method plugs in.
+//!
+//! # The stages of a step and of an epoch
+//!
+//! A [`TrainHook`] may act at each of these points, in this order; hooks run
+//! in the order they are given, at every stage:
+//!
+//! 1. **forward weights** ([`TrainHook::forward_weights`]): weights the
+//!    forward pass uses instead of the parameters (quantized weights with a
+//!    straight-through gradient);
+//! 2. forward, cross-entropy, backward;
+//! 3. **gradients** ([`TrainHook::transform_gradients`]): the gradients may
+//!    be replaced before anything reads them (a quantized all-reduce across
+//!    processes, clipping);
+//! 4. **observe** ([`TrainHook::observe_gradients`]): the final gradients are
+//!    read. The accumulated-gradient bookkeeping of METHOD §1 is the observer
+//!    [`AccumulateGradients`], which [`train`] always runs after the given
+//!    hooks, so `A` sums the gradients the update uses;
+//! 5. the optimizer update (frozen elements do not move);
+//! 6. **after update** ([`TrainHook::after_update`]): re-applying sparsity
+//!    masks, projecting or clipping weights;
+//!
+//! and after every epoch:
+//!
+//! 7. **after epoch** ([`TrainHook::after_epoch`]), before evaluation and
+//!    checkpointing: in-training quantization's splits (METHOD §4);
+//! 8. **epoch finished** ([`TrainHook::epoch_finished`]), after evaluation,
+//!    with the epoch's statistics: reporting.
+//!
+//! A hook's own state goes into every checkpoint under the hook's
+//! [`name`](TrainHook::name) and comes back on resume.
 //!
 //! Resume is bit-identical because nothing random is carried between epochs:
 //! the shuffle, augmentation and dropout generators of epoch `e` are derived
@@ -13,33 +43,75 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use qgrad_accum::{AccumulatedGradients, FreezeMask};
+use qgrad_optim::{LrSchedule, Optimizer, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{Arch, DatasetKind};
 use crate::checkpoint;
 use crate::data::{epoch_rng, Augment, Dataset, Normalization};
 use crate::error::{ModelsError, Result};
-use crate::net::Network;
-use crate::optim::{LrSchedule, Sgd};
+use crate::net::{Network, WeightOverrides};
+
+/// Which optimizer a run uses; its weight decay is
+/// [`TrainConfig::weight_decay`], SGD's momentum [`TrainConfig::momentum`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with momentum (the first thesis's recipes).
+    #[default]
+    Sgd,
+    /// Bias-corrected Adam (the loss-aware recipes, METHOD §15).
+    Adam {
+        /// First-moment decay β₁.
+        beta1: f64,
+        /// Second-moment decay β₂.
+        beta2: f64,
+        /// ε added to `sqrt(v̂)`.
+        eps: f64,
+    },
+}
+
+impl OptimizerKind {
+    /// PyTorch's Adam defaults.
+    pub const ADAM: OptimizerKind = OptimizerKind::Adam {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+
+    fn is_sgd(&self) -> bool {
+        *self == OptimizerKind::Sgd
+    }
+}
 
 /// Everything that defines a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// Epochs to train (a resumed run continues up to this many).
     pub epochs: usize,
+    /// Images per mini-batch.
     pub batch_size: usize,
     /// Base learning rate (epoch 0), scaled by `schedule`.
     pub lr: f64,
+    /// SGD momentum μ.
     pub momentum: f64,
+    /// L2 weight decay λ (any optimizer).
     pub weight_decay: f64,
+    /// How the learning rate changes with the epoch.
     pub schedule: LrSchedule,
     /// Seeds initialisation, shuffling, augmentation and dropout.
     pub seed: u64,
+    /// Training-time augmentation.
     pub augment: Augment,
     /// `None`: per-channel mean/std of the training set.
     pub normalization: Option<Normalization>,
+    /// Images per evaluation batch.
     pub eval_batch_size: usize,
     /// Stop each epoch after this many batches (quick runs, tests, benches).
     pub max_batches_per_epoch: Option<usize>,
@@ -48,6 +120,15 @@ pub struct TrainConfig {
     /// Write `checkpoint.safetensors` (and `checkpoint.accgrad.safetensors`)
     /// here after every epoch; `TrainState::resume_or_new` continues from it.
     pub checkpoint_dir: Option<PathBuf>,
+    /// The optimizer (SGD unless set; left out of the serialised config then,
+    /// so configurations written before it existed hash the same).
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
+    pub optimizer: OptimizerKind,
+    /// Quantize the input of every linear and convolution layer to this many
+    /// bits in the forward pass, as the integer inference does (straight-
+    /// through gradient); `None`: f32 activations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act_bits: Option<u8>,
 }
 
 impl TrainConfig {
@@ -55,9 +136,8 @@ impl TrainConfig {
     /// sets: SGD with momentum 0.9, weight decay 5e-4 and cosine decay.
     pub fn default_for(arch: Arch) -> Self {
         let (epochs, lr, augment) = match arch {
-            Arch::Lenet300100 => (20, 0.05, Augment::None),
-            Arch::Lenet5 => (20, 0.05, Augment::None),
-            Arch::AlexNet => (100, 0.05, Augment::CropFlip { pad: 4 }),
+            Arch::Lenet300100 | Arch::Lenet5 | Arch::Mlp { .. } => (20, 0.05, Augment::None),
+            Arch::AlexNet | Arch::CifarCnn { .. } => (100, 0.05, Augment::CropFlip { pad: 4 }),
             Arch::Vgg16 => (150, 0.05, Augment::CropFlip { pad: 4 }),
         };
         Self {
@@ -80,9 +160,28 @@ impl TrainConfig {
             max_batches_per_epoch: None,
             progress: true,
             checkpoint_dir: None,
+            optimizer: OptimizerKind::Sgd,
+            act_bits: None,
         }
     }
 
+    /// The optimizer settings of this run.
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        match self.optimizer {
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+            },
+            OptimizerKind::Adam { beta1, beta2, eps } => OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay: self.weight_decay,
+            },
+        }
+    }
+
+    /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelsError::Config(m));
         if self.batch_size == 0 || self.eval_batch_size == 0 {
@@ -102,22 +201,36 @@ impl TrainConfig {
                 return bad("normalization needs one positive std per mean".into());
             }
         }
-        self.schedule.validate()
+        if let Some(b) = self.act_bits {
+            if !(2..=16).contains(&b) {
+                return bad(format!("activation width {b} is not allowed (2..=16)"));
+            }
+        }
+        self.optimizer_config()
+            .validate()
+            .map_err(|e| ModelsError::Config(e.to_string()))?;
+        self.schedule
+            .validate()
+            .map_err(|e| ModelsError::Config(e.to_string()))
     }
 }
 
 /// One finished epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochStats {
+    /// The epoch (0-based).
     pub epoch: usize,
+    /// Its learning rate.
     pub lr: f64,
     /// Mean training cross-entropy over the epoch's batches.
     pub train_loss: f64,
     /// Test accuracy in [0, 1] after the epoch (and after the hook).
     pub test_accuracy: f64,
+    /// Mean test cross-entropy after the epoch.
     pub test_loss: f64,
     /// Training time of the epoch (without evaluation).
     pub seconds: f64,
+    /// Training images per second of the epoch.
     pub images_per_second: f64,
     /// Fraction of parameter elements frozen after the epoch.
     pub frozen_fraction: f64,
@@ -126,22 +239,60 @@ pub struct EpochStats {
 /// The history of a run (including epochs from before a resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
+    /// Every finished epoch.
     pub epochs: Vec<EpochStats>,
     /// The epoch this call started at (0 for a fresh run).
     pub started_at_epoch: usize,
 }
 
 impl TrainReport {
+    /// The test accuracy after the last epoch.
     pub fn final_accuracy(&self) -> Option<f64> {
         self.epochs.last().map(|e| e.test_accuracy)
     }
 }
 
-/// Called after every epoch's training, before evaluation and checkpointing.
-/// In-training quantization uses it to quantize parameters
-/// (`state.network.set_parameter`) and freeze them (`state.set_mask`).
-pub trait EpochHook {
-    fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()>;
+/// A method plugged into the training loop at its named stages (module
+/// docs). Every stage does nothing unless the hook says otherwise.
+pub trait TrainHook {
+    /// The key under which checkpoints keep this hook's state.
+    fn name(&self) -> &'static str;
+
+    /// Stage 1: weights for the forward pass instead of the parameters.
+    fn forward_weights(
+        &mut self,
+        _state: &TrainState,
+        _overrides: &mut WeightOverrides,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stage 3: replace or change the gradients before anything reads them.
+    fn transform_gradients(&mut self, _grads: &mut GradStore, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stage 4: read the final gradients (before the update).
+    fn observe_gradients(&mut self, _grads: &GradStore, _state: &mut TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stage 6: after the optimizer update.
+    fn after_update(&mut self, _state: &mut TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stage 7: after each epoch's training, before evaluation and
+    /// checkpointing. In-training quantization quantizes parameters here
+    /// (`state.network.set_parameter`) and freezes them (`state.set_mask`).
+    fn after_epoch(&mut self, _epoch: usize, _state: &mut TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Stage 8: after the epoch's evaluation, with its statistics.
+    fn epoch_finished(&mut self, _stats: &EpochStats, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
 
     /// The hook's state, serialised, to be stored in the checkpoint written
     /// after each epoch (`None`: the hook keeps no state worth resuming).
@@ -156,42 +307,64 @@ pub trait EpochHook {
     }
 }
 
+/// The accumulated-gradient bookkeeping of METHOD §1 as a stage-4 observer:
+/// `A += |g|` on the training device after every backward pass.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AccumulateGradients;
+
+impl TrainHook for AccumulateGradients {
+    fn name(&self) -> &'static str {
+        "accumulated-gradients"
+    }
+
+    fn observe_gradients(&mut self, grads: &GradStore, state: &mut TrainState) -> Result<()> {
+        state.accum.accumulate(grads)?;
+        Ok(())
+    }
+}
+
 /// Everything that changes during training.
 pub struct TrainState {
+    /// The network being trained.
     pub network: Network,
+    /// `A` of METHOD §1, one tensor per parameter.
     pub accum: AccumulatedGradients,
     /// Per parameter (aligned with `network.parameters()`): `None` = all trainable.
     pub masks: Vec<Option<FreezeMask>>,
-    pub optimizer: Sgd,
+    /// The optimizer with its state.
+    pub optimizer: Box<dyn Optimizer>,
     /// Completed epochs; training continues at this epoch.
     pub epoch: usize,
+    /// Statistics of the completed epochs.
     pub history: Vec<EpochStats>,
-    /// The epoch hook's state as of the last completed epoch (see
-    /// [`EpochHook::checkpoint_state`]); saved in and loaded from checkpoints.
-    pub hook_state: Option<String>,
+    /// The hooks' states as of the last completed epoch, by hook name (see
+    /// [`TrainHook::checkpoint_state`]); saved in and loaded from checkpoints.
+    pub hook_states: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for TrainState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrainState")
             .field("network", &self.network)
+            .field("optimizer", &self.optimizer.config())
             .field("epoch", &self.epoch)
             .finish()
     }
 }
 
 impl TrainState {
-    /// A fresh network (seeded by `config.seed`) with zero momentum and scores.
+    /// A fresh network (seeded by `config.seed`) with zero optimizer state
+    /// and zero `A`.
     pub fn new(arch: Arch, device: &Device, config: &TrainConfig) -> Result<Self> {
         let network = Network::new(arch, device, config.seed)?;
         Self::from_network(network, config)
     }
 
-    /// Starts training an existing network.
+    /// Starts training an existing network (zero optimizer state, zero `A`).
     pub fn from_network(network: Network, config: &TrainConfig) -> Result<Self> {
         let params = network.parameters();
         let accum = AccumulatedGradients::new(&params)?;
-        let optimizer = Sgd::new(&params, config.momentum, config.weight_decay)?;
+        let optimizer = config.optimizer_config().build(&params)?;
         Ok(Self {
             masks: vec![None; params.len()],
             network,
@@ -199,8 +372,25 @@ impl TrainState {
             optimizer,
             epoch: 0,
             history: Vec::new(),
-            hook_state: None,
+            hook_states: BTreeMap::new(),
         })
+    }
+
+    /// Continues a trained state as the start of a new run with `config`:
+    /// a fresh optimizer and schedule, no frozen elements, epoch 0; the
+    /// parameters, buffers and, if `keep_accum`, the accumulated gradients
+    /// carry on (METHOD §1's sum over the training process).
+    pub fn restart(mut self, config: &TrainConfig, keep_accum: bool) -> Result<Self> {
+        let params = self.network.parameters();
+        self.optimizer = config.optimizer_config().build(&params)?;
+        if !keep_accum {
+            self.accum = AccumulatedGradients::new(&params)?;
+        }
+        self.masks = vec![None; params.len()];
+        self.epoch = 0;
+        self.history.clear();
+        self.hook_states.clear();
+        Ok(self)
     }
 
     /// Continues from `config.checkpoint_dir`'s checkpoint if there is one,
@@ -210,25 +400,35 @@ impl TrainState {
         device: &Device,
         config: &TrainConfig,
     ) -> Result<(Self, bool)> {
-        if let Some(dir) = &config.checkpoint_dir {
-            let path = dir.join(checkpoint::CHECKPOINT_FILE);
-            if path.is_file() {
-                let (mut state, _) = checkpoint::load_checkpoint(&path, device)?;
-                // The caller's optimizer settings win over the stored ones.
-                state.optimizer.momentum = config.momentum;
-                state.optimizer.weight_decay = config.weight_decay;
-                if state.network.arch != arch {
-                    return Err(ModelsError::checkpoint(
-                        &path,
-                        format!("holds {}, not {arch}", state.network.arch),
-                    ));
-                }
-                return Ok((state, true));
-            }
+        if let Some(state) = Self::resume(arch, device, config)? {
+            return Ok((state, true));
         }
         Ok((Self::new(arch, device, config)?, false))
     }
 
+    /// The state of `config.checkpoint_dir`'s checkpoint, if there is one.
+    /// The caller's optimizer settings win over the stored ones.
+    pub fn resume(arch: Arch, device: &Device, config: &TrainConfig) -> Result<Option<Self>> {
+        let Some(dir) = &config.checkpoint_dir else {
+            return Ok(None);
+        };
+        let path = dir.join(checkpoint::CHECKPOINT_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let (mut state, _) = checkpoint::load_checkpoint(&path, device)?;
+        if state.network.arch != arch {
+            return Err(ModelsError::checkpoint(
+                &path,
+                format!("holds {}, not {arch}", state.network.arch),
+            ));
+        }
+        state
+            .optimizer
+            .reconfigure(&config.optimizer_config())
+            .map_err(|e| ModelsError::checkpoint(&path, e.to_string()))?;
+        Ok(Some(state))
+    }
     fn index_of(&self, name: &str) -> Result<usize> {
         self.network
             .parameters()
@@ -267,14 +467,42 @@ impl TrainState {
         Ok(frozen as f64 / self.network.num_parameters().max(1) as f64)
     }
 
-    /// One optimizer step on a batch: forward, cross-entropy, backward,
-    /// `A += |g|`, SGD update. Returns the (device) loss, detached.
+    /// One optimizer step on a batch with only the accumulated-gradient
+    /// bookkeeping: forward, cross-entropy, backward, `A += |g|`, update.
+    /// Returns the (device) loss, detached.
     pub fn train_step(&mut self, x: &Tensor, labels: &Tensor, lr: f64) -> Result<Tensor> {
-        let logits = self.network.forward(x, true)?;
+        self.train_step_with(x, labels, lr, &mut [])
+    }
+
+    /// One optimizer step through every stage (module docs) with `hooks`,
+    /// then the accumulated-gradient bookkeeping as the last observer.
+    pub fn train_step_with(
+        &mut self,
+        x: &Tensor,
+        labels: &Tensor,
+        lr: f64,
+        hooks: &mut [&mut dyn TrainHook],
+    ) -> Result<Tensor> {
+        let mut overrides = WeightOverrides::new();
+        for h in hooks.iter_mut() {
+            h.forward_weights(self, &mut overrides)?;
+        }
+        let logits = self.network.forward_with(x, true, &overrides)?;
+        drop(overrides);
         let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-        let grads = loss.backward()?;
-        self.accum.accumulate(&grads)?;
+        let mut grads = loss.backward()?;
+        for h in hooks.iter_mut() {
+            h.transform_gradients(&mut grads, self)?;
+        }
+        for h in hooks.iter_mut() {
+            h.observe_gradients(&grads, self)?;
+        }
+        AccumulateGradients.observe_gradients(&grads, self)?;
         self.optimizer.step(&grads, lr, &self.masks)?;
+        drop(grads);
+        for h in hooks.iter_mut() {
+            h.after_update(self)?;
+        }
         Ok(loss.detach())
     }
 }
@@ -294,16 +522,18 @@ fn progress_bar(config: &TrainConfig, steps: usize, epoch: usize) -> ProgressBar
 }
 
 /// Trains `state` from `state.epoch` to `config.epochs` on `train_data`,
-/// evaluating on `test_data` after every epoch. `hook` runs after each epoch's
-/// training; the checkpoint (if configured) is written after the hook.
+/// evaluating on `test_data` after every epoch, with `hooks` at their stages
+/// (module docs); the checkpoint (if configured) is written after the
+/// after-epoch stage and the evaluation.
 pub fn train(
     state: &mut TrainState,
     train_data: &Dataset,
     test_data: &Dataset,
     config: &TrainConfig,
-    mut hook: Option<&mut dyn EpochHook>,
+    hooks: &mut [&mut dyn TrainHook],
 ) -> Result<TrainReport> {
     config.validate()?;
+    state.network.set_activation_bits(config.act_bits)?;
     let arch = state.network.arch;
     for (what, data) in [("training", train_data), ("test", test_data)] {
         if data.is_empty() {
@@ -331,9 +561,11 @@ pub fn train(
     let device = state.network.device().clone();
     let [c, h, w] = train_data.shape;
     let started_at_epoch = state.epoch;
-    if let (Some(h), Some(saved)) = (hook.as_deref_mut(), &state.hook_state) {
+    for h in hooks.iter_mut() {
         // A resumed run: the hook continues where the checkpoint left it.
-        h.restore_state(saved, state)?;
+        if let Some(saved) = state.hook_states.get(h.name()).cloned() {
+            h.restore_state(&saved, state)?;
+        }
     }
     let mut buf = Vec::new();
     for epoch in state.epoch..config.epochs {
@@ -353,7 +585,7 @@ pub fn train(
             let labels = train_data.gather(idx, &norm, config.augment, &mut aug_rng, &mut buf);
             let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &device)?;
             let y = Tensor::from_vec(labels, idx.len(), &device)?;
-            let loss = state.train_step(&x, &y, lr)?;
+            let loss = state.train_step_with(&x, &y, lr, hooks)?;
             loss_sum = (loss_sum + loss.affine(idx.len() as f64, 0.0)?)?;
             images += idx.len();
             if !bar.is_hidden() && step % 20 == 0 {
@@ -373,7 +605,7 @@ pub fn train(
                 epoch + 1
             )));
         }
-        if let Some(h) = hook.as_deref_mut() {
+        for h in hooks.iter_mut() {
             h.after_epoch(epoch, state)?;
         }
         let (test_accuracy, test_loss) =
@@ -391,11 +623,18 @@ pub fn train(
             frozen_fraction: state.frozen_fraction()?,
         });
         state.epoch = epoch + 1;
-        if let Some(h) = hook.as_deref() {
-            state.hook_state = h.checkpoint_state()?;
+        for h in hooks.iter() {
+            if let Some(saved) = h.checkpoint_state()? {
+                state.hook_states.insert(h.name().to_string(), saved);
+            }
         }
         if let Some(dir) = &config.checkpoint_dir {
             save_in_dir(state, config, &norm, dir)?;
+        }
+        if let Some(stats) = state.history.last().cloned() {
+            for h in hooks.iter_mut() {
+                h.epoch_finished(&stats, state)?;
+            }
         }
     }
     Ok(TrainReport {
@@ -452,7 +691,7 @@ mod tests {
             .network
             .evaluate_with_loss(&test_set, config.normalization.as_ref().unwrap(), 100)
             .unwrap();
-        let report = train(&mut state, &train_set, &test_set, &config, None).unwrap();
+        let report = train(&mut state, &train_set, &test_set, &config, &mut []).unwrap();
         assert_eq!(report.epochs.len(), 3);
         let first = &report.epochs[0];
         let last = &report.epochs[2];
@@ -505,7 +744,11 @@ mod tests {
     /// writing rounded values into it first, like in-training quantization.
     struct FreezeHalfOfFc1;
 
-    impl EpochHook for FreezeHalfOfFc1 {
+    impl TrainHook for FreezeHalfOfFc1 {
+        fn name(&self) -> &'static str {
+            "freeze-half"
+        }
+
         fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
             if epoch != 0 {
                 return Ok(());
@@ -547,7 +790,7 @@ mod tests {
             &train_set,
             &test_set,
             &first,
-            Some(&mut FreezeHalfOfFc1),
+            &mut [&mut FreezeHalfOfFc1],
         )
         .unwrap();
         let frozen = state.mask("fc1.weight").unwrap().frozen_flags().unwrap();
@@ -558,7 +801,7 @@ mod tests {
             &train_set,
             &test_set,
             &config,
-            Some(&mut FreezeHalfOfFc1),
+            &mut [&mut FreezeHalfOfFc1],
         )
         .unwrap();
         let after = state.network.params_to_host().unwrap();
@@ -583,7 +826,11 @@ mod tests {
     /// checkpoint: what a kill in the middle of the epoch leaves on disk.
     struct KillAt(usize);
 
-    impl EpochHook for KillAt {
+    impl TrainHook for KillAt {
+        fn name(&self) -> &'static str {
+            "kill-at"
+        }
+
         fn after_epoch(&mut self, epoch: usize, state: &mut TrainState) -> Result<()> {
             if epoch == self.0 {
                 return Err(ModelsError::Other("killed".into()));
@@ -604,11 +851,14 @@ mod tests {
         for (name, _, values) in state.accum.to_host().unwrap() {
             out.push((format!("{name}.accgrad"), bits(&values)));
         }
-        for (name, v) in state.optimizer.velocities() {
-            out.push((
-                format!("{name}.momentum"),
-                bits(&v.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-            ));
+        for (name, _) in state.network.parameters() {
+            for slot in state.optimizer.slots() {
+                let v = state.optimizer.state(&name, slot).unwrap();
+                out.push((
+                    format!("{name}.{slot}"),
+                    bits(&v.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+                ));
+            }
         }
         out
     }
@@ -630,7 +880,7 @@ mod tests {
                 &train_set,
                 &test_set,
                 &config,
-                Some(&mut hook),
+                &mut [&mut hook],
             )
             .unwrap();
 
@@ -643,7 +893,7 @@ mod tests {
                 &train_set,
                 &test_set,
                 &config,
-                Some(&mut KillAt(2)),
+                &mut [&mut KillAt(2)],
             );
             assert!(matches!(killed, Err(ModelsError::Other(m)) if m == "killed"));
             drop(first);
@@ -651,7 +901,14 @@ mod tests {
             let (mut second, resumed) = TrainState::resume_or_new(arch, &dev, &config).unwrap();
             assert!(resumed);
             assert_eq!(second.epoch, 2);
-            let rest = train(&mut second, &train_set, &test_set, &config, Some(&mut hook)).unwrap();
+            let rest = train(
+                &mut second,
+                &train_set,
+                &test_set,
+                &config,
+                &mut [&mut hook],
+            )
+            .unwrap();
             assert_eq!(rest.started_at_epoch, 2);
             assert_eq!(rest.epochs.len(), 3);
             assert_eq!(rest.epochs[2].train_loss, full.epochs[2].train_loss);
@@ -671,30 +928,30 @@ mod tests {
         let mut state = TrainState::new(Arch::Lenet300100, &Device::Cpu, &config).unwrap();
         config.batch_size = 0;
         assert!(matches!(
-            train(&mut state, &train_set, &test_set, &config, None),
+            train(&mut state, &train_set, &test_set, &config, &mut []),
             Err(ModelsError::Config(_))
         ));
         config.batch_size = 8;
         config.lr = f64::NAN;
-        assert!(train(&mut state, &train_set, &test_set, &config, None).is_err());
+        assert!(train(&mut state, &train_set, &test_set, &config, &mut []).is_err());
         config.lr = 0.01;
         config.weight_decay = -1e-4;
         assert!(matches!(
-            train(&mut state, &train_set, &test_set, &config, None),
+            train(&mut state, &train_set, &test_set, &config, &mut []),
             Err(ModelsError::Config(_))
         ));
         config.weight_decay = 5e-4;
         config.lr = 1e9;
         config.max_batches_per_epoch = Some(10);
         assert!(matches!(
-            train(&mut state, &train_set, &test_set, &config, None),
+            train(&mut state, &train_set, &test_set, &config, &mut []),
             Err(ModelsError::Diverged(_))
         ));
         let mut cifar_like = train_set.take(4);
         cifar_like.shape = [3, 32, 32];
         config.lr = 0.1;
         assert!(matches!(
-            train(&mut state, &cifar_like, &test_set, &config, None),
+            train(&mut state, &cifar_like, &test_set, &config, &mut []),
             Err(ModelsError::Shape { .. })
         ));
         let bad_mask = FreezeMask::trainable(&[3], &Device::Cpu).unwrap();
@@ -721,7 +978,7 @@ mod tests {
             config.epochs = e.parse().unwrap();
         }
         let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
-        let report = train(&mut state, &train_set, &test_set, &config, None).unwrap();
+        let report = train(&mut state, &train_set, &test_set, &config, &mut []).unwrap();
         for e in &report.epochs {
             eprintln!(
                 "{arch} epoch {:>2} lr {:.4} loss {:.4} test {:.2}% {:.1}s {:.0} img/s",

@@ -13,8 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Dataset, Normalization};
-use crate::error::{ModelsError, Result};
+use crate::error::{DataError, Result};
+use crate::image::{Dataset, Normalization};
 
 /// Bytes of one record: label + 3·32·32 pixels.
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
@@ -27,6 +27,7 @@ pub const TRAIN_FILES: [&str; 5] = [
     "data_batch_4.bin",
     "data_batch_5.bin",
 ];
+/// The test batch of the distribution.
 pub const TEST_FILE: &str = "test_batch.bin";
 /// Class names in label order.
 pub const CLASSES: [&str; 10] = [
@@ -62,7 +63,7 @@ pub fn batches_dir(dir: &Path) -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    Err(ModelsError::dataset(
+    Err(DataError::format(
         dir,
         format!(
             "no CIFAR-10 binary batches found (looked for {TEST_FILE} in it, in \
@@ -86,7 +87,7 @@ pub fn load_batches(paths: &[PathBuf]) -> Result<Dataset> {
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for path in paths {
-        let bytes = std::fs::read(path).map_err(|e| ModelsError::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         parse_batch(path, &bytes, &mut images, &mut labels)?;
     }
     Ok(Dataset {
@@ -105,7 +106,7 @@ pub fn load_batches(paths: &[PathBuf]) -> Result<Dataset> {
 /// real data set.
 pub fn write_synthetic(root: &Path, records_per_file: usize) -> Result<PathBuf> {
     let dir = root.join("cifar-10-batches-bin");
-    std::fs::create_dir_all(&dir).map_err(|e| ModelsError::io(&dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     for (f, name) in TRAIN_FILES.iter().chain([&TEST_FILE]).enumerate() {
         let mut bytes = Vec::with_capacity(records_per_file * RECORD_BYTES);
         for i in 0..records_per_file {
@@ -116,7 +117,7 @@ pub fn write_synthetic(root: &Path, records_per_file: usize) -> Result<PathBuf> 
             );
         }
         let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| ModelsError::io(&path, e))?;
+        std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))?;
     }
     Ok(root.to_path_buf())
 }
@@ -129,10 +130,10 @@ pub fn parse_batch(
     labels: &mut Vec<u8>,
 ) -> Result<()> {
     if bytes.is_empty() {
-        return Err(ModelsError::dataset(path, "file is empty"));
+        return Err(DataError::format(path, "file is empty"));
     }
     if bytes.len() % RECORD_BYTES != 0 {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             path,
             format!(
                 "{} bytes is not a whole number of {RECORD_BYTES}-byte records \
@@ -147,7 +148,7 @@ pub fn parse_batch(
     for (index, record) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
         let label = record[0];
         if label > 9 {
-            return Err(ModelsError::dataset(
+            return Err(DataError::format(
                 path,
                 format!(
                     "record {index} (byte offset {}) has label {label}; CIFAR-10 labels are 0-9",

@@ -1,5 +1,4 @@
-//! SGD with momentum and weight decay (PyTorch semantics), freeze masks, and
-//! learning-rate schedules.
+//! SGD with momentum and weight decay (PyTorch semantics) and freeze masks.
 //!
 //! candle's `SGD` has neither momentum nor masks, so this is written out:
 //! `d = g + λ·θ`, `v = μ·v + d`, `θ = θ − lr·v`. For a parameter with a
@@ -10,89 +9,35 @@
 //! temporaries; on other devices it is tensor ops on the parameters' device.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use qgrad_accum::FreezeMask;
-use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelsError, Result};
+use crate::cpu::{descend, mul_assign, VelocityUpdate};
+use crate::{check_masks, OptimError, Optimizer, OptimizerConfig, Result};
 
-/// Learning rate as a function of the epoch (constant within an epoch).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum LrSchedule {
-    Constant,
-    /// `lr · gamma^(epoch / every)`.
-    Step {
-        every: usize,
-        gamma: f64,
-    },
-    /// `lr · gamma^(number of milestones ≤ epoch)`.
-    MultiStep {
-        milestones: Vec<usize>,
-        gamma: f64,
-    },
-    /// Cosine annealing from `lr` (epoch 0) towards `min_lr` at `epochs`.
-    Cosine {
-        min_lr: f64,
-    },
-}
-
-impl LrSchedule {
-    /// The learning rate of `epoch` (0-based) in a run of `epochs` epochs.
-    pub fn lr_at(&self, base_lr: f64, epoch: usize, epochs: usize) -> f64 {
-        match self {
-            LrSchedule::Constant => base_lr,
-            LrSchedule::Step { every, gamma } => {
-                base_lr * gamma.powi((epoch / (*every).max(1)) as i32)
-            }
-            LrSchedule::MultiStep { milestones, gamma } => {
-                base_lr * gamma.powi(milestones.iter().filter(|&&m| m <= epoch).count() as i32)
-            }
-            LrSchedule::Cosine { min_lr } => {
-                let t = epoch as f64 / epochs.max(1) as f64;
-                min_lr + 0.5 * (base_lr - min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
-            }
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelsError::Config(m));
-        match self {
-            LrSchedule::Step { every: 0, .. } => bad("step schedule needs every >= 1".into()),
-            LrSchedule::Step { gamma, .. } | LrSchedule::MultiStep { gamma, .. }
-                if !(gamma.is_finite() && *gamma > 0.0) =>
-            {
-                bad(format!("schedule gamma must be positive, got {gamma}"))
-            }
-            LrSchedule::Cosine { min_lr } if !(min_lr.is_finite() && *min_lr >= 0.0) => {
-                bad(format!("cosine min_lr must be >= 0, got {min_lr}"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
+/// The state slot of SGD: the velocity, saved as `<param>.momentum`.
+pub const MOMENTUM: &str = "momentum";
 
 /// SGD with momentum `μ` and weight decay `λ`; one velocity tensor per parameter.
 #[derive(Debug)]
 pub struct Sgd {
+    /// Momentum μ in [0, 1).
     pub momentum: f64,
+    /// L2 weight decay λ ≥ 0, added to the gradient.
     pub weight_decay: f64,
     params: Vec<(String, Var)>,
     velocity: Vec<Tensor>,
+    steps: u64,
 }
 
 impl Sgd {
     /// Zero velocities for `params` (the order used by [`step`](Self::step)'s masks).
     pub fn new(params: &[(String, Var)], momentum: f64, weight_decay: f64) -> Result<Self> {
-        if !(0.0..1.0).contains(&momentum) {
-            return Err(ModelsError::Config(format!(
-                "momentum must be in [0, 1), got {momentum}"
-            )));
+        OptimizerConfig::Sgd {
+            momentum,
+            weight_decay,
         }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(ModelsError::Config(format!(
-                "weight decay must be >= 0, got {weight_decay}"
-            )));
-        }
+        .validate()?;
         let velocity = params
             .iter()
             .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
@@ -102,6 +47,7 @@ impl Sgd {
             weight_decay,
             params: params.to_vec(),
             velocity,
+            steps: 0,
         })
     }
 
@@ -109,13 +55,7 @@ impl Sgd {
     /// parameters given to `new`) freezes elements of parameter `i`. A
     /// parameter without a gradient is left alone (PyTorch skips it too).
     pub fn step(&mut self, grads: &GradStore, lr: f64, masks: &[Option<FreezeMask>]) -> Result<()> {
-        if masks.len() != self.params.len() && !masks.is_empty() {
-            return Err(ModelsError::Config(format!(
-                "{} freeze masks for {} parameters",
-                masks.len(),
-                self.params.len()
-            )));
-        }
+        check_masks(masks, self.params.len())?;
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -167,6 +107,7 @@ impl Sgd {
             var.set(&updated)?;
             self.velocity[i] = v;
         }
+        self.steps += 1;
         Ok(())
     }
 
@@ -177,141 +118,73 @@ impl Sgd {
             .zip(&self.velocity)
             .map(|((n, _), v)| (n.as_str(), v))
     }
+}
 
-    /// Restores the velocity of `name` (checkpoint resume).
-    pub fn set_velocity(&mut self, name: &str, v: &Tensor) -> Result<()> {
-        let i = self
-            .params
-            .iter()
-            .position(|(n, _)| n == name)
-            .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}' in optimizer")))?;
-        let expected = self.params[i].1.dims();
-        if v.dims() != expected {
-            return Err(ModelsError::Shape {
-                what: format!("{name} momentum"),
-                expected: expected.to_vec(),
-                got: v.dims().to_vec(),
-            });
+impl Optimizer for Sgd {
+    fn config(&self) -> OptimizerConfig {
+        OptimizerConfig::Sgd {
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
         }
-        self.velocity[i] = v.to_device(self.params[i].1.device())?;
+    }
+
+    fn reconfigure(&mut self, config: &OptimizerConfig) -> Result<()> {
+        config.validate()?;
+        match *config {
+            OptimizerConfig::Sgd {
+                momentum,
+                weight_decay,
+            } => {
+                self.momentum = momentum;
+                self.weight_decay = weight_decay;
+                Ok(())
+            }
+            _ => Err(OptimError::Config(format!(
+                "cannot continue an SGD run with {}",
+                config.name()
+            ))),
+        }
+    }
+
+    fn step(&mut self, grads: &GradStore, lr: f64, masks: &[Option<FreezeMask>]) -> Result<()> {
+        Sgd::step(self, grads, lr, masks)
+    }
+
+    fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    fn slots(&self) -> &'static [&'static str] {
+        &[MOMENTUM]
+    }
+
+    fn state(&self, param: &str, slot: &str) -> Option<&Tensor> {
+        if slot != MOMENTUM {
+            return None;
+        }
+        let i = self.params.iter().position(|(n, _)| n == param)?;
+        Some(&self.velocity[i])
+    }
+
+    fn set_state(&mut self, param: &str, slot: &str, value: &Tensor) -> Result<()> {
+        let i = crate::slot_index(&self.params, self.slots(), param, slot)?;
+        self.velocity[i] = crate::checked_state(&self.params[i], slot, value)?;
         Ok(())
     }
-}
 
-/// The contiguous f32 slice of a CPU storage.
-fn f32_slice<'a>(
-    what: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what}: a contiguous f32 tensor is required"),
-    }
-}
-
-fn f32_slice_mut<'a>(
-    what: &str,
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("{what}: a contiguous f32 tensor is required"),
-    }
-}
-
-/// In place on the velocity: `v = μ·v + (g + λ·θ)`, the same f32 operations
-/// in the same order as the tensor-op path.
-struct VelocityUpdate {
-    momentum: f32,
-    weight_decay: f32,
-}
-
-impl InplaceOp3 for VelocityUpdate {
-    fn name(&self) -> &'static str {
-        "qgrad-sgd-velocity"
+    fn steps(&self) -> u64 {
+        self.steps
     }
 
-    fn cpu_fwd(
-        &self,
-        v: &mut CpuStorage,
-        v_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-        theta: &CpuStorage,
-        theta_layout: &Layout,
-    ) -> candle_core::Result<()> {
-        let v = f32_slice_mut(self.name(), v, v_layout)?;
-        let g = f32_slice(self.name(), g, g_layout)?;
-        let theta = f32_slice(self.name(), theta, theta_layout)?;
-        if v.len() != g.len() || v.len() != theta.len() {
-            candle_core::bail!("qgrad-sgd-velocity: length mismatch");
-        }
-        let (mu, lambda) = (self.momentum, self.weight_decay);
-        for ((v, &g), &t) in v.iter_mut().zip(g).zip(theta) {
-            let d = if lambda != 0.0 { g + t * lambda } else { g };
-            *v = if mu != 0.0 { *v * mu + d } else { d };
-        }
-        Ok(())
-    }
-}
-
-/// In place over two contiguous f32 tensors of one length: `f(dst[i], src[i])`
-/// for every element. The mask and descend passes are this with different
-/// element functions; monomorphised per closure, so each loop vectorises.
-struct ZipAssign<F> {
-    name: &'static str,
-    f: F,
-}
-
-impl<F: Fn(&mut f32, f32) + Send + Sync> InplaceOp2 for ZipAssign<F> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_layout: &Layout,
-        src: &CpuStorage,
-        src_layout: &Layout,
-    ) -> candle_core::Result<()> {
-        let dst = f32_slice_mut(self.name, dst, dst_layout)?;
-        let src = f32_slice(self.name, src, src_layout)?;
-        if dst.len() != src.len() {
-            candle_core::bail!("{}: length mismatch", self.name);
-        }
-        for (d, &v) in dst.iter_mut().zip(src) {
-            (self.f)(d, v);
-        }
-        Ok(())
-    }
-}
-
-/// In place: `dst *= src` (a freeze mask of 1.0/0.0).
-fn mul_assign() -> ZipAssign<impl Fn(&mut f32, f32) + Send + Sync> {
-    ZipAssign {
-        name: "qgrad-mul-assign",
-        f: |d: &mut f32, m: f32| *d *= m,
-    }
-}
-
-/// In place on the parameter: `θ = θ − lr·v`.
-fn descend(lr: f32) -> ZipAssign<impl Fn(&mut f32, f32) + Send + Sync> {
-    ZipAssign {
-        name: "qgrad-sgd-descend",
-        // A zero step leaves θ alone bit for bit: `-0.0 - 0.0` would turn a
-        // frozen (pruned) -0.0 into +0.0. Written as a select, not a
-        // conditional store, so that it vectorises (the branchy form took
-        // 6 % of a LeNet-300-100 step).
-        f: move |t: &mut f32, v: f32| *t = if v != 0.0 { *t - v * lr } else { *t },
+    fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::LrSchedule;
     use candle_core::Device;
 
     #[test]

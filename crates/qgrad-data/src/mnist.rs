@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
-use super::Dataset;
-use crate::error::{ModelsError, Result};
+use crate::error::{DataError, Result};
+use crate::image::Dataset;
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
@@ -42,7 +42,7 @@ fn load_split(dir: &Path, images: &str, labels: &str) -> Result<Dataset> {
     let (image_dims, pixels) = images;
     let (label_dims, labels) = labels;
     if image_dims[1] != SIDE || image_dims[2] != SIDE {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &images_path,
             format!(
                 "images are {}x{}, MNIST images are {SIDE}x{SIDE}",
@@ -51,7 +51,7 @@ fn load_split(dir: &Path, images: &str, labels: &str) -> Result<Dataset> {
         ));
     }
     if image_dims[0] != label_dims[0] {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &labels_path,
             format!(
                 "{} labels for {} images in {}",
@@ -62,7 +62,7 @@ fn load_split(dir: &Path, images: &str, labels: &str) -> Result<Dataset> {
         ));
     }
     if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= 10) {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &labels_path,
             format!("label {l} of example {i} is not a digit 0-9"),
         ));
@@ -85,7 +85,7 @@ fn locate(dir: &Path, name: &str) -> Result<(PathBuf, bool)> {
     if raw.is_file() {
         return Ok((raw, false));
     }
-    Err(ModelsError::dataset(
+    Err(DataError::format(
         &gz,
         format!(
             "not found (nor {}); download MNIST with `cargo xtask download mnist`",
@@ -104,14 +104,14 @@ fn read_idx(
     rank: usize,
 ) -> Result<(PathBuf, (Vec<usize>, Vec<u8>))> {
     let (path, gz) = locate(dir, name)?;
-    let file = File::open(&path).map_err(|e| ModelsError::io(&path, e))?;
+    let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
     let mut reader: Box<dyn Read> = if gz {
         Box::new(GzDecoder::new(file))
     } else {
         Box::new(file)
     };
     let read_err = |e: std::io::Error| {
-        ModelsError::dataset(
+        DataError::format(
             &path,
             format!(
                 "cannot read{}: {e}",
@@ -123,7 +123,7 @@ fn read_idx(
     let mut header = vec![0u8; header_len];
     reader.read_exact(&mut header).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ModelsError::dataset(&path, format!("shorter than its {header_len}-byte header"))
+            DataError::format(&path, format!("shorter than its {header_len}-byte header"))
         } else {
             read_err(e)
         }
@@ -132,14 +132,14 @@ fn read_idx(
         |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let found = word(0);
     if found != magic {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &path,
             format!("bad magic number 0x{found:08x}, expected 0x{magic:08x}"),
         ));
     }
     let dims: Vec<usize> = (0..rank).map(|d| word(4 + 4 * d) as usize).collect();
     if dims[0] > MAX_EXAMPLES {
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &path,
             format!("declares {} examples, more than any MNIST file", dims[0]),
         ));
@@ -148,7 +148,7 @@ fn read_idx(
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .filter(|&n| n <= MAX_EXAMPLES * SIDE * SIDE)
-        .ok_or_else(|| ModelsError::dataset(&path, format!("absurd dimensions {dims:?}")))?;
+        .ok_or_else(|| DataError::format(&path, format!("absurd dimensions {dims:?}")))?;
     // Read at most one byte more than declared, to detect trailing data
     // without trusting the file to end.
     let mut payload = Vec::with_capacity(payload_len);
@@ -162,7 +162,7 @@ fn read_idx(
         } else {
             "longer than declared"
         };
-        return Err(ModelsError::dataset(
+        return Err(DataError::format(
             &path,
             format!(
                 "{what}: header declares {dims:?} = {payload_len} bytes of data, found {}{}",

@@ -7,9 +7,6 @@
 //! `ChaCha8Rng` seeded by `(seed, epoch)`, so an epoch's batches are the same
 //! on every run and after a resume.
 
-pub mod cifar;
-pub mod mnist;
-
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,39 +15,50 @@ use rand_chacha::ChaCha8Rng;
 /// pixels channel-major per image (CHW), as stored by MNIST and CIFAR-10.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// `len · c·h·w` pixels, image after image.
     pub images: Vec<u8>,
+    /// One label per image.
     pub labels: Vec<u8>,
+    /// `[c, h, w]` of every image.
     pub shape: [usize; 3],
+    /// Number of classes (labels are below it).
     pub num_classes: usize,
 }
 
 /// Per-channel normalisation `(x/255 - mean[c]) / std[c]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Normalization {
+    /// Per-channel mean of the pixels scaled to [0, 1].
     pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
     pub std: Vec<f32>,
 }
 
 /// Training-time augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Augment {
+    /// No augmentation.
     None,
     /// Random crop after zero-padding by `pad` pixels, and a horizontal flip
     /// with probability 1/2 (the CIFAR-10 recipe).
     CropFlip {
+        /// Zero padding on every side before the crop.
         pad: usize,
     },
 }
 
 impl Dataset {
+    /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there are no images.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
+    /// Pixels per image, `c·h·w`.
     pub fn image_size(&self) -> usize {
         self.shape.iter().product()
     }

@@ -1,0 +1,330 @@
+//! The candle-side evaluation of a quantized model, which must equal the
+//! integer inference from its file (`qgrad_runtime::FileModel`) image for
+//! image (METHOD §6: "that accuracy must equal the accuracy of the same
+//! quantized model evaluated during training-side evaluation").
+//!
+//! # Why the two paths agree exactly
+//!
+//! The integer kernel multiplies `b_w ≤ 16`-bit weights by `b_a ≤ 16`-bit
+//! activations and sums at most `fan_in < 2^21` products in an i64, then
+//! scales by a power of two in f64 and rounds to f32 once. This evaluation
+//! does the layer in **f64**: every product of the two fixed-point numbers and
+//! every partial sum is a multiple of the common step below 2^53 of them, so
+//! f64 arithmetic is exact in any summation order and equals the integer
+//! accumulator; it then rounds to f32 once as well. Every other operation
+//! (bias, batch norm, ReLU, pooling) is the same sequence of IEEE f32
+//! operations on both sides. Hence equal logits, equal predictions.
+//! (Width-32 weights — the float remainder of in-training quantization — are
+//! summed in f64 on both sides but not necessarily in the same order; their
+//! results can differ in the last bit of f64, which almost never changes the
+//! f32 output.)
+
+use candle_core::{DType, Device, Tensor};
+use qgrad_runtime::infer::{batches, check_dataset};
+use qgrad_runtime::{EvalReport, BN_EPS};
+
+use crate::data::{epoch_rng, Augment, Dataset, Normalization};
+use crate::error::{ModelsError, Result};
+use crate::methods::QuantizedTensor;
+use crate::{Arch, LayerSpec, NamedTensor};
+
+fn invalid(message: impl Into<String>) -> ModelsError {
+    ModelsError::Config(message.into())
+}
+
+/// Quantizes `x` (`[n, …]`, f32) to `bits`-bit fixed point with one exponent
+/// per sample, exactly as `FixedActivations::quantize`, and returns the
+/// dequantized values as f64 (exact).
+pub fn quantize_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let flat = x.flatten_from(1)?;
+    let max_abs: Vec<f32> = flat.abs()?.max_keepdim(1)?.flatten_all()?.to_vec1()?;
+    let mut scale = Vec::with_capacity(n);
+    for m in max_abs {
+        let e = qgrad_fixed::tensor_exponent(&[m])?;
+        let f = bits as i32 - 1 - e;
+        scale.push((f as f64).exp2());
+    }
+    let up = Tensor::from_vec(scale.clone(), (n, 1), x.device())?;
+    let down = Tensor::from_vec(
+        scale.iter().map(|s| 1.0 / s).collect::<Vec<f64>>(),
+        (n, 1),
+        x.device(),
+    )?;
+    let lo = -(2f64.powi(bits as i32 - 1));
+    let hi = 2f64.powi(bits as i32 - 1) - 1.0;
+    let q = flat
+        .to_dtype(DType::F64)?
+        .broadcast_mul(&up)?
+        .round()?
+        .clamp(lo, hi)?
+        .broadcast_mul(&down)?;
+    Ok(q.reshape(x.shape())?)
+}
+
+/// Evaluates the quantized parameters `params` (values as stored in a
+/// [`QuantizedTensor`]) and `buffers` in candle, with the same activation
+/// quantization as the integer inference, linear and convolution layers in
+/// f64. Equals [`FileModel::evaluate`] of the exported file image for image.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_candle(
+    arch: Arch,
+    params: &[QuantizedTensor],
+    buffers: &[NamedTensor],
+    data: &Dataset,
+    norm: &Normalization,
+    act_bits: u8,
+    batch: usize,
+    device: &Device,
+) -> Result<EvalReport> {
+    check_dataset(arch, data)?;
+    if !(2..=16).contains(&act_bits) {
+        return Err(invalid(format!(
+            "activation width {act_bits} is not allowed (2..=16)"
+        )));
+    }
+    let lookup = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        if let Some(p) = params.iter().find(|p| p.name == name) {
+            return Ok((p.shape.clone(), p.values.clone()));
+        }
+        if let Some(b) = buffers.iter().find(|b| b.name == name) {
+            return Ok((b.shape.clone(), b.values.clone()));
+        }
+        Err(invalid(format!("no tensor '{name}' for {}", arch.name())))
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in arch
+        .parameter_shapes()
+        .into_iter()
+        .chain(arch.buffer_shapes())
+    {
+        let (s, v) = lookup(&name)?;
+        if s != shape || v.len() != shape.iter().product::<usize>() {
+            return Err(invalid(format!(
+                "tensor '{name}' has shape {s:?}, {} needs {shape:?}",
+                arch.name()
+            )));
+        }
+        let t = Tensor::from_vec(v, shape, device)?;
+        // Weights of linear/conv layers take part in f64 products.
+        let t = if name.ends_with(".weight") && !name.ends_with(".bn.weight") {
+            t.to_dtype(DType::F64)?
+        } else {
+            t
+        };
+        tensors.insert(name, t);
+    }
+    let get = |name: String| -> Result<&Tensor> {
+        tensors
+            .get(&name)
+            .ok_or_else(|| invalid(format!("no tensor '{name}'")))
+    };
+    let classes = arch.num_classes();
+    let mut logits = Vec::with_capacity(data.len() * classes);
+    let mut rng = epoch_rng(0, 0, 0);
+    let mut input = Vec::new();
+    let [c, h, w] = data.shape;
+    for indices in batches(data, batch) {
+        data.gather(&indices, norm, Augment::None, &mut rng, &mut input);
+        let mut x = Tensor::from_slice(&input, (indices.len(), c, h, w), device)?;
+        for layer in arch.layers() {
+            x = match layer {
+                LayerSpec::Flatten => x.flatten_from(1)?,
+                LayerSpec::Relu => x.relu()?,
+                LayerSpec::Dropout { .. } => x,
+                LayerSpec::MaxPool2d { size } => x.max_pool2d(size)?,
+                LayerSpec::Linear { name, .. } => {
+                    let q = quantize_activations(&x, act_bits)?;
+                    let weight = get(format!("{name}.weight"))?;
+                    let y = q.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+                    y.broadcast_add(get(format!("{name}.bias"))?)?
+                }
+                LayerSpec::Conv2d {
+                    name,
+                    stride,
+                    padding,
+                    ..
+                } => {
+                    let q = quantize_activations(&x, act_bits)?;
+                    let weight = get(format!("{name}.weight"))?;
+                    let y = q
+                        .conv2d(weight, padding, stride, 1, 1)?
+                        .to_dtype(DType::F32)?;
+                    let bias = get(format!("{name}.bias"))?;
+                    y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
+                }
+                LayerSpec::BatchNorm { name, channels } => {
+                    let shape = (1, channels, 1, 1);
+                    let gamma = get(format!("{name}.bn.weight"))?.reshape(shape)?;
+                    let beta = get(format!("{name}.bn.bias"))?.reshape(shape)?;
+                    let mean = get(format!("{name}.bn.running_mean"))?.reshape(shape)?;
+                    let var = get(format!("{name}.bn.running_var"))?.reshape(shape)?;
+                    let scale = gamma.broadcast_div(&(var + f64::from(BN_EPS))?.sqrt()?)?;
+                    x.broadcast_sub(&mean)?
+                        .broadcast_mul(&scale)?
+                        .broadcast_add(&beta)?
+                }
+            };
+        }
+        let out: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if out.len() != indices.len() * classes {
+            return Err(invalid(format!(
+                "the network produced {} logits for {} images",
+                out.len(),
+                indices.len()
+            )));
+        }
+        logits.extend_from_slice(&out);
+    }
+    Ok(EvalReport::from_logits(logits, classes, &data.labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mnist::load_mnist;
+    use crate::export::export;
+    use crate::methods::post_training::{post_training, PostTrainingOptions};
+    use crate::Network;
+    use qgrad_cluster::ClusterMethod;
+    use qgrad_csr::{CompressedModel, LayoutChoice};
+    use qgrad_runtime::{ExportMetadata, FileModel};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    fn mnist_test(n: usize) -> Dataset {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+        load_mnist(&dir).unwrap().1.take(n)
+    }
+
+    fn mnist_norm() -> Normalization {
+        Normalization {
+            mean: vec![0.1307],
+            std: vec![0.3081],
+        }
+    }
+
+    /// A seeded network quantized post-training with seeded importances.
+    fn quantized(
+        arch: Arch,
+        seed: u64,
+        method: ClusterMethod,
+    ) -> (Vec<QuantizedTensor>, Vec<NamedTensor>) {
+        let net = Network::new(arch, &Device::Cpu, seed).unwrap();
+        let params = net.params_to_host().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let accum: Vec<NamedTensor> = params
+            .iter()
+            .map(|p| NamedTensor {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                values: p
+                    .values
+                    .iter()
+                    .map(|_| rng.random_range(0f32..1.0).powi(3))
+                    .collect(),
+            })
+            .collect();
+        let opts = PostTrainingOptions {
+            widths: vec![16, 8, 4, 2, 0],
+            method,
+            ..Default::default()
+        };
+        let (q, _) = post_training(&params, &accum, &opts, None).unwrap();
+        (q, net.buffers_to_host().unwrap())
+    }
+
+    fn run_both(
+        arch: Arch,
+        q: &[QuantizedTensor],
+        buffers: &[NamedTensor],
+        data: &Dataset,
+        norm: &Normalization,
+        act_bits: u8,
+    ) -> (EvalReport, EvalReport) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.qgz");
+        let meta = ExportMetadata {
+            arch,
+            act_bits,
+            norm: norm.clone(),
+            method: "test".into(),
+            options: serde_json::json!({}),
+            seed: Some(1),
+            extra: vec![],
+        };
+        let report = export(&path, q, buffers, &meta, LayoutChoice::Auto).unwrap();
+        assert_eq!(report.file_bytes, std::fs::metadata(&path).unwrap().len());
+        let model = CompressedModel::read_file(&path).unwrap();
+        let file = FileModel::new(&model).unwrap().evaluate(data, 64).unwrap();
+        let candle =
+            evaluate_candle(arch, q, buffers, data, norm, act_bits, 37, &Device::Cpu).unwrap();
+        (file, candle)
+    }
+
+    #[test]
+    fn file_inference_equals_candle_evaluation_image_for_image() {
+        let data = mnist_test(200);
+        for (arch, act_bits) in [
+            (Arch::Lenet300100, 16),
+            (Arch::Lenet300100, 6),
+            (Arch::Lenet5, 16),
+        ] {
+            let (q, buffers) = quantized(arch, 7, ClusterMethod::KMeans);
+            let (file, candle) = run_both(arch, &q, &buffers, &data, &mnist_norm(), act_bits);
+            assert_eq!(file.total, 200);
+            assert_eq!(file.mismatches(&candle), 0, "{arch}");
+            let differing = file
+                .logits
+                .iter()
+                .zip(&candle.logits)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differing, 0,
+                "{arch}, {act_bits}-bit activations: logits differ"
+            );
+            assert_eq!(file.accuracy, candle.accuracy);
+        }
+    }
+
+    #[test]
+    fn strided_padded_convolutions_agree_too() {
+        // AlexNet's first layer is an 11x11 convolution, stride 4, padding 5.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 6;
+        let data = Dataset {
+            images: (0..n * 3 * 32 * 32).map(|_| rng.random::<u8>()).collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            shape: [3, 32, 32],
+            num_classes: 10,
+        };
+        let norm = Normalization {
+            mean: vec![0.5, 0.4, 0.3],
+            std: vec![0.25, 0.25, 0.2],
+        };
+        let fractions = vec![0.05, 0.15, 0.3, 0.2, 0.3];
+        let (q, buffers) = quantized(Arch::AlexNet, 2, ClusterMethod::Quantiles { fractions });
+        let (file, candle) = run_both(Arch::AlexNet, &q, &buffers, &data, &norm, 12);
+        assert_eq!(file.logits.len(), n * 10);
+        assert_eq!(file.logits, candle.logits);
+    }
+
+    #[test]
+    fn float_remainder_elements_run_too() {
+        let data = mnist_test(100);
+        let (mut q, buffers) = quantized(Arch::Lenet300100, 8, ClusterMethod::LogKMeans);
+        // Keep every 7th element of fc2 as f32, as in-training quantization does.
+        let net = Network::new(Arch::Lenet300100, &Device::Cpu, 8).unwrap();
+        let original = net.params_to_host().unwrap();
+        for i in (0..q[2].values.len()).step_by(7) {
+            q[2].widths[i] = qgrad_fixed::FLOAT;
+            q[2].values[i] = original[2].values[i];
+        }
+        let (file, candle) = run_both(Arch::Lenet300100, &q, &buffers, &data, &mnist_norm(), 16);
+        assert_eq!(file.mismatches(&candle), 0);
+        for (a, b) in file.logits.iter().zip(&candle.logits) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The compressed model of a method, and what every entry point does with
+//! it: export it to a file, evaluate it in candle, run the file with the
+//! integer kernels.
+
+use std::path::Path;
+
+use candle_core::Device;
+use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
+use qgrad_data::{Dataset, Normalization};
+use qgrad_models::eval::evaluate_candle;
+use qgrad_models::export::export;
+use qgrad_models::methods::{
+    combined, post_training, summarize, PostTrainingOptions, QuantizeSummary, QuantizedTensor,
+};
+use qgrad_models::NamedTensor;
+use qgrad_runtime::{Arch, EvalReport, ExportMetadata, FileModel};
+
+use crate::error::{Context, PipelineError, Result};
+use crate::in_training::InTrainingOutcome;
+use crate::trained::HostModel;
+
+/// A quantized network ready to be written.
+#[derive(Debug, Clone)]
+pub struct Compressed {
+    /// The network.
+    pub arch: Arch,
+    /// The method's name as the file records it.
+    pub method: String,
+    /// The method's options as the file records them.
+    pub options: serde_json::Value,
+    /// The seed of the run.
+    pub seed: Option<u64>,
+    /// The quantized parameters.
+    pub params: Vec<QuantizedTensor>,
+    /// Width counts of the parameters.
+    pub summary: QuantizeSummary,
+    /// Batch-norm running statistics (stored as f32).
+    pub buffers: Vec<NamedTensor>,
+    /// The input normalisation.
+    pub norm: Normalization,
+    /// Further metadata pairs.
+    pub extra: Vec<(String, String)>,
+}
+
+/// Post-training quantization (METHOD §3) of a trained network.
+pub fn compress_post_training(
+    host: &HostModel,
+    opts: &PostTrainingOptions,
+    options: serde_json::Value,
+    seed: Option<u64>,
+) -> Result<Compressed> {
+    opts.validate()
+        .map_err(|e| PipelineError::usage(format!("invalid post-training options: {e}")))?;
+    let (params, summary) = post_training(&host.params, &host.accum, opts, None)
+        .runtime("post-training quantization failed")?;
+    Ok(Compressed {
+        arch: host.arch,
+        method: "post-training".into(),
+        options,
+        seed,
+        params,
+        summary,
+        buffers: host.buffers.clone(),
+        norm: host.norm.clone(),
+        extra: Vec::new(),
+    })
+}
+
+/// The result of an in-training run (METHOD §4): the frozen part at
+/// `b_low`, the float remainder at 32 bits.
+pub fn compress_in_training(
+    run: &InTrainingOutcome,
+    options: serde_json::Value,
+) -> Result<Compressed> {
+    let params = run
+        .hook
+        .finish(&run.state)
+        .runtime("cannot collect the in-training result")?;
+    let summary = summarize(&params);
+    trained_model(run, "in-training", options, params, summary)
+}
+
+/// Combined quantization (METHOD §5): the in-training result with its float
+/// remainder quantized post-training, clustered by the remainder's `A`.
+pub fn compress_combined(
+    run: &InTrainingOutcome,
+    remainder: &PostTrainingOptions,
+    options: serde_json::Value,
+) -> Result<Compressed> {
+    remainder
+        .validate()
+        .map_err(|e| PipelineError::usage(format!("invalid post-training options: {e}")))?;
+    let in_training = run
+        .hook
+        .finish(&run.state)
+        .runtime("cannot collect the in-training result")?;
+    let accum = qgrad_models::methods::accum_to_host(&run.state)
+        .runtime("cannot copy accumulated gradients")?;
+    let (params, summary) = combined(&in_training, &accum, remainder)
+        .runtime("post-training quantization of the remainder failed")?;
+    trained_model(run, "combined", options, params, summary)
+}
+
+fn trained_model(
+    run: &InTrainingOutcome,
+    method: &str,
+    options: serde_json::Value,
+    params: Vec<QuantizedTensor>,
+    summary: QuantizeSummary,
+) -> Result<Compressed> {
+    let norm = run
+        .config
+        .normalization
+        .clone()
+        .ok_or_else(|| PipelineError::usage("the run has no normalisation"))?;
+    Ok(Compressed {
+        arch: run.state.network.arch,
+        method: method.into(),
+        options,
+        seed: Some(run.config.seed),
+        params,
+        summary,
+        buffers: run
+            .state
+            .network
+            .buffers_to_host()
+            .runtime("cannot copy buffers")?,
+        norm,
+        extra: Vec::new(),
+    })
+}
+
+/// What writing and evaluating a compressed model gave.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// The size report of the file on disk (its ratio is from the file's
+    /// byte length).
+    pub size: SizeReport,
+    /// The quantized model evaluated in candle (f64 layers, the file's
+    /// activation quantization).
+    pub candle: EvalReport,
+    /// The file run with the integer kernels, when asked for.
+    pub file: Option<EvalReport>,
+}
+
+impl Exported {
+    /// Images on which the file and candle predict different classes.
+    pub fn mismatches(&self) -> Option<usize> {
+        self.file.as_ref().map(|f| f.mismatches(&self.candle))
+    }
+}
+
+/// How to write and check a compressed model.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Activation width of the integer inference (2..=16).
+    pub act_bits: u8,
+    /// Per-tensor layout.
+    pub layout: LayoutChoice,
+    /// Evaluation device of the candle side.
+    pub device: Device,
+    /// Also run the written file with the integer kernels.
+    pub run_file: bool,
+}
+
+/// Writes `model` to `path` (atomically), evaluates it in candle on `test`
+/// and, if asked, runs the file straight from disk with the integer kernels.
+pub fn export_and_evaluate(
+    model: &Compressed,
+    path: &Path,
+    test: &Dataset,
+    opts: &ExportOptions,
+) -> Result<Exported> {
+    let meta = ExportMetadata {
+        arch: model.arch,
+        act_bits: opts.act_bits,
+        norm: model.norm.clone(),
+        method: model.method.clone(),
+        options: model.options.clone(),
+        seed: model.seed,
+        extra: model.extra.clone(),
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).runtime(format!("cannot create {}", parent.display()))?;
+    }
+    let size = export(path, &model.params, &model.buffers, &meta, opts.layout)
+        .runtime(format!("cannot write {}", path.display()))?;
+    let candle = evaluate_candle(
+        model.arch,
+        &model.params,
+        &model.buffers,
+        test,
+        &model.norm,
+        opts.act_bits,
+        crate::EVAL_BATCH,
+        &opts.device,
+    )
+    .runtime("candle evaluation of the quantized model failed")?;
+    let file = if opts.run_file {
+        Some(run_file(path, test)?.1)
+    } else {
+        None
+    };
+    Ok(Exported { size, candle, file })
+}
+
+/// Reads a compressed file and runs it on `test` with the integer kernels.
+pub fn run_file(path: &Path, test: &Dataset) -> Result<(CompressedModel, EvalReport)> {
+    let model =
+        CompressedModel::read_file(path).input(format!("cannot read {}", path.display()))?;
+    let report = FileModel::new(&model)
+        .input(format!("{} cannot be run", path.display()))?
+        .evaluate(test, crate::EVAL_BATCH)
+        .runtime("integer inference from the file failed")?;
+    Ok((model, report))
+}
+
+/// The file's tensors as quantized tensors (what [`evaluate_candle`] takes),
+/// to check a file against candle.
+pub fn file_tensors(model: &CompressedModel) -> Vec<QuantizedTensor> {
+    model
+        .tensors
+        .iter()
+        .map(|t| QuantizedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            values: t.dequantize(),
+            widths: t.widths(),
+            exponent: t.exponent,
+        })
+        .collect()
+}

@@ -1,0 +1,138 @@
+//! In-training runs (METHOD §4), the ground of the in-training and combined
+//! methods: from a trained baseline or from scratch, resumable, with the
+//! accumulated-gradient policy decided once for every entry point.
+
+use std::path::Path;
+
+use candle_core::Device;
+use qgrad_data::Dataset;
+use qgrad_models::checkpoint::CHECKPOINT_FILE;
+use qgrad_models::methods::{InTrainingHook, InTrainingOptions};
+use qgrad_models::{train, Arch, TrainConfig, TrainHook, TrainState};
+
+use crate::error::{training, Context, PipelineError, Result};
+use crate::trained::{check_arch, load_trained, normalization};
+use crate::AccumStart;
+
+/// Where an in-training run starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// A fresh network seeded by the run's seed.
+    Scratch,
+    /// Fine-tuning the network of this checkpoint (file or folder) with its
+    /// normalisation; a fresh optimizer and schedule, nothing frozen, and
+    /// the accumulated gradients as `accum` says.
+    Checkpoint {
+        /// The checkpoint.
+        path: &'a Path,
+        /// Carry the baseline's `A` on, or start it at zero.
+        accum: AccumStart,
+        /// Evaluate the baseline first (reported as the float accuracy).
+        evaluate: bool,
+    },
+}
+
+/// One in-training run.
+pub struct InTrainingRun<'a> {
+    /// The network.
+    pub arch: Arch,
+    /// The fine-tuning's configuration; with a `checkpoint_dir` the run
+    /// checkpoints after every epoch and a rerun resumes it.
+    pub config: TrainConfig,
+    /// The split options.
+    pub options: InTrainingOptions,
+    /// Where it starts.
+    pub start: Start<'a>,
+    /// The training device.
+    pub device: Device,
+}
+
+/// A finished in-training run.
+pub struct InTrainingOutcome {
+    /// The trained state: frozen quantized part plus float remainder.
+    pub state: TrainState,
+    /// The hook, with the split state and log.
+    pub hook: InTrainingHook,
+    /// The configuration it ran with (normalisation filled in).
+    pub config: TrainConfig,
+    /// The baseline's accuracy, when it was evaluated.
+    pub float_accuracy: Option<f64>,
+    /// The epoch a resumed run continued after.
+    pub resumed_after: Option<usize>,
+}
+
+/// Runs `run` on `train_set`, evaluating on `test_set` after every epoch;
+/// `extra` hooks (progress printing, …) run after the in-training hook.
+pub fn run_in_training(
+    run: InTrainingRun,
+    (train_set, test_set): (&Dataset, &Dataset),
+    extra: &mut [&mut dyn TrainHook],
+) -> Result<InTrainingOutcome> {
+    let InTrainingRun {
+        arch,
+        mut config,
+        options,
+        start,
+        device,
+    } = run;
+    options
+        .validate()
+        .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
+    let mut float_accuracy = None;
+    let mut fresh = None;
+    if let Start::Checkpoint {
+        path,
+        accum,
+        evaluate,
+    } = start
+    {
+        let trained = load_trained(path, &device)?;
+        check_arch("--init", trained.arch(), arch)?;
+        // The normalisation the baseline was trained with.
+        config.normalization = Some(trained.normalization(train_set));
+        if evaluate {
+            let norm = normalization(&config, train_set);
+            float_accuracy = Some(trained.accuracy(test_set, &norm)?);
+        }
+        fresh = Some(
+            trained
+                .state
+                .restart(&config, accum == AccumStart::Carry)
+                .map_err(|e| training(e, "cannot restart the baseline"))?,
+        );
+    }
+    let mut resumed_after = None;
+    let resumed = match &config.checkpoint_dir {
+        Some(dir) if dir.join(CHECKPOINT_FILE).is_file() => {
+            let state = TrainState::resume(arch, &device, &config)
+                .map_err(|e| training(e, &format!("cannot resume from {}", dir.display())))?
+                .ok_or_else(|| PipelineError::usage("the run checkpoint disappeared"))?;
+            resumed_after = Some(state.epoch);
+            Some(state)
+        }
+        _ => None,
+    };
+    let mut state = match (resumed, fresh) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => {
+            TrainState::new(arch, &device, &config).runtime("cannot create the network")?
+        }
+    };
+    check_arch("the run checkpoint", state.network.arch, arch)?;
+    let mut hook = InTrainingHook::new(options, &state)
+        .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
+    {
+        let mut hooks: Vec<&mut dyn TrainHook> = vec![&mut hook];
+        hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
+        train(&mut state, train_set, test_set, &config, &mut hooks)
+            .map_err(|e| training(e, "training failed"))?;
+    }
+    config.normalization = Some(normalization(&config, train_set));
+    Ok(InTrainingOutcome {
+        state,
+        hook,
+        config,
+        float_accuracy,
+        resumed_after,
+    })
+}

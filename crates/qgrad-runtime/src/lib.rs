@@ -1,0 +1,84 @@
+//! `qgrad-runtime`: run a compressed model file (`.qgz`) with integer
+//! kernels, without candle.
+//!
+//! This is the deployment side of qgrad. A program that only runs compressed
+//! models links this crate, `qgrad-csr` (the file and its kernels),
+//! `qgrad-fixed` (fixed-point numbers) and `qgrad-data` (the image loaders),
+//! and never compiles candle. It owns:
+//!
+//! * [`spec`]: the networks as data ([`Arch`], [`LayerSpec`]): the one
+//!   description that the training forward pass, the candle evaluation of the
+//!   quantized model and this runtime all interpret;
+//! * [`metadata`]: the keys a file carries so that it can run on its own;
+//! * [`infer`]: whole-network inference from the file ([`FileModel`]).
+//!
+//! ```
+//! use qgrad_csr::{encode, CompressedModel, EncodeOptions, TensorData};
+//! use qgrad_data::{Dataset, Normalization};
+//! use qgrad_runtime::{Arch, ExportMetadata, FileModel};
+//!
+//! // A LeNet-300-100 whose weights are all zero and whose fc3 bias favours
+//! // class 3, written with 8-bit weights.
+//! let arch = Arch::Lenet300100;
+//! let shapes = arch.parameter_shapes();
+//! let values: Vec<Vec<f32>> = shapes
+//!     .iter()
+//!     .map(|(name, shape)| {
+//!         let mut v = vec![0.0f32; shape.iter().product()];
+//!         if name == "fc3.bias" {
+//!             v[3] = 0.5;
+//!         }
+//!         v
+//!     })
+//!     .collect();
+//! let widths: Vec<Vec<u8>> = values.iter().map(|v| vec![8; v.len()]).collect();
+//! let tensors: Vec<TensorData> = shapes
+//!     .iter()
+//!     .zip(values.iter().zip(&widths))
+//!     .map(|((name, shape), (values, widths))| TensorData {
+//!         name,
+//!         shape,
+//!         values,
+//!         widths,
+//!         exponent: None,
+//!     })
+//!     .collect();
+//! let meta = ExportMetadata {
+//!     arch,
+//!     act_bits: 8,
+//!     norm: Normalization { mean: vec![0.1307], std: vec![0.3081] },
+//!     method: "example".into(),
+//!     options: serde_json::json!({}),
+//!     seed: None,
+//!     extra: vec![],
+//! };
+//! let options = EncodeOptions { metadata: meta.to_pairs()?, ..Default::default() };
+//! let bytes = encode(&tensors, &options)?;
+//! let file = CompressedModel::from_bytes(&bytes)?;
+//!
+//! let images = Dataset {
+//!     images: vec![0; 2 * 28 * 28],
+//!     labels: vec![3, 4],
+//!     shape: [1, 28, 28],
+//!     num_classes: 10,
+//! };
+//! let report = FileModel::new(&file)?.evaluate(&images, 16)?;
+//! assert_eq!(report.predictions, vec![3, 3]);
+//! assert_eq!(report.accuracy, 0.5);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod infer;
+pub mod metadata;
+pub mod spec;
+
+pub use error::{Result, RuntimeError};
+pub use infer::{EvalReport, FileModel, DEFAULT_ACT_BITS};
+pub use metadata::{read_metadata, ExportMetadata, FileMetadata};
+pub use spec::{Arch, DatasetKind, LayerSpec, UnknownArch};
+
+/// Batch-norm epsilon (PyTorch's default); the training forward pass uses the
+/// same value.
+pub const BN_EPS: f32 = 1e-5;

@@ -1,0 +1,145 @@
+//! End to end through the umbrella crate, on the shipped MNIST subset: train
+//! a little, run each method, write the compressed file, read it back, and
+//! check that integer inference from the file equals the candle evaluation
+//! of the quantized model image for image, and that the ratio is the file's.
+
+use std::path::Path;
+
+use qgrad::csr::LayoutChoice;
+use qgrad::data::Dataset;
+use qgrad::models::methods::{FractionSchedule, InTrainingOptions, PostTrainingOptions};
+use qgrad::models::{Arch, TrainConfig};
+use qgrad::pipeline::data::load_datasets;
+use qgrad::pipeline::in_training::{run_in_training, InTrainingRun, Start};
+use qgrad::pipeline::{
+    compress_combined, compress_in_training, compress_post_training, default_device,
+    export_and_evaluate, train_float, AccumStart, Compressed, ExportOptions,
+};
+
+fn mini(arch: Arch) -> (Dataset, Dataset) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/mnist-mini");
+    let (train, test) = load_datasets(arch, &dir, Some(2000), Some(300)).unwrap();
+    (train, test)
+}
+
+fn quick_config(arch: Arch, epochs: usize) -> TrainConfig {
+    let mut config = TrainConfig::default_for(arch);
+    config.epochs = epochs;
+    config.batch_size = 64;
+    config.max_batches_per_epoch = Some(20);
+    config.progress = false;
+    config
+}
+
+/// Writes `model`, runs the file and checks it against candle.
+fn check_file(model: &Compressed, dir: &Path, test: &Dataset) -> f64 {
+    let path = dir.join(format!("{}.qgz", model.method));
+    let export = ExportOptions {
+        act_bits: 12,
+        layout: LayoutChoice::Auto,
+        device: default_device(),
+        run_file: true,
+    };
+    let out = export_and_evaluate(model, &path, test, &export).unwrap();
+    let file = out.file.as_ref().unwrap();
+    assert_eq!(file.total, test.len());
+    assert_eq!(out.mismatches(), Some(0), "{}", model.method);
+    // Every weight is fixed point or pruned, so the logits agree to the bit.
+    if model
+        .params
+        .iter()
+        .all(|t| t.widths.iter().all(|&w| w <= 16))
+    {
+        assert_eq!(file.logits, out.candle.logits, "{}", model.method);
+    }
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(out.size.file_bytes, bytes);
+    let params = model.arch.num_parameters() as f64;
+    assert!((out.size.ratio - 32.0 * params / (8.0 * bytes as f64)).abs() < 1e-9);
+    out.size.ratio
+}
+
+#[test]
+fn each_method_writes_a_file_that_runs_like_candle() {
+    for arch in [Arch::Lenet300100, Arch::Lenet5] {
+        let (train, test) = mini(arch);
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = quick_config(arch, 2);
+        config.checkpoint_dir = Some(dir.path().join("float"));
+        let device = default_device();
+        let trained =
+            train_float(arch, &config, &device, (&train, &test), &mut [], |_| {}).unwrap();
+        let norm = trained.normalization(&train);
+        assert!(trained.accuracy(&test, &norm).unwrap() > 0.5, "{arch}");
+
+        let host = trained.to_host(norm).unwrap();
+        let post = PostTrainingOptions {
+            widths: vec![8, 4, 0],
+            ..Default::default()
+        };
+        let model = compress_post_training(&host, &post, serde_json::json!({}), Some(1)).unwrap();
+        let post_ratio = check_file(&model, dir.path(), &test);
+        assert!(post_ratio > 5.0, "{arch}: {post_ratio}");
+
+        let run = InTrainingRun {
+            arch,
+            config: quick_config(arch, 2),
+            options: InTrainingOptions {
+                fraction: FractionSchedule::PerSplit(vec![0.6, 0.6]),
+                low_bits: 2,
+                ..Default::default()
+            },
+            start: Start::Checkpoint {
+                path: &dir.path().join("float"),
+                accum: AccumStart::Carry,
+                evaluate: true,
+            },
+            device: device.clone(),
+        };
+        let result = run_in_training(run, (&train, &test), &mut []).unwrap();
+        assert!(result.float_accuracy.is_some());
+        // A carried on: the baseline's 40 steps plus the fine-tuning's 40.
+        assert_eq!(result.state.accum.steps(), 80);
+        let frozen = result.state.history.last().unwrap().frozen_fraction;
+        assert!((frozen - 0.84).abs() < 0.01, "{arch}: {frozen}");
+        let model = compress_in_training(&result, serde_json::json!({})).unwrap();
+        let in_training_ratio = check_file(&model, dir.path(), &test);
+        let remainder = PostTrainingOptions {
+            widths: vec![8, 4],
+            ..Default::default()
+        };
+        let model = compress_combined(&result, &remainder, serde_json::json!({})).unwrap();
+        let combined_ratio = check_file(&model, dir.path(), &test);
+        // The remainder, f32 in the in-training file, is 8 or 4 bits here.
+        assert!(
+            combined_ratio > 1.5 * in_training_ratio,
+            "{arch}: {combined_ratio} vs {in_training_ratio}"
+        );
+    }
+}
+
+#[test]
+fn a_zero_start_ranks_by_the_fine_tuning_alone() {
+    let arch = Arch::Lenet300100;
+    let (train, test) = mini(arch);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(arch, 1);
+    config.checkpoint_dir = Some(dir.path().to_path_buf());
+    let device = default_device();
+    train_float(arch, &config, &device, (&train, &test), &mut [], |_| {}).unwrap();
+    let run = |accum| InTrainingRun {
+        arch,
+        config: quick_config(arch, 1),
+        options: InTrainingOptions::default(),
+        start: Start::Checkpoint {
+            path: dir.path(),
+            accum,
+            evaluate: false,
+        },
+        device: device.clone(),
+    };
+    let zero = run_in_training(run(AccumStart::Zero), (&train, &test), &mut []).unwrap();
+    let carry = run_in_training(run(AccumStart::Carry), (&train, &test), &mut []).unwrap();
+    assert_eq!(zero.state.accum.steps(), 20);
+    assert_eq!(carry.state.accum.steps(), 40);
+}
