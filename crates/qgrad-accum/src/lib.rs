@@ -22,6 +22,47 @@
 //! - [`FreezeMask`] is a per-element f32 tensor (1.0 = trainable, 0.0 = frozen)
 //!   on the training device: the optimizer multiplies by it, which keeps frozen
 //!   elements exactly unchanged without any host round trip.
+//!
+//! # Example
+//! Accumulate `|∂L/∂w|` over two steps of a tiny loss, freeze the least
+//! important element, and round-trip the scores through safetensors:
+//!
+//! ```rust
+//! use candle_core::{Device, Tensor, Var};
+//! use qgrad_accum::{select_lowest, AccumulatedGradients, FreezeMask, Scope};
+//!
+//! let dev = Device::Cpu;
+//! let w = Var::from_vec(vec![1f32, -2.0, 0.5], 3, &dev)?;
+//! let params = vec![("fc.weight".to_string(), w.clone())];
+//! let mut acc = AccumulatedGradients::new(&params)?;
+//!
+//! // loss = Σ w · x has gradient x, so A = |x₁| + |x₂|.
+//! for x in [[3f32, -4.0, 0.0], [-1.0, 0.5, 0.25]] {
+//!     let loss = w.as_tensor().mul(&Tensor::new(&x, &dev)?)?.sum_all()?;
+//!     acc.accumulate(&loss.backward()?)?;
+//! }
+//! assert_eq!(acc.steps(), 2);
+//! let host = acc.to_host()?;
+//! assert_eq!(host[0].0, "fc.weight");
+//! assert_eq!(host[0].2, vec![4.0, 4.5, 0.25]);
+//!
+//! // Freeze the lowest third of the elements: the one with A = 0.25.
+//! let frozen = select_lowest(&host, 1.0 / 3.0, Scope::Global, None)?;
+//! assert_eq!(frozen[0], vec![false, false, true]);
+//! let mask = FreezeMask::from_frozen(&[3], &frozen[0], &dev)?;
+//! assert_eq!(mask.num_frozen()?, 1);
+//! let update = mask.apply(&Tensor::new(&[1f32, 1.0, 1.0], &dev)?)?;
+//! assert_eq!(update.to_vec1::<f32>()?, vec![1.0, 1.0, 0.0]);
+//!
+//! // The scores and the step count survive a safetensors round trip.
+//! let bytes = acc.to_safetensors_bytes()?;
+//! let loaded = AccumulatedGradients::from_safetensors_bytes(&bytes, &dev)?;
+//! assert_eq!(loaded.steps(), 2);
+//! assert_eq!(loaded.to_host()?, host);
+//! # Ok::<(), qgrad_accum::AccumError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod mask;
 mod rank;
@@ -45,35 +86,63 @@ pub const ACCGRAD_SUFFIX: &str = ".accgrad";
 /// The one error type of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum AccumError {
+    /// A candle tensor operation failed.
     #[error("candle error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file involved.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// Bytes that are not a valid accumulated-gradient safetensors file.
     #[error("{path} is not a valid safetensors file: {message}")]
-    Format { path: String, message: String },
+    Format {
+        /// The file, or `<memory>` for in-memory bytes.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Two parameters given to [`AccumulatedGradients::new`] share a name.
     #[error("parameter '{0}' appears twice")]
     DuplicateName(String),
+    /// A parameter name with no accumulator.
     #[error("no accumulated gradient named '{0}'")]
     UnknownName(String),
+    /// A tensor whose shape differs from the accumulator's (or, for host
+    /// scores, whose value count differs from its shape's product).
     #[error("shape mismatch for '{name}': expected {expected:?}, got {got:?}")]
     ShapeMismatch {
+        /// Parameter name.
         name: String,
+        /// The shape required.
         expected: Vec<usize>,
+        /// The shape found.
         got: Vec<usize>,
     },
+    /// A parameter, gradient or stored tensor that is not `f32`.
     #[error("parameter '{name}' has dtype {dtype:?}; only f32 is supported")]
-    DType { name: String, dtype: DType },
+    DType {
+        /// Parameter name.
+        name: String,
+        /// Its actual dtype.
+        dtype: DType,
+    },
+    /// Scores of the named tensor contain NaN or infinity.
     #[error("accumulated gradient '{0}' contains NaN or infinity")]
     NotFinite(String),
+    /// `accumulate` on scores loaded from a file and not yet
+    /// [`attach`](AccumulatedGradients::attach)ed to parameters.
     #[error("these accumulated gradients were loaded from a file and are not attached to parameters; call attach() first")]
     Detached,
+    /// An argument outside its allowed range or inconsistent with the scores.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }
 
+/// Result type of this crate.
 pub type Result<T> = std::result::Result<T, AccumError>;
 
 struct Entry {
@@ -175,10 +244,12 @@ impl AccumulatedGradients {
         self.entries.iter().map(|e| e.name.as_str())
     }
 
+    /// Number of tracked parameter tensors.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when no parameter tensor is tracked.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

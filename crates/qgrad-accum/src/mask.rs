@@ -60,6 +60,7 @@ impl FreezeMask {
         &self.mask
     }
 
+    /// Shape of the parameter tensor the mask belongs to.
     pub fn dims(&self) -> &[usize] {
         self.mask.dims()
     }

@@ -15,8 +15,11 @@ use crate::{AccumError, Result};
 /// row-major element index inside that tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RankedElement {
+    /// Index of the tensor in the host score list.
     pub tensor: usize,
+    /// Row-major element index inside that tensor.
     pub index: usize,
+    /// The element's accumulated gradient `A`.
     pub score: f32,
 }
 

@@ -49,6 +49,34 @@
 //!   larger or smaller than asked, or empty.
 //! * NaN or infinite importance is an error; an empty input gives an empty
 //!   output.
+//!
+//! # Example
+//! Three clear groups of importances get 8, 4 and 0 (pruned) bits; the exact
+//! k-means behind it can also be called on its own:
+//!
+//! ```rust
+//! use qgrad_cluster::{assign_widths, ckmeans_1d, par_sort_f32, ClusterMethod};
+//!
+//! let importance = [5.0f32, 0.0, 100.0, 0.01, 5.1, 0.02];
+//! let widths = assign_widths(&importance, &[8, 4, 0], &ClusterMethod::KMeans)?;
+//! assert_eq!(widths, vec![4, 0, 8, 0, 4, 0]);
+//!
+//! // Quantiles: the top half of the elements gets 8 bits, the rest 2.
+//! let method: ClusterMethod = "quantiles:0.5,0.5".parse()?;
+//! let widths = assign_widths(&importance, &[8, 2], &method)?;
+//! assert_eq!(widths, vec![8, 2, 8, 2, 8, 2]);
+//!
+//! let mut sorted = importance.to_vec();
+//! par_sort_f32(&mut sorted);
+//! assert_eq!(sorted, vec![0.0, 0.01, 0.02, 5.0, 5.1, 100.0]);
+//! let sorted: Vec<f64> = sorted.iter().map(|&v| f64::from(v)).collect();
+//! let clustering = ckmeans_1d(&sorted, 3)?;
+//! assert_eq!(clustering.starts, vec![0, 3, 5]);
+//! assert_eq!(clustering.centres[2], 100.0);
+//! # Ok::<(), qgrad_cluster::ClusterError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod ckmeans;
 mod method;
@@ -66,10 +94,18 @@ pub type Result<T> = std::result::Result<T, ClusterError>;
 pub enum ClusterError {
     /// A NaN or infinite input value.
     #[error("value at index {index} is not finite ({value})")]
-    NonFinite { index: usize, value: f64 },
+    NonFinite {
+        /// Position of the offending value in the input.
+        index: usize,
+        /// The offending value (NaN or ±infinity), widened to `f64`.
+        value: f64,
+    },
     /// Input that must be sorted ascending is not.
     #[error("input is not sorted ascending at index {index}")]
-    NotSorted { index: usize },
+    NotSorted {
+        /// First index whose value is smaller than its predecessor's.
+        index: usize,
+    },
     /// Zero clusters asked for a non-empty input.
     #[error("number of clusters must be at least 1 (got {0})")]
     ZeroClusters(usize),
@@ -81,14 +117,32 @@ pub enum ClusterError {
     /// Quantile fractions that are negative, not finite, do not sum to 1, or
     /// do not match the number of widths.
     #[error("bad quantile fractions {fractions:?}: {reason}")]
-    BadFractions { fractions: Vec<f64>, reason: String },
+    BadFractions {
+        /// The fractions as given.
+        fractions: Vec<f64>,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// A negative importance where the method needs `A >= 0`.
     #[error("importance at index {index} is negative ({value}); log-k-means needs A >= 0")]
-    NegativeImportance { index: usize, value: f64 },
+    NegativeImportance {
+        /// Position of the negative importance.
+        index: usize,
+        /// The negative value, widened to `f64`.
+        value: f64,
+    },
     /// More distinct values than the exact k-means keeps indices for.
     #[error("too many distinct values for exact k-means: {distinct} (at most 2^32 - 1)")]
-    TooLarge { distinct: usize },
+    TooLarge {
+        /// Number of distinct values in the input.
+        distinct: usize,
+    },
     /// A cluster method name that cannot be parsed.
     #[error("cannot parse cluster method {input:?}: {reason}")]
-    Parse { input: String, reason: String },
+    Parse {
+        /// The string that failed to parse.
+        input: String,
+        /// Why it was rejected.
+        reason: String,
+    },
 }

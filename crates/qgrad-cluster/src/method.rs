@@ -27,7 +27,10 @@ pub enum ClusterMethod {
     LogKMeans,
     /// Fixed shares: `fractions[k]` of the elements get `widths[k]` (aligned
     /// with the widths, highest width first); each `>= 0`, summing to 1.
-    Quantiles { fractions: Vec<f64> },
+    Quantiles {
+        /// Share of the elements per width, highest width first.
+        fractions: Vec<f64>,
+    },
 }
 
 impl ClusterMethod {

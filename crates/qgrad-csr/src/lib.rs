@@ -31,6 +31,48 @@
 //!   so an interrupted write leaves the previous file intact.
 //! - No candle dependency: a deployment that only reads models compiles this
 //!   crate and qgrad-fixed alone.
+//!
+//! # Example
+//! Encode a 2 × 3 weight with mixed widths, decode it, compare the values,
+//! check that the compression ratio comes from the file's byte length, and
+//! multiply it with a fixed-point activation row:
+//!
+//! ```rust
+//! use qgrad_csr::{
+//!     compression_ratio, encode, CompressedModel, EncodeOptions, FixedActivations, TensorData,
+//! };
+//!
+//! let values = [0.5f32, 0.1, 0.0, -0.25, 0.0, 0.75];
+//! // 8-bit, pruned, 8-bit, 4-bit, 8-bit, raw f32. The shared exponent is 0
+//! // (max |x| = 0.75), so 8 bits step by 2^-7 and 4 bits by 2^-3: every kept
+//! // value here is exact.
+//! let widths = [8u8, 0, 8, 4, 8, 32];
+//! let tensor = TensorData {
+//!     name: "w",
+//!     shape: &[2, 3],
+//!     values: &values,
+//!     widths: &widths,
+//!     exponent: None,
+//! };
+//! let bytes = encode(&[tensor], &EncodeOptions::default())?;
+//!
+//! let model = CompressedModel::from_bytes(&bytes)?;
+//! let w = model.tensor("w").expect("tensor `w` is in the file");
+//! assert_eq!(w.nnz(), 3); // the pruned element and the zeros are not stored
+//! assert_eq!(w.dequantize(), vec![0.5, 0.0, 0.0, -0.25, 0.0, 0.75]);
+//!
+//! let report = model.size_report();
+//! assert_eq!(report.file_bytes, bytes.len() as u64);
+//! assert_eq!(report.ratio, compression_ratio(6, bytes.len() as u64));
+//! assert_eq!(report.ratio, 32.0 * 6.0 / (8.0 * bytes.len() as f64));
+//!
+//! // Integer inference: y = W · x for one sample x = [1, 2, 0.5].
+//! let x = FixedActivations::quantize(&[1.0, 2.0, 0.5], 1, 3, 8)?;
+//! assert_eq!(w.matmul(&x)?, vec![0.5, 0.125]);
+//! # Ok::<(), qgrad_csr::CsrError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod encode;
 mod error;

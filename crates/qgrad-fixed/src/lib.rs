@@ -35,6 +35,38 @@
 //! two's complement in their field width and sign-extended on reading.
 //! Packing runs a 64-bit accumulator and emits whole words, because it sits
 //! on the path that packs every parameter of a model.
+//!
+//! # Example
+//! Quantize a tensor to 5 bits, check every value comes back within half a
+//! step, and pack the integers into `ceil(4 · 5 / 8) = 3` bytes:
+//!
+//! ```rust
+//! use qgrad_fixed::{fake_quantize, pack_signed, tensor_exponent, unpack_signed, FixedFormat};
+//!
+//! let values = [0.3f32, -1.7, 0.05, 2.9];
+//! let exponent = tensor_exponent(&values)?; // ceil(log2(2.9)) = 2
+//! assert_eq!(exponent, 2);
+//!
+//! let format = FixedFormat::new(5, exponent)?; // 1 sign, 2 integer, 2 fractional bits
+//! assert_eq!(format.step(), 0.25);
+//! let q: Vec<i32> = values.iter().map(|&x| format.quantize(x)).collect();
+//! for (&x, &qi) in values.iter().zip(&q) {
+//!     let back = format.dequantize(qi);
+//!     assert!(f64::from((back - x).abs()) <= format.step() / 2.0);
+//! }
+//!
+//! let packed = pack_signed(&q, 5);
+//! assert_eq!(packed.len(), 3);
+//! assert_eq!(unpack_signed(&packed, 5, q.len())?, q);
+//!
+//! // Per-element widths: pruned (0), float (32) and 4-bit (step 0.5, max 3.5).
+//! let widths = [5u8, 0, 32, 4];
+//! let fq = fake_quantize(&values, &widths, exponent)?;
+//! assert_eq!(fq, vec![0.25, 0.0, 0.05, 3.0]);
+//! # Ok::<(), qgrad_fixed::FixedError>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod bits;
 mod format;
@@ -71,14 +103,26 @@ pub enum FixedError {
     InvalidWidth(u8),
     /// A NaN or infinite value where a finite one is required.
     #[error("value at index {index} is not finite ({value})")]
-    NonFinite { index: usize, value: f32 },
+    NonFinite {
+        /// Position of the offending element in the input slice.
+        index: usize,
+        /// The offending value (NaN or ±infinity).
+        value: f32,
+    },
     /// Two slices that must have the same length do not.
     #[error("length mismatch: {values} values but {widths} widths")]
-    LengthMismatch { values: usize, widths: usize },
+    LengthMismatch {
+        /// Length of the value slice.
+        values: usize,
+        /// Length of the width slice.
+        widths: usize,
+    },
     /// Reading needs more bits than the input holds.
     #[error("truncated bit stream: need {needed_bits} bits but only {available_bits} remain")]
     Truncated {
+        /// Bits the read (or unpack) requires.
         needed_bits: u128,
+        /// Bits left in the input.
         available_bits: usize,
     },
     /// A float-width (32) element was asked for as an integer.
@@ -86,11 +130,22 @@ pub enum FixedError {
         "element {index} has width 32 (kept as f32) and has no fixed-point integer; \
          store it as a float"
     )]
-    FloatHasNoInteger { index: usize },
+    FloatHasNoInteger {
+        /// Position of the width-32 element.
+        index: usize,
+    },
     /// An exponent outside [`MIN_EXPONENT`]..=[`MAX_EXPONENT`].
     #[error("exponent {exponent} out of the supported range {MIN_EXPONENT}..={MAX_EXPONENT}")]
-    ExponentOutOfRange { exponent: i32 },
+    ExponentOutOfRange {
+        /// The rejected exponent.
+        exponent: i32,
+    },
     /// A field width larger than the destination integer type.
     #[error("field width {bits} bits exceeds the maximum of {max} bits")]
-    FieldTooWide { bits: u32, max: u32 },
+    FieldTooWide {
+        /// The requested field width in bits.
+        bits: u32,
+        /// The widest field the destination type allows, in bits.
+        max: u32,
+    },
 }

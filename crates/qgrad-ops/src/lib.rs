@@ -42,6 +42,40 @@
 //! functions call candle's own ops, as [`mod@reference`] does; the CUDA build
 //! therefore runs candle's kernels on the GPU, and its CPU tensors take the
 //! same fast path as the CPU build.
+//!
+//! # Example
+//! A fully connected layer on the CPU fast path gives candle's
+//! `x · Wᵀ + b`, and the same gradients:
+//!
+//! ```rust
+//! use candle_core::{Device, Tensor, Var};
+//!
+//! let dev = Device::Cpu;
+//! let x = Tensor::new(&[[1f32, 2.0, 3.0], [-1.0, 0.5, 4.0]], &dev)?; // [n, in]
+//! let w = Var::from_vec(vec![0.5f32, -1.0, 2.0, 1.5, 0.25, -0.5], (2, 3), &dev)?; // [out, in]
+//! let b = Var::from_vec(vec![0.1f32, -0.2], 2, &dev)?; // [out]
+//!
+//! let y = qgrad_ops::linear(&x, &w, Some(&b))?;
+//! let expected = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+//! assert_eq!(y.dims(), &[2, 2]);
+//! let max_diff = |p: &Tensor, q: &Tensor| -> candle_core::Result<f32> {
+//!     (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
+//! };
+//! assert!(max_diff(&y, &expected)? < 1e-6);
+//!
+//! // Gradients of Σ y through the custom op match candle's.
+//! let grads = y.sum_all()?.backward()?;
+//! let reference = expected.sum_all()?.backward()?;
+//! for v in [&w, &b] {
+//!     let (g, r) = (grads.get(v).expect("grad"), reference.get(v).expect("grad"));
+//!     assert!(max_diff(g, r)? < 1e-6);
+//! }
+//! // dW[o, i] = Σ_n x[n, i], the same for every output row.
+//! assert_eq!(grads.get(&w).expect("grad").to_vec2::<f32>()?[0], vec![0.0, 2.5, 7.0]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod batch_norm;
 mod conv;
@@ -235,6 +269,7 @@ pub fn batch_norm_eval(
 pub mod reference {
     use candle_core::{Result, Tensor};
 
+    /// candle's `conv2d` plus a broadcast bias; the signature of [`crate::conv2d`].
     pub fn conv2d(
         x: &Tensor,
         weight: &Tensor,
@@ -249,6 +284,8 @@ pub mod reference {
         }
     }
 
+    /// `x · weightᵀ (+ bias)` with candle's `broadcast_matmul`; the signature
+    /// of [`crate::linear`], and any input rank of at least 2.
     pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let y = x.broadcast_matmul(&weight.t()?)?;
         match bias {
@@ -257,6 +294,7 @@ pub mod reference {
         }
     }
 
+    /// candle's `max_pool2d` (kernel == stride); see [`crate::max_pool2d`].
     pub fn max_pool2d(x: &Tensor, size: usize) -> Result<Tensor> {
         x.max_pool2d(size)
     }
@@ -274,6 +312,8 @@ pub mod reference {
         }
     }
 
+    /// Training-mode batch norm composed of candle ops; returns `(y, mean,
+    /// biased var)` like [`crate::batch_norm_train`], statistics detached.
     pub fn batch_norm_train(
         x: &Tensor,
         gamma: &Tensor,
@@ -292,6 +332,8 @@ pub mod reference {
         Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
     }
 
+    /// Evaluation-mode batch norm composed of candle ops, differentiable in
+    /// every argument; the formula of [`crate::batch_norm_eval`].
     pub fn batch_norm_eval(
         x: &Tensor,
         gamma: &Tensor,
