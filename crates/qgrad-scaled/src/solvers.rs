@@ -1,0 +1,242 @@
+//! The per-group solvers of METHOD §10: each returns the codes and the
+//! scale(s) of one group of weights `w` with curvature `d`.
+
+use crate::Method;
+
+/// Convergence threshold on α and the round limit of the iterative solvers.
+const TOL: f64 = 1e-6;
+const MAX_ROUNDS: usize = 10;
+
+type Warm<'a> = Option<(&'a [i8], &'a [f32])>;
+
+pub(crate) fn solve(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8>, Vec<f32>) {
+    match method {
+        Method::BinaryConnect => (signs(w), vec![1.0]),
+        Method::Bwn => (signs(w), vec![mean_abs(w) as f32]),
+        Method::Lab => {
+            let (num, den) = w.iter().zip(d).fold((0f64, 0f64), |(n, s), (&w, &d)| {
+                (n + d as f64 * (w as f64).abs(), s + d as f64)
+            });
+            let alpha = if den > 0.0 { num / den } else { mean_abs(w) };
+            (signs(w), vec![alpha as f32])
+        }
+        Method::TerConnect => {
+            let codes = w
+                .iter()
+                .map(|&x| if x.abs() > 0.5 { sign(x) } else { 0 })
+                .collect();
+            (codes, vec![1.0])
+        }
+        Method::Twn => {
+            let (codes, alpha) = twn(w);
+            (codes, vec![alpha])
+        }
+        Method::LatApprox => {
+            let start = warm.map(|(c, _)| c.to_vec()).unwrap_or_else(|| twn(w).0);
+            let (codes, alpha) = lat_approx(w, d, start);
+            (codes, vec![alpha])
+        }
+        Method::LatExact => {
+            let (codes, alpha) = lat_exact(w, d);
+            (codes, vec![alpha])
+        }
+        Method::Lat2Approx | Method::Lat2Exact => two_sided(method, w, d, warm),
+        Method::Laq { .. } => {
+            let start = warm
+                .map(|(_, s)| s[0] as f64)
+                .filter(|a| *a > 0.0)
+                .unwrap_or_else(|| w.iter().fold(0f64, |m, &x| m.max((x as f64).abs())));
+            let (codes, alpha) = laq(method, w, d, start);
+            (codes, vec![alpha])
+        }
+    }
+}
+
+fn sign(x: f32) -> i8 {
+    if x < 0.0 {
+        -1
+    } else {
+        1
+    }
+}
+
+fn signs(w: &[f32]) -> Vec<i8> {
+    w.iter().map(|&x| sign(x)).collect()
+}
+
+fn mean_abs(w: &[f32]) -> f64 {
+    if w.is_empty() {
+        return 0.0;
+    }
+    w.iter().map(|&x| (x as f64).abs()).sum::<f64>() / w.len() as f64
+}
+
+/// The optimal scale of ternary codes: `Σ |b| D |W| / Σ |b| D` (0 if no
+/// code is non-zero).
+fn ternary_alpha(w: &[f32], d: &[f32], codes: &[i8]) -> f64 {
+    let (num, den) = w
+        .iter()
+        .zip(d)
+        .zip(codes)
+        .filter(|(_, &c)| c != 0)
+        .fold((0f64, 0f64), |(n, s), ((&w, &d), _)| {
+            (n + d as f64 * (w as f64).abs(), s + d as f64)
+        });
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+fn threshold(w: &[f32], delta: f64) -> Vec<i8> {
+    w.iter()
+        .map(|&x| if (x as f64).abs() > delta { sign(x) } else { 0 })
+        .collect()
+}
+
+/// TWN: `Δ = 0.7·mean |W|`, `α` = mean |W| over `|W| > Δ`.
+fn twn(w: &[f32]) -> (Vec<i8>, f32) {
+    let codes = threshold(w, 0.7 * mean_abs(w));
+    let ones = vec![1f32; w.len()];
+    let alpha = ternary_alpha(w, &ones, &codes);
+    (codes, alpha as f32)
+}
+
+/// LAT approximate: alternate `α` (optimal for the codes) and the codes
+/// (`|W| > α/2`) until α moves by less than [`TOL`], at most
+/// [`MAX_ROUNDS`] rounds; the returned α is optimal for the returned codes.
+fn lat_approx(w: &[f32], d: &[f32], mut codes: Vec<i8>) -> (Vec<i8>, f32) {
+    let mut alpha = ternary_alpha(w, d, &codes);
+    for _ in 0..MAX_ROUNDS {
+        codes = threshold(w, alpha / 2.0);
+        let next = ternary_alpha(w, d, &codes);
+        let moved = (next - alpha).abs();
+        alpha = next;
+        if moved < TOL {
+            break;
+        }
+    }
+    (codes, alpha as f32)
+}
+
+/// LAT exact (METHOD §10): over the `|W|` sorted descending, the prefix `k`
+/// with `a_k > c_k ≥ a_{k+1}` that maximises `c_k² C_k`, where
+/// `c_k = S_k / (2 C_k)`; `Δ = c_k`, `α = 2Δ`.
+fn lat_exact(w: &[f32], d: &[f32]) -> (Vec<i8>, f32) {
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&i, &j| w[j].abs().total_cmp(&w[i].abs()).then(i.cmp(&j)));
+    let (mut s, mut c) = (0f64, 0f64);
+    let mut best: Option<(f64, f64)> = None; // (c_k² C_k, c_k)
+    for (k, &i) in order.iter().enumerate() {
+        let a = (w[i] as f64).abs();
+        s += d[i] as f64 * a;
+        c += d[i] as f64;
+        if c <= 0.0 {
+            continue;
+        }
+        let ck = s / (2.0 * c);
+        let next = order.get(k + 1).map_or(0.0, |&j| (w[j] as f64).abs());
+        if a > ck && ck >= next {
+            let score = ck * ck * c;
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, ck));
+            }
+        }
+    }
+    match best {
+        Some((_, delta)) => (threshold(w, delta), (2.0 * delta) as f32),
+        None => (vec![0; w.len()], 0.0),
+    }
+}
+
+/// LAT2: the ternary solver on the positive and the negative weights apart;
+/// scales `[α₊, α₋]`.
+fn two_sided(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8>, Vec<f32>) {
+    let mut codes = vec![0i8; w.len()];
+    let mut scales = vec![0f32; 2];
+    for (side, positive) in [(0usize, true), (1, false)] {
+        let idx: Vec<usize> = (0..w.len())
+            .filter(|&i| if positive { w[i] > 0.0 } else { w[i] < 0.0 })
+            .collect();
+        let ws: Vec<f32> = idx.iter().map(|&i| w[i].abs()).collect();
+        let ds: Vec<f32> = idx.iter().map(|&i| d[i]).collect();
+        let (c, alpha) = if method == Method::Lat2Exact {
+            lat_exact(&ws, &ds)
+        } else {
+            let start = match warm {
+                Some((c, _)) => idx.iter().map(|&i| c[i].abs()).collect(),
+                None => twn(&ws).0,
+            };
+            lat_approx(&ws, &ds, start)
+        };
+        for (&i, &ci) in idx.iter().zip(&c) {
+            codes[i] = if ci != 0 { sign(w[i]) } else { 0 };
+        }
+        scales[side] = alpha;
+    }
+    (codes, scales)
+}
+
+/// The code of the level nearest to `x` (already clipped to [−1, 1]); ties
+/// go to the smaller magnitude.
+fn nearest_code(method: Method, x: f64) -> i8 {
+    let n = method.max_code();
+    let mut best = 0i8;
+    let mut best_dist = x.abs();
+    for k in 1..=n {
+        let level = method.level(k) as f64;
+        let dist = (x.abs() - level).abs();
+        if dist < best_dist {
+            best = k;
+            best_dist = dist;
+        }
+    }
+    if x < 0.0 {
+        -best
+    } else {
+        best
+    }
+}
+
+/// LAQ: alternate the codes (nearest level of `clip(W/α)`) and α (the
+/// minimiser `Σ D b W / Σ D b²`), from `alpha`, until α moves by less than
+/// [`TOL`], at most [`MAX_ROUNDS`] rounds; the returned α is optimal for the
+/// returned codes.
+fn laq(method: Method, w: &[f32], d: &[f32], mut alpha: f64) -> (Vec<i8>, f32) {
+    let codes_for = |alpha: f64| -> Vec<i8> {
+        if alpha <= 0.0 {
+            return vec![0; w.len()];
+        }
+        w.iter()
+            .map(|&x| nearest_code(method, (x as f64 / alpha).clamp(-1.0, 1.0)))
+            .collect()
+    };
+    let alpha_for = |codes: &[i8]| -> f64 {
+        let (num, den) = w
+            .iter()
+            .zip(d)
+            .zip(codes)
+            .fold((0f64, 0f64), |(n, s), ((&w, &d), &c)| {
+                let b = method.level(c) as f64;
+                (n + d as f64 * b * w as f64, s + d as f64 * b * b)
+            });
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    };
+    let mut codes = codes_for(alpha);
+    for _ in 0..MAX_ROUNDS {
+        let next = alpha_for(&codes);
+        let moved = (next - alpha).abs();
+        alpha = next;
+        codes = codes_for(alpha);
+        if moved < TOL {
+            break;
+        }
+    }
+    let alpha = alpha_for(&codes);
+    (codes, alpha.max(0.0) as f32)
+}

@@ -1,0 +1,223 @@
+//! Property tests of the quantizers against brute force (METHOD §10).
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn weights(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(-1.0f32..1.0, 1..=max_len)
+}
+
+/// Weights with curvature, of one length.
+fn weights_and_curvature(max_len: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+    (1..=max_len).prop_flat_map(|n| {
+        (
+            prop::collection::vec(-1.0f32..1.0, n),
+            prop::collection::vec(0.01f32..10.0, n),
+        )
+    })
+}
+
+fn distinct(values: &[f32]) -> usize {
+    let mut v: Vec<u32> = values.iter().map(|x| x.to_bits()).collect();
+    v.sort();
+    v.dedup();
+    v.len()
+}
+
+/// The objective of ternary codes `b = sign(W)·[|W| > Δ]` with their optimal
+/// scale, for every threshold Δ in {0} ∪ {|W_i|}: the exhaustive search.
+fn exhaustive_ternary(w: &[f32], d: &[f32]) -> f64 {
+    let mut thresholds: Vec<f64> = w.iter().map(|x| (*x as f64).abs()).collect();
+    thresholds.push(0.0);
+    thresholds
+        .iter()
+        .map(|&delta| {
+            let b: Vec<f64> = w
+                .iter()
+                .map(|&x| {
+                    if (x as f64).abs() > delta {
+                        (x as f64).signum()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let num: f64 = b
+                .iter()
+                .zip(w)
+                .zip(d)
+                .map(|((b, &w), &d)| d as f64 * b * w as f64)
+                .sum();
+            let den: f64 = b.iter().zip(d).map(|(b, &d)| d as f64 * b * b).sum();
+            let alpha = if den > 0.0 { num / den } else { 0.0 };
+            b.iter()
+                .zip(w)
+                .zip(d)
+                .map(|((b, &w), &d)| d as f64 * (alpha * b - w as f64).powi(2))
+                .sum::<f64>()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+proptest! {
+    #[test]
+    fn lab_alpha_is_the_minimiser_and_bwn_with_constant_curvature((w, d) in weights_and_curvature(40)) {
+        let lab = quantize(Method::Lab, &w, Some(&d), 1, None).unwrap();
+        let alpha = lab.scales[0] as f64;
+        let f = |a: f64| -> f64 {
+            w.iter().zip(&d).map(|(&w, &d)| {
+                let b = if w < 0.0 { -1.0 } else { 1.0 };
+                d as f64 * (w as f64 - a * b).powi(2)
+            }).sum()
+        };
+        // No scale on a fine grid around it does better (f is a parabola).
+        for k in -50..=50 {
+            let other = alpha * (1.0 + k as f64 / 100.0);
+            prop_assert!(f(alpha) <= f(other) + 1e-9, "{} vs {} at {}", f(alpha), f(other), other);
+        }
+        let ones = vec![1f32; w.len()];
+        let lab1 = quantize(Method::Lab, &w, Some(&ones), 1, None).unwrap();
+        let bwn = quantize(Method::Bwn, &w, None, 1, None).unwrap();
+        prop_assert!((lab1.scales[0] - bwn.scales[0]).abs() <= 1e-6 * bwn.scales[0].max(1.0));
+        prop_assert!(distinct(&lab.values) <= 2);
+    }
+
+    #[test]
+    fn exact_lat_equals_the_exhaustive_search_and_beats_the_others((w, d) in weights_and_curvature(12)) {
+        let exact = quantize(Method::LatExact, &w, Some(&d), 1, None).unwrap();
+        let e = objective(&w, Some(&d), &exact.values);
+        let brute = exhaustive_ternary(&w, &d);
+        prop_assert!((e - brute).abs() <= 1e-5 * brute.max(1e-3), "exact {e} vs exhaustive {brute}");
+        for other in [Method::LatApprox, Method::Twn] {
+            let q = quantize(other, &w, Some(&d), 1, None).unwrap();
+            let o = objective(&w, Some(&d), &q.values);
+            prop_assert!(e <= o + 1e-6 * o.max(1e-3), "{other}: {o} < exact {e}");
+        }
+        prop_assert!(distinct(&exact.values) <= 3);
+    }
+
+    #[test]
+    fn two_sided_ternary_is_never_worse_than_one_scale((w, d) in weights_and_curvature(12)) {
+        let one = quantize(Method::LatExact, &w, Some(&d), 1, None).unwrap();
+        let two = quantize(Method::Lat2Exact, &w, Some(&d), 1, None).unwrap();
+        let (o1, o2) = (objective(&w, Some(&d), &one.values), objective(&w, Some(&d), &two.values));
+        prop_assert!(o2 <= o1 + 1e-6 * o1.max(1e-3), "{o2} > {o1}");
+        prop_assert!(distinct(&two.values) <= 3);
+        prop_assert_eq!(two.scales.len(), 2);
+    }
+
+    #[test]
+    fn every_method_keeps_to_its_levels(w in weights(64), groups in 1usize..4) {
+        let n = w.len() - w.len() % groups;
+        prop_assume!(n > 0);
+        let w = &w[..n];
+        for method in Method::all() {
+            let q = quantize(method, w, None, groups, None).unwrap();
+            prop_assert_eq!(q.values.len(), n);
+            prop_assert_eq!(q.scales.len(), groups * method.scales_per_group());
+            let per = n / groups;
+            for g in 0..groups {
+                let vals = &q.values[g * per..(g + 1) * per];
+                let limit = match method {
+                    m if m.binary() => 2,
+                    Method::Laq { bits, .. } => (1usize << bits) - 1,
+                    _ => 3,
+                };
+                prop_assert!(distinct(vals) <= limit, "{method}: {} values", distinct(vals));
+            }
+            for (i, (&c, &v)) in q.codes.iter().zip(&q.values).enumerate() {
+                prop_assert!(c.unsigned_abs() as i32 <= method.max_code() as i32);
+                if method.binary() {
+                    prop_assert!(c != 0);
+                }
+                // A code never points against its weight's sign.
+                prop_assert!(c == 0 || (c > 0) == (w[i] >= 0.0), "{method}");
+                prop_assert!(v.is_finite());
+            }
+            prop_assert!(q.scales.iter().all(|s| *s >= 0.0));
+        }
+    }
+
+    #[test]
+    fn laq_never_loses_to_its_own_start((w, d) in weights_and_curvature(30), bits in 2u8..=4, log in any::<bool>()) {
+        let method = Method::Laq { bits, log };
+        let q = quantize(method, &w, Some(&d), 1, None).unwrap();
+        // The scale is optimal for the codes it returns.
+        let f = |a: f64| -> f64 {
+            w.iter().zip(&d).zip(&q.codes).map(|((&w, &d), &c)| {
+                d as f64 * (a * method.level(c) as f64 - w as f64).powi(2)
+            }).sum()
+        };
+        let a = q.scales[0] as f64;
+        for k in [-0.05, -0.01, 0.01, 0.05] {
+            prop_assert!(f(a) <= f(a * (1.0 + k)) + 1e-9);
+        }
+        // And 2-bit LAQ with linear levels is ternary.
+        if bits == 2 {
+            prop_assert!(distinct(&q.values) <= 3);
+        }
+    }
+}
+
+#[test]
+fn laq_levels_are_those_of_method_section_10() {
+    let linear = Method::Laq {
+        bits: 3,
+        log: false,
+    }
+    .levels();
+    let third = 1.0 / 3.0;
+    assert_eq!(
+        linear,
+        vec![-1.0, -2.0 * third, -third, 0.0, third, 2.0 * third, 1.0]
+    );
+    let log = Method::Laq { bits: 3, log: true }.levels();
+    assert_eq!(log, vec![-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]);
+    let four = Method::Laq { bits: 4, log: true }.levels();
+    assert_eq!(four.len(), 15);
+    assert_eq!(four[8], 2f32.powi(-6));
+    assert_eq!(
+        Method::Laq {
+            bits: 2,
+            log: false
+        }
+        .levels(),
+        vec![-1.0, 0.0, 1.0]
+    );
+    assert_eq!(Method::Lab.levels(), vec![-1.0, 1.0]);
+    assert_eq!(Method::Twn.levels(), vec![-1.0, 0.0, 1.0]);
+}
+
+#[test]
+fn names_round_trip_and_bad_input_is_an_error() {
+    for m in Method::all() {
+        assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
+    }
+    assert!("laq9".parse::<Method>().is_err());
+    assert!("lqa".parse::<Method>().is_err());
+    assert!(quantize(Method::Lab, &[f32::NAN], None, 1, None).is_err());
+    assert!(quantize(Method::Lab, &[1.0, 2.0], Some(&[1.0]), 1, None).is_err());
+    assert!(quantize(Method::Lab, &[1.0, 2.0], Some(&[1.0, -1.0]), 1, None).is_err());
+    assert!(quantize(Method::Lab, &[1.0, 2.0, 3.0], None, 2, None).is_err());
+}
+
+#[test]
+fn the_baselines_follow_their_definitions() {
+    let w = [0.9f32, -0.2, 0.05, -0.7, 0.6, 0.3];
+    let bc = quantize(Method::BinaryConnect, &w, None, 1, None).unwrap();
+    assert_eq!(bc.values, vec![1.0, -1.0, 1.0, -1.0, 1.0, 1.0]);
+    let tc = quantize(Method::TerConnect, &w, None, 1, None).unwrap();
+    assert_eq!(tc.values, vec![1.0, 0.0, 0.0, -1.0, 1.0, 0.0]);
+    // TWN: Δ = 0.7 · mean |W| = 0.7 · 0.4583 = 0.3208; α = mean(0.9, 0.7, 0.6).
+    let twn = quantize(Method::Twn, &w, None, 1, None).unwrap();
+    assert_eq!(twn.codes, vec![1, 0, 0, -1, 1, 0]);
+    assert!((twn.scales[0] - 0.7333333).abs() < 1e-6);
+    // Per-group scales: two rows, each its own α.
+    let rows = quantize(Method::Bwn, &w, None, 2, None).unwrap();
+    assert_eq!(rows.scales.len(), 2);
+    assert!((rows.scales[0] - (0.9 + 0.2 + 0.05) / 3.0).abs() < 1e-6);
+    // The warm start is used: LAT approximate from the previous codes.
+    let warm = quantize(Method::LatApprox, &w, None, 1, Some(&twn)).unwrap();
+    assert!(objective(&w, None, &warm.values) <= objective(&w, None, &twn.values) + 1e-9);
+}
