@@ -438,6 +438,18 @@ impl Network {
         norm: &Normalization,
         batch: usize,
     ) -> Result<(f64, f64)> {
+        self.evaluate_with_overrides(data, norm, batch, &WeightOverrides::new())
+    }
+
+    /// [`evaluate_with_loss`](Self::evaluate_with_loss) with some weights
+    /// replaced (a method's quantized weights).
+    pub fn evaluate_with_overrides(
+        &self,
+        data: &Dataset,
+        norm: &Normalization,
+        batch: usize,
+        overrides: &WeightOverrides,
+    ) -> Result<(f64, f64)> {
         if data.is_empty() {
             return Err(ModelsError::Config(
                 "cannot evaluate on an empty dataset".into(),
@@ -461,7 +473,7 @@ impl Network {
             let [c, h, w] = data.shape;
             let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &self.device)?;
             let y = Tensor::from_vec(labels, idx.len(), &self.device)?;
-            let logits = self.forward(&x, false)?;
+            let logits = self.forward_with(&x, false, overrides)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
             let pred = logits.argmax(D::Minus1)?;

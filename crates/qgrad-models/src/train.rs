@@ -267,6 +267,12 @@ pub trait TrainHook {
         Ok(())
     }
 
+    /// The weights the per-epoch evaluation uses instead of the parameters
+    /// (the quantized network a method trains; read-only).
+    fn eval_weights(&self, _state: &TrainState, _overrides: &mut WeightOverrides) -> Result<()> {
+        Ok(())
+    }
+
     /// Stage 3: replace or change the gradients before anything reads them.
     fn transform_gradients(&mut self, _grads: &mut GradStore, _state: &TrainState) -> Result<()> {
         Ok(())
@@ -608,10 +614,17 @@ pub fn train(
         for h in hooks.iter_mut() {
             h.after_epoch(epoch, state)?;
         }
-        let (test_accuracy, test_loss) =
-            state
-                .network
-                .evaluate_with_loss(test_data, &norm, config.eval_batch_size)?;
+        let mut overrides = WeightOverrides::new();
+        for h in hooks.iter() {
+            h.eval_weights(state, &mut overrides)?;
+        }
+        let (test_accuracy, test_loss) = state.network.evaluate_with_overrides(
+            test_data,
+            &norm,
+            config.eval_batch_size,
+            &overrides,
+        )?;
+        drop(overrides);
         state.history.push(EpochStats {
             epoch,
             lr,

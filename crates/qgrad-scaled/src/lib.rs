@@ -23,8 +23,11 @@
 //!   `Σ D b W / Σ D b²`; this crate implements that (the math, as METHOD asks
 //!   where the published code slips). Both agree for binary and ternary codes.
 //!   LAQ starts from the previous step's α, or `max |W|` of the group.
-//! * TerConnect is deterministic here: `clip(W)` rounded to the nearest of
-//!   {−1, 0, +1} (threshold ½), no scale.
+//! * TerConnect, no scale: in training it is stochastic, as in Lin et al.
+//!   (each code is `sign(W)` with probability `|clip(W)|`, else 0; see
+//!   [`stochastic_ternary`]), so that small weights still take part; for
+//!   evaluation and export ([`quantize`]) it is deterministic, `clip(W)`
+//!   rounded to the nearest of {−1, 0, +1} (threshold ½).
 //! * Ties in LAQ's nearest level go to the smaller magnitude.
 //!
 //! ```
@@ -324,6 +327,42 @@ pub fn quantize(
         out.scales.extend(scales);
     }
     Ok(out)
+}
+
+/// TerConnect's stochastic codes: element `i` is `sign(W_i)` when
+/// `uniforms[i] < |clip(W_i)|`, else 0 (`uniforms` in [0, 1), one per
+/// element); no scale. The expected code is `clip(W_i)`.
+pub fn stochastic_ternary(w: &[f32], uniforms: &[f32]) -> Result<Quantized> {
+    if w.len() != uniforms.len() {
+        return Err(ScaledError::Shape(format!(
+            "{} random numbers for {} weights",
+            uniforms.len(),
+            w.len()
+        )));
+    }
+    if w.iter().any(|x| !x.is_finite()) {
+        return Err(ScaledError::NotFinite("the weights"));
+    }
+    let codes: Vec<i8> = w
+        .iter()
+        .zip(uniforms)
+        .map(|(&x, &u)| {
+            if u < x.abs().min(1.0) {
+                if x < 0.0 {
+                    -1
+                } else {
+                    1
+                }
+            } else {
+                0
+            }
+        })
+        .collect();
+    Ok(Quantized {
+        values: codes.iter().map(|&c| c as f32).collect(),
+        codes,
+        scales: vec![1.0],
+    })
 }
 
 /// `Σ D_i (Ŵ_i − W_i)²` in f64 (`D = 1` when `None`): what the loss-aware

@@ -51,6 +51,7 @@
 
 pub mod combined;
 pub mod in_training;
+pub mod loss_aware;
 pub mod post_training;
 #[cfg(test)]
 mod tests;
@@ -69,6 +70,7 @@ pub use in_training::{
     FractionSchedule, InTrainingHook, InTrainingOptions, InTrainingQuantizer, InTrainingState,
     SplitOutcome,
 };
+pub use loss_aware::{LossAwareHook, LossAwareOptions, ScaledWeight};
 pub use post_training::{post_training, PostTrainingOptions};
 
 pub(crate) fn invalid(message: impl Into<String>) -> ModelsError {

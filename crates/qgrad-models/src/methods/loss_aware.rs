@@ -1,0 +1,342 @@
+//! Loss-aware weight quantization and its baselines (METHOD §10) as a
+//! training method: every step the forward pass uses `Ŵ = Q(W)`, the gradient
+//! with respect to `Ŵ` updates the float `W` (straight-through), and `W` is
+//! clipped to [−1, 1] after the update. `Q` is one of `qgrad-scaled`'s
+//! quantizers; the loss-aware ones read the curvature `D = sqrt(v) + ε` from
+//! Adam's second moment `v` (no bias correction, METHOD §10), as it stands
+//! after the previous step (at the first step `v = 0`, so `D` is constant and
+//! LAB starts as BWN).
+//!
+//! What is quantized: the weight of every linear and convolution layer (every
+//! layer, as the reference recipes do). Biases and batch-norm parameters stay
+//! float, and the size report says so.
+//!
+//! # Decisions
+//!
+//! * The per-epoch evaluation and the exported model use `Q(W)` of the
+//!   current `W` with the current `D` ([`LossAwareHook::finish`]).
+//! * The warm start of the iterative quantizers (LAT approximate: the
+//!   previous codes; LAQ: the previous scale) and TerConnect's random stream
+//!   are kept in memory between steps. A resumed run restarts them from
+//!   their cold start, so its steps after a resume can differ from an
+//!   uninterrupted run's; the other methods resume bit for bit.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use qgrad_scaled::{quantize, stochastic_ternary, Method, Quantized};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelsError, Result};
+use crate::net::WeightOverrides;
+use crate::train::{TrainHook, TrainState};
+use crate::LayerSpec;
+
+/// The ε of `D = sqrt(v) + ε` (METHOD §10).
+pub const CURVATURE_EPS: f32 = 1e-8;
+
+/// Options of loss-aware (or baseline) weight quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossAwareOptions {
+    /// The quantizer.
+    pub quantizer: Method,
+    /// One scale per output channel (row) instead of one per tensor.
+    pub per_channel: bool,
+    /// Clip `W` to [−1, 1] after every update (METHOD §10; the default).
+    pub clip: bool,
+    /// Seeds TerConnect's stochastic codes in training.
+    pub seed: u64,
+}
+
+impl LossAwareOptions {
+    /// `quantizer` with one scale per tensor and clipping.
+    pub fn new(quantizer: Method) -> Self {
+        LossAwareOptions {
+            quantizer,
+            per_channel: false,
+            clip: true,
+            seed: 0,
+        }
+    }
+}
+
+/// One quantized weight tensor: the scaled codes and the shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaledWeight {
+    /// The parameter name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Groups of the scales (1, or the rows with per-channel scales).
+    pub groups: usize,
+    /// Codes, scales and the quantized values.
+    pub quantized: Quantized,
+}
+
+/// The names of the weights a network's quantizer covers: every linear and
+/// convolution weight.
+pub fn quantized_weights(arch: crate::Arch) -> Vec<String> {
+    arch.layers()
+        .into_iter()
+        .filter_map(|l| match l {
+            LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. } => {
+                Some(format!("{name}.weight"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Loss-aware quantization as a [`TrainHook`]: forward-weights stage (`Ŵ`),
+/// after-update stage (clipping), evaluation weights.
+#[derive(Debug)]
+pub struct LossAwareHook {
+    options: LossAwareOptions,
+    names: Vec<String>,
+    warm: HashMap<String, Quantized>,
+    rng: ChaCha8Rng,
+}
+
+impl LossAwareHook {
+    /// A hook for `state`'s network. The loss-aware quantizers need Adam.
+    pub fn new(options: LossAwareOptions, state: &TrainState) -> Result<Self> {
+        if options.quantizer.loss_aware() && state.optimizer.config().name() != "adam" {
+            return Err(ModelsError::Config(format!(
+                "{} reads Adam's second moment: train it with the adam optimizer",
+                options.quantizer
+            )));
+        }
+        Ok(LossAwareHook {
+            options,
+            names: quantized_weights(state.network.arch),
+            warm: HashMap::new(),
+            rng: ChaCha8Rng::seed_from_u64(options.seed),
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &LossAwareOptions {
+        &self.options
+    }
+
+    /// `Q(W)` of parameter `name` with the current curvature.
+    fn quantize_one(
+        &self,
+        state: &TrainState,
+        name: &str,
+        warm: Option<&Quantized>,
+    ) -> Result<ScaledWeight> {
+        let var = state
+            .network
+            .parameter(name)
+            .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}'")))?;
+        let shape = var.dims().to_vec();
+        let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+        let d: Option<Vec<f32>> = if self.options.quantizer.loss_aware() {
+            let v = state
+                .optimizer
+                .state(name, qgrad_optim::adam::EXP_AVG_SQ)
+                .ok_or_else(|| ModelsError::Config("loss-aware quantizers need Adam".into()))?;
+            let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+            Some(v.iter().map(|v| v.sqrt() + CURVATURE_EPS).collect())
+        } else {
+            None
+        };
+        let groups = if self.options.per_channel {
+            shape[0]
+        } else {
+            1
+        };
+        let quantized = quantize(self.options.quantizer, &w, d.as_deref(), groups, warm)
+            .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+        Ok(ScaledWeight {
+            name: name.to_string(),
+            shape,
+            groups,
+            quantized,
+        })
+    }
+
+    /// The quantized weights of `state` now (what is exported).
+    pub fn finish(&self, state: &TrainState) -> Result<Vec<ScaledWeight>> {
+        self.names
+            .iter()
+            .map(|n| self.quantize_one(state, n, self.warm.get(n)))
+            .collect()
+    }
+
+    fn overrides(
+        &self,
+        state: &TrainState,
+        weights: &[ScaledWeight],
+        out: &mut WeightOverrides,
+    ) -> Result<()> {
+        for q in weights {
+            let var = state
+                .network
+                .parameter(&q.name)
+                .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
+            let w = var.as_tensor();
+            let hat = Tensor::from_slice(&q.quantized.values, q.shape.as_slice(), w.device())?;
+            // Ŵ + (W − W̄): the value is Ŵ exactly, the gradient reaches W.
+            out.insert(q.name.clone(), (hat + (w - w.detach())?)?);
+        }
+        Ok(())
+    }
+}
+
+impl TrainHook for LossAwareHook {
+    fn name(&self) -> &'static str {
+        "loss-aware"
+    }
+
+    fn forward_weights(
+        &mut self,
+        state: &TrainState,
+        overrides: &mut WeightOverrides,
+    ) -> Result<()> {
+        let mut weights = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let mut q = self.quantize_one(state, name, self.warm.get(name))?;
+            if self.options.quantizer == Method::TerConnect {
+                // Stochastic in training (qgrad-scaled's docs).
+                let var = state.network.parameter(name).expect("checked above");
+                let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+                let u: Vec<f32> = (0..w.len()).map(|_| self.rng.random::<f32>()).collect();
+                q.quantized = stochastic_ternary(&w, &u)
+                    .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+            }
+            weights.push(q);
+        }
+        self.overrides(state, &weights, overrides)?;
+        for q in weights {
+            self.warm.insert(q.name, q.quantized);
+        }
+        Ok(())
+    }
+
+    fn after_update(&mut self, state: &mut TrainState) -> Result<()> {
+        if !self.options.clip {
+            return Ok(());
+        }
+        for name in &self.names {
+            if let Some(var) = state.network.parameter(name) {
+                let clipped = var.as_tensor().detach().clamp(-1f32, 1f32)?;
+                var.set(&clipped)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
+        let weights = self.finish(state)?;
+        self.overrides(state, &weights, overrides)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mnist::load_mnist;
+    use crate::train::OptimizerKind;
+    use crate::{train, Arch, TrainConfig};
+    use candle_core::Device;
+    use std::path::Path;
+
+    fn mini() -> (crate::data::Dataset, crate::data::Dataset) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+        let (train, test) = load_mnist(&dir).unwrap();
+        (train.take(2000), test.take(300))
+    }
+
+    #[test]
+    fn a_short_run_with_each_quantizer_lowers_the_loss() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        for method in Method::all() {
+            let mut config = TrainConfig::default_for(arch);
+            (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
+            config.max_batches_per_epoch = Some(20);
+            config.weight_decay = 0.0;
+            config.optimizer = OptimizerKind::ADAM;
+            config.progress = false;
+            let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+            let mut hook = LossAwareHook::new(LossAwareOptions::new(method), &state).unwrap();
+            let norm = config.normalization.clone().unwrap();
+            let mut initial = WeightOverrides::new();
+            hook.eval_weights(&state, &mut initial).unwrap();
+            let (_, before) = state
+                .network
+                .evaluate_with_overrides(&test_set, &norm, 100, &initial)
+                .unwrap();
+            let report =
+                train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+            if method == Method::TerConnect {
+                // Its exported codes start at 0 (|W| < ½): the stochastic
+                // training loss is what moves.
+                let (first, last) = (&report.epochs[0], report.epochs.last().unwrap());
+                assert!(last.train_loss < first.train_loss, "{method}: {report:?}");
+            } else {
+                let after = report.epochs.last().unwrap().test_loss;
+                assert!(after < before, "{method}: test loss {before} -> {after}");
+            }
+            // Weights stay clipped, and the exported weights hold at most the
+            // method's levels.
+            let weights = hook.finish(&state).unwrap();
+            assert_eq!(weights.len(), 3);
+            for q in &weights {
+                let w: Vec<f32> = state
+                    .network
+                    .parameter(&q.name)
+                    .unwrap()
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(w.iter().all(|x| x.abs() <= 1.0), "{method}");
+                let mut levels: Vec<u32> = q.quantized.values.iter().map(|v| v.to_bits()).collect();
+                levels.sort();
+                levels.dedup();
+                let limit = match method {
+                    m if m.binary() => 2,
+                    Method::Laq { bits, .. } => (1 << bits) - 1,
+                    _ => 3,
+                };
+                assert!(levels.len() <= limit, "{method}: {} levels", levels.len());
+            }
+        }
+    }
+
+    #[test]
+    fn the_evaluation_runs_the_quantized_network() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        let mut config = TrainConfig::default_for(arch);
+        (config.epochs, config.batch_size, config.lr) = (1, 50, 0.005);
+        config.max_batches_per_epoch = Some(10);
+        config.optimizer = OptimizerKind::ADAM;
+        config.progress = false;
+        let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+        let mut hook = LossAwareHook::new(LossAwareOptions::new(Method::LatExact), &state).unwrap();
+        let report = train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+        // Copy Q(W) into a plain network: its accuracy is the reported one.
+        let weights = hook.finish(&state).unwrap();
+        let mut host = state.network.to_host().unwrap();
+        for q in &weights {
+            let t = host.iter_mut().find(|t| t.name == q.name).unwrap();
+            t.values = q.quantized.values.clone();
+        }
+        let mut plain = crate::Network::new(arch, &Device::Cpu, 9).unwrap();
+        plain.set_from_host(&host).unwrap();
+        let norm = config.normalization.clone().unwrap();
+        let accuracy = plain.evaluate(&test_set, &norm, 100).unwrap();
+        assert_eq!(accuracy, report.epochs[0].test_accuracy);
+        // SGD cannot drive a loss-aware quantizer; a baseline it can.
+        let sgd = TrainState::new(arch, &Device::Cpu, &TrainConfig::default_for(arch)).unwrap();
+        assert!(LossAwareHook::new(LossAwareOptions::new(Method::Lab), &sgd).is_err());
+        assert!(LossAwareHook::new(LossAwareOptions::new(Method::Bwn), &sgd).is_ok());
+    }
+}
