@@ -1,4 +1,5 @@
-//! Fuzzes `CompressedModel::from_bytes` and everything a decoded model offers.
+//! Fuzzes `CompressedModel::from_bytes` and everything a decoded model offers
+//! (fixed and scaled tensors alike).
 //!
 //! Input byte 0 chooses the mode: even = the rest is decoded as is (mostly
 //! stopped by the checksum, which tests the prefix checks); odd = the
@@ -25,8 +26,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = model.size_report();
         for t in &model.tensors {
             // Dense views allocate rows·cols: keep them small under the fuzzer.
+            let _ = (t.kind(), t.scales());
             if t.num_elements() <= 1 << 16 {
                 let _ = t.dequantize();
+                let _ = t.codes();
                 let _ = t.widths();
                 let _ = t.width_histogram();
                 if let Ok(x) = FixedActivations::quantize(&vec![0.75; 2 * t.cols()], 2, t.cols(), 8)

@@ -1,7 +1,10 @@
 //! Writes a few valid compressed files (mode byte 1 prepended) into
 //! `corpus/decode/` as the fuzzer's starting points.
 
-use qgrad_csr::{encode, EncodeOptions, LayoutChoice, TensorData};
+use qgrad_csr::{
+    encode, encode_tensors, EncodeOptions, LayoutChoice, LevelKind, ScaledTensorData, TensorData,
+    TensorInput,
+};
 
 fn main() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/decode");
@@ -55,6 +58,69 @@ fn main() {
             let mut file = vec![1u8];
             file.extend(encode(&tensors, &options).expect("valid input"));
             std::fs::write(dir.join(format!("seed_{i}_{layout:?}")), file).expect("write seed");
+        }
+    }
+    // Scaled tensors (format version 2): binary, ternary (sparse and dense,
+    // two-sided), 3-bit linear per row, 4-bit log; in both layouts.
+    let kinds: [(LevelKind, u8, bool, u64); 5] = [
+        (LevelKind::Binary, 1, false, 0),
+        (LevelKind::Linear, 1, true, 4),
+        (LevelKind::Linear, 1, false, 1),
+        (LevelKind::Linear, 3, false, 3),
+        (LevelKind::Log, 7, true, 2),
+    ];
+    for (i, (levels, max_code, two_sided, zero_every)) in kinds.into_iter().enumerate() {
+        for layout in [LayoutChoice::Csr, LayoutChoice::Dense] {
+            let (rows, cols) = (2 + i, 5 + 3 * i);
+            let codes: Vec<i8> = (0..rows * cols)
+                .map(|_| {
+                    let r = next();
+                    if levels != LevelKind::Binary && zero_every > 0 && r % zero_every != 0 {
+                        return 0;
+                    }
+                    let m = (1 + (r >> 8) % u64::from(max_code)) as i8;
+                    if (r >> 16) & 1 == 0 {
+                        m
+                    } else {
+                        -m
+                    }
+                })
+                .collect();
+            let groups = if i % 2 == 0 { 1 } else { rows };
+            let per_group = if two_sided { 2 } else { 1 };
+            let scales: Vec<f32> = (0..groups * per_group)
+                .map(|_| (next() % 1000) as f32 / 500.0)
+                .collect();
+            let shape = [rows, cols];
+            let bias = vec![0.25f32; rows];
+            let bias_w = vec![8u8; rows];
+            let tensors = [
+                TensorInput::Scaled(ScaledTensorData {
+                    name: "w",
+                    shape: &shape,
+                    codes: &codes,
+                    levels,
+                    max_code,
+                    groups,
+                    two_sided,
+                    scales: &scales,
+                }),
+                TensorInput::Fixed(TensorData {
+                    name: "b",
+                    shape: &[rows],
+                    values: &bias,
+                    widths: &bias_w,
+                    exponent: None,
+                }),
+            ];
+            let options = EncodeOptions {
+                layout,
+                metadata: vec![("seed".into(), format!("scaled-{i}"))],
+            };
+            let mut file = vec![1u8];
+            file.extend(encode_tensors(&tensors, &options).expect("valid input"));
+            std::fs::write(dir.join(format!("seed_scaled_{i}_{layout:?}")), file)
+                .expect("write seed");
         }
     }
 }

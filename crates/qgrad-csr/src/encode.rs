@@ -1,5 +1,6 @@
-//! The encoder: quantize every element with its own width, keep the
-//! non-zeros, choose CSR or dense per tensor, and bit-pack every field.
+//! The encoder: quantize every element with its own width (or take a scaled
+//! tensor's codes), keep the non-zeros, choose CSR or dense per tensor, and
+//! bit-pack every field.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,11 +9,12 @@ use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    csr_widths, dense_tag_bits, matrix_dims, FileHeader, Layout, LayoutChoice, TensorHeader,
-    CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+    csr_widths, dense_tag_bits, matrix_dims, FileHeader, Layout, LayoutChoice, TensorEntry,
+    TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
 };
 use crate::model::CompressedModel;
 use crate::report::SizeReport;
+use crate::scaled::{encode_scaled, ScaledTensorData};
 
 /// One tensor to encode: float values and a width per element.
 ///
@@ -39,6 +41,37 @@ pub struct TensorData<'a> {
     /// `None`: `tensor_exponent` of the non-pruned values. Values outside the
     /// range a given exponent allows saturate, as quantization does.
     pub exponent: Option<i32>,
+}
+
+/// One tensor to encode, of either kind.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorInput<'a> {
+    /// Float values with a fixed-point width per element.
+    Fixed(TensorData<'a>),
+    /// Integer codes with float scales.
+    Scaled(ScaledTensorData<'a>),
+}
+
+impl TensorInput<'_> {
+    /// The tensor's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TensorInput::Fixed(t) => t.name,
+            TensorInput::Scaled(t) => t.name,
+        }
+    }
+}
+
+impl<'a> From<TensorData<'a>> for TensorInput<'a> {
+    fn from(t: TensorData<'a>) -> Self {
+        TensorInput::Fixed(t)
+    }
+}
+
+impl<'a> From<ScaledTensorData<'a>> for TensorInput<'a> {
+    fn from(t: ScaledTensorData<'a>) -> Self {
+        TensorInput::Scaled(t)
+    }
 }
 
 /// Encoder options.
@@ -244,15 +277,37 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
     writer.finish()
 }
 
-/// Encodes tensors into the bytes of a compressed model file (FORMAT.md).
+/// Encodes fixed-point tensors into the bytes of a compressed model file
+/// (FORMAT.md): [`encode_tensors`] with every tensor
+/// [`TensorInput::Fixed`].
 pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>> {
+    let inputs: Vec<TensorInput> = tensors.iter().map(|&t| TensorInput::Fixed(t)).collect();
+    encode_tensors(&inputs, options)
+}
+
+/// Encodes tensors of both kinds into the bytes of a compressed model file
+/// (FORMAT.md, version [`FORMAT_VERSION`]), in the given order. Every input
+/// is validated first (names unique; a scaled tensor's codes within
+/// `±max_code` and never 0 when binary, groups dividing the element count,
+/// `groups · (1 or 2)` finite scales `>= 0`): a bad one is an error naming
+/// the tensor, never a panic.
+pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Result<Vec<u8>> {
     let mut names = std::collections::HashSet::new();
     let mut headers = Vec::with_capacity(tensors.len());
     let mut payloads = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        if !names.insert(t.name) {
-            return Err(CsrError::invalid(t.name, "the name appears twice"));
+    for input in tensors {
+        if !names.insert(input.name()) {
+            return Err(CsrError::invalid(input.name(), "the name appears twice"));
         }
+        let t = match input {
+            TensorInput::Fixed(t) => t,
+            TensorInput::Scaled(t) => {
+                let (header, payload) = encode_scaled(t, options.layout)?;
+                headers.push(header);
+                payloads.push(payload);
+                continue;
+            }
+        };
         let q = quantize_tensor(t)?;
         let nnz = q.widths_of.len() as u64;
         let candidate = |layout: Layout| -> Result<(TensorHeader, usize)> {
@@ -267,7 +322,7 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
                 nnz,
                 payload_bytes,
             };
-            let header_len = postcard::to_allocvec(&header)
+            let header_len = postcard::to_allocvec(&TensorEntry::Fixed(header.clone()))
                 .map_err(|e| CsrError::Serialize(e.to_string()))?
                 .len();
             Ok((header, header_len + payload_bytes as usize))
@@ -296,7 +351,7 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
         };
         let payload = write_payload(&q, &header.width_table, header.layout);
         debug_assert_eq!(payload.len() as u64, header.payload_bytes);
-        headers.push(header);
+        headers.push(TensorEntry::Fixed(header));
         payloads.push(payload);
     }
     let header = FileHeader {
@@ -325,17 +380,29 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
     Ok(out)
 }
 
-/// Encodes and writes the file atomically (a temporary file in the same
-/// directory, synced, then renamed over `path`), and returns the size report
-/// of the file as it lies on disk. On any failure the previous file at
-/// `path`, if any, is left untouched and no temporary file remains.
+/// Encodes fixed-point tensors and writes the file atomically: see
+/// [`write_file_tensors`].
 pub fn write_file(
     path: impl AsRef<Path>,
     tensors: &[TensorData],
     options: &EncodeOptions,
 ) -> Result<SizeReport> {
+    let inputs: Vec<TensorInput> = tensors.iter().map(|&t| TensorInput::Fixed(t)).collect();
+    write_file_tensors(path, &inputs, options)
+}
+
+/// Encodes tensors of both kinds ([`encode_tensors`]) and writes the file
+/// atomically (a temporary file in the same directory, synced, then renamed
+/// over `path`), and returns the size report of the file as it lies on disk.
+/// On any failure the previous file at `path`, if any, is left untouched and
+/// no temporary file remains.
+pub fn write_file_tensors(
+    path: impl AsRef<Path>,
+    tensors: &[TensorInput],
+    options: &EncodeOptions,
+) -> Result<SizeReport> {
     let path = path.as_ref();
-    let bytes = encode(tensors, options)?;
+    let bytes = encode_tensors(tensors, options)?;
     let io_err = |source: std::io::Error| CsrError::Io {
         path: path.to_owned(),
         source,

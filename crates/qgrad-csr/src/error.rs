@@ -93,6 +93,66 @@ pub enum CsrError {
         /// What is wrong.
         reason: String,
     },
+    /// A scaled tensor's code lies outside `-max_code ..= max_code`, or is 0
+    /// in a binary tensor.
+    #[error("invalid input tensor `{tensor}`: code {code} of element {index} is outside the allowed codes ({allowed})")]
+    CodeOutOfRange {
+        /// Tensor name.
+        tensor: String,
+        /// Row-major element index.
+        index: usize,
+        /// The offending code.
+        code: i8,
+        /// What is allowed, e.g. `-3..=3` or `±1 (binary)`.
+        allowed: String,
+    },
+    /// A scaled tensor's `max_code` does not fit its level kind (binary: 1;
+    /// linear and log: 1..=127).
+    #[error("invalid input tensor `{tensor}`: max_code {max_code} is not allowed for {levels} levels (binary: 1; linear and log: 1..=127)")]
+    InvalidMaxCode {
+        /// Tensor name.
+        tensor: String,
+        /// The level kind.
+        levels: crate::format::LevelKind,
+        /// The declared largest code.
+        max_code: u8,
+    },
+    /// A scaled tensor's group count is 0 or does not divide its element count.
+    #[error("invalid input tensor `{tensor}`: {groups} groups do not split {elements} elements into equal groups")]
+    InvalidGroups {
+        /// Tensor name.
+        tensor: String,
+        /// Declared groups.
+        groups: usize,
+        /// Elements of the tensor.
+        elements: u64,
+    },
+    /// A scaled tensor has the wrong number of scales.
+    #[error("invalid input tensor `{tensor}`: {found} scales given, expected {expected} ({groups} groups × {per_group})")]
+    ScaleCount {
+        /// Tensor name.
+        tensor: String,
+        /// Scales given.
+        found: usize,
+        /// `groups · per_group`.
+        expected: usize,
+        /// Groups.
+        groups: usize,
+        /// Scales per group (2 when two-sided).
+        per_group: usize,
+    },
+    /// A scale is negative, NaN or infinite.
+    #[error(
+        "invalid input tensor `{tensor}`: scale {index} is {value}, expected a finite value >= 0"
+    )]
+    InvalidScale {
+        /// Tensor name.
+        tensor: String,
+        /// Index into the scales.
+        index: usize,
+        /// The offending scale.
+        value: f32,
+    },
     /// Operands of a kernel do not fit together.
     #[error("shape mismatch: {0}")]
     ShapeMismatch(String),

@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 
 /// The first 8 bytes of every file.
 pub const MAGIC: [u8; 8] = *b"QGRADCSR";
-/// The format version this crate writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes and the newest it reads. Version 1
+/// files (fixed-point tensors only, no tensor kind in the header) still
+/// decode exactly as before.
+pub const FORMAT_VERSION: u32 = 2;
 /// Fixed prefix: magic (8) + version (4) + header length (4) + file length (8).
 pub const PREFIX_BYTES: usize = 24;
 /// CRC32 trailer.
@@ -47,14 +49,105 @@ pub enum LayoutChoice {
     Dense,
 }
 
-/// The postcard-encoded header.
+/// The level function of a scaled tensor: what an integer code `k`
+/// (`|k| <= n`, `n` the tensor's `max_code`) means before scaling.
+/// Identical to `qgrad_scaled::Method::level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LevelKind {
+    /// Codes are ±1, never 0 (`max_code` = 1): `level(k) = k`.
+    Binary,
+    /// `level(k) = k / n` (ternary is `n = 1`; m-bit `n = 2^(m-1) - 1`).
+    Linear,
+    /// `level(k) = sign(k) · 2^(|k| - n)`, `level(0) = 0`.
+    Log,
+}
+
+impl LevelKind {
+    /// `level(code)` for codes of largest magnitude `max_code`, as an f32:
+    /// `k` (binary), `k as f32 / n as f32` (linear, the correctly rounded
+    /// quotient) or the exact power of two (log). Bit for bit what
+    /// `qgrad_scaled::Method::level` returns.
+    pub fn level(self, code: i8, max_code: u8) -> f32 {
+        let k = i32::from(code);
+        let n = i32::from(max_code);
+        match self {
+            LevelKind::Binary => k as f32,
+            LevelKind::Linear => k as f32 / n as f32,
+            LevelKind::Log if k == 0 => 0.0,
+            // 2^(|k| - n) >= 2^-126 for n <= 127: a normal f32, exact.
+            LevelKind::Log => k.signum() as f32 * 2f64.powi(k.abs() - n) as f32,
+        }
+    }
+}
+
+impl std::fmt::Display for LevelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LevelKind::Binary => "binary",
+            LevelKind::Linear => "linear",
+            LevelKind::Log => "log",
+        })
+    }
+}
+
+/// Largest `max_code` of a scaled tensor (codes are `i8`).
+pub const MAX_SCALED_CODE: u8 = 127;
+
+/// The postcard-encoded header of a version-1 file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct FileHeader {
+pub(crate) struct FileHeaderV1 {
     pub metadata: Vec<(String, String)>,
     pub tensors: Vec<TensorHeader>,
 }
 
-/// One tensor's entry in the header.
+/// The postcard-encoded header of a version-2 file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FileHeader {
+    pub metadata: Vec<(String, String)>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// One tensor's entry in a version-2 header: its kind, then its fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum TensorEntry {
+    /// Per-element fixed-point widths (the only kind of version 1).
+    Fixed(TensorHeader),
+    /// Integer codes with float scales.
+    Scaled(ScaledHeader),
+}
+
+impl TensorEntry {
+    pub fn name(&self) -> &str {
+        match self {
+            TensorEntry::Fixed(t) => &t.name,
+            TensorEntry::Scaled(t) => &t.name,
+        }
+    }
+
+    pub fn payload_bytes(&self) -> u64 {
+        match self {
+            TensorEntry::Fixed(t) => t.payload_bytes,
+            TensorEntry::Scaled(t) => t.payload_bytes,
+        }
+    }
+}
+
+/// The header entry of a scaled tensor (FORMAT.md §"Scaled tensors").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ScaledHeader {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub layout: Layout,
+    pub levels: LevelKind,
+    pub max_code: u8,
+    pub two_sided: bool,
+    pub groups: u64,
+    /// Non-zero codes.
+    pub nnz: u64,
+    pub payload_bytes: u64,
+}
+
+/// One fixed-point tensor's entry in the header.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct TensorHeader {
     pub name: String,
@@ -117,4 +210,20 @@ pub(crate) fn table_width_ok(w: u8, layout: Layout) -> bool {
         2..=16 | 32 => true,
         _ => false,
     }
+}
+
+/// Bits of one code in the dense layout of a scaled tensor: 1 for binary
+/// (the sign), else `bits(2n)` (sign and magnitude; 2 for ternary, `m` for
+/// m-bit codes).
+pub(crate) fn scaled_dense_code_bits(levels: LevelKind, max_code: u8) -> u32 {
+    match levels {
+        LevelKind::Binary => 1,
+        _ => bits_for(2 * u64::from(max_code)),
+    }
+}
+
+/// Bits of one non-zero code in the CSR layout of a scaled tensor:
+/// `bits(2n - 1)` (sign and magnitude - 1; 1 for binary and ternary).
+pub(crate) fn scaled_nonzero_code_bits(max_code: u8) -> u32 {
+    bits_for((2 * u64::from(max_code)).saturating_sub(1))
 }

@@ -27,6 +27,79 @@
 //! activations with fewer than 2^22 non-zeros per row) and the tensor has no
 //! f32 weights (whose f64 sum adds a rounding of relative size 2^-53).
 //!
+//! # Scaled tensors
+//! A scaled tensor (codes `k`, `|k| <= n`, level function, scales per group;
+//! FORMAT.md §7) is multiplied without multiplying by its levels' fractions.
+//! Write `level(k) = sign(k) · L(|k|) / den` with the integer level `L` and
+//! the denominator `den` ([`ScaledInfo::integer_level`],
+//! [`ScaledInfo::denominator`]):
+//!
+//! | levels | `L(m)` (`m = |k| >= 1`) | `den` |
+//! | --- | --- | --- |
+//! | binary | 1 | 1 |
+//! | linear, `n` (ternary: `n = 1`) | `m` | `n` |
+//! | log, `n` | `2^(m-1)` | `2^(n-1)` |
+//!
+//! For one sample `b` (integers `q_c`, fractional bits `f_b`) and output row
+//! `r`, and for each scale group `g` that row `r`'s elements belong to, the
+//! kernel sums exactly, in integers,
+//!
+//! ```text
+//! P_g = Σ_{c in row r ∩ group g, k_c > 0} L(|k_c|) · q_c
+//! N_g = Σ_{c in row r ∩ group g, k_c < 0} L(|k_c|) · q_c
+//! ```
+//!
+//! — for binary and ternary codes (`L = 1`) by adding and subtracting the
+//! activations, for m-bit linear codes by an integer multiply, for log codes
+//! by a shift — and then computes, in IEEE-754 binary64 with
+//! round-to-nearest-even, over the groups `g` in ascending order:
+//!
+//! ```text
+//! t = +0.0
+//! one-sided:  for g:  t = t + f64(s_g) · f64(P_g - N_g)
+//! two-sided:  for g:  t = t + f64(s⁺_g) · f64(P_g);  t = t - f64(s⁻_g) · f64(N_g)
+//! y = f32( (t · 2^(-f_b)) / den )
+//! ```
+//!
+//! (each `·`, `+`, `-`, `/` one f64 operation, `2^(-f_b)` exact, the last
+//! step Rust's `as f32`, round to nearest even). With `G = 1` or `G = rows`
+//! a row meets one group, so this is `y = f32(((f64(s) · f64(A)) · 2^-f_b) /
+//! den)` with `A = P - N` one-sided, and `y = f32(((f64(s⁺)·f64(P) -
+//! f64(s⁻)·f64(N)) · 2^-f_b) / den)` two-sided. A convolution is the same
+//! with the `c·k·k` patch at each output position as the row of
+//! activations (padding contributes `q = 0`).
+//!
+//! *Reproducing it.* The integers `P`, `N` (or `A`) are exact whatever the
+//! order of summation, so another implementation (for instance an f64
+//! evaluation that multiplies the integer matrices `sign(k)·L(|k|)`, split
+//! by sign where two-sided, with the integer activations `q`) matches `y`
+//! bit for bit as long as its own sums are exact, i.e. every
+//! `Σ_c L(|k_c|)·|q_c| < 2^53` (for m-bit linear codes with `n <= 127` and
+//! 16-bit activations: fewer than `2^31` elements per row) and it then
+//! applies the formula above in the same order.
+//!
+//! *Accuracy.* The integer accumulator is chosen per call from the bound
+//! `max_r Σ_row L(|k|) · max|q|`: `i32` below `2^31`, `i64` below `2^63`,
+//! `i128` below `2^127`, so `P` and `N` never overflow (beyond `2^127`,
+//! reachable only by log codes with `n` above about 80, the terms are summed
+//! in f64, which rounds). When `|P|, |N| < 2^29` (the scale has 24
+//! significant bits) the products are exact, and with one group per row
+//! and one-sided scales so is `t`; `den` is a power of two except for
+//! linear codes with `n` not one, so `y` is the exact product
+//! `Σ s·level(k)·x` rounded once to f32 (where `t` or the division round,
+//! they add a relative `2^-53`): within one output rounding step of the
+//! exact product. For binary, ternary, log and linear `n = 2` codes every
+//! level is a power of two, [`CompressedTensor::dequantize`] is exact, and
+//! `y` is within one output rounding step of the f64 product of the
+//! dequantized weights and [`FixedActivations::dequantize`]. For linear
+//! codes with `n >= 3` `dequantize` rounds each weight `s·k/n` to f32
+//! (relative `2^-23` at most, level and product) while the kernel keeps the
+//! exact `s·|k|/n`, so against the dequantized product the difference is at
+//! most one rounding step plus `2^-23 · Σ |w·x|`.
+//!
+//! [`ScaledInfo::integer_level`]: crate::ScaledInfo::integer_level
+//! [`ScaledInfo::denominator`]: crate::ScaledInfo::denominator
+//!
 //! # Parallelism
 //! Calls with fewer than `SERIAL_WORK` multiply-adds run serially (fork/join
 //! costs more than they do). A single sample (mat-vec) runs over weight rows
@@ -37,6 +110,9 @@
 //! layout (`[c·k·k][oh·ow]`), so it runs on the same kernel.
 
 use rayon::prelude::*;
+
+mod conv;
+mod scaled;
 
 use qgrad_fixed::{FixedFormat, FLOAT};
 
@@ -276,10 +352,25 @@ fn axpy_block<const L: usize>(
     out.copy_from_slice(&acc);
 }
 
-/// The kernel-ready form of a tensor: CSR with plain `u32`/`i32` arrays, the
-/// fixed-point part at one common scale and the f32 part kept apart.
+/// The kernel-ready form of a tensor, built once per tensor
+/// ([`CompressedTensor::kernel`]): for a fixed tensor CSR with plain
+/// `u32`/`i32` arrays, the fixed-point part at one common scale and the f32
+/// part kept apart; for a scaled tensor the non-zero codes split by row,
+/// scale group and sign ([`scaled`](self#scaled-tensors)).
 #[derive(Clone, Debug)]
 pub struct SparseKernel {
+    inner: KernelImpl,
+}
+
+#[derive(Clone, Debug)]
+enum KernelImpl {
+    Fixed(FixedKernel),
+    Scaled(scaled::ScaledKernel),
+}
+
+/// The kernel of a fixed tensor.
+#[derive(Clone, Debug)]
+struct FixedKernel {
     rows: usize,
     cols: usize,
     /// Fractional bits `F` of the common integer scale.
@@ -345,11 +436,72 @@ const F32_LANES: usize = 64;
 impl SparseKernel {
     /// Builds the kernel form of a decoded tensor.
     pub fn from_tensor(t: &CompressedTensor) -> Self {
+        let inner = match t.scaled_info() {
+            Some(info) => KernelImpl::Scaled(scaled::ScaledKernel::from_tensor(t, info)),
+            None => KernelImpl::Fixed(FixedKernel::from_tensor(t)),
+        };
+        SparseKernel { inner }
+    }
+
+    /// Output rows (weight rows).
+    pub fn rows(&self) -> usize {
+        match &self.inner {
+            KernelImpl::Fixed(k) => k.rows,
+            KernelImpl::Scaled(k) => k.rows(),
+        }
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        match &self.inner {
+            KernelImpl::Fixed(k) => k.cols,
+            KernelImpl::Scaled(k) => k.cols(),
+        }
+    }
+
+    /// Fractional bits of the common integer scale of a fixed tensor's
+    /// weights; 0 for a scaled tensor (its integers are the codes' levels,
+    /// see [the module docs](self#scaled-tensors)).
+    pub fn frac_bits(&self) -> i32 {
+        match &self.inner {
+            KernelImpl::Fixed(k) => k.frac_bits,
+            KernelImpl::Scaled(_) => 0,
+        }
+    }
+
+    /// `y[b, r] = Σ_c W[r, c] · x[b, c]`, returned row-major `[x.rows, self.rows]`.
+    pub fn matmul(&self, x: &FixedActivations) -> Result<Vec<f32>> {
+        x.validate()?;
+        if x.cols != self.cols() {
+            return Err(CsrError::ShapeMismatch(format!(
+                "activations have {} columns but the weight matrix has {}",
+                x.cols,
+                self.cols()
+            )));
+        }
+        match &self.inner {
+            KernelImpl::Fixed(k) => k.matmul(x),
+            KernelImpl::Scaled(k) => Ok(k.matmul(x)),
+        }
+    }
+
+    /// `yt[r][j] = Σ_c W[r, c] · xt[c][j]` for `n` columns `j` with
+    /// fractional bits `col_frac[j]`.
+    fn spmm_t(&self, xt: &[i32], n: usize, col_frac: &[i32], max_abs_x: u64, yt: &mut [f32]) {
+        match &self.inner {
+            KernelImpl::Fixed(k) => k.spmm_t(xt, n, col_frac, max_abs_x, yt),
+            KernelImpl::Scaled(k) => k.spmm_t(xt, n, col_frac, max_abs_x, yt),
+        }
+    }
+}
+
+impl FixedKernel {
+    fn from_tensor(t: &CompressedTensor) -> Self {
         let (row_ptr_all, col_all) = t.csr_parts();
         let widths = t.entry_widths();
         let max_fixed_width = widths.iter().copied().filter(|&w| w != FLOAT).max();
         let frac_bits = max_fixed_width.map_or(0, |w| i32::from(w) - 1 - t.exponent);
-        let mut k = SparseKernel {
+        let mut k = FixedKernel {
             rows: t.rows(),
             cols: t.cols(),
             frac_bits,
@@ -389,21 +541,6 @@ impl SparseKernel {
         k
     }
 
-    /// Output rows (weight rows).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Input columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Fractional bits of the common integer scale of the weights.
-    pub fn frac_bits(&self) -> i32 {
-        self.frac_bits
-    }
-
     fn acc_width(&self, max_abs_x: u64) -> AccWidth {
         let bound =
             u128::from(self.max_abs_val) * u128::from(max_abs_x) * u128::from(self.max_row_nnz);
@@ -418,15 +555,8 @@ impl SparseKernel {
         }
     }
 
-    /// `y[b, r] = Σ_c W[r, c] · x[b, c]`, returned row-major `[x.rows, self.rows]`.
-    pub fn matmul(&self, x: &FixedActivations) -> Result<Vec<f32>> {
-        x.validate()?;
-        if x.cols != self.cols {
-            return Err(CsrError::ShapeMismatch(format!(
-                "activations have {} columns but the weight matrix has {}",
-                x.cols, self.cols
-            )));
-        }
+    /// `y[b, r] = Σ_c W[r, c] · x[b, c]`; the caller checked the shapes.
+    fn matmul(&self, x: &FixedActivations) -> Result<Vec<f32>> {
         let batch = x.rows;
         let max_abs_x = max_abs(&x.values);
         let width = self.acc_width(max_abs_x);
@@ -618,113 +748,6 @@ impl SparseKernel {
                 }
             },
         );
-    }
-
-    /// 2-D convolution of `x` (rows = samples, cols = `c·h·w`) with this
-    /// kernel read as `[o, c, kernel, kernel]`, zero padding, square stride.
-    /// Returns `[samples, o, oh, ow]` row-major and `[o, oh, ow]`.
-    pub fn conv2d(
-        &self,
-        x: &FixedActivations,
-        input: [usize; 3],
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<(Vec<f32>, [usize; 3])> {
-        x.validate()?;
-        let [c, h, w] = input;
-        if stride == 0 || kernel == 0 {
-            return Err(CsrError::InvalidOption(format!(
-                "conv2d needs kernel >= 1 and stride >= 1, got kernel {kernel}, stride {stride}"
-            )));
-        }
-        let patch = c
-            .checked_mul(kernel)
-            .and_then(|v| v.checked_mul(kernel))
-            .ok_or_else(|| CsrError::ShapeMismatch("c·k·k overflows".into()))?;
-        if patch != self.cols {
-            return Err(CsrError::ShapeMismatch(format!(
-                "weight has {} columns but c·k·k = {c}·{kernel}·{kernel} = {patch}",
-                self.cols
-            )));
-        }
-        let image = c
-            .checked_mul(h)
-            .and_then(|v| v.checked_mul(w))
-            .ok_or_else(|| CsrError::ShapeMismatch("c·h·w overflows".into()))?;
-        if image != x.cols {
-            return Err(CsrError::ShapeMismatch(format!(
-                "activations have {} columns but the input [{c}, {h}, {w}] has {image}",
-                x.cols
-            )));
-        }
-        let overflow = || CsrError::ShapeMismatch("conv2d output size overflows".into());
-        let padded_h = padding
-            .checked_mul(2)
-            .and_then(|p| p.checked_add(h))
-            .ok_or_else(overflow)?;
-        let padded_w = padding
-            .checked_mul(2)
-            .and_then(|p| p.checked_add(w))
-            .ok_or_else(overflow)?;
-        if padded_h < kernel || padded_w < kernel {
-            return Err(CsrError::ShapeMismatch(format!(
-                "kernel {kernel} is larger than the padded input {padded_h}×{padded_w}"
-            )));
-        }
-        let oh = (padded_h - kernel) / stride + 1;
-        let ow = (padded_w - kernel) / stride + 1;
-        oh.checked_mul(ow)
-            .and_then(|p| p.checked_mul(self.rows.max(1)))
-            .and_then(|p| p.checked_mul(x.rows.max(1)))
-            .and_then(|p| p.checked_mul(patch.max(1)))
-            .ok_or_else(overflow)?;
-        let positions = oh * ow;
-        let o = self.rows;
-        let samples = x.rows;
-        let max_abs_x = max_abs(&x.values);
-        let mut y = vec![0f32; samples * o * positions];
-        let per_sample = (patch * positions).max(1);
-        let chunk = (IM2COL_CHUNK_ELEMENTS / per_sample).clamp(1, samples.max(1));
-        for s0 in (0..samples).step_by(chunk) {
-            let ns = chunk.min(samples - s0);
-            let n = ns * positions;
-            // im2col in the transposed layout: row (ci, ki, kj), column (sample, oy, ox).
-            let mut xt = vec![0i32; patch * n];
-            xt.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
-                let ci = row / (kernel * kernel);
-                let ki = (row / kernel) % kernel;
-                let kj = row % kernel;
-                for s in 0..ns {
-                    let img = &x.values[(s0 + s) * image..(s0 + s + 1) * image];
-                    for oy in 0..oh {
-                        let iy = (oy * stride + ki) as isize - padding as isize;
-                        let base = s * positions + oy * ow;
-                        if iy < 0 || iy >= h as isize {
-                            continue; // stays zero
-                        }
-                        for ox in 0..ow {
-                            let ix = (ox * stride + kj) as isize - padding as isize;
-                            if ix >= 0 && ix < w as isize {
-                                dst[base + ox] = img[ci * h * w + iy as usize * w + ix as usize];
-                            }
-                        }
-                    }
-                }
-            });
-            let col_frac: Vec<i32> = (0..n).map(|j| x.frac_bits[s0 + j / positions]).collect();
-            let mut yt = vec![0f32; o * n];
-            self.spmm_t(&xt, n, &col_frac, max_abs_x, &mut yt);
-            // yt is [o][sample][position]; y is [sample][o][position].
-            for s in 0..ns {
-                for oc in 0..o {
-                    let src = &yt[oc * n + s * positions..oc * n + (s + 1) * positions];
-                    let dst_start = ((s0 + s) * o + oc) * positions;
-                    y[dst_start..dst_start + positions].copy_from_slice(src);
-                }
-            }
-        }
-        Ok((y, [o, oh, ow]))
     }
 }
 

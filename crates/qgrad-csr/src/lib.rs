@@ -3,15 +3,27 @@
 //!
 //! # What is in a file
 //! Each tensor is a matrix (rows = `shape[0]`, cols = the rest; a bias is one
-//! row) whose elements were quantized with per-element widths (0 pruned,
-//! 2..=16 fixed point sharing one exponent per tensor, 32 raw f32). Only the
-//! non-zeros are kept, as bit-packed CSR (row pointers, column indices, a
-//! width tag per non-zero where widths mix, values in their own width), or as
-//! a dense bit-packed stream (a tag per element) when that is smaller: the
-//! encoder computes both sizes exactly and picks per tensor, and the size
-//! report says which. Metadata (names, shapes, exponents, width tables,
-//! lengths) is a postcard-encoded header; a CRC32 over the whole file closes
-//! it. `FORMAT.md` is the byte-level specification.
+//! row) of one of two kinds ([`TensorKind`]):
+//!
+//! - **fixed**: elements quantized with per-element widths (0 pruned, 2..=16
+//!   fixed point sharing one exponent per tensor, 32 raw f32). Only the
+//!   non-zeros are kept, as bit-packed CSR (row pointers, column indices, a
+//!   width tag per non-zero where widths mix, values in their own width), or
+//!   as a dense bit-packed stream (a tag per element) when that is smaller.
+//! - **scaled** (format version 2, [`ScaledTensorData`]): a signed integer
+//!   code per element (binary ±1, ternary, m-bit), a level function
+//!   ([`LevelKind`]) and f32 scales per group of consecutive elements (per
+//!   tensor or per output channel, optionally two-sided). Dense codes take
+//!   their minimal width (1 bit binary, 2 ternary, `m` for m-bit, sign and
+//!   magnitude), or CSR keeps the non-zero codes (one bit fewer for ternary)
+//!   when zeros dominate; the scales follow.
+//!
+//! The encoder computes the sizes of both layouts exactly and picks per
+//! tensor, and the size report says which. Metadata (names, kinds, shapes,
+//! exponents, width tables, lengths) is a postcard-encoded header; a CRC32
+//! over the whole file closes it. `FORMAT.md` is the byte-level
+//! specification; version-1 files (fixed tensors only) still decode
+//! exactly as before.
 //!
 //! # Design rationale
 //! - Every field takes the fewest bits that hold it, because the compression
@@ -26,7 +38,10 @@
 //! - The decoded form is CSR regardless of the on-disk layout, and the
 //!   integer kernel ([`SparseKernel`]) is derived from it once and cached, so
 //!   inference never re-unpacks bits. See [`kernel`] for the arithmetic and
-//!   the exactness guarantee ("within one output rounding step").
+//!   the exactness guarantee ("within one output rounding step"), and, for
+//!   scaled tensors (adds and subtracts per scale group and sign, one scale
+//!   multiply per output), the exact rounding formula that a training-side
+//!   evaluation reproduces bit for bit.
 //! - Writing is atomic (temporary file in the same directory, then rename),
 //!   so an interrupted write leaves the previous file intact.
 //! - No candle dependency: a deployment that only reads models compiles this
@@ -71,6 +86,50 @@
 //! assert_eq!(w.matmul(&x)?, vec![0.5, 0.125]);
 //! # Ok::<(), qgrad_csr::CsrError>(())
 //! ```
+//!
+//! A ternary weight with one scale per output row (as TWN or LAT produce
+//! it), next to a fixed-point bias in the same file:
+//!
+//! ```rust
+//! use qgrad_csr::{
+//!     encode_tensors, CompressedModel, EncodeOptions, FixedActivations, Layout, LevelKind,
+//!     ScaledTensorData, TensorData, TensorInput, TensorKind,
+//! };
+//!
+//! let codes = [1i8, 0, -1, 0, 1, 1];
+//! let weight = ScaledTensorData {
+//!     name: "fc.weight",
+//!     shape: &[2, 3],
+//!     codes: &codes,
+//!     levels: LevelKind::Linear,
+//!     max_code: 1, // ternary
+//!     groups: 2,   // one scale per row
+//!     two_sided: false,
+//!     scales: &[0.5, 0.25],
+//! };
+//! let bias = TensorData {
+//!     name: "fc.bias",
+//!     shape: &[2],
+//!     values: &[0.5, -1.0],
+//!     widths: &[8, 8],
+//!     exponent: None,
+//! };
+//! let inputs = [TensorInput::Scaled(weight), TensorInput::Fixed(bias)];
+//! let bytes = encode_tensors(&inputs, &EncodeOptions::default())?;
+//!
+//! let model = CompressedModel::from_bytes(&bytes)?;
+//! let w = model.tensor("fc.weight").expect("in the file");
+//! let TensorKind::Scaled(info) = w.kind() else { panic!("a scaled tensor") };
+//! assert_eq!((info.levels, info.max_code, info.groups), (LevelKind::Linear, 1, 2));
+//! assert_eq!(w.layout, Layout::Dense); // 2 bits per code
+//! assert_eq!(w.dequantize(), vec![0.5, 0.0, -0.5, 0.0, 0.25, 0.25]);
+//! assert_eq!(w.codes(), Some(codes.to_vec()));
+//!
+//! // Adds and subtracts, then one multiply by the row's scale.
+//! let x = FixedActivations::quantize(&[1.0, 1.5, 0.5], 1, 3, 8)?;
+//! assert_eq!(w.matmul(&x)?, vec![0.25, 0.5]);
+//! # Ok::<(), qgrad_csr::CsrError>(())
+//! ```
 
 #![warn(missing_docs)]
 
@@ -80,10 +139,16 @@ mod format;
 pub mod kernel;
 mod model;
 mod report;
+mod scaled;
 
-pub use encode::{encode, write_file, EncodeOptions, TensorData};
+pub use encode::{
+    encode, encode_tensors, write_file, write_file_tensors, EncodeOptions, TensorData, TensorInput,
+};
 pub use error::{CsrError, Result};
-pub use format::{Layout, LayoutChoice, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS};
+pub use format::{
+    Layout, LayoutChoice, LevelKind, FORMAT_VERSION, MAGIC, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
+};
 pub use kernel::{FixedActivations, SparseKernel};
 pub use model::{CompressedModel, CompressedTensor};
 pub use report::{compression_ratio, FieldBits, SizeReport, TensorSize};
+pub use scaled::{ScaledInfo, ScaledTensorData, TensorKind};

@@ -12,11 +12,13 @@ use qgrad_fixed::{BitReader, FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    csr_widths, dense_tag_bits, matrix_dims, table_width_ok, FileHeader, Layout, TensorHeader,
-    CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+    csr_widths, dense_tag_bits, matrix_dims, table_width_ok, FileHeader, FileHeaderV1, Layout,
+    TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
+    PREFIX_BYTES,
 };
 use crate::kernel::SparseKernel;
 use crate::report::{compression_ratio, FieldBits, SizeReport, TensorSize};
+use crate::scaled::{decode_scaled, ScaledInfo, TensorKind};
 
 /// A decoded compressed model: metadata and tensors in file order.
 #[derive(Clone, Debug)]
@@ -28,14 +30,18 @@ pub struct CompressedModel {
     file_bytes: u64,
 }
 
-/// One decoded tensor, kept in CSR form whatever its layout on disk.
+/// One decoded tensor, kept in CSR form (its non-zero elements) whatever
+/// its layout on disk and whatever its kind ([`kind`](Self::kind)): a fixed
+/// tensor's entries are fixed-point integers or f32 values, a scaled
+/// tensor's entries are its non-zero codes, with the scales beside them.
 #[derive(Clone, Debug)]
 pub struct CompressedTensor {
     /// Tensor name.
     pub name: String,
     /// Tensor shape.
     pub shape: Vec<usize>,
-    /// Shared exponent `e`: an element of width `b` means `q · 2^-(b-1-e)`.
+    /// Shared exponent `e` of a fixed tensor: an element of width `b` means
+    /// `q · 2^-(b-1-e)`. 0 for a scaled tensor.
     pub exponent: i32,
     /// Layout on disk.
     pub layout: Layout,
@@ -44,12 +50,22 @@ pub struct CompressedTensor {
     width_table: Vec<u8>,
     row_ptr: Vec<u32>,
     col_idx: Vec<u32>,
-    /// Width of each stored element (2..=16 or 32).
+    /// Width of each stored element (2..=16 or 32; a scaled tensor's code
+    /// width, [`ScaledInfo::code_bits`]).
     entry_width: Vec<u8>,
-    /// Integer of each stored fixed-point element, or the f32 bits of a width-32 one.
+    /// Integer of each stored fixed-point element, the f32 bits of a
+    /// width-32 one, or a scaled tensor's non-zero code.
     entry_raw: Vec<i32>,
     bits: FieldBits,
+    kind: Kind,
     kernel: OnceLock<SparseKernel>,
+}
+
+/// What the entries of a tensor mean.
+#[derive(Clone, Debug)]
+pub(crate) enum Kind {
+    Fixed,
+    Scaled { info: ScaledInfo, scales: Vec<f32> },
 }
 
 impl CompressedModel {
@@ -101,6 +117,7 @@ impl CompressedModel {
                 shape: t.shape.clone(),
                 parameters: t.num_elements() as u64,
                 nnz: t.nnz() as u64,
+                kind: t.kind(),
                 layout: t.layout,
                 bits: t.bits,
                 width_histogram: t
@@ -123,6 +140,85 @@ impl CompressedModel {
 }
 
 impl CompressedTensor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        name: String,
+        shape: Vec<usize>,
+        exponent: i32,
+        layout: Layout,
+        rows: usize,
+        cols: usize,
+        width_table: Vec<u8>,
+        row_ptr: Vec<u32>,
+        col_idx: Vec<u32>,
+        entry_width: Vec<u8>,
+        entry_raw: Vec<i32>,
+        bits: FieldBits,
+        kind: Kind,
+    ) -> Self {
+        Self {
+            name,
+            shape,
+            exponent,
+            layout,
+            rows,
+            cols,
+            width_table,
+            row_ptr,
+            col_idx,
+            entry_width,
+            entry_raw,
+            bits,
+            kind,
+            kernel: OnceLock::new(),
+        }
+    }
+
+    /// What kind of tensor this is: fixed point (with its exponent) or
+    /// scaled codes (with their level function and groups).
+    pub fn kind(&self) -> TensorKind {
+        match &self.kind {
+            Kind::Fixed => TensorKind::Fixed {
+                exponent: self.exponent,
+            },
+            Kind::Scaled { info, .. } => TensorKind::Scaled(*info),
+        }
+    }
+
+    /// The parameters of a scaled tensor (`None` for a fixed one).
+    pub fn scaled_info(&self) -> Option<ScaledInfo> {
+        match &self.kind {
+            Kind::Fixed => None,
+            Kind::Scaled { info, .. } => Some(*info),
+        }
+    }
+
+    /// A scaled tensor's scales, group by group (`[positive, negative]` per
+    /// group when two-sided); empty for a fixed tensor.
+    pub fn scales(&self) -> &[f32] {
+        match &self.kind {
+            Kind::Fixed => &[],
+            Kind::Scaled { scales, .. } => scales,
+        }
+    }
+
+    /// A scaled tensor's code of every element, row-major (`None` for a
+    /// fixed tensor). Allocates `rows · cols` bytes (see
+    /// [`dequantize`](Self::dequantize)).
+    pub fn codes(&self) -> Option<Vec<i8>> {
+        let Kind::Scaled { .. } = self.kind else {
+            return None;
+        };
+        let mut out = vec![0i8; self.num_elements()];
+        for r in 0..self.rows {
+            for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
+                // Validated on decode: |code| <= 127.
+                out[r * self.cols + self.col_idx[k] as usize] = self.entry_raw[k] as i8;
+            }
+        }
+        Some(out)
+    }
+
     /// Rows of the matrix view (`shape[0]`; 1 for rank 0 and 1).
     pub fn rows(&self) -> usize {
         self.rows
@@ -143,7 +239,8 @@ impl CompressedTensor {
         self.entry_width.len()
     }
 
-    /// The width table of the file (ascending; a dense tensor's may contain 0).
+    /// The width table of the file (ascending; a dense tensor's may contain
+    /// 0). Empty for a scaled tensor.
     pub fn width_table(&self) -> &[u8] {
         &self.width_table
     }
@@ -163,13 +260,19 @@ impl CompressedTensor {
         &self.col_idx
     }
 
-    /// Width of each stored element (`nnz`).
+    /// Width of each stored element (`nnz`; a scaled tensor's code width).
     pub fn entry_widths(&self) -> &[u8] {
         &self.entry_width
     }
 
-    /// Value of the `k`-th stored element.
-    fn entry_value(&self, k: usize) -> f32 {
+    /// Value of the `k`-th stored element, element `index` (row-major).
+    fn entry_value(&self, k: usize, index: usize) -> f32 {
+        if let Kind::Scaled { info, scales } = &self.kind {
+            let code = self.entry_raw[k] as i8;
+            let group = index / (self.num_elements() / info.groups);
+            let side = usize::from(info.two_sided && code < 0);
+            return scales[group * info.scales_per_group() + side] * info.level(code);
+        }
         let w = self.entry_width[k];
         let raw = self.entry_raw[k];
         if w == FLOAT {
@@ -184,26 +287,37 @@ impl CompressedTensor {
         }
     }
 
-    /// The integer of the `k`-th stored element (`None` for an f32 one).
+    /// The integer of the `k`-th stored element (`None` for an f32 one; a
+    /// scaled tensor's code).
     pub(crate) fn entry_int(&self, k: usize) -> Option<i32> {
         (self.entry_width[k] != FLOAT).then(|| self.entry_raw[k])
     }
 
-    /// Dense row-major values; equal to `qgrad_fixed::fake_quantize` of the
-    /// encoder's input, element for element. Allocates `rows · cols` values:
-    /// a valid file may declare a large all-zero tensor in a few bytes, so
-    /// check [`num_elements`](Self::num_elements) first for untrusted files.
+    /// Dense row-major values. A fixed tensor: equal to
+    /// `qgrad_fixed::fake_quantize` of the encoder's input, element for
+    /// element. A scaled tensor: `scale · level(code)` as one f32 multiply of
+    /// the stored f32 scale and the f32 level ([`LevelKind::level`]), bit for
+    /// bit the `values` of `qgrad_scaled::quantize`; a zero code is +0.0.
+    /// Allocates `rows · cols` values: a valid file may declare a large
+    /// all-zero tensor in a few bytes, so check
+    /// [`num_elements`](Self::num_elements) first for untrusted files.
+    ///
+    /// [`LevelKind::level`]: crate::LevelKind::level
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.num_elements()];
         for r in 0..self.rows {
             for k in self.row_ptr[r] as usize..self.row_ptr[r + 1] as usize {
-                out[r * self.cols + self.col_idx[k] as usize] = self.entry_value(k);
+                let index = r * self.cols + self.col_idx[k] as usize;
+                out[index] = self.entry_value(k, index);
             }
         }
         out
     }
 
     /// Width of every element, row-major; zeros and pruned elements report 0.
+    /// For a scaled tensor a non-zero code reports the code width of the
+    /// dense layout, [`ScaledInfo::code_bits`] (1 binary, 2 ternary, `m` for
+    /// m-bit codes), whatever the layout on disk.
     pub fn widths(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.num_elements()];
         for r in 0..self.rows {
@@ -215,7 +329,8 @@ impl CompressedTensor {
     }
 
     /// `(width, elements)` ascending by width, only widths that occur; zeros
-    /// and pruned elements count as width 0.
+    /// and pruned elements count as width 0 (the widths of
+    /// [`widths`](Self::widths), counted; they add up to the element count).
     pub fn width_histogram(&self) -> Vec<(u8, usize)> {
         let mut counts = [0usize; 33];
         for &w in &self.entry_width {
@@ -311,8 +426,19 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
     }
     let header_end = header_end as usize;
     let header_bytes = &bytes[PREFIX_BYTES..header_end];
-    let (header, rest): (FileHeader, &[u8]) = postcard::take_from_bytes(header_bytes)
-        .map_err(|e| CsrError::CorruptHeader(format!("postcard: {e}")))?;
+    let postcard_err = |e: postcard::Error| CsrError::CorruptHeader(format!("postcard: {e}"));
+    // Version 1 has fixed tensors only and no kind in a tensor's entry.
+    let (header, rest): (FileHeader, &[u8]) = if version == 1 {
+        let (v1, rest): (FileHeaderV1, &[u8]) =
+            postcard::take_from_bytes(header_bytes).map_err(postcard_err)?;
+        let header = FileHeader {
+            metadata: v1.metadata,
+            tensors: v1.tensors.into_iter().map(TensorEntry::Fixed).collect(),
+        };
+        (header, rest)
+    } else {
+        postcard::take_from_bytes(header_bytes).map_err(postcard_err)?
+    };
     if !rest.is_empty() {
         return Err(CsrError::CorruptHeader(format!(
             "{} bytes left over after the header",
@@ -324,29 +450,38 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
     let mut offset = 0usize;
     let mut names = HashSet::new();
     let mut tensors = Vec::with_capacity(header.tensors.len());
-    for th in &header.tensors {
-        if !names.insert(th.name.as_str()) {
+    for entry in &header.tensors {
+        let name = entry.name();
+        if !names.insert(name) {
             return Err(CsrError::CorruptHeader(format!(
-                "tensor name `{}` appears twice",
-                th.name
+                "tensor name `{name}` appears twice"
             )));
         }
         let available = (payload_area.len() - offset) as u64;
-        if th.payload_bytes > available {
+        let payload_bytes = entry.payload_bytes();
+        if payload_bytes > available {
             return Err(CsrError::DeclaredSizeTooLarge {
-                tensor: th.name.clone(),
+                tensor: name.to_owned(),
                 what: "payload length",
-                needed_bits: u128::from(th.payload_bytes) * 8,
+                needed_bits: u128::from(payload_bytes) * 8,
                 available_bits: u128::from(available) * 8,
             });
         }
-        let payload = &payload_area[offset..offset + th.payload_bytes as usize];
-        offset += th.payload_bytes as usize;
-        let header_bits = postcard::to_allocvec(th)
-            .map_err(|e| CsrError::Serialize(e.to_string()))?
-            .len() as u64
-            * 8;
-        tensors.push(decode_tensor(th, payload, header_bits)?);
+        let payload = &payload_area[offset..offset + payload_bytes as usize];
+        offset += payload_bytes as usize;
+        // The tensor's share of the header: its entry as the file stores it
+        // (version 2: with the kind's variant index in front).
+        let entry_len = match entry {
+            TensorEntry::Fixed(th) if version == 1 => postcard::to_allocvec(th),
+            _ => postcard::to_allocvec(entry),
+        }
+        .map_err(|e| CsrError::Serialize(e.to_string()))?
+        .len() as u64;
+        let header_bits = entry_len * 8;
+        tensors.push(match entry {
+            TensorEntry::Fixed(th) => decode_tensor(th, payload, header_bits)?,
+            TensorEntry::Scaled(th) => decode_scaled(th, payload, header_bits)?,
+        });
     }
     if offset != payload_area.len() {
         return Err(CsrError::CorruptHeader(format!(
@@ -490,38 +625,17 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
     match th.layout {
         Layout::Csr => {
             let w = csr_widths(cols as u64, nnz, table.len());
-            let mut prev = 0u64;
-            for r in 0..=rows {
-                let p = reader.read_bits(w.row_ptr).map_err(trunc)?;
-                if (r == 0 && p != 0) || p < prev || p > nnz {
-                    return Err(CsrError::corrupt(
-                        name,
-                        format!("row pointer {r} = {p} breaks 0 = ptr[0] <= ... <= ptr[rows] = nnz ({nnz})"),
-                    ));
-                }
-                prev = p;
-                row_ptr.push(p as u32);
-            }
-            if prev != nnz {
-                return Err(CsrError::corrupt(
-                    name,
-                    format!("last row pointer {prev} differs from nnz {nnz}"),
-                ));
-            }
-            for r in 0..rows {
-                let mut last: Option<u64> = None;
-                for _ in row_ptr[r]..row_ptr[r + 1] {
-                    let c = reader.read_bits(w.col_idx).map_err(trunc)?;
-                    if c >= cols as u64 || last.is_some_and(|l| c <= l) {
-                        return Err(CsrError::corrupt(
-                            name,
-                            format!("column index {c} in row {r} is out of range ({cols} columns) or not increasing"),
-                        ));
-                    }
-                    last = Some(c);
-                    col_idx.push(c as u32);
-                }
-            }
+            read_csr_index(
+                &mut reader,
+                name,
+                rows,
+                cols,
+                nnz,
+                w.row_ptr,
+                w.col_idx,
+                &mut row_ptr,
+                &mut col_idx,
+            )?;
             for _ in 0..nnz {
                 let tag = reader.read_bits(w.tag).map_err(trunc)?;
                 let width = *table.get(tag as usize).ok_or_else(|| {
@@ -575,20 +689,7 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
         }
     }
     bits.values = entry_width.iter().map(|&w| u64::from(w)).sum();
-    let padding = reader.bits_remaining();
-    if padding >= 8 {
-        return Err(CsrError::corrupt(
-            name,
-            format!(
-                "{} payload bytes beyond the end of its bit stream",
-                padding / 8
-            ),
-        ));
-    }
-    if reader.read_bits(padding as u32).map_err(trunc)? != 0 {
-        return Err(CsrError::corrupt(name, "the padding bits are not zero"));
-    }
-    bits.padding = padding as u64;
+    bits.padding = finish_payload(&mut reader, name)?;
     Ok(CompressedTensor {
         name: th.name.clone(),
         shape,
@@ -602,6 +703,82 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
         entry_width,
         entry_raw,
         bits,
+        kind: Kind::Fixed,
         kernel: OnceLock::new(),
     })
+}
+
+/// Reads and validates CSR row pointers and column indices: `0 = ptr[0] <=
+/// ... <= ptr[rows] = nnz`, columns strictly increasing within a row and
+/// `< cols`. The caller has checked the declared sizes against the payload.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn read_csr_index(
+    reader: &mut BitReader,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    nnz: u64,
+    ptr_bits: u32,
+    col_bits: u32,
+    row_ptr: &mut Vec<u32>,
+    col_idx: &mut Vec<u32>,
+) -> Result<()> {
+    let trunc = |e: qgrad_fixed::FixedError| CsrError::corrupt(name, format!("payload: {e}"));
+    let mut prev = 0u64;
+    for r in 0..=rows {
+        let p = reader.read_bits(ptr_bits).map_err(trunc)?;
+        if (r == 0 && p != 0) || p < prev || p > nnz {
+            return Err(CsrError::corrupt(
+                name,
+                format!(
+                    "row pointer {r} = {p} breaks 0 = ptr[0] <= ... <= ptr[rows] = nnz ({nnz})"
+                ),
+            ));
+        }
+        prev = p;
+        row_ptr.push(p as u32);
+    }
+    if prev != nnz {
+        return Err(CsrError::corrupt(
+            name,
+            format!("last row pointer {prev} differs from nnz {nnz}"),
+        ));
+    }
+    for r in 0..rows {
+        let mut last: Option<u64> = None;
+        for _ in row_ptr[r]..row_ptr[r + 1] {
+            let c = reader.read_bits(col_bits).map_err(trunc)?;
+            if c >= cols as u64 || last.is_some_and(|l| c <= l) {
+                return Err(CsrError::corrupt(
+                    name,
+                    format!("column index {c} in row {r} is out of range ({cols} columns) or not increasing"),
+                ));
+            }
+            last = Some(c);
+            col_idx.push(c as u32);
+        }
+    }
+    Ok(())
+}
+
+/// Checks the end of a payload's bit stream: fewer than 8 padding bits, all
+/// zero. Returns the padding bits.
+pub(crate) fn finish_payload(reader: &mut BitReader, name: &str) -> Result<u64> {
+    let padding = reader.bits_remaining();
+    if padding >= 8 {
+        return Err(CsrError::corrupt(
+            name,
+            format!(
+                "{} payload bytes beyond the end of its bit stream",
+                padding / 8
+            ),
+        ));
+    }
+    let bits = reader
+        .read_bits(padding as u32)
+        .map_err(|e| CsrError::corrupt(name, format!("payload: {e}")))?;
+    if bits != 0 {
+        return Err(CsrError::corrupt(name, "the padding bits are not zero"));
+    }
+    Ok(padding as u64)
 }

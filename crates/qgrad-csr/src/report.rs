@@ -3,21 +3,27 @@
 use serde::Serialize;
 
 use crate::format::Layout;
+use crate::scaled::TensorKind;
 
 /// Bits of one tensor, per field. `total()` is the tensor's share of the file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FieldBits {
-    /// The tensor's entry in the postcard header (name, shape, exponent,
-    /// layout, width table, nnz, payload length).
+    /// The tensor's entry in the postcard header (version 2: the kind, then
+    /// name, shape, exponent, layout, width table, nnz, payload length; or a
+    /// scaled tensor's fields).
     pub header: u64,
     /// CSR row pointers (0 for a dense tensor).
     pub row_ptr: u64,
     /// CSR column indices (0 for a dense tensor).
     pub col_idx: u64,
-    /// The stored values (fixed-point integers and raw f32).
+    /// The stored values (fixed-point integers and raw f32), or a scaled
+    /// tensor's codes (every element's in the dense layout, the non-zero
+    /// ones' in CSR).
     pub values: u64,
     /// Width tags (one per non-zero for CSR, one per element for dense).
     pub tags: u64,
+    /// A scaled tensor's f32 scales (0 for a fixed tensor).
+    pub scales: u64,
     /// Zero bits that pad the payload to a whole byte.
     pub padding: u64,
 }
@@ -25,7 +31,13 @@ pub struct FieldBits {
 impl FieldBits {
     /// Sum of all fields.
     pub fn total(&self) -> u64 {
-        self.header + self.row_ptr + self.col_idx + self.values + self.tags + self.padding
+        self.header
+            + self.row_ptr
+            + self.col_idx
+            + self.values
+            + self.tags
+            + self.scales
+            + self.padding
     }
 }
 
@@ -40,11 +52,15 @@ pub struct TensorSize {
     pub parameters: u64,
     /// Stored (non-zero) elements.
     pub nnz: u64,
+    /// Fixed point (with its exponent) or scaled codes (with their levels).
+    pub kind: TensorKind,
     /// The layout the encoder chose.
     pub layout: Layout,
     /// Bits per field.
     pub bits: FieldBits,
-    /// `(width, elements)` ascending by width; zeros and pruned elements count as width 0.
+    /// `(width, elements)` ascending by width; zeros and pruned elements
+    /// count as width 0; a scaled tensor's non-zero codes count as their code
+    /// width (1 binary, 2 ternary, `m` for m-bit).
     pub width_histogram: Vec<(u8, u64)>,
 }
 

@@ -135,3 +135,274 @@ pub fn sample_tensor(
 pub fn decode(bytes: &[u8]) -> CompressedModel {
     CompressedModel::from_bytes(bytes).expect("valid file decodes")
 }
+
+// ---------------------------------------------------------------- scaled tensors
+
+use qgrad_csr::{LevelKind, ScaledTensorData, TensorInput};
+
+/// An owned scaled tensor to encode.
+#[derive(Clone, Debug)]
+pub struct OwnedScaled {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub codes: Vec<i8>,
+    pub levels: LevelKind,
+    pub max_code: u8,
+    pub groups: usize,
+    pub two_sided: bool,
+    pub scales: Vec<f32>,
+}
+
+impl OwnedScaled {
+    pub fn data(&self) -> ScaledTensorData<'_> {
+        ScaledTensorData {
+            name: &self.name,
+            shape: &self.shape,
+            codes: &self.codes,
+            levels: self.levels,
+            max_code: self.max_code,
+            groups: self.groups,
+            two_sided: self.two_sided,
+            scales: &self.scales,
+        }
+    }
+
+    /// The level of a code, written from qgrad-scaled's `Method::level`
+    /// independently of the crate.
+    pub fn level(&self, code: i8) -> f32 {
+        let n = self.max_code as i32;
+        let k = code as i32;
+        match self.levels {
+            LevelKind::Binary => k as f32,
+            LevelKind::Linear => k as f32 / n as f32,
+            LevelKind::Log if k == 0 => 0.0,
+            LevelKind::Log => (k.signum() as f32) * 2f32.powi(k.abs() - n),
+        }
+    }
+
+    /// The scale of element `i`.
+    pub fn scale_of(&self, i: usize) -> f32 {
+        let per = self.codes.len() / self.groups;
+        let spg = if self.two_sided { 2 } else { 1 };
+        let side = usize::from(self.two_sided && self.codes[i] < 0);
+        self.scales[(i / per) * spg + side]
+    }
+
+    /// `scale · level(code)` per element, as qgrad-scaled computes `values`.
+    pub fn expected_values(&self) -> Vec<f32> {
+        (0..self.codes.len())
+            .map(|i| self.scale_of(i) * self.level(self.codes[i]))
+            .collect()
+    }
+
+    pub fn rows_cols(&self) -> (usize, usize) {
+        if self.shape.len() <= 1 {
+            (1, self.shape.first().copied().unwrap_or(1))
+        } else {
+            (self.shape[0], self.shape[1..].iter().product())
+        }
+    }
+
+    /// A deterministic scaled tensor from a seed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        name: &str,
+        shape: Vec<usize>,
+        levels: LevelKind,
+        max_code: u8,
+        zero_fraction: f64,
+        groups: Groups,
+        two_sided: bool,
+        seed: u64,
+    ) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let e: usize = if shape.is_empty() {
+            1
+        } else {
+            shape.iter().product()
+        };
+        let codes: Vec<i8> = (0..e)
+            .map(|_| {
+                if levels == LevelKind::Binary {
+                    if rng.random_bool(0.5) {
+                        1
+                    } else {
+                        -1
+                    }
+                } else if rng.random_bool(zero_fraction) {
+                    0
+                } else {
+                    let m = rng.random_range(1..=max_code as i32) as i8;
+                    if rng.random_bool(0.5) {
+                        m
+                    } else {
+                        -m
+                    }
+                }
+            })
+            .collect();
+        let rows = if shape.len() <= 1 { 1 } else { shape[0] };
+        let groups = match groups {
+            Groups::One => 1,
+            Groups::Rows if e > 0 => rows,
+            Groups::Rows => 1,
+            Groups::Divisor(d) => {
+                let divisors: Vec<usize> = (1..=e.max(1)).filter(|g| e % g == 0).collect();
+                if e == 0 {
+                    1
+                } else {
+                    divisors[d % divisors.len()]
+                }
+            }
+        };
+        let spg = if two_sided { 2 } else { 1 };
+        let scales = (0..groups * spg)
+            .map(|_| {
+                if rng.random_bool(0.1) {
+                    0.0
+                } else {
+                    rng.random_range(0.0f32..2.0)
+                }
+            })
+            .collect();
+        OwnedScaled {
+            name: name.into(),
+            shape,
+            codes,
+            levels,
+            max_code,
+            groups,
+            two_sided,
+            scales,
+        }
+    }
+}
+
+/// How a sample tensor's scale groups are chosen.
+#[derive(Clone, Copy, Debug)]
+pub enum Groups {
+    One,
+    Rows,
+    /// The `d`-th divisor of the element count (mod their number).
+    Divisor(usize),
+}
+
+/// `(levels, max_code)`: binary, ternary, m-bit linear, m-bit log (`m <= max_bits`).
+pub fn level_kind(max_bits: u8) -> impl Strategy<Value = (LevelKind, u8)> {
+    let m_bit = move |log: bool| {
+        (2u8..=max_bits).prop_map(move |m| {
+            let n = ((1u32 << (m - 1)) - 1) as u8;
+            (
+                if log {
+                    LevelKind::Log
+                } else {
+                    LevelKind::Linear
+                },
+                n,
+            )
+        })
+    };
+    prop_oneof![
+        Just((LevelKind::Binary, 1u8)),
+        Just((LevelKind::Linear, 1u8)),
+        m_bit(false),
+        m_bit(true),
+        (1u8..=127).prop_map(|n| (LevelKind::Linear, n)),
+    ]
+}
+
+pub fn groups() -> impl Strategy<Value = Groups> {
+    prop_oneof![
+        Just(Groups::One),
+        Just(Groups::Rows),
+        any::<usize>().prop_map(Groups::Divisor),
+    ]
+}
+
+pub fn scaled_tensor_with(
+    name: String,
+    shape: impl Strategy<Value = Vec<usize>>,
+    max_bits: u8,
+) -> impl Strategy<Value = OwnedScaled> {
+    (
+        shape,
+        level_kind(max_bits),
+        prop_oneof![Just(0.0), Just(0.3), Just(0.9), Just(1.0)],
+        groups(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(move |(shape, (levels, n), zeros, g, two, seed)| {
+            OwnedScaled::sample(&name, shape, levels, n, zeros, g, two, seed)
+        })
+}
+
+pub fn scaled_tensor(name: String) -> impl Strategy<Value = OwnedScaled> {
+    scaled_tensor_with(name, shapes(), 8)
+}
+
+/// Either kind, owned.
+#[derive(Clone, Debug)]
+pub enum Owned {
+    Fixed(OwnedTensor),
+    Scaled(OwnedScaled),
+}
+
+impl Owned {
+    pub fn input(&self) -> TensorInput<'_> {
+        match self {
+            Owned::Fixed(t) => TensorInput::Fixed(t.data()),
+            Owned::Scaled(t) => TensorInput::Scaled(t.data()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Owned::Fixed(t) => &t.name,
+            Owned::Scaled(t) => &t.name,
+        }
+    }
+}
+
+/// A model of 1..4 tensors, each fixed or scaled.
+pub fn mixed_model() -> impl Strategy<Value = Vec<Owned>> {
+    (1usize..4).prop_flat_map(|k| {
+        (0..k)
+            .map(|i| {
+                let name = format!("layer{i}.weight");
+                prop_oneof![
+                    1 => tensor(name.clone()).prop_map(Owned::Fixed),
+                    2 => scaled_tensor(name).prop_map(Owned::Scaled),
+                ]
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+pub fn encode_mixed(tensors: &[Owned], layout: LayoutChoice) -> Vec<u8> {
+    let inputs: Vec<TensorInput> = tensors.iter().map(Owned::input).collect();
+    qgrad_csr::encode_tensors(
+        &inputs,
+        &EncodeOptions {
+            layout,
+            metadata: vec![("model".into(), "test".into())],
+        },
+    )
+    .expect("valid input encodes")
+}
+
+pub fn encode_scaled(tensors: &[OwnedScaled], layout: LayoutChoice) -> Vec<u8> {
+    let inputs: Vec<TensorInput> = tensors
+        .iter()
+        .map(|t| TensorInput::Scaled(t.data()))
+        .collect();
+    qgrad_csr::encode_tensors(
+        &inputs,
+        &EncodeOptions {
+            layout,
+            metadata: vec![],
+        },
+    )
+    .expect("valid input encodes")
+}
