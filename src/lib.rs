@@ -23,3 +23,4 @@ pub use qgrad_ops as ops;
 pub use qgrad_optim as optim;
 pub use qgrad_pipeline as pipeline;
 pub use qgrad_runtime as runtime;
+pub use qgrad_scaled as scaled;

@@ -143,3 +143,66 @@ fn a_zero_start_ranks_by_the_fine_tuning_alone() {
     assert_eq!(zero.state.accum.steps(), 20);
     assert_eq!(carry.state.accum.steps(), 40);
 }
+
+#[test]
+fn loss_aware_files_run_like_candle_for_every_code_kind() {
+    use qgrad::models::methods::LossAwareOptions;
+    use qgrad::models::train::OptimizerKind;
+    use qgrad::pipeline::{compress_loss_aware, run_loss_aware, LossAwareRun};
+    use qgrad::scaled::Method;
+    let (train, test) = mini(Arch::Lenet5);
+    let dir = tempfile::tempdir().unwrap();
+    let methods = [
+        (Method::Lab, false),
+        (Method::LatExact, true),
+        (Method::Lat2Approx, false),
+        (
+            Method::Laq {
+                bits: 3,
+                log: false,
+            },
+            true,
+        ),
+        (Method::Laq { bits: 3, log: true }, false),
+    ];
+    for arch in [Arch::Lenet300100, Arch::Lenet5] {
+        for (method, per_channel) in methods {
+            let mut config = quick_config(arch, 1);
+            config.max_batches_per_epoch = Some(8);
+            config.optimizer = OptimizerKind::ADAM;
+            config.lr = 0.002;
+            let mut options = LossAwareOptions::new(method);
+            options.per_channel = per_channel;
+            let run = LossAwareRun {
+                arch,
+                config,
+                options,
+                start: Start::Scratch,
+                device: default_device(),
+            };
+            let outcome = run_loss_aware(run, (&train, &test), &mut []).unwrap();
+            let model = compress_loss_aware(&outcome, serde_json::json!({})).unwrap();
+            let path = dir.path().join(format!("{arch}-{method}.qgz"));
+            let export = ExportOptions {
+                act_bits: 16,
+                layout: LayoutChoice::Auto,
+                device: default_device(),
+                run_file: true,
+            };
+            let out = export_and_evaluate(&model, &path, &test, &export).unwrap();
+            let file = out.file.as_ref().unwrap();
+            assert_eq!(out.mismatches(), Some(0), "{arch} {method}");
+            assert_eq!(file.logits, out.candle.logits, "{arch} {method}");
+            // The reported accuracy of the run is the quantized network's.
+            let trained = outcome.state.history.last().unwrap().test_accuracy;
+            assert!(
+                (trained - out.candle.accuracy).abs() < 0.02,
+                "{arch} {method}"
+            );
+            if method == Method::Lab && arch == Arch::Lenet300100 {
+                // About one bit per weight, plus the float biases.
+                assert!(out.size.ratio > 25.0, "{}", out.size.ratio);
+            }
+        }
+    }
+}

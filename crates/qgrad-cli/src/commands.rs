@@ -5,17 +5,18 @@ use std::path::{Path, PathBuf};
 
 use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
 use qgrad_data::Dataset;
-use qgrad_models::eval::evaluate_candle;
+use qgrad_models::eval::{evaluate_candle_model, QuantizedModel};
 use qgrad_models::methods::{
-    InTrainingOptions, PostTrainingOptions, QuantizeSummary, Scope, SplitOutcome,
+    InTrainingOptions, LossAwareOptions, PostTrainingOptions, QuantizeSummary, Scope, SplitOutcome,
 };
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, EpochStats, TrainConfig, TrainHook, TrainState};
 use qgrad_pipeline::data::{load_datasets, resolve_data_dir};
 use qgrad_pipeline::in_training::{run_in_training, InTrainingOutcome, InTrainingRun, Start};
 use qgrad_pipeline::{
-    compress_combined, compress_in_training, compress_post_training, default_device,
-    export_and_evaluate, load_trained, train_float, Compressed, ExportOptions,
+    compress_combined, compress_in_training, compress_loss_aware, compress_post_training,
+    default_device, export_and_evaluate, load_trained, run_loss_aware, train_float, Compressed,
+    ExportOptions, LossAwareRun,
 };
 use qgrad_runtime::{EvalReport, FileModel};
 use serde::Serialize;
@@ -24,7 +25,7 @@ use serde_json::json;
 use crate::failure::{Classify, CliResult, Failure};
 use crate::{
     CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs, InspectArgs,
-    OutputArgs, PostArgs, PostOptionArgs, TrainArgs, TrainingArgs,
+    LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, TrainArgs, TrainingArgs,
 };
 
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
@@ -49,7 +50,7 @@ fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     if let Some(decay) = args.weight_decay {
         config.weight_decay = decay;
     }
-    if args.optimizer == "adam" {
+    if args.optimizer.as_deref() == Some("adam") {
         config.optimizer = OptimizerKind::ADAM;
     }
     config.batch_size = args.batch_size;
@@ -406,8 +407,8 @@ fn in_training_json(
     if args.init.is_some() && args.accum_start != qgrad_pipeline::AccumStart::Carry {
         options["accum_start"] = json!(args.accum_start.to_string());
     }
-    if training.optimizer != "sgd" {
-        options["optimizer"] = json!(training.optimizer);
+    if let Some(optimizer) = training.optimizer.as_deref().filter(|o| *o != "sgd") {
+        options["optimizer"] = json!(optimizer);
     }
     options
 }
@@ -434,6 +435,67 @@ pub fn combined(args: CombinedArgs) -> CliResult<()> {
     export_and_print(model, RunReport::of(&run), &test, &args.output)
 }
 
+pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
+    let arch = args.training.model;
+    let mut config = training_config(arch, &args.training)?;
+    if args.training.optimizer.is_none() {
+        // The loss-aware recipes train with Adam (METHOD §15).
+        config.optimizer = OptimizerKind::ADAM;
+    }
+    config.checkpoint_dir = args.checkpoint_dir.clone();
+    let (train, test) = load_data(arch, &args.data)?;
+    let options = LossAwareOptions {
+        quantizer: args.quantizer,
+        per_channel: args.per_channel,
+        clip: !args.no_clip,
+        seed: config.seed,
+    };
+    let start = match args.init.as_deref() {
+        Some(path) => Start::Checkpoint {
+            path,
+            accum: qgrad_pipeline::AccumStart::Carry,
+            evaluate: true,
+        },
+        None => Start::Scratch,
+    };
+    eprintln!(
+        "training {arch} for {} epochs with {} weights ({}, seed {})",
+        config.epochs,
+        args.quantizer,
+        config.optimizer_config().name(),
+        config.seed
+    );
+    let run = LossAwareRun {
+        arch,
+        config,
+        options,
+        start,
+        device: default_device(),
+    };
+    let outcome = run_loss_aware(run, (&train, &test), &mut [&mut EpochPrinter])?;
+    let mut json_options = json!({
+        "quantizer": args.quantizer.to_string(),
+        "per_channel": args.per_channel,
+        "clip": !args.no_clip,
+        "init": args.init,
+        "epochs": outcome.config.epochs,
+        "lr": outcome.config.lr,
+        "batch_size": outcome.config.batch_size,
+        "optimizer": outcome.config.optimizer_config().name(),
+    });
+    if args.training.weight_decay.is_some() {
+        json_options["weight_decay"] = json!(outcome.config.weight_decay);
+    }
+    let model = compress_loss_aware(&outcome, json_options)?;
+    let report = RunReport {
+        float_accuracy: outcome.float_accuracy,
+        trained_accuracy: outcome.state.history.last().map(|e| e.test_accuracy),
+        training: outcome.state.history.clone(),
+        splits: Vec::new(),
+    };
+    export_and_print(model, report, &test, &args.output)
+}
+
 fn read_model(path: &Path) -> CliResult<CompressedModel> {
     CompressedModel::read_file(path).input(format!("cannot read {}", path.display()))
 }
@@ -449,13 +511,17 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
         .evaluate(&test, args.batch_size)
         .runtime("integer inference failed")?;
     let candle: Option<EvalReport> = if args.compare_candle {
-        let params = qgrad_pipeline::compress::file_tensors(&model);
+        let (params, scaled) = qgrad_pipeline::compress::file_tensors(&model);
         let norm = file_model.meta.normalization();
+        let tensors = QuantizedModel {
+            params: &params,
+            scaled: &scaled,
+            buffers: &[],
+        };
         Some(
-            evaluate_candle(
+            evaluate_candle_model(
                 arch,
-                &params,
-                &[],
+                &tensors,
                 &test,
                 &norm,
                 file_model.meta.act_bits,

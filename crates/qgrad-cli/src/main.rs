@@ -78,6 +78,38 @@ enum QuantizeCommand {
     /// remainder only.
     #[command(after_help = EXIT_CODES)]
     Combined(CombinedArgs),
+    /// Loss-aware weight quantization (METHOD §10): train with binary,
+    /// ternary or m-bit weights (LAB, LAT, LAQ, or the BinaryConnect, BWN,
+    /// TWN and TerConnect baselines) and write them as scaled codes.
+    #[command(name = "loss-aware", after_help = EXIT_CODES)]
+    LossAware(LossAwareArgs),
+}
+
+#[derive(Args, Debug)]
+struct LossAwareArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The quantizer: lab, lat-a, lat-e, lat2-a, lat2-e, laq<m>[-log]
+    /// (m = 2..=8), binary-connect, bwn, twn or ter-connect.
+    #[arg(long, value_parser = parse_quantizer)]
+    quantizer: qgrad_scaled::Method,
+    /// One scale per output channel instead of one per tensor.
+    #[arg(long)]
+    per_channel: bool,
+    /// Do not clip the float weights to [-1, 1] after each update.
+    #[arg(long)]
+    no_clip: bool,
+    /// Start from this trained checkpoint instead of a fresh network.
+    #[arg(long, value_name = "CHECKPOINT")]
+    init: Option<PathBuf>,
+    /// Checkpoint the run here after every epoch; a checkpoint already there
+    /// is resumed.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -124,9 +156,10 @@ struct TrainingArgs {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
-    /// Optimizer: sgd (momentum 0.9) or adam (β 0.9/0.999, bias-corrected).
-    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adam"])]
-    optimizer: String,
+    /// Optimizer: sgd (momentum 0.9) or adam (β 0.9/0.999, bias-corrected)
+    /// [default: adam for `quantize loss-aware`, else sgd].
+    #[arg(long, value_parser = ["sgd", "adam"])]
+    optimizer: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -302,6 +335,11 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
         .map_err(|e: qgrad_models::ModelsError| e.to_string())
 }
 
+fn parse_quantizer(s: &str) -> Result<qgrad_scaled::Method, String> {
+    s.parse()
+        .map_err(|e: qgrad_scaled::ScaledError| e.to_string())
+}
+
 fn parse_accum_start(s: &str) -> Result<AccumStart, String> {
     s.parse()
         .map_err(|e: qgrad_pipeline::PipelineError| e.to_string())
@@ -337,6 +375,7 @@ fn main() -> ExitCode {
         Command::Quantize(QuantizeCommand::Post(args)) => commands::post(args),
         Command::Quantize(QuantizeCommand::InTraining(args)) => commands::in_training(args),
         Command::Quantize(QuantizeCommand::Combined(args)) => commands::combined(args),
+        Command::Quantize(QuantizeCommand::LossAware(args)) => commands::loss_aware(args),
         Command::Eval(args) => commands::eval(args),
         Command::Inspect(args) => commands::inspect(args),
     };

@@ -434,3 +434,86 @@ fn in_training_checkpoints_resume_and_refuse_other_options() {
     assert_clean_failure(&run("4", "c.qgz"), 2, "other options");
     assert!(!dir.path().join("c.qgz").exists());
 }
+
+#[test]
+fn loss_aware_training_writes_a_file_that_eval_and_inspect_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let file = dir.path().join("lab.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "loss-aware",
+        "--quantizer",
+        "lab",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--max-batches",
+        "20",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.005",
+        "--test-limit",
+        "300",
+        "--no-progress",
+        "--json",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert_eq!(r["method"], "loss-aware:lab");
+    assert_eq!(r["options"]["optimizer"], "adam");
+    assert!(r["ratio"].as_f64().unwrap() > 25.0, "{r}");
+    assert!(r["file_accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    let o = qgrad(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--compare-candle",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], r["file_accuracy"]);
+    assert_eq!(e["mismatches"], 0);
+    let o = qgrad(&["inspect", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("fc1.weight"), "{table}");
+    // A loss-aware quantizer with SGD is refused as a usage error.
+    let o = qgrad(&[
+        "quantize",
+        "loss-aware",
+        "--quantizer",
+        "lab",
+        "--optimizer",
+        "sgd",
+        "--data",
+        data,
+        "--out",
+        file.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    assert_clean_failure(&o, 2, "adam");
+    assert_clean_failure(
+        &qgrad(&[
+            "quantize",
+            "loss-aware",
+            "--quantizer",
+            "laq9",
+            "--out",
+            "x.qgz",
+        ]),
+        2,
+        "laq",
+    );
+}

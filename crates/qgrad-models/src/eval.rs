@@ -25,7 +25,7 @@ use qgrad_runtime::{EvalReport, BN_EPS};
 
 use crate::data::{epoch_rng, Augment, Dataset, Normalization};
 use crate::error::{ModelsError, Result};
-use crate::methods::QuantizedTensor;
+use crate::methods::{QuantizedTensor, ScaledWeight};
 use crate::{Arch, LayerSpec, NamedTensor};
 
 fn invalid(message: impl Into<String>) -> ModelsError {
@@ -77,13 +77,160 @@ pub fn evaluate_candle(
     batch: usize,
     device: &Device,
 ) -> Result<EvalReport> {
+    let model = QuantizedModel {
+        params,
+        scaled: &[],
+        buffers,
+    };
+    evaluate_candle_model(arch, &model, data, norm, act_bits, batch, device)
+}
+
+/// The tensors of a quantized model: fixed-point parameters, scaled-code
+/// weights (loss-aware quantization) and f32 buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedModel<'a> {
+    /// Fixed-point (or f32) parameters.
+    pub params: &'a [QuantizedTensor],
+    /// Weights stored as scaled codes.
+    pub scaled: &'a [ScaledWeight],
+    /// Batch-norm running statistics.
+    pub buffers: &'a [NamedTensor],
+}
+
+/// A scaled-code weight in the form of the file's integer kernel
+/// (qgrad-csr, "Scaled tensors"): `y = f32((α₊·P − α₋·Q) / den)` per output,
+/// `P`, `Q` the products of the activations with the integer levels
+/// `L(|k|)` of the positive and the negative codes (one-sided tensors: `P`
+/// with signed levels and `Q = 0`). Every product and sum of `P`, `Q` is
+/// exact in f64, and the scales and `den` are applied in the kernel's order,
+/// so the result is the kernel's bit for bit.
+struct ScaledEval {
+    pos: Tensor,
+    neg: Option<Tensor>,
+    alpha_pos: Tensor,
+    alpha_neg: Option<Tensor>,
+    den: f64,
+}
+
+impl ScaledEval {
+    fn new(w: &ScaledWeight, device: &Device) -> Result<Self> {
+        let rows = w.shape.first().copied().unwrap_or(1);
+        let n = w.method.max_code() as i32;
+        let (integer, den): (Box<dyn Fn(i8) -> f64>, f64) = match w.method {
+            m if m.binary() => (Box::new(|k: i8| k as f64), 1.0),
+            qgrad_scaled::Method::Laq { log: true, .. } => (
+                Box::new(|k: i8| {
+                    if k == 0 {
+                        0.0
+                    } else {
+                        (k.signum() as f64) * 2f64.powi(k.unsigned_abs() as i32 - 1)
+                    }
+                }),
+                2f64.powi(n - 1),
+            ),
+            _ => (Box::new(|k: i8| k as f64), n as f64),
+        };
+        if w.groups != 1 && w.groups != rows {
+            return Err(invalid(format!(
+                "{}: {} scale groups (the candle evaluation takes one per tensor or per row)",
+                w.name, w.groups
+            )));
+        }
+        let spg = w.method.scales_per_group();
+        let scale = |side: usize| -> Result<Tensor> {
+            let per_row: Vec<f64> = (0..rows)
+                .map(|r| {
+                    let g = if w.groups == 1 { 0 } else { r };
+                    f64::from(w.quantized.scales[g * spg + side])
+                })
+                .collect();
+            Ok(Tensor::from_vec(per_row, (1, rows), device)?)
+        };
+        let codes = &w.quantized.codes;
+        let shape = w.shape.as_slice();
+        if spg == 2 {
+            let part = |positive: bool| -> Vec<f64> {
+                codes
+                    .iter()
+                    .map(|&k| {
+                        if (k > 0) == positive && k != 0 {
+                            integer(k).abs()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            };
+            Ok(ScaledEval {
+                pos: Tensor::from_vec(part(true), shape, device)?,
+                neg: Some(Tensor::from_vec(part(false), shape, device)?),
+                alpha_pos: scale(0)?,
+                alpha_neg: Some(scale(1)?),
+                den,
+            })
+        } else {
+            let signed: Vec<f64> = codes.iter().map(|&k| integer(k)).collect();
+            Ok(ScaledEval {
+                pos: Tensor::from_vec(signed, shape, device)?,
+                neg: None,
+                alpha_pos: scale(0)?,
+                alpha_neg: None,
+                den,
+            })
+        }
+    }
+
+    /// `y` (f32) from the per-output products `P` (and `Q`) of `product`,
+    /// `[n, rows]` or `[n, rows, h, w]`.
+    fn apply(&self, product: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let p = product(&self.pos)?;
+        let shape = |a: &Tensor| -> Result<Tensor> {
+            Ok(if p.rank() == 4 {
+                a.reshape((1, a.dim(1)?, 1, 1))?
+            } else {
+                a.clone()
+            })
+        };
+        let mut t = p.broadcast_mul(&shape(&self.alpha_pos)?)?;
+        if let (Some(neg), Some(alpha)) = (&self.neg, &self.alpha_neg) {
+            let q = product(neg)?;
+            t = (t - q.broadcast_mul(&shape(alpha)?)?)?;
+        }
+        // A true division (candle's `Tensor / f64` multiplies by 1/den).
+        let den = Tensor::new(self.den, t.device())?;
+        Ok(t.broadcast_div(&den)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// [`evaluate_candle`] of a model that may hold scaled-code weights.
+pub fn evaluate_candle_model(
+    arch: Arch,
+    model: &QuantizedModel,
+    data: &Dataset,
+    norm: &Normalization,
+    act_bits: u8,
+    batch: usize,
+    device: &Device,
+) -> Result<EvalReport> {
+    let QuantizedModel {
+        params,
+        scaled,
+        buffers,
+    } = *model;
     check_dataset(arch, data)?;
     if !(2..=16).contains(&act_bits) {
         return Err(invalid(format!(
             "activation width {act_bits} is not allowed (2..=16)"
         )));
     }
+    let mut scaled_evals = std::collections::HashMap::new();
+    for w in scaled {
+        scaled_evals.insert(w.name.clone(), ScaledEval::new(w, device)?);
+    }
     let lookup = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        if let Some(w) = scaled.iter().find(|w| w.name == name) {
+            return Ok((w.shape.clone(), w.quantized.values.clone()));
+        }
         if let Some(p) = params.iter().find(|p| p.name == name) {
             return Ok((p.shape.clone(), p.values.clone()));
         }
@@ -135,8 +282,13 @@ pub fn evaluate_candle(
                 LayerSpec::MaxPool2d { size } => x.max_pool2d(size)?,
                 LayerSpec::Linear { name, .. } => {
                     let q = quantize_activations(&x, act_bits)?;
-                    let weight = get(format!("{name}.weight"))?;
-                    let y = q.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+                    let y = match scaled_evals.get(&format!("{name}.weight")) {
+                        Some(s) => s.apply(|w| Ok(q.matmul(&w.t()?)?))?,
+                        None => {
+                            let weight = get(format!("{name}.weight"))?;
+                            q.matmul(&weight.t()?)?.to_dtype(DType::F32)?
+                        }
+                    };
                     y.broadcast_add(get(format!("{name}.bias"))?)?
                 }
                 LayerSpec::Conv2d {
@@ -146,10 +298,14 @@ pub fn evaluate_candle(
                     ..
                 } => {
                     let q = quantize_activations(&x, act_bits)?;
-                    let weight = get(format!("{name}.weight"))?;
-                    let y = q
-                        .conv2d(weight, padding, stride, 1, 1)?
-                        .to_dtype(DType::F32)?;
+                    let y = match scaled_evals.get(&format!("{name}.weight")) {
+                        Some(s) => s.apply(|w| Ok(q.conv2d(w, padding, stride, 1, 1)?))?,
+                        None => {
+                            let weight = get(format!("{name}.weight"))?;
+                            q.conv2d(weight, padding, stride, 1, 1)?
+                                .to_dtype(DType::F32)?
+                        }
+                    };
                     let bias = get(format!("{name}.bias"))?;
                     y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?
                 }

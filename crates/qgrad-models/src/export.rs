@@ -14,12 +14,16 @@
 
 use std::path::Path;
 
-use qgrad_csr::{CompressedModel, EncodeOptions, LayoutChoice, SizeReport, TensorData};
+use qgrad_csr::{
+    CompressedModel, EncodeOptions, LayoutChoice, LevelKind, ScaledTensorData, SizeReport,
+    TensorData, TensorInput,
+};
 use qgrad_fixed::FLOAT;
 pub use qgrad_runtime::ExportMetadata;
+use qgrad_scaled::Method;
 
 use crate::error::{ModelsError, Result};
-use crate::methods::QuantizedTensor;
+use crate::methods::{QuantizedTensor, ScaledWeight};
 use crate::NamedTensor;
 
 /// The file extension of compressed models (FORMAT.md).
@@ -34,6 +38,33 @@ pub fn export(
     meta: &ExportMetadata,
     layout: LayoutChoice,
 ) -> Result<SizeReport> {
+    export_with_scaled(path, quantized, &[], buffers, meta, layout)
+}
+
+/// How a quantizer's codes are stored: level function, largest code,
+/// two-sided scales.
+pub fn scaled_layout(method: Method) -> (LevelKind, u8, bool) {
+    let levels = match method {
+        m if m.binary() => LevelKind::Binary,
+        Method::Laq { log: true, .. } => LevelKind::Log,
+        _ => LevelKind::Linear,
+    };
+    (
+        levels,
+        method.max_code() as u8,
+        method.scales_per_group() == 2,
+    )
+}
+
+/// [`export`] with some weights as scaled codes (loss-aware quantization).
+pub fn export_with_scaled(
+    path: &Path,
+    quantized: &[QuantizedTensor],
+    scaled: &[ScaledWeight],
+    buffers: &[NamedTensor],
+    meta: &ExportMetadata,
+    layout: LayoutChoice,
+) -> Result<SizeReport> {
     let metadata = meta
         .to_pairs()
         .map_err(|e| ModelsError::Config(e.to_string()))?;
@@ -41,29 +72,46 @@ pub fn export(
         .iter()
         .map(|b| vec![FLOAT; b.values.len()])
         .collect();
-    let mut tensors = Vec::with_capacity(quantized.len() + buffers.len());
+    let mut tensors = Vec::with_capacity(quantized.len() + scaled.len() + buffers.len());
     for q in quantized {
-        tensors.push(TensorData {
+        tensors.push(TensorInput::Fixed(TensorData {
             name: &q.name,
             shape: &q.shape,
             values: &q.values,
             widths: &q.widths,
             exponent: Some(q.exponent),
-        });
+        }));
+    }
+    for w in scaled {
+        let (levels, max_code, two_sided) = scaled_layout(w.method);
+        tensors.push(TensorInput::Scaled(ScaledTensorData {
+            name: &w.name,
+            shape: &w.shape,
+            codes: &w.quantized.codes,
+            levels,
+            max_code,
+            groups: w.groups,
+            two_sided,
+            scales: &w.quantized.scales,
+        }));
     }
     for (b, widths) in buffers.iter().zip(&float_widths) {
-        tensors.push(TensorData {
+        tensors.push(TensorInput::Fixed(TensorData {
             name: &b.name,
             shape: &b.shape,
             values: &b.values,
             widths,
             exponent: None,
-        });
+        }));
     }
     let options = EncodeOptions { layout, metadata };
-    let bytes = qgrad_csr::encode(&tensors, &options)?;
+    let bytes = qgrad_csr::encode_tensors(&tensors, &options)?;
     let decoded = CompressedModel::from_bytes(&bytes)?;
     verify_round_trip(&decoded, quantized, buffers)?;
+    verify_values(
+        &decoded,
+        scaled.iter().map(|w| (&w.name, &w.quantized.values)),
+    )?;
     write_atomically(path, &bytes)?;
     let on_disk = std::fs::metadata(path)
         .map_err(|e| ModelsError::io(path, e))?
@@ -106,6 +154,13 @@ pub fn verify_round_trip(
         .iter()
         .map(|q| (&q.name, &q.values))
         .chain(buffers.iter().map(|b| (&b.name, &b.values)));
+    verify_values(model, expected)
+}
+
+fn verify_values<'a>(
+    model: &CompressedModel,
+    expected: impl Iterator<Item = (&'a String, &'a Vec<f32>)>,
+) -> Result<()> {
     for (name, values) in expected {
         let t = model
             .tensor(name)
@@ -119,9 +174,9 @@ pub fn verify_round_trip(
         if differing > 0 || decoded.len() != values.len() {
             return Err(ModelsError::Other(format!(
                 "tensor '{name}': {differing} of {} values decode differently from the \
-                 quantized model (file exponent {}); the file would not reproduce it",
+                 quantized model ({:?}); the file would not reproduce it",
                 values.len(),
-                t.exponent
+                t.kind()
             )));
         }
     }

@@ -7,10 +7,11 @@ use std::path::Path;
 use candle_core::Device;
 use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
 use qgrad_data::{Dataset, Normalization};
-use qgrad_models::eval::evaluate_candle;
-use qgrad_models::export::export;
+use qgrad_models::eval::{evaluate_candle_model, QuantizedModel};
+use qgrad_models::export::export_with_scaled;
 use qgrad_models::methods::{
     combined, post_training, summarize, PostTrainingOptions, QuantizeSummary, QuantizedTensor,
+    ScaledWeight,
 };
 use qgrad_models::NamedTensor;
 use qgrad_runtime::{Arch, EvalReport, ExportMetadata, FileModel};
@@ -30,8 +31,10 @@ pub struct Compressed {
     pub options: serde_json::Value,
     /// The seed of the run.
     pub seed: Option<u64>,
-    /// The quantized parameters.
+    /// The quantized parameters (fixed point, or f32 at width 32).
     pub params: Vec<QuantizedTensor>,
+    /// Weights stored as scaled codes (loss-aware quantization).
+    pub scaled: Vec<ScaledWeight>,
     /// Width counts of the parameters.
     pub summary: QuantizeSummary,
     /// Batch-norm running statistics (stored as f32).
@@ -59,6 +62,7 @@ pub fn compress_post_training(
         options,
         seed,
         params,
+        scaled: Vec::new(),
         summary,
         buffers: host.buffers.clone(),
         norm: host.norm.clone(),
@@ -119,6 +123,64 @@ fn trained_model(
         options,
         seed: Some(run.config.seed),
         params,
+        scaled: Vec::new(),
+        summary,
+        buffers: run
+            .state
+            .network
+            .buffers_to_host()
+            .runtime("cannot copy buffers")?,
+        norm,
+        extra: Vec::new(),
+    })
+}
+
+/// The result of a loss-aware run (METHOD §10): every linear and
+/// convolution weight as scaled codes, biases and batch norm as f32.
+pub fn compress_loss_aware(
+    run: &crate::LossAwareOutcome,
+    options: serde_json::Value,
+) -> Result<Compressed> {
+    let scaled = run
+        .hook
+        .finish(&run.state)
+        .runtime("cannot quantize the weights")?;
+    let params = run
+        .hook
+        .float_parameters(&run.state)
+        .runtime("cannot copy the float parameters")?;
+    let mut summary = summarize(&params);
+    let code_bits = match run.hook.options().quantizer {
+        m if m.binary() => 1u8,
+        qgrad_scaled::Method::Laq { bits, .. } => bits,
+        _ => 2,
+    };
+    for w in &scaled {
+        let n = w.quantized.codes.len();
+        summary.parameters += n;
+        summary.zeros += w.quantized.codes.iter().filter(|&&c| c == 0).count();
+        match summary
+            .width_histogram
+            .iter_mut()
+            .find(|(b, _)| *b == code_bits)
+        {
+            Some((_, count)) => *count += n,
+            None => summary.width_histogram.push((code_bits, n)),
+        }
+    }
+    summary.width_histogram.sort();
+    let norm = run
+        .config
+        .normalization
+        .clone()
+        .ok_or_else(|| PipelineError::usage("the run has no normalisation"))?;
+    Ok(Compressed {
+        arch: run.state.network.arch,
+        method: format!("loss-aware:{}", run.hook.options().quantizer),
+        options,
+        seed: Some(run.config.seed),
+        params,
+        scaled,
         summary,
         buffers: run
             .state
@@ -183,12 +245,23 @@ pub fn export_and_evaluate(
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).runtime(format!("cannot create {}", parent.display()))?;
     }
-    let size = export(path, &model.params, &model.buffers, &meta, opts.layout)
-        .runtime(format!("cannot write {}", path.display()))?;
-    let candle = evaluate_candle(
-        model.arch,
+    let size = export_with_scaled(
+        path,
         &model.params,
+        &model.scaled,
         &model.buffers,
+        &meta,
+        opts.layout,
+    )
+    .runtime(format!("cannot write {}", path.display()))?;
+    let tensors = QuantizedModel {
+        params: &model.params,
+        scaled: &model.scaled,
+        buffers: &model.buffers,
+    };
+    let candle = evaluate_candle_model(
+        model.arch,
+        &tensors,
         test,
         &model.norm,
         opts.act_bits,
@@ -215,18 +288,45 @@ pub fn run_file(path: &Path, test: &Dataset) -> Result<(CompressedModel, EvalRep
     Ok((model, report))
 }
 
-/// The file's tensors as quantized tensors (what [`evaluate_candle`] takes),
-/// to check a file against candle.
-pub fn file_tensors(model: &CompressedModel) -> Vec<QuantizedTensor> {
-    model
-        .tensors
-        .iter()
-        .map(|t| QuantizedTensor {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            values: t.dequantize(),
-            widths: t.widths(),
-            exponent: t.exponent,
-        })
-        .collect()
+/// The file's tensors as a quantized model (what
+/// [`evaluate_candle_model`] takes), to check a file against candle: scaled
+/// tensors as [`ScaledWeight`]s, every other tensor as fixed point.
+pub fn file_tensors(model: &CompressedModel) -> (Vec<QuantizedTensor>, Vec<ScaledWeight>) {
+    let mut fixed = Vec::new();
+    let mut scaled = Vec::new();
+    for t in &model.tensors {
+        match (t.scaled_info(), t.codes()) {
+            (Some(info), Some(codes)) => {
+                // The quantizer whose arithmetic the codes follow.
+                let n = info.max_code;
+                let bits = (u32::from(n) + 1).ilog2() as u8 + 1;
+                let method = match info.levels {
+                    qgrad_csr::LevelKind::Binary => qgrad_scaled::Method::Lab,
+                    _ if info.two_sided => qgrad_scaled::Method::Lat2Exact,
+                    qgrad_csr::LevelKind::Linear if n == 1 => qgrad_scaled::Method::LatExact,
+                    qgrad_csr::LevelKind::Linear => qgrad_scaled::Method::Laq { bits, log: false },
+                    qgrad_csr::LevelKind::Log => qgrad_scaled::Method::Laq { bits, log: true },
+                };
+                scaled.push(ScaledWeight {
+                    name: t.name.clone(),
+                    method,
+                    shape: t.shape.clone(),
+                    groups: info.groups,
+                    quantized: qgrad_scaled::Quantized {
+                        values: t.dequantize(),
+                        codes,
+                        scales: t.scales().to_vec(),
+                    },
+                });
+            }
+            _ => fixed.push(QuantizedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                values: t.dequantize(),
+                widths: t.widths(),
+                exponent: t.exponent,
+            }),
+        }
+    }
+    (fixed, scaled)
 }

@@ -61,11 +61,81 @@ pub struct InTrainingOutcome {
     pub resumed_after: Option<usize>,
 }
 
+/// The state a run starts from: its checkpoint if `config.checkpoint_dir`
+/// holds one, else the `start` network; the start's normalisation goes into
+/// `config`. Returns the state, the baseline's accuracy (when evaluated) and
+/// the epoch a resumed run continues after.
+pub(crate) fn starting_state(
+    arch: Arch,
+    config: &mut TrainConfig,
+    start: Start,
+    device: &Device,
+    (train_set, test_set): (&Dataset, &Dataset),
+) -> Result<(TrainState, Option<f64>, Option<usize>)> {
+    let mut float_accuracy = None;
+    let mut fresh = None;
+    if let Start::Checkpoint {
+        path,
+        accum,
+        evaluate,
+    } = start
+    {
+        let trained = load_trained(path, device)?;
+        check_arch("--init", trained.arch(), arch)?;
+        // The normalisation the baseline was trained with.
+        config.normalization = Some(trained.normalization(train_set));
+        if evaluate {
+            let norm = normalization(config, train_set);
+            float_accuracy = Some(trained.accuracy(test_set, &norm)?);
+        }
+        fresh = Some(
+            trained
+                .state
+                .restart(config, accum == AccumStart::Carry)
+                .map_err(|e| training(e, "cannot restart the baseline"))?,
+        );
+    }
+    let mut resumed_after = None;
+    let resumed = match &config.checkpoint_dir {
+        Some(dir) if dir.join(CHECKPOINT_FILE).is_file() => {
+            let state = TrainState::resume(arch, device, config)
+                .map_err(|e| training(e, &format!("cannot resume from {}", dir.display())))?
+                .ok_or_else(|| PipelineError::usage("the run checkpoint disappeared"))?;
+            resumed_after = Some(state.epoch);
+            Some(state)
+        }
+        _ => None,
+    };
+    let state = match (resumed, fresh) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => {
+            TrainState::new(arch, device, config).runtime("cannot create the network")?
+        }
+    };
+    check_arch("the run checkpoint", state.network.arch, arch)?;
+    Ok((state, float_accuracy, resumed_after))
+}
+
+/// Trains `state` with `first` and then `extra` at their stages.
+pub(crate) fn train_with(
+    state: &mut TrainState,
+    first: &mut dyn TrainHook,
+    extra: &mut [&mut dyn TrainHook],
+    config: &TrainConfig,
+    (train_set, test_set): (&Dataset, &Dataset),
+) -> Result<()> {
+    let mut hooks: Vec<&mut dyn TrainHook> = vec![first];
+    hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
+    train(state, train_set, test_set, config, &mut hooks)
+        .map_err(|e| training(e, "training failed"))?;
+    Ok(())
+}
+
 /// Runs `run` on `train_set`, evaluating on `test_set` after every epoch;
 /// `extra` hooks (progress printing, …) run after the in-training hook.
 pub fn run_in_training(
     run: InTrainingRun,
-    (train_set, test_set): (&Dataset, &Dataset),
+    data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
 ) -> Result<InTrainingOutcome> {
     let InTrainingRun {
@@ -78,56 +148,12 @@ pub fn run_in_training(
     options
         .validate()
         .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
-    let mut float_accuracy = None;
-    let mut fresh = None;
-    if let Start::Checkpoint {
-        path,
-        accum,
-        evaluate,
-    } = start
-    {
-        let trained = load_trained(path, &device)?;
-        check_arch("--init", trained.arch(), arch)?;
-        // The normalisation the baseline was trained with.
-        config.normalization = Some(trained.normalization(train_set));
-        if evaluate {
-            let norm = normalization(&config, train_set);
-            float_accuracy = Some(trained.accuracy(test_set, &norm)?);
-        }
-        fresh = Some(
-            trained
-                .state
-                .restart(&config, accum == AccumStart::Carry)
-                .map_err(|e| training(e, "cannot restart the baseline"))?,
-        );
-    }
-    let mut resumed_after = None;
-    let resumed = match &config.checkpoint_dir {
-        Some(dir) if dir.join(CHECKPOINT_FILE).is_file() => {
-            let state = TrainState::resume(arch, &device, &config)
-                .map_err(|e| training(e, &format!("cannot resume from {}", dir.display())))?
-                .ok_or_else(|| PipelineError::usage("the run checkpoint disappeared"))?;
-            resumed_after = Some(state.epoch);
-            Some(state)
-        }
-        _ => None,
-    };
-    let mut state = match (resumed, fresh) {
-        (Some(s), _) | (None, Some(s)) => s,
-        (None, None) => {
-            TrainState::new(arch, &device, &config).runtime("cannot create the network")?
-        }
-    };
-    check_arch("the run checkpoint", state.network.arch, arch)?;
+    let (mut state, float_accuracy, resumed_after) =
+        starting_state(arch, &mut config, start, &device, data)?;
     let mut hook = InTrainingHook::new(options, &state)
         .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
-    {
-        let mut hooks: Vec<&mut dyn TrainHook> = vec![&mut hook];
-        hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
-        train(&mut state, train_set, test_set, &config, &mut hooks)
-            .map_err(|e| training(e, "training failed"))?;
-    }
-    config.normalization = Some(normalization(&config, train_set));
+    train_with(&mut state, &mut hook, extra, &config, data)?;
+    config.normalization = Some(normalization(&config, data.0));
     Ok(InTrainingOutcome {
         state,
         hook,

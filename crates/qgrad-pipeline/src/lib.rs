@@ -6,7 +6,7 @@
 //! 2. [`trained`]: train a float baseline (resumable) or load one;
 //! 3. a method: [`compress_post_training`], or an in-training run
 //!    ([`in_training::run_in_training`]) and then [`compress_in_training`] or
-//!    [`compress_combined`];
+//!    [`compress_combined`], or a loss-aware run ([`run_loss_aware`]);
 //! 4. [`export_and_evaluate`]: write the file, evaluate the quantized model in
 //!    candle, run the file with the integer kernels.
 //!
@@ -63,6 +63,7 @@ pub mod compress;
 pub mod data;
 pub mod error;
 pub mod in_training;
+pub mod loss_aware;
 pub mod trained;
 
 use std::fmt;
@@ -71,11 +72,12 @@ use std::str::FromStr;
 use candle_core::Device;
 
 pub use compress::{
-    compress_combined, compress_in_training, compress_post_training, export_and_evaluate, run_file,
-    Compressed, ExportOptions, Exported,
+    compress_combined, compress_in_training, compress_loss_aware, compress_post_training,
+    export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
 };
 pub use error::{FailureKind, PipelineError, Result};
 pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, Start};
+pub use loss_aware::{run_loss_aware, LossAwareOutcome, LossAwareRun};
 pub use trained::{load_trained, train_float, HostModel, Trained};
 
 /// Images per evaluation batch (candle and integer kernels alike).

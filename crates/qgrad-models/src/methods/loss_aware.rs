@@ -67,6 +67,8 @@ impl LossAwareOptions {
 pub struct ScaledWeight {
     /// The parameter name.
     pub name: String,
+    /// The quantizer that made it.
+    pub method: Method,
     /// Its shape.
     pub shape: Vec<usize>,
     /// Groups of the scales (1, or the rows with per-channel scales).
@@ -153,10 +155,30 @@ impl LossAwareHook {
             .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
         Ok(ScaledWeight {
             name: name.to_string(),
+            method: self.options.quantizer,
             shape,
             groups,
             quantized,
         })
+    }
+
+    /// The float parameters of `state` that the quantizer leaves alone
+    /// (biases, batch norm), as width-32 tensors for the file.
+    pub fn float_parameters(&self, state: &TrainState) -> Result<Vec<super::QuantizedTensor>> {
+        let mut out = Vec::new();
+        for p in state.network.params_to_host()? {
+            if self.names.contains(&p.name) {
+                continue;
+            }
+            out.push(super::QuantizedTensor {
+                widths: vec![qgrad_fixed::FLOAT; p.values.len()],
+                exponent: 0,
+                name: p.name,
+                shape: p.shape,
+                values: p.values,
+            });
+        }
+        Ok(out)
     }
 
     /// The quantized weights of `state` now (what is exported).
@@ -248,7 +270,7 @@ mod tests {
     fn mini() -> (crate::data::Dataset, crate::data::Dataset) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
         let (train, test) = load_mnist(&dir).unwrap();
-        (train.take(2000), test.take(300))
+        (train.take(2000), test.take(200))
     }
 
     #[test]
@@ -258,7 +280,7 @@ mod tests {
         for method in Method::all() {
             let mut config = TrainConfig::default_for(arch);
             (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
-            config.max_batches_per_epoch = Some(20);
+            config.max_batches_per_epoch = Some(12);
             config.weight_decay = 0.0;
             config.optimizer = OptimizerKind::ADAM;
             config.progress = false;
