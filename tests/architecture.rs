@@ -36,6 +36,7 @@ fn the_runtime_and_its_layers_do_not_link_candle() {
     for krate in [
         "qgrad-fixed",
         "qgrad-cluster",
+        "qgrad-scaled",
         "qgrad-csr",
         "qgrad-data",
         "qgrad-runtime",

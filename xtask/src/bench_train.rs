@@ -203,7 +203,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             .as_ref()
             .map(|p| qgrad.images_per_sec / p.images_per_sec);
         rows.push(Row {
-            net: arch.name().to_string(),
+            net: arch.name(),
             qgrad,
             pytorch,
             qgrad_runs: qgrad_speeds,
@@ -396,7 +396,7 @@ fn qgrad_side(
     let per_step_ms = |s: f64| 1000.0 * s / steps.max(1) as f64;
     Ok(SideResult {
         side: "qgrad".into(),
-        net: arch.name().into(),
+        net: arch.name(),
         threads,
         batch,
         steps,

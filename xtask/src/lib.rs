@@ -18,6 +18,7 @@
 
 pub mod download;
 pub mod fsutil;
+mod loss_aware;
 pub mod plot;
 mod recipe;
 pub mod report;

@@ -49,11 +49,12 @@ struct ReproduceArgs {
     /// Models, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "lenet-300-100,lenet-5")]
     models: Vec<String>,
-    /// Methods, comma-separated: post-training, in-training, combined.
+    /// Methods, comma-separated: post-training, in-training, combined,
+    /// loss-aware.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "post-training,in-training,combined"
+        default_value = "post-training,in-training,combined,loss-aware"
     )]
     methods: Vec<String>,
     /// Training device.

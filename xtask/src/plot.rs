@@ -40,6 +40,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::PostTraining => RGBColor(31, 119, 180),
         Method::InTraining => RGBColor(255, 127, 14),
         Method::Combined => RGBColor(44, 160, 44),
+        Method::LossAware => RGBColor(148, 103, 189),
     }
 }
 
@@ -171,7 +172,7 @@ where
                 )
             });
     }
-    for m in Method::ALL {
+    for m in Method::EVERY {
         let color = method_color(m);
         if let Some(r) = thesis_ratio(model, m) {
             chart

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::fsutil::write_atomic;
 use crate::plot::plot_stem;
-use crate::results::{thesis_ratio, Method, Role, RunRecord, DEEP_COMPRESSION};
+use crate::results::{thesis_ratio, Method, ResultPoint, Role, RunRecord, DEEP_COMPRESSION};
 
 /// `YYYY-MM-DD HH:MM UTC` of a Unix time (no calendar crate for one line).
 pub fn utc_string(unix: u64) -> String {
@@ -215,6 +215,42 @@ pub fn render(record: &RunRecord, plots_rel: &str) -> String {
                 (p.accuracy - p.float_accuracy) * 100.0,
                 p.method.name(),
                 p.label,
+                p.file_bytes
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    let loss_aware: Vec<&ResultPoint> = record
+        .points
+        .iter()
+        .filter(|p| p.method == Method::LossAware)
+        .collect();
+    if !loss_aware.is_empty() {
+        let _ = writeln!(s, "## Loss-aware weight quantization (METHOD §10)\n");
+        let _ = writeln!(
+            s,
+            "Every quantizer and the float network are trained by the same loop and budget \
+             (Adam, straight-through gradient, weights clipped to [-1, 1]); the float column is \
+             that float network. Weights are stored as scaled codes (1 bit binary, 2 bits \
+             ternary, m bits LAQ), biases and batch norm as f32; the ratio is the file's.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| model | quantizer | ratio | accuracy | from file | float (same loop) | change | file bytes |"
+        );
+        let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for p in loss_aware {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2}x | {} | {} | {} | {:+.2} pt | {} |",
+                p.model,
+                p.label,
+                p.ratio,
+                pct(p.accuracy),
+                p.file_accuracy.map(pct).unwrap_or_else(|| "–".into()),
+                pct(p.float_accuracy),
+                (p.accuracy - p.float_accuracy) * 100.0,
                 p.file_bytes
             );
         }

@@ -107,12 +107,12 @@ fn fingerprint(parts: &impl Serialize) -> String {
     hex(&Sha256::digest(json.as_bytes()))[..12].to_string()
 }
 
-fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+pub(crate) fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
 }
 
-fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+pub(crate) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
@@ -144,12 +144,12 @@ pub fn git_commit() -> String {
     }
 }
 
-struct ModelContext<'a> {
-    arch: Arch,
-    opts: &'a ReproduceOptions,
+pub(crate) struct ModelContext<'a> {
+    pub(crate) arch: Arch,
+    pub(crate) opts: &'a ReproduceOptions,
     recipe: Recipe,
-    cache: PathBuf,
-    test: Dataset,
+    pub(crate) cache: PathBuf,
+    pub(crate) test: Dataset,
     /// The float baseline on the host (post-training reads it).
     host: HostModel,
     float_accuracy: f64,
@@ -279,7 +279,7 @@ fn run_model(arch: Arch, opts: &ReproduceOptions) -> Result<(Baseline, Vec<Resul
         Some(b) => b,
         None => {
             let b = Baseline {
-                model: arch.name().into(),
+                model: arch.name(),
                 // Relative to the repository when inside it, so reports
                 // from different checkouts compare.
                 dataset_dir: data_dir
@@ -340,6 +340,9 @@ fn run_model(arch: Arch, opts: &ReproduceOptions) -> Result<(Baseline, Vec<Resul
     let wants_comb = opts.methods.contains(&Method::Combined);
     for run in in_training_runs(r, opts.sweep, wants_it, wants_comb) {
         points.extend(ctx.in_training_points(&train_set, &run)?);
+    }
+    if opts.methods.contains(&Method::LossAware) {
+        points.extend(crate::loss_aware::points(&ctx, &train_set)?);
     }
     Ok((baseline, points))
 }
@@ -448,7 +451,7 @@ fn in_training_runs(
 }
 
 impl ModelContext<'_> {
-    fn point_path(&self, key: &str) -> PathBuf {
+    pub(crate) fn point_path(&self, key: &str) -> PathBuf {
         self.cache.join("points").join(format!("{key}.json"))
     }
 
@@ -479,7 +482,7 @@ impl ModelContext<'_> {
         self.finish_point(&key, Method::PostTraining, role, label, model, t0)
     }
 
-    fn cached(&self, key: &str, role: Role) -> Option<ResultPoint> {
+    pub(crate) fn cached(&self, key: &str, role: Role) -> Option<ResultPoint> {
         let mut p: ResultPoint = load_json(&self.point_path(key))?;
         // The file must still be there for the record to be true.
         if !self.opts.out.join(&p.file).is_file() {
@@ -494,7 +497,7 @@ impl ModelContext<'_> {
 
     /// Exports `model` as point `key`, evaluates it in candle and, for a
     /// headline point, runs the file with the integer kernels.
-    fn finish_point(
+    pub(crate) fn finish_point(
         &self,
         key: &str,
         method: Method,

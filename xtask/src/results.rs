@@ -14,23 +14,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 
-/// The three methods of METHOD.md §3–5.
+/// The three methods of METHOD.md §3–5, and loss-aware weight quantization
+/// (§10, the third thesis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     PostTraining,
     InTraining,
     Combined,
+    LossAware,
 }
 
 impl Method {
+    /// The accumulated-gradient methods, the columns of the thesis table.
     pub const ALL: [Method; 3] = [Method::PostTraining, Method::InTraining, Method::Combined];
+    /// Every method a reproduction can run.
+    pub const EVERY: [Method; 4] = [
+        Method::PostTraining,
+        Method::InTraining,
+        Method::Combined,
+        Method::LossAware,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::PostTraining => "post-training",
             Method::InTraining => "in-training",
             Method::Combined => "combined",
+            Method::LossAware => "loss-aware",
         }
     }
 
@@ -39,8 +50,10 @@ impl Method {
             "post" | "post-training" => Ok(Method::PostTraining),
             "in" | "in-training" => Ok(Method::InTraining),
             "combined" => Ok(Method::Combined),
+            "loss-aware" => Ok(Method::LossAware),
             other => anyhow::bail!(
-                "unknown method {other:?}: expected post-training, in-training or combined"
+                "unknown method {other:?}: expected post-training, in-training, combined or \
+                 loss-aware"
             ),
         }
     }

@@ -9,7 +9,8 @@
 //!
 //! 1. **forward weights** ([`TrainHook::forward_weights`]): weights the
 //!    forward pass uses instead of the parameters (quantized weights with a
-//!    straight-through gradient);
+//!    straight-through gradient; the per-epoch evaluation asks
+//!    [`TrainHook::eval_weights`] instead);
 //! 2. forward, cross-entropy, backward;
 //! 3. **gradients** ([`TrainHook::transform_gradients`]): the gradients may
 //!    be replaced before anything reads them (a quantized all-reduce across
