@@ -81,7 +81,7 @@ pub fn compress_in_training(
         .finish(&run.state)
         .runtime("cannot collect the in-training result")?;
     let summary = summarize(&params);
-    trained_model(run, "in-training", options, params, summary)
+    trained_model(run, "in-training", options, params, Vec::new(), summary)
 }
 
 /// Combined quantization (METHOD §5): the in-training result with its float
@@ -102,14 +102,15 @@ pub fn compress_combined(
         .runtime("cannot copy accumulated gradients")?;
     let (params, summary) = combined(&in_training, &accum, remainder)
         .runtime("post-training quantization of the remainder failed")?;
-    trained_model(run, "combined", options, params, summary)
+    trained_model(run, "combined", options, params, Vec::new(), summary)
 }
 
-fn trained_model(
-    run: &InTrainingOutcome,
+fn trained_model<H>(
+    run: &crate::in_training::RunOutcome<H>,
     method: &str,
     options: serde_json::Value,
     params: Vec<QuantizedTensor>,
+    scaled: Vec<ScaledWeight>,
     summary: QuantizeSummary,
 ) -> Result<Compressed> {
     let norm = run
@@ -123,7 +124,7 @@ fn trained_model(
         options,
         seed: Some(run.config.seed),
         params,
-        scaled: Vec::new(),
+        scaled,
         summary,
         buffers: run
             .state
@@ -169,27 +170,8 @@ pub fn compress_loss_aware(
         }
     }
     summary.width_histogram.sort();
-    let norm = run
-        .config
-        .normalization
-        .clone()
-        .ok_or_else(|| PipelineError::usage("the run has no normalisation"))?;
-    Ok(Compressed {
-        arch: run.state.network.arch,
-        method: format!("loss-aware:{}", run.hook.options().quantizer),
-        options,
-        seed: Some(run.config.seed),
-        params,
-        scaled,
-        summary,
-        buffers: run
-            .state
-            .network
-            .buffers_to_host()
-            .runtime("cannot copy buffers")?,
-        norm,
-        extra: Vec::new(),
-    })
+    let method = format!("loss-aware:{}", run.hook.options().quantizer);
+    trained_model(run, &method, options, params, scaled, summary)
 }
 
 /// What writing and evaluating a compressed model gave.

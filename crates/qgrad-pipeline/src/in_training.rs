@@ -47,12 +47,13 @@ pub struct InTrainingRun<'a> {
     pub device: Device,
 }
 
-/// A finished in-training run.
-pub struct InTrainingOutcome {
-    /// The trained state: frozen quantized part plus float remainder.
+/// A finished run of a training method (in-training, loss-aware): the
+/// trained state with the method's hook.
+pub struct RunOutcome<H> {
+    /// The trained state.
     pub state: TrainState,
-    /// The hook, with the split state and log.
-    pub hook: InTrainingHook,
+    /// The method's hook, with its state (splits, quantizer warm starts).
+    pub hook: H,
     /// The configuration it ran with (normalisation filled in).
     pub config: TrainConfig,
     /// The baseline's accuracy, when it was evaluated.
@@ -61,11 +62,15 @@ pub struct InTrainingOutcome {
     pub resumed_after: Option<usize>,
 }
 
+/// A finished in-training run: the frozen quantized part plus the float
+/// remainder, and the hook with the split state and log.
+pub type InTrainingOutcome = RunOutcome<InTrainingHook>;
+
 /// The state a run starts from: its checkpoint if `config.checkpoint_dir`
 /// holds one, else the `start` network; the start's normalisation goes into
 /// `config`. Returns the state, the baseline's accuracy (when evaluated) and
 /// the epoch a resumed run continues after.
-pub(crate) fn starting_state(
+fn starting_state(
     arch: Arch,
     config: &mut TrainConfig,
     start: Start,
@@ -116,19 +121,36 @@ pub(crate) fn starting_state(
     Ok((state, float_accuracy, resumed_after))
 }
 
-/// Trains `state` with `first` and then `extra` at their stages.
-pub(crate) fn train_with(
-    state: &mut TrainState,
-    first: &mut dyn TrainHook,
+/// A run of a training method whose hook `make_hook` builds for the starting
+/// state: from `start` (or the run's checkpoint), trained with the hook and
+/// then `extra` at their stages.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_method<H: TrainHook>(
+    arch: Arch,
+    mut config: TrainConfig,
+    start: Start,
+    device: &Device,
+    data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
-    config: &TrainConfig,
-    (train_set, test_set): (&Dataset, &Dataset),
-) -> Result<()> {
-    let mut hooks: Vec<&mut dyn TrainHook> = vec![first];
-    hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
-    train(state, train_set, test_set, config, &mut hooks)
-        .map_err(|e| training(e, "training failed"))?;
-    Ok(())
+    make_hook: impl FnOnce(&TrainState) -> Result<H>,
+) -> Result<RunOutcome<H>> {
+    let (mut state, float_accuracy, resumed_after) =
+        starting_state(arch, &mut config, start, device, data)?;
+    let mut hook = make_hook(&state)?;
+    {
+        let mut hooks: Vec<&mut dyn TrainHook> = vec![&mut hook];
+        hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
+        train(&mut state, data.0, data.1, &config, &mut hooks)
+            .map_err(|e| training(e, "training failed"))?;
+    }
+    config.normalization = Some(normalization(&config, data.0));
+    Ok(RunOutcome {
+        state,
+        hook,
+        config,
+        float_accuracy,
+        resumed_after,
+    })
 }
 
 /// Runs `run` on `train_set`, evaluating on `test_set` after every epoch;
@@ -140,7 +162,7 @@ pub fn run_in_training(
 ) -> Result<InTrainingOutcome> {
     let InTrainingRun {
         arch,
-        mut config,
+        config,
         options,
         start,
         device,
@@ -148,17 +170,8 @@ pub fn run_in_training(
     options
         .validate()
         .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
-    let (mut state, float_accuracy, resumed_after) =
-        starting_state(arch, &mut config, start, &device, data)?;
-    let mut hook = InTrainingHook::new(options, &state)
-        .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
-    train_with(&mut state, &mut hook, extra, &config, data)?;
-    config.normalization = Some(normalization(&config, data.0));
-    Ok(InTrainingOutcome {
-        state,
-        hook,
-        config,
-        float_accuracy,
-        resumed_after,
+    run_method(arch, config, start, &device, data, extra, |state| {
+        InTrainingHook::new(options, state)
+            .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))
     })
 }

@@ -4,11 +4,10 @@
 use candle_core::Device;
 use qgrad_data::Dataset;
 use qgrad_models::methods::{LossAwareHook, LossAwareOptions};
-use qgrad_models::{Arch, TrainConfig, TrainHook, TrainState};
+use qgrad_models::{Arch, TrainConfig, TrainHook};
 
 use crate::error::{PipelineError, Result};
-use crate::in_training::{starting_state, train_with, Start};
-use crate::trained::normalization;
+use crate::in_training::{run_method, RunOutcome, Start};
 
 /// One loss-aware training run.
 pub struct LossAwareRun<'a> {
@@ -24,19 +23,9 @@ pub struct LossAwareRun<'a> {
     pub device: Device,
 }
 
-/// A finished loss-aware run.
-pub struct LossAwareOutcome {
-    /// The trained state (float `W`, clipped).
-    pub state: TrainState,
-    /// The hook: `finish` gives the quantized weights.
-    pub hook: LossAwareHook,
-    /// The configuration it ran with (normalisation filled in).
-    pub config: TrainConfig,
-    /// The baseline's accuracy, when it was evaluated.
-    pub float_accuracy: Option<f64>,
-    /// The epoch a resumed run continued after.
-    pub resumed_after: Option<usize>,
-}
+/// A finished loss-aware run: the float `W` (clipped) and the hook whose
+/// `finish` gives the quantized weights.
+pub type LossAwareOutcome = RunOutcome<LossAwareHook>;
 
 /// Trains `run`; `extra` hooks run after the quantizer's.
 pub fn run_loss_aware(
@@ -46,22 +35,13 @@ pub fn run_loss_aware(
 ) -> Result<LossAwareOutcome> {
     let LossAwareRun {
         arch,
-        mut config,
+        config,
         options,
         start,
         device,
     } = run;
-    let (mut state, float_accuracy, resumed_after) =
-        starting_state(arch, &mut config, start, &device, data)?;
-    let mut hook = LossAwareHook::new(options, &state)
-        .map_err(|e| PipelineError::usage(format!("invalid quantizer options: {e}")))?;
-    train_with(&mut state, &mut hook, extra, &config, data)?;
-    config.normalization = Some(normalization(&config, data.0));
-    Ok(LossAwareOutcome {
-        state,
-        hook,
-        config,
-        float_accuracy,
-        resumed_after,
+    run_method(arch, config, start, &device, data, extra, |state| {
+        LossAwareHook::new(options, state)
+            .map_err(|e| PipelineError::usage(format!("invalid quantizer options: {e}")))
     })
 }
