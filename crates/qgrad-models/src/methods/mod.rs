@@ -53,6 +53,7 @@ pub mod combined;
 pub mod in_training;
 pub mod loss_aware;
 pub mod post_training;
+pub mod sparsity;
 #[cfg(test)]
 mod tests;
 
@@ -72,6 +73,9 @@ pub use in_training::{
 };
 pub use loss_aware::{LossAwareHook, LossAwareOptions, ScaledWeight};
 pub use post_training::{post_training, PostTrainingOptions};
+pub use sparsity::{
+    block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
+};
 
 pub(crate) fn invalid(message: impl Into<String>) -> ModelsError {
     ModelsError::Config(message.into())
