@@ -9,8 +9,9 @@ use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    csr_widths, dense_tag_bits, matrix_dims, FileHeader, Layout, LayoutChoice, TensorEntry,
-    TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+    csr_widths, dense_tag_bits, matrix_dims, FileHeader, FileHeaderV1, Layout, LayoutChoice,
+    TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
+    PREFIX_BYTES,
 };
 use crate::model::CompressedModel;
 use crate::report::SizeReport;
@@ -354,12 +355,33 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
         headers.push(TensorEntry::Fixed(header));
         payloads.push(payload);
     }
-    let header = FileHeader {
-        metadata: options.metadata.clone(),
-        tensors: headers,
+    // A file whose tensors are all fixed point is written as version 1, so
+    // that it is byte for byte what earlier writers wrote and what version-1
+    // readers read (FORMAT.md, "Versions"); scaled tensors need version 2.
+    let fixed: Option<Vec<TensorHeader>> = headers
+        .iter()
+        .map(|h| match h {
+            TensorEntry::Fixed(t) => Some(t.clone()),
+            TensorEntry::Scaled(_) => None,
+        })
+        .collect();
+    let (version, header_bytes) = match fixed {
+        Some(tensors) => (
+            1u32,
+            postcard::to_allocvec(&FileHeaderV1 {
+                metadata: options.metadata.clone(),
+                tensors,
+            }),
+        ),
+        None => (
+            FORMAT_VERSION,
+            postcard::to_allocvec(&FileHeader {
+                metadata: options.metadata.clone(),
+                tensors: headers,
+            }),
+        ),
     };
-    let header_bytes =
-        postcard::to_allocvec(&header).map_err(|e| CsrError::Serialize(e.to_string()))?;
+    let header_bytes = header_bytes.map_err(|e| CsrError::Serialize(e.to_string()))?;
     let header_len = u32::try_from(header_bytes.len())
         .map_err(|_| CsrError::Serialize("the header exceeds 4 GiB".into()))?;
     let payload_len: usize = payloads.iter().map(Vec::len).sum();
@@ -367,7 +389,7 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
 
     let mut out = Vec::with_capacity(file_len);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&header_len.to_le_bytes());
     out.extend_from_slice(&(file_len as u64).to_le_bytes());
     out.extend_from_slice(&header_bytes);

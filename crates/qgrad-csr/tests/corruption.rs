@@ -478,18 +478,32 @@ fn format_md_example_is_byte_exact() {
         values: vec![0.0, 0.0, 5.0],
         widths: vec![4, 4, 4],
     };
+    // Fixed tensors only: the writer writes version 1 (FORMAT.md §9).
     let bytes = qgrad_csr::encode(&[t.data()], &Default::default()).unwrap();
     let mut expected = b"QGRADCSR".to_vec();
-    expected.extend_from_slice(&[2, 0, 0, 0, 0x0d, 0, 0, 0, 0x2a, 0, 0, 0, 0, 0, 0, 0]);
+    expected.extend_from_slice(&[1, 0, 0, 0, 0x0c, 0, 0, 0, 0x29, 0, 0, 0, 0, 0, 0, 0]);
     expected.extend_from_slice(&[
-        0x00, 0x01, 0x00, 0x01, 0x77, 0x01, 0x03, 0x06, 0x00, 0x01, 0x04, 0x01, 0x01,
-    ]); // H = 13 header bytes: the kind (0 = fixed) before the name
+        0x00, 0x01, 0x01, 0x77, 0x01, 0x03, 0x06, 0x00, 0x01, 0x04, 0x01, 0x01,
+    ]); // H = 12 header bytes
     expected.push(0x5a);
     let crc = crc32fast::hash(&expected);
     expected.extend_from_slice(&crc.to_le_bytes());
     assert_eq!(bytes, expected);
-    // FORMAT.md §9 prints the checksum too.
-    assert_eq!(&bytes[38..], &[0x2b, 0x6a, 0xba, 0x8b]);
+    // The version-2 bytes FORMAT.md §9 prints decode to the same tensor.
+    let mut v2 = b"QGRADCSR".to_vec();
+    v2.extend_from_slice(&[2, 0, 0, 0, 0x0d, 0, 0, 0, 0x2a, 0, 0, 0, 0, 0, 0, 0]);
+    v2.extend_from_slice(&[
+        0x00, 0x01, 0x00, 0x01, 0x77, 0x01, 0x03, 0x06, 0x00, 0x01, 0x04, 0x01, 0x01, 0x5a,
+    ]);
+    v2.extend_from_slice(&[0x2b, 0x6a, 0xba, 0x8b]);
+    assert_eq!(
+        crc32fast::hash(&v2[..38]).to_le_bytes(),
+        [0x2b, 0x6a, 0xba, 0x8b]
+    );
+    let a = qgrad_csr::CompressedModel::from_bytes(&bytes).unwrap();
+    let b = qgrad_csr::CompressedModel::from_bytes(&v2).unwrap();
+    assert_eq!(a.tensors[0].dequantize(), b.tensors[0].dequantize());
+    assert_eq!(b.tensors[0].dequantize(), vec![0.0, 0.0, 5.0]);
 }
 
 // ------------------------------------------------------------ scaled tensors
