@@ -32,20 +32,23 @@ pub enum Start<'a> {
     },
 }
 
-/// One in-training run.
-pub struct InTrainingRun<'a> {
+/// One run of a training method with options `O`.
+pub struct MethodRun<'a, O> {
     /// The network.
     pub arch: Arch,
-    /// The fine-tuning's configuration; with a `checkpoint_dir` the run
-    /// checkpoints after every epoch and a rerun resumes it.
+    /// The run's configuration; with a `checkpoint_dir` the run checkpoints
+    /// after every epoch and a rerun resumes it.
     pub config: TrainConfig,
-    /// The split options.
-    pub options: InTrainingOptions,
+    /// The method's options.
+    pub options: O,
     /// Where it starts.
     pub start: Start<'a>,
     /// The training device.
     pub device: Device,
 }
+
+/// One in-training run.
+pub type InTrainingRun<'a> = MethodRun<'a, InTrainingOptions>;
 
 /// A finished run of a training method (in-training, loss-aware): the
 /// trained state with the method's hook.

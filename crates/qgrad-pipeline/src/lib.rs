@@ -76,7 +76,7 @@ pub use compress::{
     export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
 };
 pub use error::{FailureKind, PipelineError, Result};
-pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, Start};
+pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, MethodRun, Start};
 pub use loss_aware::{run_loss_aware, LossAwareOutcome, LossAwareRun};
 pub use trained::{load_trained, train_float, HostModel, Trained};
 

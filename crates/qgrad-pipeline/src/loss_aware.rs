@@ -1,27 +1,15 @@
 //! Loss-aware (or baseline) weight-quantized training (METHOD §10), from
 //! scratch or from a trained baseline, resumable like an in-training run.
 
-use candle_core::Device;
 use qgrad_data::Dataset;
 use qgrad_models::methods::{LossAwareHook, LossAwareOptions};
-use qgrad_models::{Arch, TrainConfig, TrainHook};
+use qgrad_models::TrainHook;
 
 use crate::error::{PipelineError, Result};
-use crate::in_training::{run_method, RunOutcome, Start};
+use crate::in_training::{run_method, MethodRun, RunOutcome};
 
-/// One loss-aware training run.
-pub struct LossAwareRun<'a> {
-    /// The network.
-    pub arch: Arch,
-    /// The training configuration (Adam for the loss-aware quantizers).
-    pub config: TrainConfig,
-    /// The quantizer and its options.
-    pub options: LossAwareOptions,
-    /// Where it starts.
-    pub start: Start<'a>,
-    /// The training device.
-    pub device: Device,
-}
+/// One loss-aware training run (Adam for the loss-aware quantizers).
+pub type LossAwareRun<'a> = MethodRun<'a, LossAwareOptions>;
 
 /// A finished loss-aware run: the float `W` (clipped) and the hook whose
 /// `finish` gives the quantized weights.
