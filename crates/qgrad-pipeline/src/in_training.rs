@@ -124,22 +124,25 @@ fn starting_state(
     Ok((state, float_accuracy, resumed_after))
 }
 
-/// A run of a training method whose hook `make_hook` builds for the starting
-/// state: from `start` (or the run's checkpoint), trained with the hook and
-/// then `extra` at their stages.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_method<H: TrainHook>(
-    arch: Arch,
-    mut config: TrainConfig,
-    start: Start,
-    device: &Device,
+/// A run of a training method whose hook `make_hook` builds from the options
+/// and the starting state: from `start` (or the run's checkpoint), trained
+/// with the hook and then `extra` at their stages.
+pub(crate) fn run_method<O, H: TrainHook>(
+    run: MethodRun<O>,
     data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
-    make_hook: impl FnOnce(&TrainState) -> Result<H>,
+    make_hook: impl FnOnce(O, &TrainState) -> Result<H>,
 ) -> Result<RunOutcome<H>> {
+    let MethodRun {
+        arch,
+        mut config,
+        options,
+        start,
+        device,
+    } = run;
     let (mut state, float_accuracy, resumed_after) =
-        starting_state(arch, &mut config, start, device, data)?;
-    let mut hook = make_hook(&state)?;
+        starting_state(arch, &mut config, start, &device, data)?;
+    let mut hook = make_hook(options, &state)?;
     {
         let mut hooks: Vec<&mut dyn TrainHook> = vec![&mut hook];
         hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));
@@ -163,17 +166,10 @@ pub fn run_in_training(
     data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
 ) -> Result<InTrainingOutcome> {
-    let InTrainingRun {
-        arch,
-        config,
-        options,
-        start,
-        device,
-    } = run;
-    options
+    run.options
         .validate()
         .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))?;
-    run_method(arch, config, start, &device, data, extra, |state| {
+    run_method(run, data, extra, |options, state| {
         InTrainingHook::new(options, state)
             .map_err(|e| PipelineError::usage(format!("invalid in-training options: {e}")))
     })

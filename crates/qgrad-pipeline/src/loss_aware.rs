@@ -21,14 +21,7 @@ pub fn run_loss_aware(
     data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
 ) -> Result<LossAwareOutcome> {
-    let LossAwareRun {
-        arch,
-        config,
-        options,
-        start,
-        device,
-    } = run;
-    run_method(arch, config, start, &device, data, extra, |state| {
+    run_method(run, data, extra, |options, state| {
         LossAwareHook::new(options, state)
             .map_err(|e| PipelineError::usage(format!("invalid quantizer options: {e}")))
     })

@@ -227,24 +227,7 @@ impl Arch {
                 const CFG: [usize; 18] = [
                     64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
                 ];
-                let mut layers = Vec::new();
-                let mut channels = 3;
-                let mut index = 0;
-                for &width in &CFG {
-                    if width == 0 {
-                        layers.push(MaxPool2d { size: 2 });
-                        continue;
-                    }
-                    index += 1;
-                    let name = format!("conv{index}");
-                    layers.push(conv(&name, channels, width, 3, 1, 1));
-                    layers.push(BatchNorm {
-                        name,
-                        channels: width,
-                    });
-                    layers.push(Relu);
-                    channels = width;
-                }
+                let mut layers = conv_bn_relu_stack(&CFG);
                 layers.push(Flatten);
                 layers.push(linear("fc1", 512, 512));
                 layers.push(Relu);
@@ -280,24 +263,7 @@ impl Arch {
             }
             Arch::CifarCnn { channels } => {
                 let c = channels as usize;
-                let mut layers = Vec::new();
-                let mut inputs = 3;
-                let mut index = 0;
-                for width in [c, c, 0, 2 * c, 2 * c, 0, 4 * c, 4 * c, 0] {
-                    if width == 0 {
-                        layers.push(MaxPool2d { size: 2 });
-                        continue;
-                    }
-                    index += 1;
-                    let name = format!("conv{index}");
-                    layers.push(conv(&name, inputs, width, 3, 1, 1));
-                    layers.push(BatchNorm {
-                        name,
-                        channels: width,
-                    });
-                    layers.push(Relu);
-                    inputs = width;
-                }
+                let mut layers = conv_bn_relu_stack(&[c, c, 0, 2 * c, 2 * c, 0, 4 * c, 4 * c, 0]);
                 layers.push(Flatten);
                 let mut features = 4 * c * 4 * 4;
                 for name in ["fc1", "fc2"] {
@@ -411,6 +377,38 @@ impl FromStr for Arch {
             _ => parse_family(&key).ok_or_else(|| UnknownArch(s.to_string())),
         }
     }
+}
+
+/// 3×3 convolutions (padding 1) named `conv1`, `conv2`, … from 3 input
+/// channels, each followed by batch norm and ReLU; a 0 in `widths` is a 2×2
+/// max pool (VGG's configuration lists).
+fn conv_bn_relu_stack(widths: &[usize]) -> Vec<LayerSpec> {
+    let mut layers = Vec::new();
+    let mut inputs = 3;
+    let mut index = 0;
+    for &width in widths {
+        if width == 0 {
+            layers.push(LayerSpec::MaxPool2d { size: 2 });
+            continue;
+        }
+        index += 1;
+        let name = format!("conv{index}");
+        layers.push(LayerSpec::Conv2d {
+            name: name.clone(),
+            in_channels: inputs,
+            out_channels: width,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        });
+        layers.push(LayerSpec::BatchNorm {
+            name,
+            channels: width,
+        });
+        layers.push(LayerSpec::Relu);
+        inputs = width;
+    }
+    layers
 }
 
 /// `mlp-<w>x<d>[-bn]` or `cnn-<c>`, with sizes a machine can hold.

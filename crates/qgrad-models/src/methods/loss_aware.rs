@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelsError, Result};
 use crate::net::WeightOverrides;
 use crate::train::{TrainHook, TrainState};
-use crate::LayerSpec;
 
 /// The ε of `D = sqrt(v) + ε` (METHOD §10).
 pub const CURVATURE_EPS: f32 = 1e-8;
@@ -77,20 +76,6 @@ pub struct ScaledWeight {
     pub quantized: Quantized,
 }
 
-/// The names of the weights a network's quantizer covers: every linear and
-/// convolution weight.
-pub fn quantized_weights(arch: crate::Arch) -> Vec<String> {
-    arch.layers()
-        .into_iter()
-        .filter_map(|l| match l {
-            LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. } => {
-                Some(format!("{name}.weight"))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 /// Loss-aware quantization as a [`TrainHook`]: forward-weights stage (`Ŵ`),
 /// after-update stage (clipping), evaluation weights.
 #[derive(Debug)]
@@ -112,7 +97,7 @@ impl LossAwareHook {
         }
         Ok(LossAwareHook {
             options,
-            names: quantized_weights(state.network.arch),
+            names: super::weight_names(state.network.arch),
             warm: HashMap::new(),
             rng: ChaCha8Rng::seed_from_u64(options.seed),
         })
@@ -221,16 +206,25 @@ impl TrainHook for LossAwareHook {
     ) -> Result<()> {
         let mut weights = Vec::with_capacity(self.names.len());
         for name in &self.names {
-            let mut q = self.quantize_one(state, name, self.warm.get(name))?;
-            if self.options.quantizer == Method::TerConnect {
-                // Stochastic in training (qgrad-scaled's docs).
-                let var = state.network.parameter(name).expect("checked above");
-                let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-                let u: Vec<f32> = (0..w.len()).map(|_| self.rng.random::<f32>()).collect();
-                q.quantized = stochastic_ternary(&w, &u)
-                    .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+            if self.options.quantizer != Method::TerConnect {
+                weights.push(self.quantize_one(state, name, self.warm.get(name))?);
+                continue;
             }
-            weights.push(q);
+            // TerConnect is stochastic in training (qgrad-scaled's docs).
+            let var = state
+                .network
+                .parameter(name)
+                .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}'")))?;
+            let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let u: Vec<f32> = (0..w.len()).map(|_| self.rng.random::<f32>()).collect();
+            weights.push(ScaledWeight {
+                name: name.clone(),
+                method: Method::TerConnect,
+                shape: var.dims().to_vec(),
+                groups: 1,
+                quantized: stochastic_ternary(&w, &u)
+                    .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?,
+            });
         }
         self.overrides(state, &weights, overrides)?;
         for q in weights {

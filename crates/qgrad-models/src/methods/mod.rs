@@ -77,6 +77,20 @@ pub use sparsity::{
     block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
 };
 
+/// The weight of every linear and convolution layer of `arch`, in layer
+/// order: what the weight quantizers and the sparsity masks cover.
+pub fn weight_names(arch: crate::Arch) -> Vec<String> {
+    arch.layers()
+        .into_iter()
+        .filter_map(|l| match l {
+            crate::LayerSpec::Linear { name, .. } | crate::LayerSpec::Conv2d { name, .. } => {
+                Some(format!("{name}.weight"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 pub(crate) fn invalid(message: impl Into<String>) -> ModelsError {
     ModelsError::Config(message.into())
 }

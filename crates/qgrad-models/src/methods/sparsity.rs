@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::invalid;
 use crate::error::Result;
 use crate::train::{TrainHook, TrainState};
-use crate::{LayerSpec, NamedTensor};
+use crate::NamedTensor;
 
 /// How the kept blocks are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,16 +97,7 @@ pub fn block_masks(
     opts: &BlockSparsityOptions,
 ) -> Result<Vec<BlockMask>> {
     opts.validate()?;
-    let weights: Vec<String> = arch
-        .layers()
-        .into_iter()
-        .filter_map(|l| match l {
-            LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. } => {
-                Some(format!("{name}.weight"))
-            }
-            _ => None,
-        })
-        .collect();
+    let weights = super::weight_names(arch);
     let last = weights.len().saturating_sub(1);
     let mut out = Vec::new();
     for (index, name) in weights.iter().enumerate() {
