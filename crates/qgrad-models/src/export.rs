@@ -3,9 +3,15 @@
 //!
 //! The file holds every trainable parameter with its per-element widths and
 //! its quantizer's exponent, plus the batch-norm running statistics as f32
-//! (width 32) tensors. Statistics are stored, not folded into the preceding
-//! convolution: folding would change the quantized weights, and the integer
+//! (width 32) tensors. A batch norm whose γ and β stayed f32 (the loss-aware
+//! methods, which quantize only the weights of linear and convolution layers)
+//! is stored folded for inference instead, as `<layer>.bn.scale` and
+//! `<layer>.bn.shift` ([`qgrad_runtime::fold_batch_norm`]): two vectors instead
+//! of four, computed by the same f32 formula that the integer inference and
+//! the candle-side twin use. Nothing is folded into the preceding layer's
+//! weights: that would change the quantized weights, and the integer
 //! inference must compute exactly what the candle-side quantized model does.
+//! A batch norm whose γ or β was quantized is stored as its four tensors.
 //!
 //! After writing, the exporter decodes the file it wrote and checks that every
 //! parameter decodes to exactly the quantized values it was given (bit for
@@ -41,6 +47,75 @@ pub fn export(
     export_with_scaled(path, quantized, &[], buffers, meta, layout)
 }
 
+/// The fixed tensors and buffers a file of `arch` stores: every batch norm
+/// whose γ and β are f32 throughout (width 32 everywhere) and whose running
+/// statistics are present is replaced by its folded `<layer>.bn.scale` and
+/// `<layer>.bn.shift` (as buffers); everything else is kept as it is.
+pub fn fold_float_batch_norms(
+    arch: qgrad_runtime::Arch,
+    quantized: &[QuantizedTensor],
+    buffers: &[NamedTensor],
+) -> (Vec<QuantizedTensor>, Vec<NamedTensor>) {
+    let float_param = |name: &str| {
+        quantized
+            .iter()
+            .find(|q| q.name == name && q.widths.iter().all(|&w| w == FLOAT))
+    };
+    let buffer = |name: &str| buffers.iter().find(|b| b.name == name);
+    let mut dropped: Vec<String> = Vec::new();
+    let mut folded: Vec<NamedTensor> = Vec::new();
+    for layer in arch.layers() {
+        let qgrad_runtime::LayerSpec::BatchNorm { name, channels } = layer else {
+            continue;
+        };
+        let names = ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
+            .map(|suffix| format!("{name}.{suffix}"));
+        let (Some(gamma), Some(beta), Some(mean), Some(var)) = (
+            float_param(&names[0]),
+            float_param(&names[1]),
+            buffer(&names[2]),
+            buffer(&names[3]),
+        ) else {
+            continue;
+        };
+        if [
+            gamma.values.len(),
+            beta.values.len(),
+            mean.values.len(),
+            var.values.len(),
+        ] != [channels; 4]
+        {
+            // Left to the file's shape checks to report.
+            continue;
+        }
+        let (scale, shift) =
+            qgrad_runtime::fold_batch_norm(&gamma.values, &beta.values, &mean.values, &var.values);
+        for (suffix, values) in [
+            (qgrad_runtime::BN_SCALE, scale),
+            (qgrad_runtime::BN_SHIFT, shift),
+        ] {
+            folded.push(NamedTensor {
+                name: format!("{name}.{suffix}"),
+                shape: vec![channels],
+                values,
+            });
+        }
+        dropped.extend(names);
+    }
+    let kept_params = quantized
+        .iter()
+        .filter(|q| !dropped.contains(&q.name))
+        .cloned()
+        .collect();
+    let kept_buffers = buffers
+        .iter()
+        .filter(|b| !dropped.contains(&b.name))
+        .cloned()
+        .chain(folded)
+        .collect();
+    (kept_params, kept_buffers)
+}
+
 /// How a quantizer's codes are stored: level function, largest code,
 /// two-sided scales.
 pub fn scaled_layout(method: Method) -> (LevelKind, u8, bool) {
@@ -68,6 +143,8 @@ pub fn export_with_scaled(
     let metadata = meta
         .to_pairs()
         .map_err(|e| ModelsError::Config(e.to_string()))?;
+    let (quantized, buffers) = fold_float_batch_norms(meta.arch, quantized, buffers);
+    let (quantized, buffers) = (quantized.as_slice(), buffers.as_slice());
     let float_widths: Vec<Vec<u8>> = buffers
         .iter()
         .map(|b| vec![FLOAT; b.values.len()])

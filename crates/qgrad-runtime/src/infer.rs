@@ -152,11 +152,8 @@ impl<'m> FileModel<'m> {
         let arch = meta.arch;
         let model_ref = FileModel { model, meta, arch };
         // Check every tensor the layer list needs, with its shape, up front.
-        for (name, shape) in arch
-            .parameter_shapes()
-            .into_iter()
-            .chain(arch.buffer_shapes())
-        {
+        // A batch norm is stored folded or as its four tensors (FORMAT.md).
+        for (name, shape) in arch.stored_tensor_shapes(|layer| model_ref.is_folded(layer)) {
             let t = model_ref.tensor(&name)?;
             if t.shape != shape {
                 return Err(invalid(format!(
@@ -183,6 +180,13 @@ impl<'m> FileModel<'m> {
 
     fn float(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.tensor(name)?.dequantize())
+    }
+
+    /// Whether batch-norm layer `layer` is stored folded for inference.
+    fn is_folded(&self, layer: &str) -> bool {
+        self.model
+            .tensor(&format!("{layer}.{}", crate::BN_SCALE))
+            .is_some()
     }
 
     /// Runs the model on the whole dataset with the integer kernels.
@@ -292,6 +296,11 @@ impl<'m> FileModel<'m> {
                         shape: out_shape.to_vec(),
                     }
                 }
+                LayerSpec::BatchNorm { name, channels } if self.is_folded(&name) => {
+                    let scale = self.float(&format!("{name}.{}", crate::BN_SCALE))?;
+                    let shift = self.float(&format!("{name}.{}", crate::BN_SHIFT))?;
+                    folded_batch_norm_host(x, channels, &scale, &shift)?
+                }
                 LayerSpec::BatchNorm { name, channels } => {
                     let bn = BatchNormParams {
                         gamma: self.float(&format!("{name}.bn.weight"))?,
@@ -335,6 +344,30 @@ fn batch_norm_host(
         for (c, channel) in sample.chunks_exact_mut(plane).enumerate() {
             for v in channel {
                 *v = (*v - bn.mean[c]) * scale[c] + bn.beta[c];
+            }
+        }
+    }
+    Ok(x)
+}
+
+/// `x · scale + shift` per channel ([`crate::fold_batch_norm`]), in f32.
+fn folded_batch_norm_host(
+    mut x: Activations,
+    channels: usize,
+    scale: &[f32],
+    shift: &[f32],
+) -> Result<Activations> {
+    if x.shape.first() != Some(&channels) {
+        return Err(invalid(format!(
+            "batch norm over {channels} channels got activations of shape {:?}",
+            x.shape
+        )));
+    }
+    let plane: usize = x.shape[1..].iter().product();
+    for sample in x.values.chunks_exact_mut(channels * plane) {
+        for (c, channel) in sample.chunks_exact_mut(plane).enumerate() {
+            for v in channel {
+                *v = *v * scale[c] + shift[c];
             }
         }
     }

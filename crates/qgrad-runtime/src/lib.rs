@@ -82,3 +82,37 @@ pub use spec::{Arch, DatasetKind, LayerSpec, UnknownArch};
 /// Batch-norm epsilon (PyTorch's default); the training forward pass uses the
 /// same value.
 pub const BN_EPS: f32 = 1e-5;
+
+/// Suffix (after `<layer>.`) of a folded batch norm's per-channel multiplier.
+pub const BN_SCALE: &str = "bn.scale";
+/// Suffix (after `<layer>.`) of a folded batch norm's per-channel offset.
+pub const BN_SHIFT: &str = "bn.shift";
+
+/// Batch norm in inference mode folded into one multiply and one add per
+/// channel: `y = x · scale + shift` with `scale = γ / sqrt(var + ε)` and
+/// `shift = β − mean · scale`, each an f32 operation in this order.
+///
+/// Inference needs only these two vectors, so a file stores them instead of
+/// γ, β and the two running statistics (half the bytes): what lets a binary
+/// network with batch norm after every layer reach its 30x (`FORMAT.md`,
+/// "Batch norm"). The result differs from `(x − mean) · scale + β` by f32
+/// rounding only.
+pub fn fold_batch_norm(
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + BN_EPS).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    (scale, shift)
+}

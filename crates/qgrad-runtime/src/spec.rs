@@ -329,6 +329,40 @@ impl Arch {
         out
     }
 
+    /// `(name, shape)` of every tensor a file of this network holds, when
+    /// the batch-norm layers for which `folded(layer)` is true are stored
+    /// folded for inference (`<layer>.bn.scale` and `<layer>.bn.shift`, see
+    /// [`crate::fold_batch_norm`]) instead of as their parameters and running
+    /// statistics.
+    pub fn stored_tensor_shapes(self, folded: impl Fn(&str) -> bool) -> Vec<(String, Vec<usize>)> {
+        let folded_layers: Vec<(String, usize)> = self
+            .layers()
+            .into_iter()
+            .filter_map(|l| match l {
+                LayerSpec::BatchNorm { name, channels } if folded(&name) => Some((name, channels)),
+                _ => None,
+            })
+            .collect();
+        let is_folded = |tensor: &str| {
+            folded_layers.iter().any(|(layer, _)| {
+                tensor
+                    .strip_prefix(layer.as_str())
+                    .is_some_and(|rest| rest.starts_with(".bn."))
+            })
+        };
+        let mut out: Vec<(String, Vec<usize>)> = self
+            .parameter_shapes()
+            .into_iter()
+            .chain(self.buffer_shapes())
+            .filter(|(name, _)| !is_folded(name))
+            .collect();
+        for (layer, channels) in folded_layers {
+            out.push((format!("{layer}.{}", crate::BN_SCALE), vec![channels]));
+            out.push((format!("{layer}.{}", crate::BN_SHIFT), vec![channels]));
+        }
+        out
+    }
+
     /// Number of trainable parameters.
     pub fn num_parameters(self) -> usize {
         self.parameter_shapes()
