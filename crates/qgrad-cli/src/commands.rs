@@ -7,7 +7,8 @@ use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
 use qgrad_data::Dataset;
 use qgrad_models::eval::{evaluate_candle_model, QuantizedModel};
 use qgrad_models::methods::{
-    InTrainingOptions, LossAwareOptions, PostTrainingOptions, QuantizeSummary, Scope, SplitOutcome,
+    Importance, InTrainingOptions, LossAwareOptions, PostTrainingOptions, QuantizeSummary, Scope,
+    SparseBudget, SplitOutcome,
 };
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, EpochStats, TrainConfig, TrainHook, TrainState};
@@ -444,11 +445,27 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
     }
     config.checkpoint_dir = args.checkpoint_dir.clone();
     let (train, test) = load_data(arch, &args.data)?;
+    let sparsity = match args.kappa {
+        Some(kappa) => {
+            let budget = SparseBudget {
+                kappa,
+                ramp_epochs: args.kappa_ramp.unwrap_or(config.epochs as f64 / 2.0),
+                importance: args
+                    .importance
+                    .parse::<Importance>()
+                    .usage("invalid --importance")?,
+            };
+            budget.validate().usage("invalid non-zero budget")?;
+            Some(budget)
+        }
+        None => None,
+    };
     let options = LossAwareOptions {
         quantizer: args.quantizer,
         per_channel: args.per_channel,
         clip: !args.no_clip,
         seed: config.seed,
+        sparsity,
     };
     let start = match args.init.as_deref() {
         Some(path) => Start::Checkpoint {
@@ -483,6 +500,9 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
         "batch_size": outcome.config.batch_size,
         "optimizer": outcome.config.optimizer_config().name(),
     });
+    if let Some(budget) = &sparsity {
+        json_options["sparsity"] = json!(budget);
+    }
     if args.training.weight_decay.is_some() {
         json_options["weight_decay"] = json!(outcome.config.weight_decay);
     }

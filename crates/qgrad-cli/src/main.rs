@@ -99,6 +99,18 @@ struct LossAwareArgs {
     /// Do not clip the float weights to [-1, 1] after each update.
     #[arg(long)]
     no_clip: bool,
+    /// Joint quantization and sparsification (METHOD §13): at most this
+    /// fraction of each weight tensor is non-zero, in (0, 1].
+    #[arg(long, value_name = "FRACTION")]
+    kappa: Option<f64>,
+    /// Epochs over which the non-zero budget falls from 1 to --kappa (cubic
+    /// schedule) [default: half the epochs].
+    #[arg(long, value_name = "EPOCHS", requires = "kappa")]
+    kappa_ramp: Option<f64>,
+    /// What decides which weights stay non-zero under --kappa: curvature
+    /// (D·W², METHOD §13) or accumulated-gradient (A, METHOD §1).
+    #[arg(long, default_value = "curvature", value_parser = ["curvature", "accumulated-gradient"], requires = "kappa")]
+    importance: String,
     /// Start from this trained checkpoint instead of a fresh network.
     #[arg(long, value_name = "CHECKPOINT")]
     init: Option<PathBuf>,

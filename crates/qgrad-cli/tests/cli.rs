@@ -517,3 +517,69 @@ fn loss_aware_training_writes_a_file_that_eval_and_inspect_read() {
         "laq",
     );
 }
+
+#[test]
+fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
+    // Joint quantization and sparsification (METHOD §13): binary weights
+    // under a 5 % budget are ±α or 0, stored as sparse ternary codes.
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let file = dir.path().join("sparse.qgz");
+    let run = |kappa: &str, importance: &str, out: &Path| {
+        qgrad(&[
+            "quantize",
+            "loss-aware",
+            "--quantizer",
+            "lab",
+            "--kappa",
+            kappa,
+            "--kappa-ramp",
+            "0.5",
+            "--importance",
+            importance,
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--max-batches",
+            "20",
+            "--batch-size",
+            "50",
+            "--lr",
+            "0.005",
+            "--test-limit",
+            "300",
+            "--no-progress",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = run("0.05", "curvature", &file);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert_eq!(r["options"]["sparsity"]["kappa"], 0.05, "{r}");
+    assert!(r["file_accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    // Dense binary is ~32x; a twentieth of the weights in CSR (1 code bit
+    // and a 10-bit column index each) is beyond it.
+    assert!(r["ratio"].as_f64().unwrap() > 45.0, "{r}");
+    let o = qgrad(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--compare-candle",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["mismatches"], 0);
+    let o = run("0.1", "accumulated-gradient", &dir.path().join("a.qgz"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_clean_failure(&run("1.5", "curvature", &dir.path().join("b.qgz")), 2, "κ");
+    assert!(!dir.path().join("b.qgz").exists());
+}

@@ -116,6 +116,16 @@ pub fn fold_float_batch_norms(
     (kept_params, kept_buffers)
 }
 
+/// How the codes of `w` are stored: [`scaled_layout`] of its quantizer,
+/// except that binary codes with zeros (a binary quantizer under a non-zero
+/// budget: ±α or 0) are stored as ternary codes, whose levels are the same.
+pub fn weight_layout(w: &ScaledWeight) -> (LevelKind, u8, bool) {
+    if w.method.binary() && w.quantized.codes.contains(&0) {
+        return (LevelKind::Linear, 1, false);
+    }
+    scaled_layout(w.method)
+}
+
 /// How a quantizer's codes are stored: level function, largest code,
 /// two-sided scales.
 pub fn scaled_layout(method: Method) -> (LevelKind, u8, bool) {
@@ -160,7 +170,7 @@ pub fn export_with_scaled(
         }));
     }
     for w in scaled {
-        let (levels, max_code, two_sided) = scaled_layout(w.method);
+        let (levels, max_code, two_sided) = weight_layout(w);
         tensors.push(TensorInput::Scaled(ScaledTensorData {
             name: &w.name,
             shape: &w.shape,

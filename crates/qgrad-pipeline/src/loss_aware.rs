@@ -21,8 +21,16 @@ pub fn run_loss_aware(
     data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
 ) -> Result<LossAwareOutcome> {
+    // The non-zero budget's schedule runs in steps.
+    let batches = data.0.len().div_ceil(run.config.batch_size.max(1));
+    let steps_per_epoch = run
+        .config
+        .max_batches_per_epoch
+        .map_or(batches, |m| m.min(batches));
     run_method(run, data, extra, |options, state| {
-        LossAwareHook::new(options, state)
-            .map_err(|e| PipelineError::usage(format!("invalid quantizer options: {e}")))
+        let mut hook = LossAwareHook::new(options, state)
+            .map_err(|e| PipelineError::usage(format!("invalid quantizer options: {e}")))?;
+        hook.set_steps_per_epoch(steps_per_epoch);
+        Ok(hook)
     })
 }

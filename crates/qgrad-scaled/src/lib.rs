@@ -49,6 +49,9 @@
 #![warn(missing_docs)]
 
 mod solvers;
+pub mod sparse;
+
+pub use sparse::{budget_at, curvature_score, kept_count, quantize_sparse};
 
 use std::fmt;
 use std::str::FromStr;

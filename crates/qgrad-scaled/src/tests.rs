@@ -221,3 +221,89 @@ fn the_baselines_follow_their_definitions() {
     let warm = quantize(Method::LatApprox, &w, None, 1, Some(&twn)).unwrap();
     assert!(objective(&w, None, &warm.values) <= objective(&w, None, &twn.values) + 1e-9);
 }
+
+proptest! {
+    #[test]
+    fn sparse_quantization_keeps_the_budget_and_the_top_scores(
+        (w, d) in weights_and_curvature(40),
+        kappa in 0.05f64..1.0,
+        per_channel in any::<bool>(),
+    ) {
+        let groups = if per_channel && w.len() % 2 == 0 { 2 } else { 1 };
+        let score = curvature_score(&w, Some(&d)).unwrap();
+        let keep = kept_count(kappa, w.len()).unwrap();
+        prop_assert!(keep >= 1 && keep <= w.len());
+        prop_assert!(keep as f64 <= (kappa * w.len() as f64).max(1.0));
+        for method in Method::all() {
+            let q = quantize_sparse(method, &w, Some(&d), groups, keep, &score, None).unwrap();
+            let nonzero: Vec<usize> = (0..w.len()).filter(|&i| q.codes[i] != 0).collect();
+            prop_assert!(nonzero.len() <= keep, "{method}: {} non-zeros > {keep}", nonzero.len());
+            // Every non-zero is among the kept: its score is at least the
+            // keep-th largest.
+            let mut sorted = score.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let threshold = sorted[keep - 1];
+            for &i in &nonzero {
+                prop_assert!(score[i] >= threshold, "{method}: element {i} was not kept");
+            }
+            // Values follow codes and scales, zeros are exactly 0.
+            for i in 0..w.len() {
+                if q.codes[i] == 0 {
+                    prop_assert_eq!(q.values[i], 0.0);
+                }
+            }
+            let n = method.max_code() as usize;
+            prop_assert!(distinct(&q.values) <= (2 * n + 1) * groups * method.scales_per_group());
+            // The binary methods put ±α on every kept element.
+            if method.binary() {
+                prop_assert_eq!(nonzero.len(), keep);
+            }
+        }
+    }
+
+    #[test]
+    fn the_full_budget_is_the_dense_quantizer((w, d) in weights_and_curvature(30)) {
+        let score = curvature_score(&w, Some(&d)).unwrap();
+        for method in Method::all() {
+            let dense = quantize(method, &w, Some(&d), 1, None).unwrap();
+            let sparse = quantize_sparse(method, &w, Some(&d), 1, w.len(), &score, None).unwrap();
+            prop_assert_eq!(dense, sparse);
+        }
+    }
+
+    #[test]
+    fn sparse_lat_solves_the_kept_elements_exactly((w, d) in weights_and_curvature(12), kappa in 0.1f64..1.0) {
+        // On the kept elements exact LAT equals the exhaustive search.
+        let score = curvature_score(&w, Some(&d)).unwrap();
+        let keep = kept_count(kappa, w.len()).unwrap();
+        let q = quantize_sparse(Method::LatExact, &w, Some(&d), 1, keep, &score, None).unwrap();
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        let kept: Vec<usize> = order[..keep].to_vec();
+        let wk: Vec<f32> = kept.iter().map(|&i| w[i]).collect();
+        let dk: Vec<f32> = kept.iter().map(|&i| d[i]).collect();
+        let vk: Vec<f32> = kept.iter().map(|&i| q.values[i]).collect();
+        let got = objective(&wk, Some(&dk), &vk);
+        let best = exhaustive_ternary(&wk, &dk);
+        prop_assert!(got <= best + 1e-6 * (1.0 + best), "{got} > {best}");
+    }
+}
+
+#[test]
+fn the_budget_schedule_falls_from_one_to_the_target() {
+    assert_eq!(budget_at(0.1, 0.0, 4.0), 1.0);
+    assert!((budget_at(0.1, 2.0, 4.0) - (0.1 + 0.9 * 0.125)).abs() < 1e-12);
+    assert_eq!(budget_at(0.1, 4.0, 4.0), 0.1);
+    assert_eq!(budget_at(0.1, 9.0, 4.0), 0.1);
+    assert_eq!(budget_at(0.3, 0.0, 0.0), 0.3);
+    let mut last = 1.0;
+    for step in 0..=40 {
+        let k = budget_at(0.05, step as f64 / 10.0, 4.0);
+        assert!(k <= last && k >= 0.05);
+        last = k;
+    }
+    assert!(kept_count(0.0, 10).is_err());
+    assert!(kept_count(1.5, 10).is_err());
+    assert_eq!(kept_count(0.01, 10).unwrap(), 1);
+    assert_eq!(kept_count(0.5, 0).unwrap(), 0);
+}

@@ -11,7 +11,23 @@
 //! layer, as the reference recipes do). Biases and batch-norm parameters stay
 //! float, and the size report says so.
 //!
+//! With a non-zero budget ([`SparseBudget`], METHOD §13) the same loop
+//! trains jointly quantized and sparse weights: `Q` keeps the `⌊κ·n⌋`
+//! elements of each tensor with the largest score, quantizes them with the
+//! quantizer restricted to them and zeroes the rest
+//! ([`qgrad_scaled::sparse`]); κ falls from 1 to its target along a cubic
+//! schedule over the first `ramp_epochs`. The score is `D_i W_i²` (METHOD
+//! §13) or, as an option, the accumulated gradient `A` of the first thesis
+//! (METHOD §1): the two theses' importance measures side by side. Pruned
+//! weights keep their float `W` and their straight-through gradient, so an
+//! element can come back when its score rises.
+//!
 //! # Decisions
+//!
+//! * The budget schedule runs in steps: `t` = completed epochs plus the
+//!   fraction of the current epoch ([`LossAwareHook::set_steps_per_epoch`];
+//!   without it `t` counts whole epochs). The per-epoch evaluation uses the
+//!   budget of the epoch's last step, the exported model the target κ.
 //!
 //! * The per-epoch evaluation and the exported model use `Q(W)` of the
 //!   current `W` with the current `D` ([`LossAwareHook::finish`]).
@@ -47,6 +63,63 @@ pub struct LossAwareOptions {
     pub clip: bool,
     /// Seeds TerConnect's stochastic codes in training.
     pub seed: u64,
+    /// Joint quantization and sparsification (METHOD §13): a non-zero
+    /// budget per tensor. `None`: dense.
+    #[serde(default)]
+    pub sparsity: Option<SparseBudget>,
+}
+
+/// The non-zero budget of joint quantization and sparsification (METHOD §13).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SparseBudget {
+    /// The target fraction κ ∈ (0, 1] of each weight tensor that may be
+    /// non-zero.
+    pub kappa: f64,
+    /// Epochs over which κ falls from 1 to its target (cubic; 0: the target
+    /// from the first step).
+    pub ramp_epochs: f64,
+    /// What ranks the elements that stay non-zero.
+    pub importance: Importance,
+}
+
+/// How the sparse quantizer ranks elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Importance {
+    /// `D_i W_i²`: the loss increase of zeroing element `i` in the
+    /// second-order model (METHOD §13; with the baselines, which read no
+    /// curvature, `W_i²`).
+    Curvature,
+    /// The accumulated gradient `A_i = Σ |g_i|` of the first thesis (METHOD
+    /// §1), summed over this run's steps.
+    AccumulatedGradient,
+}
+
+impl std::str::FromStr for Importance {
+    type Err = ModelsError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "curvature" => Ok(Importance::Curvature),
+            "accumulated-gradient" | "accum" => Ok(Importance::AccumulatedGradient),
+            other => Err(ModelsError::Config(format!(
+                "unknown importance '{other}' (expected curvature or accumulated-gradient)"
+            ))),
+        }
+    }
+}
+
+impl SparseBudget {
+    /// Checks κ and the ramp.
+    pub fn validate(&self) -> Result<()> {
+        qgrad_scaled::kept_count(self.kappa, 1).map_err(|e| ModelsError::Config(e.to_string()))?;
+        if !(self.ramp_epochs.is_finite() && self.ramp_epochs >= 0.0) {
+            return Err(ModelsError::Config(format!(
+                "the budget's ramp must be a finite number of epochs >= 0, not {}",
+                self.ramp_epochs
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl LossAwareOptions {
@@ -57,6 +130,7 @@ impl LossAwareOptions {
             per_channel: false,
             clip: true,
             seed: 0,
+            sparsity: None,
         }
     }
 }
@@ -84,6 +158,13 @@ pub struct LossAwareHook {
     names: Vec<String>,
     warm: HashMap<String, Quantized>,
     rng: ChaCha8Rng,
+    /// Training steps per epoch (for the budget schedule; 0: unknown).
+    steps_per_epoch: usize,
+    /// Steps taken in the epoch `step_epoch`.
+    steps_in_epoch: usize,
+    step_epoch: usize,
+    /// The budget of the last training step (what the evaluation uses).
+    last_kappa: Option<f64>,
 }
 
 impl LossAwareHook {
@@ -95,12 +176,47 @@ impl LossAwareHook {
                 options.quantizer
             )));
         }
+        if let Some(budget) = &options.sparsity {
+            budget.validate()?;
+            if options.quantizer == Method::TerConnect {
+                return Err(ModelsError::Config(
+                    "ter-connect's stochastic codes take no non-zero budget".into(),
+                ));
+            }
+        }
         Ok(LossAwareHook {
             options,
             names: super::weight_names(state.network.arch),
             warm: HashMap::new(),
             rng: ChaCha8Rng::seed_from_u64(options.seed),
+            steps_per_epoch: 0,
+            steps_in_epoch: 0,
+            step_epoch: state.epoch,
+            last_kappa: None,
         })
+    }
+
+    /// Tells the budget schedule how many steps an epoch has.
+    pub fn set_steps_per_epoch(&mut self, steps: usize) {
+        self.steps_per_epoch = steps;
+    }
+
+    /// The budget of the step about to run (None: dense), advancing the
+    /// step count.
+    fn next_budget(&mut self, state: &TrainState) -> Option<f64> {
+        let budget = self.options.sparsity?;
+        if state.epoch != self.step_epoch {
+            self.step_epoch = state.epoch;
+            self.steps_in_epoch = 0;
+        }
+        let fraction = if self.steps_per_epoch > 0 {
+            (self.steps_in_epoch as f64 / self.steps_per_epoch as f64).min(1.0)
+        } else {
+            0.0
+        };
+        self.steps_in_epoch += 1;
+        let t = state.epoch as f64 + fraction;
+        Some(qgrad_scaled::budget_at(budget.kappa, t, budget.ramp_epochs))
     }
 
     /// The options.
@@ -114,6 +230,7 @@ impl LossAwareHook {
         state: &TrainState,
         name: &str,
         warm: Option<&Quantized>,
+        kappa: Option<f64>,
     ) -> Result<ScaledWeight> {
         let var = state
             .network
@@ -136,8 +253,33 @@ impl LossAwareHook {
         } else {
             1
         };
-        let quantized = quantize(self.options.quantizer, &w, d.as_deref(), groups, warm)
-            .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+        let quantized = match (kappa, self.options.sparsity) {
+            (Some(kappa), Some(budget)) => {
+                let score = match budget.importance {
+                    Importance::Curvature => qgrad_scaled::curvature_score(&w, d.as_deref()),
+                    Importance::AccumulatedGradient => {
+                        let a = state.accum.get(name).ok_or_else(|| {
+                            ModelsError::Other(format!("no accumulated gradient of '{name}'"))
+                        })?;
+                        Ok(a.flatten_all()?.to_vec1::<f32>()?)
+                    }
+                }
+                .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+                let keep = qgrad_scaled::kept_count(kappa, w.len())
+                    .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+                qgrad_scaled::quantize_sparse(
+                    self.options.quantizer,
+                    &w,
+                    d.as_deref(),
+                    groups,
+                    keep,
+                    &score,
+                    warm,
+                )
+            }
+            _ => quantize(self.options.quantizer, &w, d.as_deref(), groups, warm),
+        }
+        .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
         Ok(ScaledWeight {
             name: name.to_string(),
             method: self.options.quantizer,
@@ -167,10 +309,20 @@ impl LossAwareHook {
     }
 
     /// The quantized weights of `state` now (what is exported).
+    /// With a budget, the target κ.
     pub fn finish(&self, state: &TrainState) -> Result<Vec<ScaledWeight>> {
+        let kappa = self.options.sparsity.map(|b| b.kappa);
+        self.quantized_weights(state, kappa)
+    }
+
+    fn quantized_weights(
+        &self,
+        state: &TrainState,
+        kappa: Option<f64>,
+    ) -> Result<Vec<ScaledWeight>> {
         self.names
             .iter()
-            .map(|n| self.quantize_one(state, n, self.warm.get(n)))
+            .map(|n| self.quantize_one(state, n, self.warm.get(n), kappa))
             .collect()
     }
 
@@ -204,10 +356,12 @@ impl TrainHook for LossAwareHook {
         state: &TrainState,
         overrides: &mut WeightOverrides,
     ) -> Result<()> {
+        let kappa = self.next_budget(state);
+        self.last_kappa = kappa;
         let mut weights = Vec::with_capacity(self.names.len());
         for name in &self.names {
             if self.options.quantizer != Method::TerConnect {
-                weights.push(self.quantize_one(state, name, self.warm.get(name))?);
+                weights.push(self.quantize_one(state, name, self.warm.get(name), kappa)?);
                 continue;
             }
             // TerConnect is stochastic in training (qgrad-scaled's docs).
@@ -251,7 +405,8 @@ impl TrainHook for LossAwareHook {
     }
 
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
-        let weights = self.finish(state)?;
+        let kappa = self.last_kappa.or(self.options.sparsity.map(|b| b.kappa));
+        let weights = self.quantized_weights(state, kappa)?;
         self.overrides(state, &weights, overrides)
     }
 }
@@ -358,5 +513,64 @@ mod tests {
         let sgd = TrainState::new(arch, &Device::Cpu, &TrainConfig::default_for(arch)).unwrap();
         assert!(LossAwareHook::new(LossAwareOptions::new(Method::Lab), &sgd).is_err());
         assert!(LossAwareHook::new(LossAwareOptions::new(Method::Bwn), &sgd).is_ok());
+    }
+
+    #[test]
+    fn a_budget_trains_sparse_weights_within_it() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        for (method, importance) in [
+            (Method::LatExact, Importance::Curvature),
+            (Method::Lab, Importance::AccumulatedGradient),
+            (
+                Method::Laq {
+                    bits: 3,
+                    log: false,
+                },
+                Importance::Curvature,
+            ),
+        ] {
+            let mut config = TrainConfig::default_for(arch);
+            (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
+            config.max_batches_per_epoch = Some(12);
+            config.weight_decay = 0.0;
+            config.optimizer = OptimizerKind::ADAM;
+            config.progress = false;
+            let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+            let mut options = LossAwareOptions::new(method);
+            options.sparsity = Some(SparseBudget {
+                kappa: 0.1,
+                ramp_epochs: 1.0,
+                importance,
+            });
+            let mut hook = LossAwareHook::new(options, &state).unwrap();
+            hook.set_steps_per_epoch(12);
+            let report =
+                train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+            let (first, last) = (&report.epochs[0], report.epochs.last().unwrap());
+            assert!(
+                last.test_loss.is_finite() && last.test_accuracy > 0.5,
+                "{method}: {report:?}"
+            );
+            assert!(
+                last.train_loss < first.train_loss * 1.5,
+                "{method}: {report:?}"
+            );
+            for q in hook.finish(&state).unwrap() {
+                let n = q.quantized.codes.len();
+                let nonzero = q.quantized.codes.iter().filter(|&&c| c != 0).count();
+                assert!(nonzero <= n / 10, "{method} {}: {nonzero} of {n}", q.name);
+                assert!(nonzero > 0);
+            }
+        }
+        // A budget outside (0, 1] is refused.
+        let state = TrainState::new(arch, &Device::Cpu, &TrainConfig::default_for(arch)).unwrap();
+        let mut options = LossAwareOptions::new(Method::Bwn);
+        options.sparsity = Some(SparseBudget {
+            kappa: 0.0,
+            ramp_epochs: 1.0,
+            importance: Importance::Curvature,
+        });
+        assert!(LossAwareHook::new(options, &state).is_err());
     }
 }

@@ -71,7 +71,7 @@ pub use in_training::{
     FractionSchedule, InTrainingHook, InTrainingOptions, InTrainingQuantizer, InTrainingState,
     SplitOutcome,
 };
-pub use loss_aware::{LossAwareHook, LossAwareOptions, ScaledWeight};
+pub use loss_aware::{Importance, LossAwareHook, LossAwareOptions, ScaledWeight, SparseBudget};
 pub use post_training::{post_training, PostTrainingOptions};
 pub use sparsity::{
     block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
