@@ -8,16 +8,23 @@
 //! the reproduction's budget): the models of the run (LeNet-300-100 and
 //! LeNet-5 by default, so that the points sit on the accumulated-gradient
 //! plots), Adam at lr 0.005 with cosine decay, batch 100, no weight decay;
-//! LeNet-300-100 only (LeNet-5's convolutions make its runs several times
-//! slower: a CLI command away), 10 epochs at full scale, 3 on the shipped
-//! subset (so that `--quick` grows by well under a minute), 1 in the smoke
-//! run.
+//! 10 epochs at full scale, 3 on the shipped subset (so that `--quick` grows
+//! by well under a minute), 1 in the smoke run. LeNet-300-100 runs every
+//! quantizer; LeNet-5 (whose convolutions make a run several times slower)
+//! the ternary ones at full scale only.
+//!
+//! The joint section (METHOD §13, [`Method::Joint`]) trains the same loop
+//! under a non-zero budget κ that falls from 1 over the first half of the
+//! epochs: ternary (exact LAT), ±α (LAB) and 3-bit (LAQ) non-zeros on
+//! LeNet-300-100, ternary on LeNet-5, ranked by the curvature score
+//! `D·W²`; on LeNet-5 also by the accumulated gradient `A` of the first
+//! thesis: loss-aware ternary with accumulated-gradient pruning.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use qgrad_models::data::Dataset;
-use qgrad_models::methods::LossAwareOptions;
+use qgrad_models::methods::{Importance, LossAwareOptions, SparseBudget};
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, TrainConfig};
 use qgrad_pipeline::in_training::Start;
@@ -35,33 +42,67 @@ struct LossAwareRecipe {
     lr: f64,
     batch_size: usize,
     quantizers: Vec<Quantizer>,
+    /// Joint quantization and sparsification: (quantizer, κ, importance).
+    joint: Vec<(Quantizer, f64, Importance)>,
 }
 
-fn recipe(scale: Scale, arch: Arch) -> Option<LossAwareRecipe> {
+fn recipe(scale: Scale, arch: Arch, methods: (bool, bool)) -> Option<LossAwareRecipe> {
+    let laq3 = Quantizer::Laq {
+        bits: 3,
+        log: false,
+    };
     let all = vec![
         Quantizer::BinaryConnect,
         Quantizer::Bwn,
         Quantizer::Lab,
         Quantizer::Twn,
         Quantizer::LatExact,
-        Quantizer::Laq {
-            bits: 3,
-            log: false,
-        },
+        laq3,
     ];
-    let (epochs, quantizers) = match (scale, arch) {
-        (Scale::Full, Arch::Lenet300100) => (10, all),
+    let curv = Importance::Curvature;
+    let accum = Importance::AccumulatedGradient;
+    let lat = Quantizer::LatExact;
+    let (epochs, quantizers, joint) = match (scale, arch) {
+        (Scale::Full, Arch::Lenet300100) => (
+            10,
+            all,
+            vec![
+                (lat, 0.1, curv),
+                (lat, 0.05, curv),
+                (lat, 0.03, curv),
+                (lat, 0.02, curv),
+                (Quantizer::Lab, 0.05, curv),
+                (Quantizer::Lab, 0.03, curv),
+                (laq3, 0.05, curv),
+                (laq3, 0.03, curv),
+            ],
+        ),
+        (Scale::Full, Arch::Lenet5) => (
+            10,
+            vec![Quantizer::Twn, lat],
+            vec![
+                (lat, 0.1, curv),
+                (lat, 0.05, curv),
+                (lat, 0.02, curv),
+                (lat, 0.1, accum),
+                (lat, 0.05, accum),
+                (lat, 0.02, accum),
+            ],
+        ),
         (Scale::Full, _) => return None,
-        (Scale::Quick, Arch::Lenet300100) => (3, all),
+        (Scale::Quick, Arch::Lenet300100) => (3, all, vec![(lat, 0.1, curv)]),
         (Scale::Quick, _) => return None,
-        (Scale::Smoke, _) => (1, vec![Quantizer::Lab]),
+        (Scale::Smoke, _) => (1, vec![Quantizer::Lab], vec![(lat, 0.2, curv)]),
     };
-    Some(LossAwareRecipe {
+    let (dense, sparse) = methods;
+    let r = LossAwareRecipe {
         epochs,
         lr: 0.005,
         batch_size: 100,
-        quantizers,
-    })
+        quantizers: if dense { quantizers } else { Vec::new() },
+        joint: if sparse { joint } else { Vec::new() },
+    };
+    (!r.quantizers.is_empty() || !r.joint.is_empty()).then_some(r)
 }
 
 /// The float network trained by the same loop and budget.
@@ -73,7 +114,11 @@ struct FloatRun {
 
 /// The loss-aware points of `ctx`'s model (cached like every other point).
 pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<ResultPoint>> {
-    let Some(r) = recipe(ctx.opts.scale, ctx.arch) else {
+    let wanted = (
+        ctx.opts.methods.contains(&Method::LossAware),
+        ctx.opts.methods.contains(&Method::Joint),
+    );
+    let Some(r) = recipe(ctx.opts.scale, ctx.arch, wanted) else {
         return Ok(Vec::new());
     };
     let mut config = TrainConfig::default_for(ctx.arch);
@@ -122,8 +167,43 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         }
     };
     let mut out = Vec::new();
-    for &q in &r.quantizers {
-        let key = format!("la-{q}-{tag}");
+    let runs = r
+        .quantizers
+        .iter()
+        .map(|&q| (q, None))
+        .chain(r.joint.iter().map(|&(q, kappa, importance)| {
+            let budget = SparseBudget {
+                kappa,
+                ramp_epochs: r.epochs as f64 / 2.0,
+                importance,
+            };
+            (q, Some(budget))
+        }));
+    for (q, sparsity) in runs {
+        let (key, method, label) = match &sparsity {
+            None => (
+                format!("la-{q}-{tag}"),
+                Method::LossAware,
+                format!("{q}, {} epochs, Adam lr {}", r.epochs, r.lr),
+            ),
+            Some(b) => {
+                let by = match b.importance {
+                    Importance::Curvature => "D·W²",
+                    Importance::AccumulatedGradient => "A",
+                };
+                (
+                    format!(
+                        "joint-{q}-k{}-{}-{tag}",
+                        b.kappa,
+                        serde_json::to_value(b.importance)?
+                            .as_str()
+                            .unwrap_or("importance")
+                    ),
+                    Method::Joint,
+                    format!("{q}, κ {} by {by}, {} epochs", b.kappa, r.epochs),
+                )
+            }
+        };
         if let Some(p) = ctx.cached(&key, Role::Main) {
             out.push(p);
             continue;
@@ -133,7 +213,8 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         run_config.checkpoint_dir = Some(ctx.cache.join("runs").join(&key));
         let mut options = LossAwareOptions::new(q);
         options.seed = ctx.opts.seed;
-        eprintln!("[{}] loss-aware: {q}, {} epochs", ctx.arch.name(), r.epochs);
+        options.sparsity = sparsity;
+        eprintln!("[{}] {}: {label}", ctx.arch.name(), method.name());
         let run = LossAwareRun {
             arch: ctx.arch,
             config: run_config,
@@ -142,16 +223,18 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
             device: ctx.opts.device.clone(),
         };
         let outcome = run_loss_aware(run, (train_set, &ctx.test), &mut [])?;
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "quantizer": q.to_string(),
             "epochs": r.epochs,
             "lr": r.lr,
             "batch_size": r.batch_size,
             "optimizer": "adam",
         });
+        if let Some(b) = &sparsity {
+            json["sparsity"] = serde_json::to_value(b)?;
+        }
         let model = compress_loss_aware(&outcome, json)?;
-        let label = format!("{q}, {} epochs, Adam lr {}", r.epochs, r.lr);
-        let mut p = ctx.finish_point(&key, Method::LossAware, Role::Main, label, model, t0)?;
+        let mut p = ctx.finish_point(&key, method, Role::Main, label, model, t0)?;
         // The comparison is the float network of the same loop and budget.
         p.float_accuracy = float.accuracy;
         save_json(&ctx.point_path(&key), &p)?;

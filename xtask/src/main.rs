@@ -50,11 +50,11 @@ struct ReproduceArgs {
     #[arg(long, value_delimiter = ',', default_value = "lenet-300-100,lenet-5")]
     models: Vec<String>,
     /// Methods, comma-separated: post-training, in-training, combined,
-    /// loss-aware.
+    /// loss-aware, joint.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "post-training,in-training,combined,loss-aware"
+        default_value = "post-training,in-training,combined,loss-aware,joint"
     )]
     methods: Vec<String>,
     /// Training device.

@@ -41,6 +41,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::InTraining => RGBColor(255, 127, 14),
         Method::Combined => RGBColor(44, 160, 44),
         Method::LossAware => RGBColor(148, 103, 189),
+        Method::Joint => RGBColor(214, 39, 40),
     }
 }
 

@@ -224,7 +224,7 @@ pub fn render(record: &RunRecord, plots_rel: &str) -> String {
     let loss_aware: Vec<&ResultPoint> = record
         .points
         .iter()
-        .filter(|p| p.method == Method::LossAware)
+        .filter(|p| matches!(p.method, Method::LossAware | Method::Joint))
         .collect();
     if !loss_aware.is_empty() {
         let _ = writeln!(s, "## Loss-aware weight quantization (METHOD §10)\n");
@@ -233,7 +233,9 @@ pub fn render(record: &RunRecord, plots_rel: &str) -> String {
             "Every quantizer and the float network are trained by the same loop and budget \
              (Adam, straight-through gradient, weights clipped to [-1, 1]); the float column is \
              that float network. Weights are stored as scaled codes (1 bit binary, 2 bits \
-             ternary, m bits LAQ), biases and batch norm as f32; the ratio is the file's.\n"
+             ternary, m bits LAQ), biases and batch norm as f32; the ratio is the file's. \
+             Rows with a κ are joint quantization and sparsification (METHOD §13): at most a \
+             fraction κ of each weight tensor non-zero, stored in CSR.\n"
         );
         let _ = writeln!(
             s,

@@ -341,7 +341,7 @@ fn run_model(arch: Arch, opts: &ReproduceOptions) -> Result<(Baseline, Vec<Resul
     for run in in_training_runs(r, opts.sweep, wants_it, wants_comb) {
         points.extend(ctx.in_training_points(&train_set, &run)?);
     }
-    if opts.methods.contains(&Method::LossAware) {
+    if opts.methods.contains(&Method::LossAware) || opts.methods.contains(&Method::Joint) {
         points.extend(crate::loss_aware::points(&ctx, &train_set)?);
     }
     Ok((baseline, points))
@@ -422,7 +422,7 @@ fn in_training_runs(
             };
             add_run(&mut runs, &it, wants_it.then_some(Role::Sweep), None);
         }
-        for c in &r.sweep_combined {
+        for c in r.sweep_combined.iter().filter(|_| wants_comb) {
             add_run(
                 &mut runs,
                 &c.in_training,
@@ -662,5 +662,23 @@ impl ModelContext<'_> {
             out.push(pt);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_runs_only_the_wanted_methods() {
+        let r = recipe(Scale::Full, Arch::Lenet300100, None, None);
+        // Only loss-aware or joint points asked for: no in-training run at all.
+        assert!(in_training_runs(&r, true, false, false).is_empty());
+        let only_in = in_training_runs(&r, true, true, false);
+        assert!(!only_in.is_empty());
+        assert!(only_in.iter().all(|run| run.combos.is_empty()));
+        let only_comb = in_training_runs(&r, true, false, true);
+        assert!(only_comb.iter().all(|run| run.role.is_none()));
+        assert!(only_comb.iter().all(|run| !run.combos.is_empty()));
     }
 }

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 
-/// The three methods of METHOD.md §3–5, and loss-aware weight quantization
-/// (§10, the third thesis).
+/// The three methods of METHOD.md §3–5, loss-aware weight quantization
+/// (§10, the third thesis) and joint quantization and sparsification (§13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -23,17 +23,19 @@ pub enum Method {
     InTraining,
     Combined,
     LossAware,
+    Joint,
 }
 
 impl Method {
     /// The accumulated-gradient methods, the columns of the thesis table.
     pub const ALL: [Method; 3] = [Method::PostTraining, Method::InTraining, Method::Combined];
     /// Every method a reproduction can run.
-    pub const EVERY: [Method; 4] = [
+    pub const EVERY: [Method; 5] = [
         Method::PostTraining,
         Method::InTraining,
         Method::Combined,
         Method::LossAware,
+        Method::Joint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Method {
             Method::InTraining => "in-training",
             Method::Combined => "combined",
             Method::LossAware => "loss-aware",
+            Method::Joint => "joint",
         }
     }
 
@@ -51,9 +54,10 @@ impl Method {
             "in" | "in-training" => Ok(Method::InTraining),
             "combined" => Ok(Method::Combined),
             "loss-aware" => Ok(Method::LossAware),
+            "joint" => Ok(Method::Joint),
             other => anyhow::bail!(
-                "unknown method {other:?}: expected post-training, in-training, combined or \
-                 loss-aware"
+                "unknown method {other:?}: expected post-training, in-training, combined, \
+                 loss-aware or joint"
             ),
         }
     }
