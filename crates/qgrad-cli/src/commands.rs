@@ -163,6 +163,7 @@ fn export_options(output: &OutputArgs) -> ExportOptions {
         act_bits: output.act_bits,
         layout: match output.layout.as_str() {
             "csr" => LayoutChoice::Csr,
+            "csr-rice" => LayoutChoice::CsrRice,
             "dense" => LayoutChoice::Dense,
             _ => LayoutChoice::Auto,
         },

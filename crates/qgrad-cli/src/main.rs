@@ -233,8 +233,10 @@ struct OutputArgs {
     /// Activation width of integer inference (2..=16).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(2..=16))]
     act_bits: u8,
-    /// Tensor layout: auto (smaller of CSR and dense), csr or dense.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "dense"])]
+    /// Tensor layout: auto (the smallest per tensor), csr (fixed-width
+    /// column indices), csr-rice (Rice-coded column gaps, format version 3)
+    /// or dense.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense"])]
     layout: String,
     /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]

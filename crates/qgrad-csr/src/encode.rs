@@ -13,6 +13,7 @@ use crate::format::{
     TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
     PREFIX_BYTES,
 };
+use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
 use crate::model::CompressedModel;
 use crate::report::SizeReport;
 use crate::scaled::{encode_scaled, ScaledTensorData};
@@ -97,6 +98,13 @@ struct QuantizedTensor {
     /// Number of non-zeros in each row.
     row_counts: Vec<u64>,
     has_zero: bool,
+}
+
+impl QuantizedTensor {
+    /// The column gaps of the non-zeros (layout 2).
+    fn gaps(&self) -> Vec<u64> {
+        column_gaps(self.cols, self.flat_of.iter().copied())
+    }
 }
 
 fn quantize_tensor(t: &TensorData) -> Result<QuantizedTensor> {
@@ -204,7 +212,7 @@ fn quantize_tensor(t: &TensorData) -> Result<QuantizedTensor> {
     Ok(q)
 }
 
-/// Bits the CSR and dense layouts would take (payload only).
+/// Bits the layout would take (payload only).
 fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
     let nnz = q.widths_of.len() as u128;
     let value_bits: u128 = q.widths_of.iter().map(|&w| u128::from(w)).sum();
@@ -213,6 +221,14 @@ fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
             let w = csr_widths(q.cols, nnz as u64, table.len());
             (u128::from(q.rows) + 1) * u128::from(w.row_ptr)
                 + nnz * u128::from(w.col_idx + w.tag)
+                + value_bits
+        }
+        Layout::CsrRice => {
+            let w = csr_widths(q.cols, nnz as u64, table.len());
+            let (_, column_bits) = best_rice(&q.gaps(), q.cols);
+            (u128::from(q.rows) + 1) * u128::from(w.row_ptr)
+                + column_bits
+                + nnz * u128::from(w.tag)
                 + value_bits
         }
         Layout::Dense => {
@@ -240,17 +256,26 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
     let bits = payload_bits(q, table, layout);
     let mut writer = qgrad_fixed::BitWriter::with_capacity_bits(bits as usize);
     match layout {
-        Layout::Csr => {
+        Layout::Csr | Layout::CsrRice => {
             let nnz = q.widths_of.len() as u64;
             let w = csr_widths(q.cols, nnz, table.len());
+            let gaps = q.gaps();
+            let (k, _) = best_rice(&gaps, q.cols);
+            if layout == Layout::CsrRice {
+                writer.write_bits(u64::from(k), RICE_PARAM_BITS);
+            }
             let mut ptr = 0u64;
             writer.write_bits(0, w.row_ptr);
             for &count in &q.row_counts {
                 ptr += count;
                 writer.write_bits(ptr, w.row_ptr);
             }
-            for &i in &q.flat_of {
-                writer.write_bits(i % q.cols, w.col_idx);
+            if layout == Layout::CsrRice {
+                write_rice(&mut writer, &gaps, k);
+            } else {
+                for &i in &q.flat_of {
+                    writer.write_bits(i % q.cols, w.col_idx);
+                }
             }
             for &width in &q.widths_of {
                 writer.write_bits(tag_of(table, width), w.tag);
@@ -293,6 +318,25 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
 /// `groups · (1 or 2)` finite scales `>= 0`): a bad one is an error naming
 /// the tensor, never a panic.
 pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Result<Vec<u8>> {
+    let with_rice = encode_all(tensors, options, true)?;
+    if options.layout == LayoutChoice::Auto && with_rice[8..12] == FORMAT_VERSION.to_le_bytes() {
+        // Version 3's header spends a kind byte on every tensor entry that
+        // version 1 does not: keep the older version when layout 2 saves
+        // less than that (the smaller file wins, the older on a tie).
+        let without = encode_all(tensors, options, false)?;
+        if without.len() <= with_rice.len() {
+            return Ok(without);
+        }
+    }
+    Ok(with_rice)
+}
+
+/// [`encode_tensors`], with layout 2 among `Auto`'s candidates or not.
+fn encode_all(
+    tensors: &[TensorInput],
+    options: &EncodeOptions,
+    allow_rice: bool,
+) -> Result<Vec<u8>> {
     let mut names = std::collections::HashSet::new();
     let mut headers = Vec::with_capacity(tensors.len());
     let mut payloads = Vec::with_capacity(tensors.len());
@@ -303,7 +347,7 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
         let t = match input {
             TensorInput::Fixed(t) => t,
             TensorInput::Scaled(t) => {
-                let (header, payload) = encode_scaled(t, options.layout)?;
+                let (header, payload) = encode_scaled(t, options.layout, allow_rice)?;
                 headers.push(header);
                 payloads.push(payload);
                 continue;
@@ -333,21 +377,25 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
         let dense_ok = nnz > 0;
         let (header, _) = match options.layout {
             LayoutChoice::Csr => candidate(Layout::Csr)?,
+            LayoutChoice::CsrRice => candidate(Layout::CsrRice)?,
             LayoutChoice::Dense if dense_ok => candidate(Layout::Dense)?,
             LayoutChoice::Dense => candidate(Layout::Csr)?,
             LayoutChoice::Auto => {
                 // Whole bytes of the tensor in the file: header entry + payload.
-                let csr = candidate(Layout::Csr)?;
+                let mut best = candidate(Layout::Csr)?;
                 if dense_ok {
                     let dense = candidate(Layout::Dense)?;
-                    if dense.1 < csr.1 {
-                        dense
-                    } else {
-                        csr
+                    if dense.1 < best.1 {
+                        best = dense;
                     }
-                } else {
-                    csr
                 }
+                if allow_rice {
+                    let rice = candidate(Layout::CsrRice)?;
+                    if rice.1 < best.1 {
+                        best = rice;
+                    }
+                }
+                best
             }
         };
         let payload = write_payload(&q, &header.width_table, header.layout);
@@ -355,16 +403,19 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
         headers.push(TensorEntry::Fixed(header));
         payloads.push(payload);
     }
-    // A file whose tensors are all fixed point is written as version 1, so
-    // that it is byte for byte what earlier writers wrote and what version-1
-    // readers read (FORMAT.md, "Versions"); scaled tensors need version 2.
+    // A file is written at the lowest version its tensors need, so that it
+    // is byte for byte what earlier writers wrote and what older readers
+    // read (FORMAT.md, "Versions"): version 1 for fixed-point tensors only,
+    // 2 with scaled tensors, 3 with a tensor in layout 2.
+    let rice = headers.iter().any(|h| h.layout() == Layout::CsrRice);
     let fixed: Option<Vec<TensorHeader>> = headers
         .iter()
         .map(|h| match h {
-            TensorEntry::Fixed(t) => Some(t.clone()),
-            TensorEntry::Scaled(_) => None,
+            TensorEntry::Fixed(t) if !rice => Some(t.clone()),
+            _ => None,
         })
         .collect();
+    let newest = if rice { FORMAT_VERSION } else { 2 };
     let (version, header_bytes) = match fixed {
         Some(tensors) => (
             1u32,
@@ -374,7 +425,7 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
             }),
         ),
         None => (
-            FORMAT_VERSION,
+            newest,
             postcard::to_allocvec(&FileHeader {
                 metadata: options.metadata.clone(),
                 tensors: headers,

@@ -5,10 +5,11 @@ use serde::{Deserialize, Serialize};
 
 /// The first 8 bytes of every file.
 pub const MAGIC: [u8; 8] = *b"QGRADCSR";
-/// The format version this crate writes and the newest it reads. Version 1
-/// files (fixed-point tensors only, no tensor kind in the header) still
-/// decode exactly as before.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this crate writes and reads. Version 1 files
+/// (fixed-point tensors only, no tensor kind in the header) and version 2
+/// files (scaled tensors) still decode exactly as before; a file is written
+/// at the lowest version its tensors need (version 3: a tensor in layout 2).
+pub const FORMAT_VERSION: u32 = 3;
 /// Fixed prefix: magic (8) + version (4) + header length (4) + file length (8).
 pub const PREFIX_BYTES: usize = 24;
 /// CRC32 trailer.
@@ -25,6 +26,9 @@ pub enum Layout {
     /// Every element in row-major order: a width tag per element, then the
     /// values of the non-zero elements.
     Dense,
+    /// Compressed sparse row with Rice-coded column gaps instead of
+    /// fixed-width column indices (version 3); the rest as [`Layout::Csr`].
+    CsrRice,
 }
 
 impl std::fmt::Display for Layout {
@@ -32,6 +36,7 @@ impl std::fmt::Display for Layout {
         f.write_str(match self {
             Layout::Csr => "csr",
             Layout::Dense => "dense",
+            Layout::CsrRice => "csr-rice",
         })
     }
 }
@@ -39,11 +44,14 @@ impl std::fmt::Display for Layout {
 /// The encoder's layout policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayoutChoice {
-    /// Per tensor, whichever of CSR and dense takes fewer bits (CSR on a tie).
+    /// Per tensor, whichever of CSR, dense and CSR with Rice-coded gaps takes
+    /// fewer bytes (in that order of preference on a tie).
     #[default]
     Auto,
-    /// Always CSR.
+    /// Always CSR with fixed-width column indices (layout 0).
     Csr,
+    /// Always CSR with Rice-coded column gaps (layout 2, version 3).
+    CsrRice,
     /// Dense wherever admissible (a tensor with no non-zero element is
     /// always CSR, see FORMAT.md).
     Dense,
@@ -117,6 +125,14 @@ pub(crate) enum TensorEntry {
 }
 
 impl TensorEntry {
+    /// The tensor's payload layout.
+    pub fn layout(&self) -> Layout {
+        match self {
+            TensorEntry::Fixed(t) => t.layout,
+            TensorEntry::Scaled(t) => t.layout,
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             TensorEntry::Fixed(t) => &t.name,

@@ -136,6 +136,7 @@
 mod encode;
 mod error;
 mod format;
+mod gaps;
 pub mod kernel;
 mod model;
 mod report;

@@ -16,6 +16,7 @@ use crate::format::{
     TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
     PREFIX_BYTES,
 };
+use crate::gaps::{read_rice_columns, RICE_PARAM_BITS};
 use crate::kernel::SparseKernel;
 use crate::report::{compression_ratio, FieldBits, SizeReport, TensorSize};
 use crate::scaled::{decode_scaled, ScaledInfo, TensorKind};
@@ -445,6 +446,19 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
             rest.len()
         )));
     }
+    if version < 3 {
+        if let Some(entry) = header
+            .tensors
+            .iter()
+            .find(|e| e.layout() == Layout::CsrRice)
+        {
+            return Err(CsrError::CorruptHeader(format!(
+                "tensor `{}` uses layout 2 (CSR with Rice-coded gaps), which needs version 3, \
+                 in a version-{version} file",
+                entry.name()
+            )));
+        }
+    }
 
     let payload_area = &bytes[header_end..body_end];
     let mut offset = 0usize;
@@ -553,7 +567,7 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
     // A lower bound on the payload the declarations imply; checked before
     // anything sized by them is allocated.
     let needed_bits = match th.layout {
-        Layout::Csr => {
+        Layout::Csr | Layout::CsrRice => {
             if (nnz == 0) != table.is_empty() {
                 return Err(CsrError::corrupt(
                     name,
@@ -564,8 +578,15 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
                 ));
             }
             let w = csr_widths(cols, nnz, table.len());
-            (u128::from(rows) + 1) * u128::from(w.row_ptr)
-                + u128::from(nnz) * (u128::from(w.col_idx + w.tag) + min_nz)
+            // Layout 2: the 5-bit Rice parameter, then at least 1 bit per gap.
+            let column_bits = match th.layout {
+                Layout::CsrRice => 1,
+                _ => w.col_idx,
+            };
+            let param_bits = u128::from(th.layout == Layout::CsrRice) * u128::from(RICE_PARAM_BITS);
+            param_bits
+                + (u128::from(rows) + 1) * u128::from(w.row_ptr)
+                + u128::from(nnz) * (u128::from(column_bits + w.tag) + min_nz)
         }
         Layout::Dense => {
             if min_nonzero_width.is_none() || nnz == 0 {
@@ -623,14 +644,13 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
         }
     };
     match th.layout {
-        Layout::Csr => {
+        Layout::Csr | Layout::CsrRice => {
             let w = csr_widths(cols as u64, nnz, table.len());
-            read_csr_index(
+            bits.col_idx = read_csr_index(
                 &mut reader,
                 name,
-                rows,
-                cols,
-                nnz,
+                (rows, cols, nnz),
+                th.layout,
                 w.row_ptr,
                 w.col_idx,
                 &mut row_ptr,
@@ -650,7 +670,6 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
                 entry_raw.push(read_value(&mut reader, width)?);
             }
             bits.row_ptr = (rows as u64 + 1) * u64::from(w.row_ptr);
-            bits.col_idx = nnz * u64::from(w.col_idx);
             bits.tags = nnz * u64::from(w.tag);
         }
         Layout::Dense => {
@@ -710,20 +729,25 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
 
 /// Reads and validates CSR row pointers and column indices: `0 = ptr[0] <=
 /// ... <= ptr[rows] = nnz`, columns strictly increasing within a row and
-/// `< cols`. The caller has checked the declared sizes against the payload.
+/// `< cols`; in layout 2 the Rice parameter first and the columns as
+/// Rice-coded gaps. The caller has checked the declared sizes against the
+/// payload. Returns the bits of the column indices (with the parameter).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn read_csr_index(
     reader: &mut BitReader,
     name: &str,
-    rows: usize,
-    cols: usize,
-    nnz: u64,
+    (rows, cols, nnz): (usize, usize, u64),
+    layout: Layout,
     ptr_bits: u32,
     col_bits: u32,
     row_ptr: &mut Vec<u32>,
     col_idx: &mut Vec<u32>,
-) -> Result<()> {
+) -> Result<u64> {
     let trunc = |e: qgrad_fixed::FixedError| CsrError::corrupt(name, format!("payload: {e}"));
+    let rice_k = match layout {
+        Layout::CsrRice => Some(reader.read_bits(RICE_PARAM_BITS).map_err(trunc)? as u32),
+        _ => None,
+    };
     let mut prev = 0u64;
     for r in 0..=rows {
         let p = reader.read_bits(ptr_bits).map_err(trunc)?;
@@ -744,6 +768,10 @@ pub(crate) fn read_csr_index(
             format!("last row pointer {prev} differs from nnz {nnz}"),
         ));
     }
+    if let Some(k) = rice_k {
+        let gap_bits = read_rice_columns(reader, name, cols, row_ptr, k, col_idx)?;
+        return Ok(u64::from(RICE_PARAM_BITS) + gap_bits);
+    }
     for r in 0..rows {
         let mut last: Option<u64> = None;
         for _ in row_ptr[r]..row_ptr[r + 1] {
@@ -758,7 +786,7 @@ pub(crate) fn read_csr_index(
             col_idx.push(c as u32);
         }
     }
-    Ok(())
+    Ok(nnz * u64::from(col_bits))
 }
 
 /// Checks the end of a payload's bit stream: fewer than 8 padding bits, all

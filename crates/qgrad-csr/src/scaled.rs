@@ -13,6 +13,7 @@ use crate::format::{
     bits_for, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits, Layout, LayoutChoice,
     LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
 };
+use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
 use crate::model::{finish_payload, read_csr_index, CompressedTensor, Kind};
 use crate::report::FieldBits;
 
@@ -142,7 +143,8 @@ fn max_code_ok(levels: LevelKind, max_code: u8) -> bool {
     }
 }
 
-/// Payload bits of a scaled tensor in `layout`.
+/// Payload bits of a scaled tensor in `layout`; `rice_column_bits` are the
+/// bits of layout 2's Rice parameter and gaps (a lower bound when decoding).
 #[allow(clippy::too_many_arguments)]
 fn payload_bits(
     layout: Layout,
@@ -152,6 +154,7 @@ fn payload_bits(
     cols: u64,
     nnz: u64,
     scale_count: u64,
+    rice_column_bits: u128,
 ) -> u128 {
     let scale_bits = u128::from(scale_count) * 32;
     match layout {
@@ -167,6 +170,12 @@ fn payload_bits(
                     * u128::from(
                         bits_for(cols.saturating_sub(1)) + scaled_nonzero_code_bits(max_code),
                     )
+                + scale_bits
+        }
+        Layout::CsrRice => {
+            (u128::from(rows) + 1) * u128::from(bits_for(nnz).max(1))
+                + rice_column_bits
+                + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
                 + scale_bits
         }
     }
@@ -193,6 +202,7 @@ fn nonzero_code_field(code: i8, bits: u32) -> u64 {
 pub(crate) fn encode_scaled(
     t: &ScaledTensorData,
     choice: LayoutChoice,
+    allow_rice: bool,
 ) -> Result<(TensorEntry, Vec<u8>)> {
     let name = t.name;
     let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
@@ -266,8 +276,26 @@ pub(crate) fn encode_scaled(
         });
     }
     let nnz = t.codes.iter().filter(|&&c| c != 0).count() as u64;
+    let gaps = column_gaps(
+        cols.max(1),
+        t.codes
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c != 0)
+            .map(|(i, _)| i as u64),
+    );
+    let (rice_k, rice_bits) = best_rice(&gaps, cols);
     let candidate = |layout: Layout| -> Result<(ScaledHeader, usize)> {
-        let bits = payload_bits(layout, t.levels, n, rows, cols, nnz, expected as u64);
+        let bits = payload_bits(
+            layout,
+            t.levels,
+            n,
+            rows,
+            cols,
+            nnz,
+            expected as u64,
+            rice_bits,
+        );
         let header = ScaledHeader {
             name: name.to_owned(),
             shape: shape.clone(),
@@ -287,18 +315,33 @@ pub(crate) fn encode_scaled(
     };
     let (header, _) = match choice {
         LayoutChoice::Csr => candidate(Layout::Csr)?,
+        LayoutChoice::CsrRice => candidate(Layout::CsrRice)?,
         LayoutChoice::Dense => candidate(Layout::Dense)?,
         LayoutChoice::Auto => {
-            let csr = candidate(Layout::Csr)?;
+            let mut best = candidate(Layout::Csr)?;
             let dense = candidate(Layout::Dense)?;
-            if dense.1 < csr.1 {
-                dense
-            } else {
-                csr
+            if dense.1 < best.1 {
+                best = dense;
             }
+            if allow_rice {
+                let rice = candidate(Layout::CsrRice)?;
+                if rice.1 < best.1 {
+                    best = rice;
+                }
+            }
+            best
         }
     };
-    let bits = payload_bits(header.layout, t.levels, n, rows, cols, nnz, expected as u64);
+    let bits = payload_bits(
+        header.layout,
+        t.levels,
+        n,
+        rows,
+        cols,
+        nnz,
+        expected as u64,
+        rice_bits,
+    );
     let mut w = qgrad_fixed::BitWriter::with_capacity_bits(bits as usize);
     match header.layout {
         Layout::Dense => {
@@ -307,11 +350,14 @@ pub(crate) fn encode_scaled(
                 w.write_bits(dense_code_field(c, t.levels, d), d);
             }
         }
-        Layout::Csr => {
+        Layout::Csr | Layout::CsrRice => {
             let ptr_bits = bits_for(nnz).max(1);
             let col_bits = bits_for(cols.saturating_sub(1));
             let code_bits = scaled_nonzero_code_bits(n);
             let cols = cols as usize;
+            if header.layout == Layout::CsrRice {
+                w.write_bits(u64::from(rice_k), RICE_PARAM_BITS);
+            }
             w.write_bits(0, ptr_bits);
             let mut ptr = 0u64;
             for r in 0..rows as usize {
@@ -319,9 +365,13 @@ pub(crate) fn encode_scaled(
                 ptr += row.iter().filter(|&&c| c != 0).count() as u64;
                 w.write_bits(ptr, ptr_bits);
             }
-            for (i, &c) in t.codes.iter().enumerate() {
-                if c != 0 {
-                    w.write_bits((i % cols) as u64, col_bits);
+            if header.layout == Layout::CsrRice {
+                write_rice(&mut w, &gaps, rice_k);
+            } else {
+                for (i, &c) in t.codes.iter().enumerate() {
+                    if c != 0 {
+                        w.write_bits((i % cols) as u64, col_bits);
+                    }
                 }
             }
             for &c in t.codes.iter().filter(|&&c| c != 0) {
@@ -396,7 +446,18 @@ pub(crate) fn decode_scaled(
     let n = th.max_code;
     let per_group = 1 + u64::from(th.two_sided);
     let scale_count = groups * per_group; // <= 2^33
-    let needed_bits = payload_bits(th.layout, th.levels, n, rows, cols, nnz, scale_count);
+                                          // Layout 2: the 5-bit Rice parameter and at least 1 bit per gap.
+    let rice_lower_bound = u128::from(RICE_PARAM_BITS) + u128::from(nnz);
+    let needed_bits = payload_bits(
+        th.layout,
+        th.levels,
+        n,
+        rows,
+        cols,
+        nnz,
+        scale_count,
+        rice_lower_bound,
+    );
     let available_bits = payload.len() as u128 * 8;
     if needed_bits > available_bits {
         return Err(CsrError::DeclaredSizeTooLarge {
@@ -470,15 +531,14 @@ pub(crate) fn decode_scaled(
             }
             bits.values = elements * u64::from(d);
         }
-        Layout::Csr => {
+        Layout::Csr | Layout::CsrRice => {
             let ptr_bits = bits_for(nnz).max(1);
             let col_bits = bits_for(cols.saturating_sub(1));
-            read_csr_index(
+            bits.col_idx = read_csr_index(
                 &mut reader,
                 name,
-                rows_us,
-                cols_us,
-                nnz,
+                (rows_us, cols_us, nnz),
+                th.layout,
                 ptr_bits,
                 col_bits,
                 &mut row_ptr,
@@ -499,7 +559,6 @@ pub(crate) fn decode_scaled(
                 codes.push(code);
             }
             bits.row_ptr = (rows + 1) * u64::from(ptr_bits);
-            bits.col_idx = nnz * u64::from(col_bits);
             bits.values = nnz * u64::from(c);
         }
     }

@@ -126,9 +126,11 @@ fn valid_file() -> Vec<u8> {
     ];
     let bytes = encode_mixed(&t, LayoutChoice::Auto);
     let m = decode(&bytes);
+    // The sparse ternary tensor takes layout 2 (Rice-coded gaps), so that
+    // the corruption tests below cover it.
     assert_eq!(
         m.tensors[3].layout,
-        qgrad_csr::Layout::Csr,
+        qgrad_csr::Layout::CsrRice,
         "sparse ternary"
     );
     assert_eq!(m.tensors[2].layout, qgrad_csr::Layout::Dense);
@@ -219,11 +221,11 @@ fn wrong_magic() {
 #[test]
 fn future_and_zero_versions() {
     let mut bytes = valid_file();
-    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
     let e = err(&bytes);
     assert_eq!(
         e.to_string(),
-        "format version 3 is newer than this reader (2)"
+        "format version 4 is newer than this reader (3)"
     );
     bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
     assert!(matches!(err(&bytes), CsrError::InvalidVersion { found: 0 }));
@@ -238,9 +240,12 @@ fn every_single_bit_flip_is_caught() {
         let e = err(&b);
         let ok = match i / 8 {
             0..8 => matches!(e, CsrError::BadMagic { .. }),
+            // A flip to another supported version is caught by the checksum.
             8..12 => matches!(
                 e,
-                CsrError::UnsupportedVersion { .. } | CsrError::InvalidVersion { .. }
+                CsrError::UnsupportedVersion { .. }
+                    | CsrError::InvalidVersion { .. }
+                    | CsrError::ChecksumMismatch { .. }
             ),
             16..24 => matches!(
                 e,

@@ -40,6 +40,7 @@ proptest! {
             prop_assert_eq!(hist_total, expected.len());
             match layout {
                 LayoutChoice::Csr => prop_assert_eq!(d.layout, Layout::Csr),
+                LayoutChoice::CsrRice => prop_assert_eq!(d.layout, Layout::CsrRice),
                 LayoutChoice::Dense if nnz > 0 => prop_assert_eq!(d.layout, Layout::Dense),
                 _ => {}
             }
@@ -50,14 +51,16 @@ proptest! {
         prop_assert_eq!(report.file_bytes, bytes.len() as u64);
     }
 
-    /// Auto picks the smaller of the two layouts.
+    /// Auto picks the smallest of the three layouts (the file with
+    /// layout 2 is version 3, whose header has one more byte per tensor).
     #[test]
     fn auto_layout_is_never_larger(t in tensor("w".into())) {
         let ts = [t];
         let auto = encode(&ts, LayoutChoice::Auto).len();
         let csr = encode(&ts, LayoutChoice::Csr).len();
         let dense = encode(&ts, LayoutChoice::Dense).len();
-        prop_assert_eq!(auto, csr.min(dense), "csr {} dense {}", csr, dense);
+        let rice = encode(&ts, LayoutChoice::CsrRice).len();
+        prop_assert_eq!(auto, csr.min(dense).min(rice), "csr {} dense {} rice {}", csr, dense, rice);
     }
 }
 
@@ -85,12 +88,32 @@ fn ratio_equals_the_real_file_size() {
     assert_eq!(report.ratio, compression_ratio(params, on_disk));
     let m = CompressedModel::read_file(&path).unwrap();
     assert_eq!(m.size_report(), report);
-    // About 90 % pruned, 11 index bits per non-zero: far above 4x.
+    // About 90 % pruned: the column gaps (mean ~10) Rice-code in ~5 bits,
+    // half of layout 0's 10-bit column indices.
     assert!(report.ratio > 8.0, "ratio {}", report.ratio);
     let fc1 = &report.tensors[0];
-    assert_eq!(fc1.layout, Layout::Csr);
-    assert_eq!(fc1.bits.col_idx, fc1.nnz * 10, "784 columns need 10 bits");
+    assert_eq!(fc1.layout, Layout::CsrRice);
+    assert!(
+        fc1.bits.col_idx < fc1.nnz * 7,
+        "{} gap bits for {} non-zeros",
+        fc1.bits.col_idx,
+        fc1.nnz
+    );
     assert_eq!(fc1.bits.tags, fc1.nnz, "two widths need a 1-bit tag");
+    // Layout 0 spends 10 bits per column index on 784 columns.
+    let csr_opts = qgrad_csr::EncodeOptions {
+        layout: qgrad_csr::LayoutChoice::Csr,
+        ..Default::default()
+    };
+    let csr = CompressedModel::from_bytes(&qgrad_csr::encode(&data, &csr_opts).unwrap()).unwrap();
+    let csr_fc1 = &csr.size_report().tensors[0];
+    assert_eq!(csr_fc1.layout, Layout::Csr);
+    assert_eq!(
+        csr_fc1.bits.col_idx,
+        fc1.nnz * 10,
+        "784 columns need 10 bits"
+    );
+    assert!(csr.size_report().file_bytes > report.file_bytes);
     assert_eq!(
         fc1.bits.row_ptr,
         301 * (64 - fc1.nnz.leading_zeros() as u64)

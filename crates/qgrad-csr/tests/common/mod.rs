@@ -81,7 +81,8 @@ pub fn layout_choice() -> impl Strategy<Value = LayoutChoice> {
     prop_oneof![
         Just(LayoutChoice::Auto),
         Just(LayoutChoice::Csr),
-        Just(LayoutChoice::Dense)
+        Just(LayoutChoice::Dense),
+        Just(LayoutChoice::CsrRice)
     ]
 }
 
