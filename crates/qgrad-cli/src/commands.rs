@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::failure::{Classify, CliResult, Failure};
 use crate::{
     CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs, InspectArgs,
-    LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, TrainArgs, TrainingArgs,
+    LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, RepackArgs, TrainArgs, TrainingArgs,
 };
 
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
@@ -158,15 +158,19 @@ fn in_training_options(args: &InTrainingOptionArgs) -> CliResult<InTrainingOptio
     Ok(opts)
 }
 
+fn layout_choice(name: &str) -> LayoutChoice {
+    match name {
+        "csr" => LayoutChoice::Csr,
+        "csr-rice" => LayoutChoice::CsrRice,
+        "dense" => LayoutChoice::Dense,
+        _ => LayoutChoice::Auto,
+    }
+}
+
 fn export_options(output: &OutputArgs) -> ExportOptions {
     ExportOptions {
         act_bits: output.act_bits,
-        layout: match output.layout.as_str() {
-            "csr" => LayoutChoice::Csr,
-            "csr-rice" => LayoutChoice::CsrRice,
-            "dense" => LayoutChoice::Dense,
-            _ => LayoutChoice::Auto,
-        },
+        layout: layout_choice(&output.layout),
         device: default_device(),
         run_file: true,
     }
@@ -585,6 +589,45 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
     println!(
         "ratio        {:.2}x  ({} bytes)",
         size.ratio, size.file_bytes
+    );
+    Ok(())
+}
+
+pub fn repack(args: RepackArgs) -> CliResult<()> {
+    let same = match (args.file.canonicalize(), args.out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(Failure::usage(format!(
+            "--out {} is the input file: write the re-encoded file elsewhere",
+            args.out.display()
+        )));
+    }
+    let model = read_model(&args.file)?;
+    let before = model.size_report();
+    let bytes = qgrad_csr::reencode(&model, layout_choice(&args.layout))
+        .runtime(format!("cannot re-encode {}", args.file.display()))?;
+    qgrad_csr::write_bytes_atomically(&args.out, &bytes)
+        .runtime(format!("cannot write {}", args.out.display()))?;
+    let after = read_model(&args.out)?.size_report();
+    if args.json {
+        return print_json(&json!({
+            "file": args.file,
+            "out": args.out,
+            "before": { "file_bytes": before.file_bytes, "ratio": before.ratio },
+            "after": { "file_bytes": after.file_bytes, "ratio": after.ratio },
+            "size": after,
+        }));
+    }
+    println!(
+        "{}: {} bytes ({:.2}x) -> {}: {} bytes ({:.2}x), the same tensors",
+        args.file.display(),
+        before.file_bytes,
+        before.ratio,
+        args.out.display(),
+        after.file_bytes,
+        after.ratio
     );
     Ok(())
 }

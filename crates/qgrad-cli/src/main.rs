@@ -63,6 +63,26 @@ enum Command {
     /// bit-width histogram, bytes, bits per parameter and ratio.
     #[command(after_help = EXIT_CODES)]
     Inspect(InspectArgs),
+    /// Write a compressed file again with this version's encoder (same
+    /// tensors, bit for bit; each tensor in its smallest layout, Rice-coded
+    /// column gaps included): smaller files from an older writer.
+    #[command(after_help = EXIT_CODES)]
+    Repack(RepackArgs),
+}
+
+#[derive(Args, Debug)]
+struct RepackArgs {
+    /// The compressed model file to read.
+    file: PathBuf,
+    /// Where to write the re-encoded file (not the input itself).
+    #[arg(short, long, value_name = "FILE")]
+    out: PathBuf,
+    /// Tensor layout: auto (the smallest per tensor), csr, csr-rice or dense.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense"])]
+    layout: String,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -392,6 +412,7 @@ fn main() -> ExitCode {
         Command::Quantize(QuantizeCommand::LossAware(args)) => commands::loss_aware(args),
         Command::Eval(args) => commands::eval(args),
         Command::Inspect(args) => commands::inspect(args),
+        Command::Repack(args) => commands::repack(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

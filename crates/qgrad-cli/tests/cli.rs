@@ -578,6 +578,64 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     assert!(o.status.success(), "{}", stderr(&o));
     let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(e["mismatches"], 0);
+    // Repacking: the same tensors in another layout, and back.
+    let plain = dir.path().join("plain.qgz");
+    let back = dir.path().join("back.qgz");
+    let o = qgrad(&[
+        "repack",
+        file.to_str().unwrap(),
+        "--out",
+        plain.to_str().unwrap(),
+        "--layout",
+        "csr",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        p["after"]["file_bytes"].as_u64() > p["before"]["file_bytes"].as_u64(),
+        "{p}"
+    );
+    let o = qgrad(&[
+        "repack",
+        plain.to_str().unwrap(),
+        "--out",
+        back.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&file).unwrap());
+    let o = qgrad(&[
+        "eval",
+        plain.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], r["file_accuracy"]);
+    assert_clean_failure(
+        &qgrad(&[
+            "repack",
+            file.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ]),
+        2,
+        "input file",
+    );
+    assert_clean_failure(
+        &qgrad(&[
+            "repack",
+            dir.path().join("missing.qgz").to_str().unwrap(),
+            "--out",
+            back.to_str().unwrap(),
+        ]),
+        3,
+        "missing.qgz",
+    );
     let o = run("0.1", "accumulated-gradient", &dir.path().join("a.qgz"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_clean_failure(&run("1.5", "curvature", &dir.path().join("b.qgz")), 2, "κ");

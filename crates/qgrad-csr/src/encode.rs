@@ -453,6 +453,98 @@ fn encode_all(
     Ok(out)
 }
 
+/// Encodes `model` again with the current writer and `layout`: the same
+/// tensors (names, shapes, widths and exponents, or codes and scales) and
+/// metadata, each tensor in the layout `layout` picks. A file from an older
+/// writer gets the layouts this one has (layout 2, version 3); every decoded
+/// value of the result equals the input's bit for bit, which is checked.
+pub fn reencode(model: &CompressedModel, layout: LayoutChoice) -> Result<Vec<u8>> {
+    struct Owned {
+        values: Vec<f32>,
+        widths: Vec<u8>,
+        codes: Vec<i8>,
+    }
+    let owned: Vec<Owned> = model
+        .tensors
+        .iter()
+        .map(|t| Owned {
+            values: t.dequantize(),
+            widths: if t.scaled_info().is_some() {
+                Vec::new()
+            } else {
+                t.widths()
+            },
+            codes: t.codes().unwrap_or_default(),
+        })
+        .collect();
+    let inputs: Vec<TensorInput> = model
+        .tensors
+        .iter()
+        .zip(&owned)
+        .map(|(t, o)| match t.scaled_info() {
+            Some(info) => TensorInput::Scaled(ScaledTensorData {
+                name: &t.name,
+                shape: &t.shape,
+                codes: &o.codes,
+                levels: info.levels,
+                max_code: info.max_code,
+                groups: info.groups,
+                two_sided: info.two_sided,
+                scales: t.scales(),
+            }),
+            None => TensorInput::Fixed(TensorData {
+                name: &t.name,
+                shape: &t.shape,
+                values: &o.values,
+                widths: &o.widths,
+                exponent: Some(t.exponent),
+            }),
+        })
+        .collect();
+    let options = EncodeOptions {
+        layout,
+        metadata: model.metadata.clone(),
+    };
+    let bytes = encode_tensors(&inputs, &options)?;
+    let again = CompressedModel::from_bytes(&bytes)?;
+    for (a, (b, o)) in again.tensors.iter().zip(model.tensors.iter().zip(&owned)) {
+        let same = a.name == b.name
+            && a.shape == b.shape
+            && a.scales() == b.scales()
+            && a.dequantize()
+                .iter()
+                .zip(&o.values)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+        if !same {
+            return Err(CsrError::invalid(
+                &b.name,
+                "re-encoding changed the tensor (a writer bug: please report it)",
+            ));
+        }
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory, synced, then renamed over `path`. On failure the previous file
+/// at `path`, if any, is untouched and no temporary file remains.
+pub fn write_bytes_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    let io_err = |source: std::io::Error| CsrError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    tmp.write_all(bytes).map_err(io_err)?;
+    tmp.as_file().sync_all().map_err(io_err)?;
+    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    Ok(())
+}
+
 /// Encodes fixed-point tensors and writes the file atomically: see
 /// [`write_file_tensors`].
 pub fn write_file(
@@ -480,14 +572,7 @@ pub fn write_file_tensors(
         path: path.to_owned(),
         source,
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
-    tmp.write_all(&bytes).map_err(io_err)?;
-    tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    write_bytes_atomically(path, &bytes)?;
     let on_disk = std::fs::metadata(path).map_err(io_err)?.len();
     let mut report = CompressedModel::from_bytes(&bytes)?.size_report();
     if on_disk != report.file_bytes {

@@ -143,7 +143,8 @@ mod report;
 mod scaled;
 
 pub use encode::{
-    encode, encode_tensors, write_file, write_file_tensors, EncodeOptions, TensorData, TensorInput,
+    encode, encode_tensors, reencode, write_bytes_atomically, write_file, write_file_tensors,
+    EncodeOptions, TensorData, TensorInput,
 };
 pub use error::{CsrError, Result};
 pub use format::{

@@ -128,6 +128,17 @@ proptest! {
             }
         }
         check_report(&m, &bytes)?;
+        // Re-encoding gives the same tensors, never a larger file under Auto.
+        let again = qgrad_csr::reencode(&m, LayoutChoice::Auto).unwrap();
+        let m2 = decode(&again);
+        for (a, b) in m2.tensors.iter().zip(&m.tensors) {
+            prop_assert_eq!(a.dequantize(), b.dequantize());
+            prop_assert_eq!(a.codes(), b.codes());
+            prop_assert_eq!(a.scales(), b.scales());
+        }
+        if layout == LayoutChoice::Auto {
+            prop_assert_eq!(again.len(), bytes.len());
+        }
     }
 
     /// Auto keeps the smaller of the two layouts of a scaled tensor.
