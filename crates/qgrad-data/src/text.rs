@@ -199,6 +199,24 @@ impl TokenChunks {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_shipped_slice_loads_and_splits() {
+        // datasets/war-and-peace-mini: the first 65,511 bytes of the corpus.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../datasets/war-and-peace-mini/input.txt");
+        let corpus = TextCorpus::load(&path).unwrap();
+        assert_eq!(corpus.len(), 65_511);
+        assert_eq!(corpus.vocab_size(), 74);
+        assert_eq!(&corpus.decode(&corpus.tokens[3..8]), b"\"Well");
+        let split = corpus.split(10, 100).unwrap();
+        // 65 chunks of 10 x 100: 52 training, 6 validation, 7 test.
+        assert_eq!(
+            (split.train.len(), split.valid.len(), split.test.len()),
+            (52, 6, 7)
+        );
+    }
+
     use super::*;
 
     #[test]
