@@ -25,8 +25,9 @@ use serde_json::json;
 
 use crate::failure::{Classify, CliResult, Failure};
 use crate::{
-    CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs, InspectArgs,
-    LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, RepackArgs, TrainArgs, TrainingArgs,
+    AnalyzeArgs, CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs,
+    InspectArgs, LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, RepackArgs, TrainArgs,
+    TrainingArgs,
 };
 
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
@@ -629,6 +630,87 @@ pub fn repack(args: RepackArgs) -> CliResult<()> {
         after.file_bytes,
         after.ratio
     );
+    Ok(())
+}
+
+pub fn analyze(args: AnalyzeArgs) -> CliResult<()> {
+    let model = read_model(&args.file)?;
+    let layers = qgrad_powerlaw::layer_degrees(&model);
+    let mut rows = Vec::new();
+    for l in &layers {
+        for (side, degrees) in [("in", &l.in_degree), ("out", &l.out_degree)] {
+            // Too few units (a 10-class output layer) is not an error.
+            let fit = qgrad_powerlaw::fit_tail(degrees).ok();
+            rows.push((l, side, degrees, fit));
+        }
+    }
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(l, side, degrees, fit)| {
+                json!({
+                    "tensor": l.name,
+                    "shape": l.shape,
+                    "side": side,
+                    "degrees": degrees,
+                    "fit": fit,
+                })
+            })
+            .collect();
+        return print_json(&json!({ "file": args.file, "layers": out }));
+    }
+    println!(
+        "{:<14} {:>4} {:>6} {:>5} {:>6} {:>6} {:>6} {:>13} {:>6}  {:<24} {:<24}",
+        "tensor",
+        "side",
+        "units",
+        "zero",
+        "k_min",
+        "k_max",
+        "tail",
+        "γ ± se",
+        "KS",
+        "vs exponential",
+        "vs log-normal"
+    );
+    let verdict = |c: &qgrad_powerlaw::Comparison| {
+        let who = match c.favours {
+            Some(qgrad_powerlaw::Law::PowerLaw) => "power law",
+            Some(qgrad_powerlaw::Law::Exponential) => "exponential",
+            Some(qgrad_powerlaw::Law::LogNormal) => "log-normal",
+            None => "undecided",
+        };
+        format!("{who} (R {:.1}, p {:.2})", c.ratio, c.p_value)
+    };
+    for (l, side, degrees, fit) in &rows {
+        match fit {
+            Some(f) if f.k_min == f.k_max => println!(
+                "{:<14} {:>4} {:>6} {:>5}  (every fitted unit has degree {}: nothing to fit)",
+                l.name, side, f.units, f.zero_degree, f.k_min
+            ),
+            Some(f) => println!(
+                "{:<14} {:>4} {:>6} {:>5} {:>6} {:>6} {:>6} {:>6.2} ± {:<4.2} {:>6.3}  {:<24} {:<24}",
+                l.name,
+                side,
+                f.units,
+                f.zero_degree,
+                f.k_min,
+                f.k_max,
+                f.tail,
+                f.power_law.gamma,
+                f.power_law.std_err,
+                f.ks_distance,
+                verdict(&f.compare[0]),
+                verdict(&f.compare[1]),
+            ),
+            None => println!(
+                "{:<14} {:>4} {:>6}  (too few units with a non-zero degree to fit)",
+                l.name,
+                side,
+                degrees.len()
+            ),
+        }
+    }
     Ok(())
 }
 

@@ -68,6 +68,21 @@ enum Command {
     /// column gaps included): smaller files from an older writer.
     #[command(after_help = EXIT_CODES)]
     Repack(RepackArgs),
+    /// The power law of a pruned network (METHOD §14): per weight layer, the
+    /// in- and out-degree distributions of its units, their truncated
+    /// power-law fit (γ, k_min by Kolmogorov–Smirnov, k_max) and the
+    /// likelihood-ratio tests against exponential and log-normal fits.
+    #[command(after_help = EXIT_CODES)]
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(Args, Debug)]
+struct AnalyzeArgs {
+    /// The compressed model file.
+    file: PathBuf,
+    /// Print one JSON document (degrees and fits) instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -413,6 +428,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval(args),
         Command::Inspect(args) => commands::inspect(args),
         Command::Repack(args) => commands::repack(args),
+        Command::Analyze(args) => commands::analyze(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -578,6 +578,27 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     assert!(o.status.success(), "{}", stderr(&o));
     let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(e["mismatches"], 0);
+    // The degree distributions of the pruned layers (METHOD §14).
+    let o = qgrad(&["analyze", file.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers = a["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 6, "three weight layers, in and out: {a}");
+    assert_eq!(layers[0]["tensor"], "fc1.weight");
+    assert_eq!(layers[0]["degrees"].as_array().unwrap().len(), 300);
+    let in_degrees: u64 = layers[0]["degrees"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .sum();
+    assert_eq!(in_degrees, 235_200 / 20, "κ 0.05 of fc1's 235,200 weights");
+    assert!(
+        layers[0]["fit"]["power_law"]["gamma"].is_number(),
+        "{}",
+        layers[0]
+    );
+    assert!(qgrad(&["analyze", file.to_str().unwrap()]).status.success());
     // Repacking: the same tensors in another layout, and back.
     let plain = dir.path().join("plain.qgz");
     let back = dir.path().join("back.qgz");

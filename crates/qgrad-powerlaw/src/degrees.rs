@@ -1,0 +1,117 @@
+//! Degrees of the units of a weight layer of a compressed file.
+
+use qgrad_csr::{CompressedModel, CompressedTensor};
+use serde::Serialize;
+
+use crate::{PowerLawError, Result};
+
+/// The in- and out-degrees of one weight layer's units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerDegrees {
+    /// The weight tensor.
+    pub name: String,
+    /// Its shape: `[out, in]` or `[out, in, kh, kw]`.
+    pub shape: Vec<usize>,
+    /// Per output unit (row, or output channel): its non-zero incoming
+    /// weights (kernel taps for a convolution).
+    pub in_degree: Vec<u32>,
+    /// Per input unit (column, or input channel): its non-zero outgoing
+    /// weights (kernel taps).
+    pub out_degree: Vec<u32>,
+}
+
+impl LayerDegrees {
+    /// The degrees of `t`, a linear (`[out, in]`) or convolution
+    /// (`[out, in, kh, kw]`) weight.
+    pub fn of(t: &CompressedTensor) -> Result<Self> {
+        let (outs, ins, taps) = match *t.shape.as_slice() {
+            [o, i] => (o, i, 1),
+            [o, i, kh, kw] => (o, i, kh * kw),
+            _ => return Err(PowerLawError::NotAWeight(t.name.clone())),
+        };
+        let mut in_degree = vec![0u32; outs];
+        let mut out_degree = vec![0u32; ins];
+        let widths = t.widths();
+        for (e, &w) in widths.iter().enumerate() {
+            if w != 0 {
+                let row = e / (ins * taps);
+                let input = (e % (ins * taps)) / taps;
+                in_degree[row] += 1;
+                out_degree[input] += 1;
+            }
+        }
+        Ok(LayerDegrees {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            in_degree,
+            out_degree,
+        })
+    }
+}
+
+/// The degrees of every weight layer (`*.weight` of rank 2 or 4, not batch
+/// norm) of `model`, in file order.
+pub fn layer_degrees(model: &CompressedModel) -> Vec<LayerDegrees> {
+    model
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".weight") && !t.name.ends_with(".bn.weight"))
+        .filter_map(|t| LayerDegrees::of(t).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgrad_csr::{EncodeOptions, TensorData};
+
+    fn model(name: &str, shape: &[usize], values: &[f32]) -> CompressedModel {
+        let widths: Vec<u8> = values
+            .iter()
+            .map(|&v| if v == 0.0 { 0 } else { 8 })
+            .collect();
+        let t = TensorData {
+            name,
+            shape,
+            values,
+            widths: &widths,
+            exponent: Some(0),
+        };
+        let bytes = qgrad_csr::encode(&[t], &EncodeOptions::default()).unwrap();
+        CompressedModel::from_bytes(&bytes).unwrap()
+    }
+
+    #[test]
+    fn degrees_of_a_hand_made_sparse_layer() {
+        // 3 outputs x 4 inputs:
+        // [1 0 0 1]
+        // [0 0 0 1]
+        // [1 1 0 1]
+        let m = model(
+            "fc.weight",
+            &[3, 4],
+            &[0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.0, 0.5],
+        );
+        let d = layer_degrees(&m);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].in_degree, vec![2, 1, 3]);
+        assert_eq!(d[0].out_degree, vec![2, 1, 0, 3]);
+    }
+
+    #[test]
+    fn a_convolution_counts_kernel_taps_per_channel() {
+        // 2 output channels, 2 input channels, 2x1 kernels.
+        // out 0: in 0 taps [1, 1], in 1 taps [0, 1]; out 1: in 0 [0, 0], in 1 [1, 0]
+        let m = model(
+            "conv.weight",
+            &[2, 2, 2, 1],
+            &[0.5, 0.5, 0.0, 0.5, 0.0, 0.0, 0.5, 0.0],
+        );
+        let d = layer_degrees(&m);
+        assert_eq!(d[0].in_degree, vec![3, 1]);
+        assert_eq!(d[0].out_degree, vec![2, 2]);
+        let bias = model("fc.bias", &[3], &[0.5, 0.5, 0.5]);
+        assert!(layer_degrees(&bias).is_empty());
+        assert!(LayerDegrees::of(&bias.tensors[0]).is_err());
+    }
+}
