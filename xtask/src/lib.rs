@@ -20,6 +20,7 @@ pub mod download;
 pub mod fsutil;
 mod loss_aware;
 pub mod plot;
+pub mod powerlaw;
 mod recipe;
 pub mod report;
 pub mod reproduce;

@@ -36,6 +36,17 @@ enum Command {
     },
     /// Side-by-side training benchmark against PyTorch.
     BenchTrain(bench_train::BenchTrainArgs),
+    /// The power law of pruned networks (METHOD §14) over compressed files,
+    /// with a random-mask control: POWERLAW.md, powerlaw.json and one
+    /// log-log CCDF plot per file.
+    Powerlaw {
+        /// Compressed model files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The output folder.
+        #[arg(long, value_name = "DIR", default_value = "runs/powerlaw")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -267,6 +278,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => run_reproduce(args, true),
         Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
+        Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,7 +24,7 @@ use crate::results::{thesis_ratio, Method, Role, RunRecord};
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         // The embedded font is a valid TTF; a failure here would be a build bug.
         plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)

@@ -49,6 +49,34 @@ impl LayerDegrees {
     }
 }
 
+impl LayerDegrees {
+    /// The control of METHOD §14: the degrees of a uniformly random mask of
+    /// this layer's shape with the same number of non-zeros (seeded), whose
+    /// degrees are hypergeometric, not heavy-tailed.
+    pub fn random_control(&self, seed: u64) -> LayerDegrees {
+        use rand::seq::index::sample;
+        use rand::SeedableRng;
+        let outs = self.in_degree.len();
+        let ins = self.out_degree.len();
+        let taps = self.shape.iter().skip(2).product::<usize>().max(1);
+        let elements = outs * ins * taps;
+        let nnz = self.in_degree.iter().map(|&d| d as usize).sum::<usize>();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut in_degree = vec![0u32; outs];
+        let mut out_degree = vec![0u32; ins];
+        for e in sample(&mut rng, elements, nnz.min(elements)) {
+            in_degree[e / (ins * taps)] += 1;
+            out_degree[(e % (ins * taps)) / taps] += 1;
+        }
+        LayerDegrees {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            in_degree,
+            out_degree,
+        }
+    }
+}
+
 /// The degrees of every weight layer (`*.weight` of rank 2 or 4, not batch
 /// norm) of `model`, in file order.
 pub fn layer_degrees(model: &CompressedModel) -> Vec<LayerDegrees> {
@@ -96,6 +124,12 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].in_degree, vec![2, 1, 3]);
         assert_eq!(d[0].out_degree, vec![2, 1, 0, 3]);
+        // The random control keeps the shape and the number of non-zeros.
+        let r = d[0].random_control(1);
+        assert_eq!(r.in_degree.iter().sum::<u32>(), 6);
+        assert_eq!(r.out_degree.iter().sum::<u32>(), 6);
+        assert!(r.in_degree.iter().all(|&k| k <= 4) && r.out_degree.iter().all(|&k| k <= 3));
+        assert_eq!(r, d[0].random_control(1));
     }
 
     #[test]
