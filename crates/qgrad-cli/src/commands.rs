@@ -55,6 +55,9 @@ fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     if args.optimizer.as_deref() == Some("adam") {
         config.optimizer = OptimizerKind::ADAM;
     }
+    if let Some(schedule) = &args.lr_schedule {
+        config.schedule = schedule.clone();
+    }
     config.batch_size = args.batch_size;
     config.max_batches_per_epoch = args.max_batches;
     config.progress = !args.no_progress;
@@ -508,6 +511,9 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
     });
     if let Some(budget) = &sparsity {
         json_options["sparsity"] = json!(budget);
+    }
+    if args.training.lr_schedule.is_some() {
+        json_options["lr_schedule"] = json!(outcome.config.schedule);
     }
     if args.training.weight_decay.is_some() {
         json_options["weight_decay"] = json!(outcome.config.weight_decay);

@@ -207,6 +207,51 @@ struct TrainingArgs {
     /// [default: adam for `quantize loss-aware`, else sgd].
     #[arg(long, value_parser = ["sgd", "adam"])]
     optimizer: Option<String>,
+    /// Learning-rate schedule over the epochs: cosine (to 0), constant,
+    /// step:EVERY:GAMMA (×GAMMA every EVERY epochs) or
+    /// multistep:E1,E2,...:GAMMA (×GAMMA at each listed epoch)
+    /// [default: the model's recipe, cosine].
+    #[arg(long, value_name = "SCHEDULE", value_parser = parse_schedule)]
+    lr_schedule: Option<qgrad_optim::LrSchedule>,
+}
+
+fn parse_schedule(s: &str) -> Result<qgrad_optim::LrSchedule, String> {
+    use qgrad_optim::LrSchedule;
+    let parts: Vec<&str> = s.split(':').collect();
+    let gamma = |g: &str| -> Result<f64, String> {
+        match g.parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+            _ => Err(format!("the factor '{g}' must be a positive number")),
+        }
+    };
+    match parts.as_slice() {
+        ["cosine"] => Ok(LrSchedule::Cosine { min_lr: 0.0 }),
+        ["constant"] => Ok(LrSchedule::Constant),
+        ["step", every, g] => {
+            let every: usize = every
+                .parse()
+                .ok()
+                .filter(|&e| e > 0)
+                .ok_or_else(|| format!("the step '{every}' must be a whole number of epochs > 0"))?;
+            Ok(LrSchedule::Step {
+                every,
+                gamma: gamma(g)?,
+            })
+        }
+        ["multistep", milestones, g] => {
+            let milestones = milestones
+                .split(',')
+                .map(|m| m.parse::<usize>().map_err(|_| format!("'{m}' is not an epoch")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(LrSchedule::MultiStep {
+                milestones,
+                gamma: gamma(g)?,
+            })
+        }
+        _ => Err(format!(
+            "unknown schedule '{s}' (expected cosine, constant, step:EVERY:GAMMA or multistep:E1,E2:GAMMA)"
+        )),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

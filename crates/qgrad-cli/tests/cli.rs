@@ -660,5 +660,60 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     let o = run("0.1", "accumulated-gradient", &dir.path().join("a.qgz"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_clean_failure(&run("1.5", "curvature", &dir.path().join("b.qgz")), 2, "κ");
+    // The reference recipes' step schedules; a malformed one is a usage error.
+    let stepped = dir.path().join("step.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "loss-aware",
+        "--quantizer",
+        "twn",
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--max-batches",
+        "5",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.01",
+        "--lr-schedule",
+        "multistep:1:0.1",
+        "--test-limit",
+        "100",
+        "--no-progress",
+        "--json",
+        "--out",
+        stepped.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lrs: Vec<f64> = r["training"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lrs.len(), 2);
+    assert!(
+        (lrs[0] - 0.01).abs() < 1e-12 && (lrs[1] - 0.001).abs() < 1e-9,
+        "{lrs:?}"
+    );
+    for bad in ["step:0:0.5", "step:15:-1", "multistep:a:0.1", "warmup"] {
+        assert_clean_failure(
+            &qgrad(&[
+                "quantize",
+                "loss-aware",
+                "--quantizer",
+                "twn",
+                "--lr-schedule",
+                bad,
+                "--out",
+                "x.qgz",
+            ]),
+            2,
+            "schedule",
+        );
+    }
     assert!(!dir.path().join("b.qgz").exists());
 }
