@@ -25,9 +25,9 @@ use serde_json::json;
 
 use crate::failure::{Classify, CliResult, Failure};
 use crate::{
-    AnalyzeArgs, CombinedArgs, DataArgs, EvalArgs, InTrainingArgs, InTrainingOptionArgs,
-    InspectArgs, LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs, RepackArgs, TrainArgs,
-    TrainingArgs,
+    AnalyzeArgs, CombinedArgs, DataArgs, EvalArgs, ExportArgs, ImportArgs, InTrainingArgs,
+    InTrainingOptionArgs, InspectArgs, LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs,
+    RepackArgs, TrainArgs, TrainingArgs,
 };
 
 fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
@@ -635,6 +635,140 @@ pub fn repack(args: RepackArgs) -> CliResult<()> {
         args.out.display(),
         after.file_bytes,
         after.ratio
+    );
+    Ok(())
+}
+
+pub fn import(args: ImportArgs) -> CliResult<()> {
+    let arch = args.model;
+    let checkpoint = args.out.join(qgrad_models::checkpoint::CHECKPOINT_FILE);
+    if checkpoint.exists() {
+        return Err(Failure::usage(format!(
+            "{} already holds a checkpoint: import into a new directory",
+            args.out.display()
+        )));
+    }
+    let read = |p: &Path| std::fs::read(p).input(format!("cannot read {}", p.display()));
+    let bytes = read(&args.from)?;
+    let accgrad = args.accgrad.as_deref().map(read).transpose()?;
+    let imported = qgrad_pipeline::interchange::import_state_dict(
+        arch,
+        &bytes,
+        &args.maps,
+        accgrad.as_deref(),
+    )?;
+    let epochs = args
+        .fine_tune_epochs
+        .unwrap_or(if args.accgrad.is_some() { 0 } else { 1 });
+    let mut config = TrainConfig::default_for(arch);
+    config.epochs = epochs;
+    config.lr = args.lr;
+    config.batch_size = args.batch_size;
+    config.schedule = qgrad_optim::LrSchedule::Constant;
+    config.checkpoint_dir = Some(args.out.clone());
+    config.progress = false;
+    config.validate().usage("invalid fine-tuning options")?;
+    let device = default_device();
+    let mut state = TrainState::new(arch, &device, &config).runtime("cannot build the network")?;
+    state
+        .network
+        .set_from_host(&imported.tensors)
+        .input("the state dict does not fit the network")?;
+    for a in &imported.accgrad {
+        let t = a
+            .to_tensor(&device)
+            .runtime("cannot hold the accumulated gradients")?;
+        state
+            .accum
+            .set(&a.name, &t)
+            .input(format!("accumulated gradient '{}'", a.name))?;
+    }
+    let data = if epochs > 0 || args.data.data.is_some() {
+        Some(load_data(arch, &args.data)?)
+    } else {
+        None
+    };
+    let before = match &data {
+        Some((train, test)) => {
+            let norm = config
+                .normalization
+                .clone()
+                .unwrap_or_else(|| train.channel_statistics());
+            config.normalization = Some(norm.clone());
+            Some(
+                state
+                    .network
+                    .evaluate(test, &norm, qgrad_pipeline::EVAL_BATCH)
+                    .runtime("cannot evaluate the imported network")?,
+            )
+        }
+        None => None,
+    };
+    std::fs::create_dir_all(&args.out).runtime(format!("cannot create {}", args.out.display()))?;
+    qgrad_models::checkpoint::save_checkpoint(&state, &config, &checkpoint)
+        .runtime(format!("cannot write {}", checkpoint.display()))?;
+    let mut after = None;
+    if let (true, Some((train, test))) = (epochs > 0, &data) {
+        eprintln!("fine-tuning the imported {arch} for {epochs} epochs to record its accumulated gradients");
+        let trained = train_float(
+            arch,
+            &config,
+            &device,
+            (train, test),
+            &mut [&mut EpochPrinter],
+            |_| {},
+        )?;
+        after = trained.state.history.last().map(|e| e.test_accuracy);
+    }
+    if args.json {
+        return print_json(&json!({
+            "model": arch.name(),
+            "checkpoint": checkpoint,
+            "tensors": imported.tensors.len(),
+            "accgrad": if args.accgrad.is_some() { "imported" } else if epochs > 0 { "fine-tuned" } else { "zero" },
+            "fine_tune_epochs": epochs,
+            "accuracy_before": before,
+            "accuracy_after": after,
+        }));
+    }
+    println!("model            {arch}");
+    println!("checkpoint       {}", checkpoint.display());
+    println!("tensors          {}", imported.tensors.len());
+    if let Some(b) = before {
+        println!("accuracy         {} (as imported)", pct(b));
+    }
+    if let Some(a) = after {
+        println!(
+            "after fine-tune  {} ({epochs} epochs at lr {})",
+            pct(a),
+            args.lr
+        );
+    }
+    if args.accgrad.is_none() && epochs == 0 {
+        println!("note             no accumulated gradients: give --accgrad or --fine-tune-epochs before post-training quantization");
+    }
+    Ok(())
+}
+
+pub fn export(args: ExportArgs) -> CliResult<()> {
+    let bytes = if args.input.is_dir() {
+        let trained = qgrad_pipeline::load_trained(&args.input, &default_device())?;
+        let host = trained
+            .state
+            .network
+            .to_host()
+            .runtime("cannot read the checkpoint's tensors")?;
+        qgrad_pipeline::interchange::state_dict_bytes(&host)?
+    } else {
+        let model = read_model(&args.input)?;
+        qgrad_pipeline::interchange::export_state_dict(&model)?
+    };
+    qgrad_csr::write_bytes_atomically(&args.safetensors, &bytes)
+        .runtime(format!("cannot write {}", args.safetensors.display()))?;
+    println!(
+        "wrote {} ({} bytes): load it with model.load_state_dict(safetensors.torch.load_file(...))",
+        args.safetensors.display(),
+        bytes.len()
     );
     Ok(())
 }

@@ -74,6 +74,63 @@ enum Command {
     /// likelihood-ratio tests against exponential and log-normal fits.
     #[command(after_help = EXIT_CODES)]
     Analyze(AnalyzeArgs),
+    /// Import a PyTorch state dict (safetensors) as a qgrad checkpoint, with
+    /// its accumulated gradients from the Python helper or from a short
+    /// fine-tuning run.
+    #[command(after_help = EXIT_CODES)]
+    Import(ImportArgs),
+    /// Write a compressed file's (or a checkpoint's) weights, dequantized,
+    /// as a PyTorch state dict (safetensors) under PyTorch's names.
+    #[command(after_help = EXIT_CODES)]
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// Network: lenet-300-100, lenet-5, alexnet, vgg-16, mlp-<width>x<depth>[-bn] or cnn-<channels>.
+    #[arg(long, value_parser = parse_arch)]
+    model: Arch,
+    /// The state dict, saved with safetensors.torch.save_file.
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// The checkpoint directory to create (must not hold a checkpoint yet).
+    #[arg(short, long, value_name = "DIR")]
+    out: PathBuf,
+    /// Rename: a tensor named OLD or OLD.* becomes NEW / NEW.* (repeatable).
+    #[arg(long = "map", value_name = "OLD=NEW", value_parser = parse_map)]
+    maps: Vec<qgrad_pipeline::interchange::NameMap>,
+    /// Accumulated gradients recorded in PyTorch (`<name>.accgrad` tensors of
+    /// python/qgrad_accgrad.py).
+    #[arg(long, value_name = "FILE")]
+    accgrad: Option<PathBuf>,
+    /// Fine-tune the imported network this many epochs to record its
+    /// accumulated gradients (0: none) [default: 1 without --accgrad, else 0].
+    #[arg(long, value_name = "N")]
+    fine_tune_epochs: Option<usize>,
+    /// Learning rate of the fine-tuning (SGD with momentum, constant).
+    #[arg(long, default_value_t = 0.001)]
+    lr: f64,
+    /// Mini-batch size of the fine-tuning.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// A compressed file (.qgz) or a checkpoint directory.
+    input: PathBuf,
+    /// Where to write the state dict.
+    #[arg(long, value_name = "FILE")]
+    safetensors: PathBuf,
+}
+
+fn parse_map(s: &str) -> Result<qgrad_pipeline::interchange::NameMap, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug)]
@@ -474,6 +531,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect(args),
         Command::Repack(args) => commands::repack(args),
         Command::Analyze(args) => commands::analyze(args),
+        Command::Import(args) => commands::import(args),
+        Command::Export(args) => commands::export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -717,3 +717,149 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     }
     assert!(!dir.path().join("b.qgz").exists());
 }
+
+#[test]
+fn a_state_dict_round_trips_through_export_and_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let o = qgrad(&[
+        "train",
+        "--model",
+        "lenet-300-100",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--max-batches",
+        "5",
+        "--test-limit",
+        "200",
+        "--no-progress",
+        "--out",
+        &p("trained"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = qgrad(&[
+        "export",
+        &p("trained"),
+        "--safetensors",
+        &p("a.safetensors"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Import without fine-tuning, export again: the same bytes.
+    let o = qgrad(&[
+        "import",
+        "--model",
+        "lenet-300-100",
+        "--from",
+        &p("a.safetensors"),
+        "--out",
+        &p("imported"),
+        "--fine-tune-epochs",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["accgrad"], "zero");
+    let o = qgrad(&[
+        "export",
+        &p("imported"),
+        "--safetensors",
+        &p("b.safetensors"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(p("a.safetensors")).unwrap(),
+        std::fs::read(p("b.safetensors")).unwrap()
+    );
+    // With a short fine-tuning the accuracy before and after is reported, and
+    // post-training quantization runs on the result.
+    let o = qgrad(&[
+        "import",
+        "--model",
+        "lenet-300-100",
+        "--from",
+        &p("a.safetensors"),
+        "--out",
+        &p("tuned"),
+        "--data",
+        data,
+        "--test-limit",
+        "200",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["accgrad"], "fine-tuned");
+    assert!(r["accuracy_before"].as_f64().unwrap() > 0.3, "{r}");
+    assert!(r["accuracy_after"].as_f64().unwrap() > 0.3, "{r}");
+    let o = qgrad(&[
+        "quantize",
+        "post",
+        "--checkpoint",
+        &p("tuned"),
+        "--widths",
+        "8,4,0",
+        "--data",
+        data,
+        "--test-limit",
+        "200",
+        "--out",
+        &p("post.qgz"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A compressed file exports too.
+    let o = qgrad(&[
+        "export",
+        &p("post.qgz"),
+        "--safetensors",
+        &p("c.safetensors"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Bad input: nothing is written, exit 3; an existing checkpoint, exit 2.
+    std::fs::write(p("junk.safetensors"), b"junk").unwrap();
+    assert_clean_failure(
+        &qgrad(&[
+            "import",
+            "--model",
+            "lenet-300-100",
+            "--from",
+            &p("junk.safetensors"),
+            "--out",
+            &p("bad"),
+        ]),
+        3,
+        "safetensors",
+    );
+    assert!(!dir.path().join("bad").exists());
+    assert_clean_failure(
+        &qgrad(&[
+            "import",
+            "--model",
+            "lenet-5",
+            "--from",
+            &p("a.safetensors"),
+            "--out",
+            &p("bad"),
+        ]),
+        3,
+        "missing tensor 'conv1.weight'",
+    );
+    assert!(!dir.path().join("bad").exists());
+    assert_clean_failure(
+        &qgrad(&[
+            "import",
+            "--model",
+            "lenet-300-100",
+            "--from",
+            &p("a.safetensors"),
+            "--out",
+            &p("imported"),
+        ]),
+        2,
+        "already holds a checkpoint",
+    );
+}

@@ -63,6 +63,7 @@ pub mod compress;
 pub mod data;
 pub mod error;
 pub mod in_training;
+pub mod interchange;
 pub mod loss_aware;
 pub mod trained;
 
