@@ -278,7 +278,9 @@ fn main() -> ExitCode {
         Command::Sweep(args) => run_reproduce(args, true),
         Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
-        Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out),
+        Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out).map(|()| {
+            println!("wrote {}", out.join("POWERLAW.md").display());
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,10 +52,16 @@ pub fn run(files: &[PathBuf], out: &Path) -> Result<()> {
         let model = CompressedModel::read_file(path)
             .with_context(|| format!("reading {}", path.display()))?;
         let layers = layer_degrees(&model);
+        // `<model dir>_<file stem>`: a reproduction's files of different
+        // models share stems.
         let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
+        let stem = match path.parent().and_then(|p| p.file_name()) {
+            Some(dir) if files.len() > 1 => format!("{}_{stem}", dir.to_string_lossy()),
+            _ => stem,
+        };
         let mut panels = Vec::new();
         for l in &layers {
             let control = l.random_control(CONTROL_SEED);
@@ -88,7 +94,6 @@ pub fn run(files: &[PathBuf], out: &Path) -> Result<()> {
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     write_atomic(&out.join("POWERLAW.md"), report(&rows).as_bytes())?;
-    println!("wrote {}", out.join("POWERLAW.md").display());
     Ok(())
 }
 

@@ -200,6 +200,16 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
     record.write_csv(&opts.out.join("results.csv"))?;
     crate::plot::write_plots(&record, &opts.out.join("plots"))?;
     crate::report::write_report(&record, &opts.out.join("REPORT.md"), "plots")?;
+    // METHOD §14 on the headline file of every method and model.
+    let headline: Vec<PathBuf> = record
+        .points
+        .iter()
+        .filter(|p| p.role == Role::Main)
+        .map(|p| opts.out.join(&p.file))
+        .collect();
+    if !headline.is_empty() {
+        crate::powerlaw::run(&headline, &opts.out.join("powerlaw"))?;
+    }
     Ok(record)
 }
 

@@ -43,9 +43,21 @@ fn smoke_reproduction_writes_every_output_and_resumes() {
         "results.csv",
         "plots/accuracy_vs_compression_lenet-300-100.png",
         "plots/accuracy_vs_compression_lenet-300-100.svg",
+        "powerlaw/POWERLAW.md",
+        "powerlaw/powerlaw.json",
     ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
+    // One CCDF plot per headline file.
+    let ccdfs = std::fs::read_dir(dir.path().join("powerlaw"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("ccdf_lenet-300-100_") && name.ends_with(".png")
+        })
+        .count();
+    assert!(ccdfs >= 3, "{ccdfs} CCDF plots");
     let record = RunRecord::read(&dir.path().join("results.json")).unwrap();
     assert_eq!(record.baselines.len(), 1);
     assert_eq!(record.baselines[0].params, 266_610);
