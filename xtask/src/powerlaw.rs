@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use qgrad_csr::CompressedModel;
-use qgrad_powerlaw::{fit_tail, layer_degrees, Law, LayerDegrees, TailFit};
+use qgrad_powerlaw::{fit_tail, layer_degrees, LayerDegrees, TailFit};
 use serde::Serialize;
 
 use crate::fsutil::{write_atomic, write_atomic_with};
@@ -31,17 +31,6 @@ struct Row {
     /// "file" or "random control".
     mask: &'static str,
     fit: Option<TailFit>,
-}
-
-fn verdict(f: &TailFit, i: usize) -> String {
-    let c = &f.compare[i];
-    let who = match c.favours {
-        Some(Law::PowerLaw) => "power law",
-        Some(Law::Exponential) => "exponential",
-        Some(Law::LogNormal) => "log-normal",
-        None => "neither",
-    };
-    format!("{who} (R {:.1}, p {:.2})", c.ratio, c.p_value)
 }
 
 /// Runs the analysis of `files` into `out`.
@@ -138,8 +127,8 @@ fn report(rows: &[Row]) -> String {
                     f.power_law.gamma,
                     f.power_law.std_err,
                     f.ks_distance,
-                    verdict(f, 0),
-                    verdict(f, 1)
+                    f.compare[0].verdict(),
+                    f.compare[1].verdict()
                 );
             }
             _ => {

@@ -813,15 +813,6 @@ pub fn analyze(args: AnalyzeArgs) -> CliResult<()> {
         "vs exponential",
         "vs log-normal"
     );
-    let verdict = |c: &qgrad_powerlaw::Comparison| {
-        let who = match c.favours {
-            Some(qgrad_powerlaw::Law::PowerLaw) => "power law",
-            Some(qgrad_powerlaw::Law::Exponential) => "exponential",
-            Some(qgrad_powerlaw::Law::LogNormal) => "log-normal",
-            None => "undecided",
-        };
-        format!("{who} (R {:.1}, p {:.2})", c.ratio, c.p_value)
-    };
     for (l, side, degrees, fit) in &rows {
         match fit {
             Some(f) if f.k_min == f.k_max => println!(
@@ -840,8 +831,8 @@ pub fn analyze(args: AnalyzeArgs) -> CliResult<()> {
                 f.power_law.gamma,
                 f.power_law.std_err,
                 f.ks_distance,
-                verdict(&f.compare[0]),
-                verdict(&f.compare[1]),
+                f.compare[0].verdict(),
+                f.compare[1].verdict(),
             ),
             None => println!(
                 "{:<14} {:>4} {:>6}  (too few units with a non-zero degree to fit)",

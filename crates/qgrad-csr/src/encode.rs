@@ -9,9 +9,9 @@ use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    csr_widths, dense_tag_bits, matrix_dims, FileHeader, FileHeaderV1, Layout, LayoutChoice,
-    TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
-    PREFIX_BYTES,
+    choose_layout, csr_widths, dense_tag_bits, matrix_dims, FileHeader, FileHeaderV1, Layout,
+    LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC,
+    MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
 };
 use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
 use crate::model::CompressedModel;
@@ -375,29 +375,7 @@ fn encode_all(
         // A dense tensor must spend at least one bit per element (FORMAT.md),
         // so a tensor without non-zeros is always CSR.
         let dense_ok = nnz > 0;
-        let (header, _) = match options.layout {
-            LayoutChoice::Csr => candidate(Layout::Csr)?,
-            LayoutChoice::CsrRice => candidate(Layout::CsrRice)?,
-            LayoutChoice::Dense if dense_ok => candidate(Layout::Dense)?,
-            LayoutChoice::Dense => candidate(Layout::Csr)?,
-            LayoutChoice::Auto => {
-                // Whole bytes of the tensor in the file: header entry + payload.
-                let mut best = candidate(Layout::Csr)?;
-                if dense_ok {
-                    let dense = candidate(Layout::Dense)?;
-                    if dense.1 < best.1 {
-                        best = dense;
-                    }
-                }
-                if allow_rice {
-                    let rice = candidate(Layout::CsrRice)?;
-                    if rice.1 < best.1 {
-                        best = rice;
-                    }
-                }
-                best
-            }
-        };
+        let (header, _) = choose_layout(options.layout, dense_ok, allow_rice, candidate)?;
         let payload = write_payload(&q, &header.width_table, header.layout);
         debug_assert_eq!(payload.len() as u64, header.payload_bytes);
         headers.push(TensorEntry::Fixed(header));

@@ -57,6 +57,37 @@ pub enum LayoutChoice {
     Dense,
 }
 
+/// The candidate `choice` asks for, `candidate(layout)` giving a header and
+/// the tensor's bytes in the file: under `Auto` the smallest of CSR, dense
+/// (when `dense_ok`) and layout 2 (when `allow_rice`), earlier on a tie.
+/// Both encoders (fixed and scaled) choose through this one rule.
+pub(crate) fn choose_layout<H, E>(
+    choice: LayoutChoice,
+    dense_ok: bool,
+    allow_rice: bool,
+    mut candidate: impl FnMut(Layout) -> Result<(H, usize), E>,
+) -> Result<(H, usize), E> {
+    match choice {
+        LayoutChoice::Csr => candidate(Layout::Csr),
+        LayoutChoice::CsrRice => candidate(Layout::CsrRice),
+        LayoutChoice::Dense if dense_ok => candidate(Layout::Dense),
+        LayoutChoice::Dense => candidate(Layout::Csr),
+        LayoutChoice::Auto => {
+            let mut best = candidate(Layout::Csr)?;
+            let others = [(dense_ok, Layout::Dense), (allow_rice, Layout::CsrRice)];
+            for (wanted, layout) in others {
+                if wanted {
+                    let c = candidate(layout)?;
+                    if c.1 < best.1 {
+                        best = c;
+                    }
+                }
+            }
+            Ok(best)
+        }
+    }
+}
+
 /// The level function of a scaled tensor: what an integer code `k`
 /// (`|k| <= n`, `n` the tensor's `max_code`) means before scaling.
 /// Identical to `qgrad_scaled::Method::level`.

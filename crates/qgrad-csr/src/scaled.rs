@@ -10,8 +10,8 @@ use qgrad_fixed::BitReader;
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    bits_for, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits, Layout, LayoutChoice,
-    LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
+    bits_for, choose_layout, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits, Layout,
+    LayoutChoice, LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
 };
 use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
 use crate::model::{finish_payload, read_csr_index, CompressedTensor, Kind};
@@ -313,25 +313,8 @@ pub(crate) fn encode_scaled(
         let total = header_len + header.payload_bytes as usize;
         Ok((header, total))
     };
-    let (header, _) = match choice {
-        LayoutChoice::Csr => candidate(Layout::Csr)?,
-        LayoutChoice::CsrRice => candidate(Layout::CsrRice)?,
-        LayoutChoice::Dense => candidate(Layout::Dense)?,
-        LayoutChoice::Auto => {
-            let mut best = candidate(Layout::Csr)?;
-            let dense = candidate(Layout::Dense)?;
-            if dense.1 < best.1 {
-                best = dense;
-            }
-            if allow_rice {
-                let rice = candidate(Layout::CsrRice)?;
-                if rice.1 < best.1 {
-                    best = rice;
-                }
-            }
-            best
-        }
-    };
+    // Any number of non-zeros may be dense for a scaled tensor.
+    let (header, _) = choose_layout(choice, true, allow_rice, candidate)?;
     let bits = payload_bits(
         header.layout,
         t.levels,

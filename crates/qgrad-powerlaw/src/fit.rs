@@ -67,6 +67,20 @@ pub struct Comparison {
     pub favours: Option<Law>,
 }
 
+impl Comparison {
+    /// "power law (R 3.1, p 0.02)": the favoured law (or "neither") with
+    /// the statistic and p-value.
+    pub fn verdict(&self) -> String {
+        let who = match self.favours {
+            Some(Law::PowerLaw) => "power law",
+            Some(Law::Exponential) => "exponential",
+            Some(Law::LogNormal) => "log-normal",
+            None => "neither",
+        };
+        format!("{who} (R {:.1}, p {:.2})", self.ratio, self.p_value)
+    }
+}
+
 /// The fits of one degree sequence.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TailFit {

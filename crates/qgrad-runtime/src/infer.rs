@@ -325,37 +325,29 @@ struct BatchNormParams {
 
 /// `(x - mean) * (gamma / sqrt(var + eps)) + beta`, in this order of f32
 /// operations (the candle side does the same).
-fn batch_norm_host(
-    mut x: Activations,
-    channels: usize,
-    bn: &BatchNormParams,
-) -> Result<Activations> {
-    if x.shape.first() != Some(&channels) {
-        return Err(invalid(format!(
-            "batch norm over {channels} channels got activations of shape {:?}",
-            x.shape
-        )));
-    }
-    let plane: usize = x.shape[1..].iter().product();
+fn batch_norm_host(x: Activations, channels: usize, bn: &BatchNormParams) -> Result<Activations> {
     let scale: Vec<f32> = (0..channels)
         .map(|c| bn.gamma[c] / (bn.var[c] + BN_EPS).sqrt())
         .collect();
-    for sample in x.values.chunks_exact_mut(channels * plane) {
-        for (c, channel) in sample.chunks_exact_mut(plane).enumerate() {
-            for v in channel {
-                *v = (*v - bn.mean[c]) * scale[c] + bn.beta[c];
-            }
-        }
-    }
-    Ok(x)
+    per_channel(x, channels, |c, v| (v - bn.mean[c]) * scale[c] + bn.beta[c])
 }
 
 /// `x · scale + shift` per channel ([`crate::fold_batch_norm`]), in f32.
 fn folded_batch_norm_host(
-    mut x: Activations,
+    x: Activations,
     channels: usize,
     scale: &[f32],
     shift: &[f32],
+) -> Result<Activations> {
+    per_channel(x, channels, |c, v| v * scale[c] + shift[c])
+}
+
+/// Applies `f(channel, value)` to every element of `channels`-channel
+/// activations (the shapes were checked against the file's tensors).
+fn per_channel(
+    mut x: Activations,
+    channels: usize,
+    f: impl Fn(usize, f32) -> f32,
 ) -> Result<Activations> {
     if x.shape.first() != Some(&channels) {
         return Err(invalid(format!(
@@ -367,7 +359,7 @@ fn folded_batch_norm_host(
     for sample in x.values.chunks_exact_mut(channels * plane) {
         for (c, channel) in sample.chunks_exact_mut(plane).enumerate() {
             for v in channel {
-                *v = *v * scale[c] + shift[c];
+                *v = f(c, *v);
             }
         }
     }

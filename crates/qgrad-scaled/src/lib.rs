@@ -297,12 +297,7 @@ pub fn quantize(
             return Err(ScaledError::NotFinite("the curvature"));
         }
     }
-    if groups == 0 || w.len() % groups != 0 {
-        return Err(ScaledError::Shape(format!(
-            "{} weights do not split into {groups} equal groups",
-            w.len()
-        )));
-    }
+    check_groups(w.len(), groups)?;
     let warm = warm.filter(|q| q.codes.len() == w.len());
     let per = w.len() / groups;
     let spg = method.scales_per_group();
@@ -330,6 +325,16 @@ pub fn quantize(
         out.scales.extend(scales);
     }
     Ok(out)
+}
+
+/// `n` elements split into `groups` equal groups, or an error.
+pub(crate) fn check_groups(n: usize, groups: usize) -> Result<()> {
+    if groups == 0 || n % groups != 0 {
+        return Err(ScaledError::Shape(format!(
+            "{n} weights do not split into {groups} equal groups"
+        )));
+    }
+    Ok(())
 }
 
 /// TerConnect's stochastic codes: element `i` is `sign(W_i)` when

@@ -95,12 +95,7 @@ pub fn quantize_sparse(
     if score.iter().any(|s| !s.is_finite()) {
         return Err(ScaledError::NotFinite("the scores"));
     }
-    if groups == 0 || w.len() % groups != 0 {
-        return Err(ScaledError::Shape(format!(
-            "{} weights do not split into {groups} equal groups",
-            w.len()
-        )));
-    }
+    crate::check_groups(w.len(), groups)?;
     let keep = keep.min(w.len());
     if keep == w.len() {
         return quantize(method, w, d, groups, warm);
