@@ -16,6 +16,7 @@
 //! interrupted run never leaves a half-written file under a final name — which
 //! is also what makes `reproduce` safely resumable.
 
+pub mod continual;
 pub mod download;
 pub mod fsutil;
 mod loss_aware;

@@ -36,6 +36,32 @@ enum Command {
     },
     /// Side-by-side training benchmark against PyTorch.
     BenchTrain(bench_train::BenchTrainArgs),
+    /// Continual learning by growing a pruned MLP (METHOD §14): split MNIST
+    /// into five tasks, random growth against internal preferential
+    /// attachment; CONTINUAL.md and continual.json.
+    Continual {
+        /// MNIST folder [default: datasets/mnist-mini].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// The output folder.
+        #[arg(long, value_name = "DIR", default_value = "runs/continual")]
+        out: PathBuf,
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        /// New connections per round.
+        #[arg(long, default_value_t = 4000)]
+        grow: usize,
+        /// Rounds per task at most.
+        #[arg(long, default_value_t = 8)]
+        max_rounds: usize,
+        /// A task's target accuracy (over its two classes).
+        #[arg(long, default_value_t = 0.97)]
+        target: f64,
+        /// Training images per task (default: all of them).
+        #[arg(long)]
+        train_per_task: Option<usize>,
+    },
     /// The power law of pruned networks (METHOD §14) over compressed files,
     /// with a random-mask control: POWERLAW.md, powerlaw.json and one
     /// log-log CCDF plot per file.
@@ -278,6 +304,24 @@ fn main() -> ExitCode {
         Command::Sweep(args) => run_reproduce(args, true),
         Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
+        Command::Continual {
+            data,
+            out,
+            seeds,
+            grow,
+            max_rounds,
+            target,
+            train_per_task,
+        } => xtask::continual::run(&xtask::continual::ContinualOptions {
+            data: data.unwrap_or_else(|| xtask::continual::default_data(&xtask::repo_root())),
+            out: out.clone(),
+            seeds,
+            grow,
+            max_rounds,
+            target,
+            train_per_task,
+        })
+        .map(|()| println!("wrote {}", out.join("CONTINUAL.md").display())),
         Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out).map(|()| {
             println!("wrote {}", out.join("POWERLAW.md").display());
         }),
