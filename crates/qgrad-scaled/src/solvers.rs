@@ -179,16 +179,16 @@ fn two_sided(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8>, Vec<
 }
 
 /// The code of the level nearest to `x` (already clipped to [−1, 1]); ties
-/// go to the smaller magnitude.
-fn nearest_code(method: Method, x: f64) -> i8 {
-    let n = method.max_code();
+/// go to the smaller magnitude. `levels[k]` is `method.level(k)` as f64 for
+/// `k` in `0..=n`, computed once per call of the solver: the 10-million
+/// weights of the reference MLP make this the inner loop of a training step.
+fn nearest_code(levels: &[f64], x: f64) -> i8 {
     let mut best = 0i8;
     let mut best_dist = x.abs();
-    for k in 1..=n {
-        let level = method.level(k) as f64;
+    for (k, &level) in levels.iter().enumerate().skip(1) {
         let dist = (x.abs() - level).abs();
         if dist < best_dist {
-            best = k;
+            best = k as i8;
             best_dist = dist;
         }
     }
@@ -204,12 +204,15 @@ fn nearest_code(method: Method, x: f64) -> i8 {
 /// [`TOL`], at most [`MAX_ROUNDS`] rounds; the returned α is optimal for the
 /// returned codes.
 fn laq(method: Method, w: &[f32], d: &[f32], mut alpha: f64) -> (Vec<i8>, f32) {
+    let levels: Vec<f64> = (0..=method.max_code())
+        .map(|k| method.level(k) as f64)
+        .collect();
     let codes_for = |alpha: f64| -> Vec<i8> {
         if alpha <= 0.0 {
             return vec![0; w.len()];
         }
         w.iter()
-            .map(|&x| nearest_code(method, (x as f64 / alpha).clamp(-1.0, 1.0)))
+            .map(|&x| nearest_code(&levels, (x as f64 / alpha).clamp(-1.0, 1.0)))
             .collect()
     };
     let alpha_for = |codes: &[i8]| -> f64 {
@@ -218,7 +221,8 @@ fn laq(method: Method, w: &[f32], d: &[f32], mut alpha: f64) -> (Vec<i8>, f32) {
             .zip(d)
             .zip(codes)
             .fold((0f64, 0f64), |(n, s), ((&w, &d), &c)| {
-                let b = method.level(c) as f64;
+                // level(−k) = −level(k).
+                let b = levels[c.unsigned_abs() as usize] * f64::from(c.signum());
                 (n + d as f64 * b * w as f64, s + d as f64 * b * b)
             });
         if den > 0.0 {
