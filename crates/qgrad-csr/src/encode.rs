@@ -319,10 +319,16 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
 /// the tensor, never a panic.
 pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Result<Vec<u8>> {
     let with_rice = encode_all(tensors, options, true)?;
-    if options.layout == LayoutChoice::Auto && with_rice[8..12] == FORMAT_VERSION.to_le_bytes() {
+    let all_fixed = tensors.iter().all(|t| matches!(t, TensorInput::Fixed(_)));
+    if options.layout == LayoutChoice::Auto
+        && all_fixed
+        && with_rice[8..12] == FORMAT_VERSION.to_le_bytes()
+    {
         // Version 3's header spends a kind byte on every tensor entry that
         // version 1 does not: keep the older version when layout 2 saves
-        // less than that (the smaller file wins, the older on a tie).
+        // less than that (the smaller file wins, the older on a tie). With a
+        // scaled tensor the alternative is version 2, whose header is the
+        // same size, so there is nothing to compare.
         let without = encode_all(tensors, options, false)?;
         if without.len() <= with_rice.len() {
             return Ok(without);

@@ -315,17 +315,7 @@ pub(crate) fn encode_scaled(
     };
     // Any number of non-zeros may be dense for a scaled tensor.
     let (header, _) = choose_layout(choice, true, allow_rice, candidate)?;
-    let bits = payload_bits(
-        header.layout,
-        t.levels,
-        n,
-        rows,
-        cols,
-        nnz,
-        expected as u64,
-        rice_bits,
-    );
-    let mut w = qgrad_fixed::BitWriter::with_capacity_bits(bits as usize);
+    let mut w = qgrad_fixed::BitWriter::with_capacity_bits(8 * header.payload_bytes as usize);
     match header.layout {
         Layout::Dense => {
             let d = scaled_dense_code_bits(t.levels, n);

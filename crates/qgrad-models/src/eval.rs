@@ -37,10 +37,9 @@ fn invalid(message: impl Into<String>) -> ModelsError {
 /// dequantized values as f64 (exact).
 pub fn quantize_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
     let n = x.dim(0)?;
-    // On the host: candle 0.11's scalar `clamp` on a large tensor spends most
-    // of its time faulting in fresh pages (one allocation per work unit),
-    // which made this twin of the integer evaluator the slowest part of an
-    // export of the 2048-wide MLP. The arithmetic is the same f64 sequence.
+    // One host pass per sample (exponent, scale, round, clamp) instead of
+    // five candle ops each allocating a full f64 tensor; the arithmetic is
+    // the same f64 sequence as the integer evaluator's.
     let values: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let per_sample = values.len().checked_div(n).unwrap_or(0);
     let lo = -(2f64.powi(bits as i32 - 1));

@@ -393,12 +393,9 @@ impl TrainHook for LossAwareHook {
         }
         for name in &self.names {
             if let Some(var) = state.network.parameter(name) {
-                // On the host: candle 0.11's scalar `clamp` of a large
-                // tensor is dominated by page faults (see eval.rs).
-                let t = var.as_tensor();
-                let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                let w: Vec<f32> = w.into_iter().map(|v| v.clamp(-1.0, 1.0)).collect();
-                var.set(&Tensor::from_vec(w, t.shape(), t.device())?)?;
+                // On the weight's device: no host copy in the training step.
+                let clipped = var.as_tensor().detach().clamp(-1f32, 1f32)?;
+                var.set(&clipped)?;
             }
         }
         Ok(())
