@@ -13,7 +13,9 @@ fn weights_and_curvature(max_len: usize) -> impl Strategy<Value = (Vec<f32>, Vec
     (1..=max_len).prop_flat_map(|n| {
         (
             prop::collection::vec(-1.0f32..1.0, n),
-            prop::collection::vec(0.01f32..10.0, n),
+            // 0.01 ..= 10.0 in steps of 0.01: proptest 1.12's f32 range
+            // sampler trips its own assertion on `0.01f32..10.0` now and then.
+            prop::collection::vec((1u32..=1000).prop_map(|k| k as f32 / 100.0), n),
         )
     })
 }
