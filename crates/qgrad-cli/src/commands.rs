@@ -30,7 +30,7 @@ use crate::{
     RepackArgs, TrainArgs, TrainingArgs,
 };
 
-fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
+pub(crate) fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
     let dir = resolve_data_dir(arch, args.data.as_deref())?;
     Ok(load_datasets(
         arch,
@@ -40,7 +40,7 @@ fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
     )?)
 }
 
-fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
+pub(crate) fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     let mut config = TrainConfig::default_for(arch);
     config.seed = args.seed;
     if let Some(e) = args.epochs {
@@ -65,18 +65,18 @@ fn training_config(arch: Arch, args: &TrainingArgs) -> CliResult<TrainConfig> {
     Ok(config)
 }
 
-fn pct(x: f64) -> String {
+pub(crate) fn pct(x: f64) -> String {
     format!("{:.2} %", 100.0 * x)
 }
 
-fn print_json<T: Serialize>(value: &T) -> CliResult<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> CliResult<()> {
     let text = serde_json::to_string_pretty(value).runtime("cannot format the JSON output")?;
     println!("{text}");
     Ok(())
 }
 
 /// Prints each finished epoch on stderr (the training loop's last stage).
-struct EpochPrinter;
+pub(crate) struct EpochPrinter;
 
 impl TrainHook for EpochPrinter {
     fn name(&self) -> &'static str {

@@ -13,6 +13,7 @@
 //! cause chain; the program never panics on user input.
 
 mod commands;
+mod parallel;
 mod failure;
 
 use std::path::PathBuf;
@@ -50,6 +51,16 @@ enum Command {
     /// gradients, optimizer state) into a directory; rerunning resumes.
     #[command(after_help = EXIT_CODES)]
     Train(TrainArgs),
+    /// Data-parallel training (METHOD §12): every rank computes its shard of
+    /// each mini-batch, quantizes its gradient to --grad-bits per element
+    /// (stochastic rounding, one scale per --bucket elements) and all ranks
+    /// average the exchanged gradients. Ranks are MPI processes (`mpirun -np
+    /// N qgrad train-parallel --engine mpi ...`, in a build with the `mpi`
+    /// feature) or threads of this process (--engine threads:N, the same
+    /// bits as mpirun -np N). Adam at lr 0.001 unless --optimizer/--lr say
+    /// otherwise.
+    #[command(after_help = EXIT_CODES)]
+    TrainParallel(ParallelArgs),
     /// Quantize a network with one of the three methods and write the
     /// compressed file; reports ratio and accuracy (float, quantized in candle,
     /// and from the file with integer kernels).
@@ -381,6 +392,46 @@ struct OutputArgs {
 }
 
 #[derive(Args, Debug)]
+struct ParallelArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The weights every rank trains: float, or a quantizer of `quantize
+    /// loss-aware` (lab, laq3, twn, ...).
+    #[arg(long, default_value = "float")]
+    weights: String,
+    /// Bits per gradient element on the wire: 32 (an f32 all-reduce) or
+    /// 2..=8 (stochastic rounding).
+    #[arg(long, default_value_t = 32)]
+    grad_bits: u8,
+    /// Elements per gradient scale (bucket length d).
+    #[arg(long, default_value_t = 512)]
+    bucket: usize,
+    /// Clip every bucket at ±C·σ before quantizing.
+    #[arg(long, value_name = "C")]
+    clip: Option<f32>,
+    /// The ranks: mpi (the processes of mpirun) or threads:N (N ranks in
+    /// this process).
+    #[arg(long, default_value = "threads:1")]
+    engine: String,
+    /// Seconds a rank waits for the others in one exchange before the job
+    /// ends with an error (a rank died or hung).
+    #[arg(long, default_value_t = 120.0)]
+    peer_timeout: f64,
+    /// Shared checkpoint folder: rank 0 writes it after every epoch, every
+    /// rank resumes from it (on any number of ranks).
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Write every step's training loss, timings and bytes sent as CSV.
+    #[arg(long, value_name = "FILE")]
+    steps_csv: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Print one JSON document on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct TrainArgs {
     #[command(flatten)]
     training: TrainingArgs,
@@ -523,6 +574,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train(args),
+        Command::TrainParallel(args) => parallel::train_parallel(args),
         Command::Quantize(QuantizeCommand::Post(args)) => commands::post(args),
         Command::Quantize(QuantizeCommand::InTraining(args)) => commands::in_training(args),
         Command::Quantize(QuantizeCommand::Combined(args)) => commands::combined(args),

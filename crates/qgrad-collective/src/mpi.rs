@@ -54,6 +54,13 @@ impl MpiWorld {
         })
     }
 
+    /// Ends every rank of the job now (`MPI_Abort`) with `code`: what a rank
+    /// does after a failure of its own, so that the others do not wait for
+    /// it.
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+
     /// Polls `test` until it reports completion; past the deadline, prints
     /// why and aborts the job.
     fn wait(&self, what: &str, mut test: impl FnMut() -> bool) {

@@ -30,6 +30,10 @@ pub enum ModelsError {
     /// The optimizer rejected a setting or a state tensor.
     #[error("optimizer: {0}")]
     Optim(#[from] qgrad_optim::OptimError),
+    /// The data-parallel gradient exchange failed (a rank diverged, died,
+    /// or was started with other settings).
+    #[error(transparent)]
+    Collective(#[from] qgrad_collective::CollectiveError),
     /// The file system refused.
     #[error("I/O error on {path}: {source}")]
     Io {

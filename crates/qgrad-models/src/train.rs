@@ -7,14 +7,18 @@
 //! A [`TrainHook`] may act at each of these points, in this order; hooks run
 //! in the order they are given, at every stage:
 //!
+//! 0. **shard** ([`TrainHook::batch_shard`]): the part of the mini-batch this
+//!    process computes (data-parallel training: each rank its own shard;
+//!    otherwise the whole batch);
 //! 1. **forward weights** ([`TrainHook::forward_weights`]): weights the
 //!    forward pass uses instead of the parameters (quantized weights with a
 //!    straight-through gradient; the per-epoch evaluation asks
 //!    [`TrainHook::eval_weights`] instead);
 //! 2. forward, cross-entropy, backward;
-//! 3. **gradients** ([`TrainHook::transform_gradients`]): the gradients may
-//!    be replaced before anything reads them (a quantized all-reduce across
-//!    processes, clipping);
+//! 3. **gradients** ([`TrainHook::transform_gradients`]): the gradients (and
+//!    the step's loss) may be replaced before anything reads them (the
+//!    data-parallel exchange of METHOD §12 puts the average over the ranks
+//!    there, clipping could);
 //! 4. **observe** ([`TrainHook::observe_gradients`]): the final gradients are
 //!    read. The accumulated-gradient bookkeeping of METHOD §1 is the observer
 //!    [`AccumulateGradients`], which [`train`] always runs after the given
@@ -274,8 +278,29 @@ pub trait TrainHook {
         Ok(())
     }
 
-    /// Stage 3: replace or change the gradients before anything reads them.
-    fn transform_gradients(&mut self, _grads: &mut GradStore, _state: &TrainState) -> Result<()> {
+    /// Stage 0: the part (indices into the mini-batch's `batch`) that this
+    /// process computes; the whole batch unless a hook says otherwise. The
+    /// step's loss still counts for the whole batch: a hook that shards
+    /// also replaces the loss by the batch's mean at stage 3.
+    fn batch_shard(&mut self, batch: std::ops::Range<usize>) -> Result<std::ops::Range<usize>> {
+        Ok(batch)
+    }
+
+    /// Whether this process writes the run's checkpoints (data-parallel
+    /// training: rank 0 only). Every hook must agree for a checkpoint to be
+    /// written.
+    fn writes_checkpoints(&self) -> bool {
+        true
+    }
+
+    /// Stage 3: replace or change the gradients (and the step's mean loss)
+    /// before anything reads them.
+    fn transform_gradients(
+        &mut self,
+        _grads: &mut GradStore,
+        _loss: &mut Tensor,
+        _state: &TrainState,
+    ) -> Result<()> {
         Ok(())
     }
 
@@ -496,10 +521,10 @@ impl TrainState {
         }
         let logits = self.network.forward_with(x, true, &overrides)?;
         drop(overrides);
-        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+        let mut loss = candle_nn::loss::cross_entropy(&logits, labels)?;
         let mut grads = loss.backward()?;
         for h in hooks.iter_mut() {
-            h.transform_gradients(&mut grads, self)?;
+            h.transform_gradients(&mut grads, &mut loss, self)?;
         }
         for h in hooks.iter_mut() {
             h.observe_gradients(&grads, self)?;
@@ -589,9 +614,19 @@ pub fn train(
         let mut loss_sum = Tensor::zeros((), DType::F32, &device)?;
         let mut images = 0usize;
         for (step, idx) in batches.iter().enumerate() {
-            let labels = train_data.gather(idx, &norm, config.augment, &mut aug_rng, &mut buf);
-            let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &device)?;
-            let y = Tensor::from_vec(labels, idx.len(), &device)?;
+            let mut shard = 0..idx.len();
+            for h in hooks.iter_mut() {
+                shard = h.batch_shard(shard)?;
+            }
+            let local = idx.get(shard.clone()).filter(|l| !l.is_empty()).ok_or_else(|| {
+                ModelsError::Config(format!(
+                    "the shard {shard:?} of a batch of {} images is empty or out of range",
+                    idx.len()
+                ))
+            })?;
+            let labels = train_data.gather(local, &norm, config.augment, &mut aug_rng, &mut buf);
+            let x = Tensor::from_slice(&buf, (local.len(), c, h, w), &device)?;
+            let y = Tensor::from_vec(labels, local.len(), &device)?;
             let loss = state.train_step_with(&x, &y, lr, hooks)?;
             loss_sum = (loss_sum + loss.affine(idx.len() as f64, 0.0)?)?;
             images += idx.len();
@@ -643,7 +678,9 @@ pub fn train(
             }
         }
         if let Some(dir) = &config.checkpoint_dir {
-            save_in_dir(state, config, &norm, dir)?;
+            if hooks.iter().all(|h| h.writes_checkpoints()) {
+                save_in_dir(state, config, &norm, dir)?;
+            }
         }
         if let Some(stats) = state.history.last().cloned() {
             for h in hooks.iter_mut() {

@@ -86,6 +86,10 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result
 pub(crate) fn training(e: qgrad_models::ModelsError, context: &str) -> PipelineError {
     match e {
         qgrad_models::ModelsError::Config(m) => PipelineError::Usage(m),
+        // Ranks started with different options: the user's to fix.
+        e @ qgrad_models::ModelsError::Collective(
+            qgrad_collective::CollectiveError::ConfigMismatch { .. },
+        ) => PipelineError::Usage(e.to_string()),
         e @ (qgrad_models::ModelsError::Checkpoint { .. } | qgrad_models::ModelsError::Data(_)) => {
             PipelineError::Input {
                 context: context.to_string(),

@@ -61,6 +61,7 @@
 
 pub mod compress;
 pub mod data;
+pub mod data_parallel;
 pub mod error;
 pub mod in_training;
 pub mod interchange;
@@ -75,6 +76,9 @@ use candle_core::Device;
 pub use compress::{
     compress_combined, compress_in_training, compress_loss_aware, compress_post_training,
     export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
+};
+pub use data_parallel::{
+    run_data_parallel, DataParallelOutcome, DataParallelRun, ParallelWeights, Resumed,
 };
 pub use error::{FailureKind, PipelineError, Result};
 pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, MethodRun, Start};

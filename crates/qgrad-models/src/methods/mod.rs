@@ -50,6 +50,7 @@
 //!   freezing its own fraction `p` of its float elements.
 
 pub mod combined;
+pub mod data_parallel;
 pub mod in_training;
 pub mod loss_aware;
 pub mod post_training;
@@ -67,6 +68,7 @@ use crate::train::TrainState;
 use crate::NamedTensor;
 
 pub use combined::{combined, CombinedOptions};
+pub use data_parallel::{DataParallelHook, StepRecord};
 pub use in_training::{
     FractionSchedule, InTrainingHook, InTrainingOptions, InTrainingQuantizer, InTrainingState,
     SplitOutcome,
