@@ -15,6 +15,7 @@
 
 pub use qgrad_accum as accum;
 pub use qgrad_cluster as cluster;
+pub use qgrad_collective as collective;
 pub use qgrad_csr as csr;
 pub use qgrad_data as data;
 pub use qgrad_fixed as fixed;

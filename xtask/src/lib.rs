@@ -17,6 +17,7 @@
 //! is also what makes `reproduce` safely resumable.
 
 pub mod continual;
+pub mod data_parallel;
 pub mod download;
 pub mod fsutil;
 mod loss_aware;
@@ -39,4 +40,18 @@ pub fn repo_root() -> PathBuf {
 /// `datasets/` in the repository.
 pub fn default_data_dir() -> PathBuf {
     repo_root().join("datasets")
+}
+
+/// The processor model as `/proc/cpuinfo` names it (printed beside every
+/// speed figure), or "unknown processor".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown processor".into())
 }

@@ -62,6 +62,13 @@ enum Command {
         #[arg(long)]
         train_per_task: Option<usize>,
     },
+    /// Data-parallel training with quantized gradients (METHOD §12): the
+    /// accuracy and bytes of f32 against m-bit gradients (with and without
+    /// clipping, float and loss-aware weights), convergence curves, narrow
+    /// against wide layers, and with --timing the time per step under
+    /// mpirun at 1, 2 and 4 ranks with a projection to 8–64 machines;
+    /// DATA_PARALLEL.md, results.json and plots.
+    DataParallel(DataParallelArgs),
     /// The power law of pruned networks (METHOD §14) over compressed files,
     /// with a random-mask control: POWERLAW.md, powerlaw.json and one
     /// log-log CCDF plot per file.
@@ -73,6 +80,50 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "runs/powerlaw")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct DataParallelArgs {
+    /// MNIST folder [default: datasets/mnist, else datasets/mnist-mini].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The output folder.
+    #[arg(long, value_name = "DIR", default_value = "runs/data-parallel")]
+    out: PathBuf,
+    /// Networks of the grid, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "lenet-5")]
+    models: Vec<String>,
+    /// Weights: float and/or quantizer names, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "float,lab")]
+    weights: Vec<String>,
+    /// Gradient widths besides f32, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "8,4,3,2")]
+    bits: Vec<u8>,
+    /// Epochs per run.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// In-process ranks.
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
+    /// Stop each epoch after N steps.
+    #[arg(long, value_name = "N")]
+    max_batches: Option<usize>,
+    /// Train on the first N images only.
+    #[arg(long, value_name = "N")]
+    train_limit: Option<usize>,
+    /// Skip the narrow-against-wide comparison.
+    #[arg(long)]
+    no_dimension: bool,
+    /// Time steps under mpirun with this qgrad binary (built with
+    /// `cargo build --release -p qgrad-cli --features mpi`).
+    #[arg(long, value_name = "QGRAD")]
+    timing: Option<PathBuf>,
+    /// Only the timing (with --timing); the report keeps what is there.
+    #[arg(long, requires = "timing")]
+    timing_only: bool,
+    /// Train nothing: write the report of the runs already in --out.
+    #[arg(long)]
+    report_only: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -292,6 +343,46 @@ fn run_download(args: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_data_parallel(a: DataParallelArgs) -> anyhow::Result<()> {
+    let root = xtask::repo_root();
+    let data = a.data.unwrap_or_else(|| {
+        let full = root.join("datasets/mnist");
+        if full.join("train-images-idx3-ubyte.gz").is_file()
+            || full.join("train-images-idx3-ubyte").is_file()
+        {
+            full
+        } else {
+            root.join("datasets/mnist-mini")
+        }
+    });
+    let models = a
+        .models
+        .iter()
+        .filter(|_| !a.timing_only)
+        .map(|m| {
+            m.parse::<qgrad_models::Arch>()
+                .map_err(|e| anyhow::anyhow!("--models: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = xtask::data_parallel::DataParallelOptions {
+        data,
+        out: a.out.clone(),
+        models,
+        weights: a.weights,
+        bits: a.bits,
+        epochs: a.epochs,
+        ranks: a.ranks,
+        max_batches: a.max_batches,
+        train_limit: a.train_limit,
+        dimension: !a.no_dimension && !a.timing_only,
+        timing: a.timing,
+        report_only: a.report_only,
+    };
+    xtask::data_parallel::run(&opts)?;
+    println!("wrote {}", a.out.join("DATA_PARALLEL.md").display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // Keep freed buffers mapped and candle's spinning pool off rayon's cores
     // (measurements in qgrad_ops::prepare_cpu_training_process); before any
@@ -322,6 +413,7 @@ fn main() -> ExitCode {
             train_per_task,
         })
         .map(|()| println!("wrote {}", out.join("CONTINUAL.md").display())),
+        Command::DataParallel(a) => run_data_parallel(a),
         Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out).map(|()| {
             println!("wrote {}", out.join("POWERLAW.md").display());
         }),

@@ -13,8 +13,8 @@
 //! cause chain; the program never panics on user input.
 
 mod commands;
-mod parallel;
 mod failure;
+mod parallel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -5,7 +5,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use qgrad_collective::{Collective, CollectiveError, GradientExchange, StochasticQuantizer, ThreadGroup};
+use qgrad_collective::{
+    Collective, CollectiveError, GradientExchange, StochasticQuantizer, ThreadGroup,
+};
 use qgrad_data::Dataset;
 use qgrad_models::methods::LossAwareOptions;
 use qgrad_models::train::OptimizerKind;
@@ -158,7 +160,9 @@ fn run_rank(
 pub fn train_parallel(args: ParallelArgs) -> CliResult<()> {
     let engine = parse_engine(&args.engine)?;
     if !(args.peer_timeout.is_finite() && args.peer_timeout > 0.0) {
-        return Err(Failure::usage("--peer-timeout must be a positive number of seconds"));
+        return Err(Failure::usage(
+            "--peer-timeout must be a positive number of seconds",
+        ));
     }
     let timeout = Duration::from_secs_f64(args.peer_timeout);
     match engine {
@@ -211,8 +215,7 @@ pub fn train_parallel(args: ParallelArgs) -> CliResult<()> {
 
 #[cfg(feature = "mpi")]
 fn run_mpi(args: &ParallelArgs, timeout: Duration) -> CliResult<()> {
-    let mut world =
-        qgrad_collective::MpiWorld::init(timeout).runtime("cannot start MPI")?;
+    let mut world = qgrad_collective::MpiWorld::init(timeout).runtime("cannot start MPI")?;
     let (rank, size) = (world.rank(), world.size());
     let tag = |f: Failure| Failure::new(f.code, f.error.context(format!("rank {rank} of {size}")));
     let prepared = match prepare(args) {
@@ -276,7 +279,10 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
                 "resumed after epoch {} from a checkpoint written by {k} rank(s), continued on {}",
                 r.after_epoch, o.ranks
             ),
-            Some(k) => eprintln!("resumed after epoch {} ({k} rank(s), as before)", r.after_epoch),
+            Some(k) => eprintln!(
+                "resumed after epoch {} ({k} rank(s), as before)",
+                r.after_epoch
+            ),
             None => eprintln!(
                 "resumed after epoch {} from a checkpoint of a single-process run",
                 r.after_epoch
@@ -323,7 +329,10 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
     }
     println!("model             {}", o.state.network.arch);
     println!("weights           {}", args.weights);
-    println!("gradients         {exchange} ({:.4} bits per element)", o.exchange.bits_per_element());
+    println!(
+        "gradients         {exchange} ({:.4} bits per element)",
+        o.exchange.bits_per_element()
+    );
     println!("engine            {}", o.engine);
     if let Some(a) = accuracy {
         println!("test accuracy     {}", pct(a));

@@ -70,17 +70,26 @@ fn simulated_ranks_train_report_and_repeat_their_bits() {
     assert!(f32_bytes / measured >= 15.0, "{f32_bytes} / {measured}");
     assert!(a["test_accuracy"].as_f64().unwrap() > 0.3);
     // Loss-aware weights train on the ranks too.
-    let lab = json_of(&qgrad(&short_run("threads:2", &["--weights", "lab", "--grad-bits", "3"])));
+    let lab = json_of(&qgrad(&short_run(
+        "threads:2",
+        &["--weights", "lab", "--grad-bits", "3"],
+    )));
     assert_eq!(lab["weights"], "lab");
     assert!(lab["test_accuracy"].as_f64().unwrap() > 0.2);
 }
 
 #[test]
 fn bad_options_are_usage_errors() {
-    assert_usage_error(&qgrad(&short_run("threads:2", &["--grad-bits", "9"])), "2..=8");
+    assert_usage_error(
+        &qgrad(&short_run("threads:2", &["--grad-bits", "9"])),
+        "2..=8",
+    );
     assert_usage_error(&qgrad(&short_run("threads:2", &["--clip", "2"])), "--clip");
     assert_usage_error(&qgrad(&short_run("threads:0", &[])), "threads:N");
-    assert_usage_error(&qgrad(&short_run("threads:2", &["--weights", "lab7"])), "--weights");
+    assert_usage_error(
+        &qgrad(&short_run("threads:2", &["--weights", "lab7"])),
+        "--weights",
+    );
     let mut one = short_run("threads:2", &[]);
     let at = one.iter().position(|a| a == "64").unwrap();
     one[at] = "1".into();
@@ -115,19 +124,33 @@ mod mpi {
 
     #[test]
     fn mpirun_np_2_equals_two_threads_bit_for_bit() {
-        for extra in [&["--grad-bits", "32"][..], &["--grad-bits", "3", "--clip", "2.5"]] {
+        for extra in [
+            &["--grad-bits", "32"][..],
+            &["--grad-bits", "3", "--clip", "2.5"],
+        ] {
             let threads = json_of(&qgrad(&short_run("threads:2", extra)));
             let mpi = json_of(&on_mpi("2", extra));
             assert!(mpi["engine"].as_str().unwrap().starts_with("MPI, 2 ranks"));
-            assert_eq!(mpi["weights_sha256"], threads["weights_sha256"], "{extra:?}");
+            assert_eq!(
+                mpi["weights_sha256"], threads["weights_sha256"],
+                "{extra:?}"
+            );
             // Timings differ; losses and accuracies must not.
             for key in ["train_loss", "test_accuracy", "test_loss"] {
                 let of = |v: &serde_json::Value| -> Vec<serde_json::Value> {
-                    v["epochs"].as_array().unwrap().iter().map(|e| e[key].clone()).collect()
+                    v["epochs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e[key].clone())
+                        .collect()
                 };
                 assert_eq!(of(&mpi), of(&threads), "{key}, {extra:?}");
             }
-            assert_eq!(mpi["bytes_per_step_measured"], threads["bytes_per_step_measured"]);
+            assert_eq!(
+                mpi["bytes_per_step_measured"],
+                threads["bytes_per_step_measured"]
+            );
         }
     }
 
@@ -143,7 +166,10 @@ mod mpi {
         let o = mpirun(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success());
-        assert!(err.contains("rank 0 of 2") && err.contains("rank 1 of 2"), "{err}");
+        assert!(
+            err.contains("rank 0 of 2") && err.contains("rank 1 of 2"),
+            "{err}"
+        );
         assert!(err.contains("different settings"), "{err}");
         // One rank without its data: the job ends (no hang) with its error.
         let mut bad = short_run("mpi", &["--grad-bits", "3"]);
@@ -156,6 +182,9 @@ mod mpi {
         let o = mpirun(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success());
-        assert!(err.contains("rank 1 of 2") && err.contains("/nonexistent/mnist"), "{err}");
+        assert!(
+            err.contains("rank 1 of 2") && err.contains("/nonexistent/mnist"),
+            "{err}"
+        );
     }
 }

@@ -35,7 +35,6 @@
 //!   caller's generator, in element order: the same generator state gives
 //!   the same codes on every machine.
 
-use qgrad_fixed::{BitReader, BitWriter};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -131,50 +130,55 @@ impl StochasticQuantizer {
     }
 
     /// Appends the packed form of `g` (module docs) to `out`, drawing one
-    /// `u32` of `rng` per element.
+    /// `u32` of `rng` per element (4 little-endian bytes of `fill_bytes`,
+    /// one call per bucket).
     pub fn encode(&self, g: &[f32], rng: &mut dyn RngCore, out: &mut Vec<u8>) {
         let l = self.max_level();
         let lf = l as f32;
-        let mut scales = Vec::with_capacity(self.buckets(g.len()));
-        for chunk in g.chunks(self.bucket) {
-            scales.push(self.bucket_scale(chunk));
-        }
+        let scales: Vec<(Option<f32>, f32)> = g
+            .chunks(self.bucket)
+            .map(|c| self.bucket_scale(c))
+            .collect();
         out.reserve(self.encoded_len(g.len()));
         for &(_, s) in &scales {
             out.extend_from_slice(&s.to_le_bytes());
         }
-        let bits = u32::from(self.bits);
-        let mut writer = BitWriter::with_capacity_bits(g.len() * self.bits as usize);
+        let codes_at = out.len();
+        let code_len = (g.len() * self.bits as usize).div_ceil(8);
+        // One spare byte lets every code write its two bytes unconditionally.
+        out.resize(codes_at + code_len + 1, 0);
+        let mut codes = CodeWriter::new(&mut out[codes_at..], self.bits);
+        let mut uniforms = vec![0u8; 4 * self.bucket.min(g.len())];
         for (chunk, &(bound, s)) in g.chunks(self.bucket).zip(&scales) {
+            let draws = &mut uniforms[..4 * chunk.len()];
+            rng.fill_bytes(draws);
             if !(s.is_finite() && s > 0.0) {
                 // All zero (or not finite: the NaN scale carries it).
                 for _ in chunk {
-                    rng.next_u32();
-                    writer.write_bits(u64::from(l), bits);
+                    codes.push(l);
                 }
                 continue;
             }
-            for &gi in chunk {
-                let gi = match bound {
-                    Some(b) => gi.clamp(-b, b),
-                    None => gi,
-                };
-                // g/s is in [−1, 1] exactly (|g| <= s), so x is in [−L, L].
-                let x = (gi / s) * lf;
-                let lo = x.floor();
-                let p = x - lo;
-                let u = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
-                let q = if u < p { lo + 1.0 } else { lo };
-                let q = (q as i64).clamp(-(l as i64), l as i64);
-                writer.write_bits((q + l as i64) as u64, bits);
+            let (lo_clip, hi_clip) = bound.map_or((f32::NEG_INFINITY, f32::INFINITY), |b| (-b, b));
+            for (&gi, u) in chunk.iter().zip(draws.chunks_exact(4)) {
+                // g/s is in [−1, 1] exactly (|g| <= s), so x is in [−L, L]
+                // and t = x + L in [0, 2L]: truncation is the floor there
+                // (without SSE4.1 `floor` is a library call), and the code
+                // is ⌊t⌋ or ⌊t⌋ + 1, without a branch.
+                let t = (gi.clamp(lo_clip, hi_clip) / s) * lf + lf;
+                let lo = t as u32;
+                let u = (u32::from_le_bytes([u[0], u[1], u[2], u[3]]) >> 8) as f32
+                    * (1.0 / 16_777_216.0);
+                let up = u32::from(u < t - lo as f32);
+                codes.push((lo + up).min(2 * l));
             }
         }
-        out.extend_from_slice(&writer.finish());
+        out.truncate(codes_at + code_len);
     }
 
     /// Adds `weight · ĝ` of the packed form `bytes` (of `out.len()`
-    /// elements, sent by `rank`) to `out`. Errors on a short buffer, a code
-    /// above `2L` or a non-finite scale.
+    /// elements, sent by `rank`) to `out`. Errors on a buffer of the wrong
+    /// length, a code above `2L` or a non-finite scale.
     pub fn decode_accumulate(
         &self,
         bytes: &[u8],
@@ -195,8 +199,9 @@ impl StochasticQuantizer {
         let lf = l as f32;
         let nb = self.buckets(n);
         let (scale_bytes, code_bytes) = bytes.split_at(4 * nb);
-        let mut reader = BitReader::new(code_bytes);
-        let bits = u32::from(self.bits);
+        let bits = usize::from(self.bits);
+        let mask = (1u32 << bits) - 1;
+        let mut bit = 0usize;
         for (b, chunk) in out.chunks_mut(self.bucket).enumerate() {
             let s = f32::from_le_bytes(scale_bytes[4 * b..4 * b + 4].try_into().unwrap());
             if !s.is_finite() {
@@ -204,13 +209,13 @@ impl StochasticQuantizer {
             }
             let step = weight * s / lf;
             for o in chunk {
-                let u = reader
-                    .read_bits(bits)
-                    .map_err(|_| CollectiveError::Truncated {
-                        what: "the codes of a packed gradient",
-                        expected,
-                        got: bytes.len(),
-                    })? as u32;
+                // m <= 8: a code lies within two bytes; the length check
+                // above guarantees the first, the second may be past the end.
+                let at = bit >> 3;
+                let window = u32::from(code_bytes[at])
+                    | u32::from(code_bytes.get(at + 1).copied().unwrap_or(0)) << 8;
+                let u = (window >> (bit & 7)) & mask;
+                bit += bits;
                 if u > 2 * l {
                     return Err(CollectiveError::BadCode {
                         rank,
@@ -231,5 +236,61 @@ impl StochasticQuantizer {
         let mut out = vec![0.0; g.len()];
         self.decode_accumulate(&bytes, 1.0, 0, &mut out)?;
         Ok(out)
+    }
+}
+
+/// Writes `m`-bit codes (m <= 8) LSB-first into a zeroed buffer: the bit
+/// order of qgrad-fixed's `BitWriter`, written directly because a code of at
+/// most 8 bits always lies within two bytes, which makes packing a plain
+/// shift and OR (the exchange packs every gradient element of every step).
+struct CodeWriter<'a> {
+    bytes: &'a mut [u8],
+    bits: usize,
+    at: usize,
+}
+
+impl<'a> CodeWriter<'a> {
+    fn new(bytes: &'a mut [u8], bits: u8) -> Self {
+        Self {
+            bytes,
+            bits: usize::from(bits),
+            at: 0,
+        }
+    }
+
+    /// The buffer holds one byte past the last code's.
+    #[inline]
+    fn push(&mut self, code: u32) {
+        let byte = self.at >> 3;
+        let shifted = code << (self.at & 7);
+        self.bytes[byte] |= shifted as u8;
+        self.bytes[byte + 1] |= (shifted >> 8) as u8;
+        self.at += self.bits;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The direct packing is qgrad-fixed's bit order, bit for bit.
+    #[test]
+    fn codes_are_packed_as_qgrad_fixed_packs_them() {
+        for bits in 2u8..=8 {
+            let codes: Vec<u32> = (0..101u32).map(|i| (i * 37 + 11) % (1 << bits)).collect();
+            let len = (codes.len() * bits as usize).div_ceil(8);
+            let mut bytes = vec![0u8; len + 1];
+            let mut w = CodeWriter::new(&mut bytes, bits);
+            for &c in &codes {
+                w.push(c);
+            }
+            assert_eq!(bytes[len], 0, "nothing past the last code");
+            bytes.truncate(len);
+            assert_eq!(
+                bytes,
+                qgrad_fixed::pack_unsigned(&codes, u32::from(bits)),
+                "{bits} bits"
+            );
+        }
     }
 }

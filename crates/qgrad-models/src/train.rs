@@ -618,12 +618,15 @@ pub fn train(
             for h in hooks.iter_mut() {
                 shard = h.batch_shard(shard)?;
             }
-            let local = idx.get(shard.clone()).filter(|l| !l.is_empty()).ok_or_else(|| {
-                ModelsError::Config(format!(
-                    "the shard {shard:?} of a batch of {} images is empty or out of range",
-                    idx.len()
-                ))
-            })?;
+            let local = idx
+                .get(shard.clone())
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| {
+                    ModelsError::Config(format!(
+                        "the shard {shard:?} of a batch of {} images is empty or out of range",
+                        idx.len()
+                    ))
+                })?;
             let labels = train_data.gather(local, &norm, config.augment, &mut aug_rng, &mut buf);
             let x = Tensor::from_slice(&buf, (local.len(), c, h, w), &device)?;
             let y = Tensor::from_vec(labels, local.len(), &device)?;

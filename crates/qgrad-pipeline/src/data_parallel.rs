@@ -90,10 +90,7 @@ pub struct DataParallelOutcome {
 /// SHA-256 of a state's parameters, buffers and accumulated gradients.
 pub fn state_digest(state: &TrainState) -> Result<String> {
     let mut hash = Sha256::new();
-    let tensors = state
-        .network
-        .to_host()
-        .runtime("cannot read the network")?;
+    let tensors = state.network.to_host().runtime("cannot read the network")?;
     for t in tensors {
         hash.update(t.name.as_bytes());
         for v in t.values {
@@ -106,11 +103,7 @@ pub fn state_digest(state: &TrainState) -> Result<String> {
             hash.update(v.to_bits().to_le_bytes());
         }
     }
-    Ok(hash
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Trains `run` as this rank of `group`; `extra` hooks (progress printing)

@@ -132,7 +132,8 @@ impl<'g> DataParallelHook<'g> {
         let mut shared = config.clone();
         shared.checkpoint_dir = None;
         shared.progress = false;
-        let shared = serde_json::to_string(&shared).map_err(|e| ModelsError::Other(e.to_string()))?;
+        let shared =
+            serde_json::to_string(&shared).map_err(|e| ModelsError::Other(e.to_string()))?;
         Ok(Self {
             group,
             exchange,
@@ -355,6 +356,8 @@ mod tests {
     }
 
     type Snapshot = Vec<(String, Vec<f32>)>;
+    /// One rank's snapshot, steps and the ranks it resumed from, or its error.
+    type RankRun = std::result::Result<(Snapshot, Vec<StepRecord>, Option<usize>), String>;
 
     fn snapshot(state: &TrainState) -> Snapshot {
         let mut out: Snapshot = state
@@ -372,11 +375,7 @@ mod tests {
 
     /// Trains `config` on `n` ranks (threads); per rank: its snapshot, the
     /// hook's steps and what it resumed from, or the error.
-    fn on_ranks(
-        n: usize,
-        exchange: GradientExchange,
-        config: &TrainConfig,
-    ) -> Vec<std::result::Result<(Snapshot, Vec<StepRecord>, Option<usize>), String>> {
+    fn on_ranks(n: usize, exchange: GradientExchange, config: &TrainConfig) -> Vec<RankRun> {
         let (train_set, test_set) = mini();
         let ranks = ThreadGroup::ranks(n, Duration::from_secs(60));
         std::thread::scope(|s| {
@@ -390,7 +389,11 @@ mod tests {
                                 TrainState::resume_or_new(Arch::Lenet300100, &Device::Cpu, config)?;
                             let mut hook = DataParallelHook::new(&mut rank, exchange, config)?;
                             train(&mut state, train_set, test_set, config, &mut [&mut hook])?;
-                            Ok((snapshot(&state), hook.steps.clone(), hook.resumed_from_ranks()))
+                            Ok((
+                                snapshot(&state),
+                                hook.steps.clone(),
+                                hook.resumed_from_ranks(),
+                            ))
                         };
                         run().map_err(|e| e.to_string())
                     })
@@ -425,10 +428,18 @@ mod tests {
                     .zip(&reference.1)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0f32, f32::max);
-                assert!(worst <= 1e-5 * scale, "{n} ranks, {}: {worst} (scale {scale})", reference.0);
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{n} ranks, {}: {worst} (scale {scale})",
+                    reference.0
+                );
             }
             for other in &runs[1..] {
-                assert_eq!(other.as_ref().unwrap().0, first.0, "every rank holds the same weights");
+                assert_eq!(
+                    other.as_ref().unwrap().0,
+                    first.0,
+                    "every rank holds the same weights"
+                );
             }
         }
     }
@@ -440,8 +451,16 @@ mod tests {
         let a = on_ranks(2, how, &whole);
         let b = on_ranks(2, how, &whole);
         let a0 = a[0].as_ref().unwrap();
-        assert_eq!(a0.0, b[0].as_ref().unwrap().0, "a rerun gives the same bits");
-        assert_eq!(a0.0, a[1].as_ref().unwrap().0, "both ranks hold the same weights");
+        assert_eq!(
+            a0.0,
+            b[0].as_ref().unwrap().0,
+            "a rerun gives the same bits"
+        );
+        assert_eq!(
+            a0.0,
+            a[1].as_ref().unwrap().0,
+            "both ranks hold the same weights"
+        );
         assert_eq!(a0.1.len(), 6);
         assert!(a0.1.iter().all(|s| s.loss.is_finite()));
         // Stop after one epoch, then resume on the same two ranks.
@@ -456,7 +475,10 @@ mod tests {
         assert_eq!(r0.0, a0.0, "resumed after epoch 1 = uninterrupted");
         assert_eq!(r0.2, Some(2));
         // The loss curve carries over the resume (timings differ).
-        assert_eq!(r0.1.iter().map(|s| s.loss).collect::<Vec<_>>(), a0.1.iter().map(|s| s.loss).collect::<Vec<_>>());
+        assert_eq!(
+            r0.1.iter().map(|s| s.loss).collect::<Vec<_>>(),
+            a0.1.iter().map(|s| s.loss).collect::<Vec<_>>()
+        );
         // The same checkpoint resumed on three ranks says it came from two.
         let mut three = rest.clone();
         three.epochs = 3;
@@ -493,7 +515,11 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert!(errors[0].contains("rank 1:") && errors[0].contains("\"lr\":0.5"), "{}", errors[0]);
+        assert!(
+            errors[0].contains("rank 1:") && errors[0].contains("\"lr\":0.5"),
+            "{}",
+            errors[0]
+        );
         assert!(errors[1].contains("rank 0:"), "{}", errors[1]);
     }
 }

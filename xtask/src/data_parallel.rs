@@ -1,0 +1,720 @@
+//! `cargo xtask data-parallel`: the measurements of METHOD §12 —
+//! data-parallel training with quantized gradients.
+//!
+//! * **Grid** (in-process ranks, [`qgrad_collective::ThreadGroup`], which
+//!   give the bits of `mpirun -np N`): per network and weight kind (float,
+//!   or a loss-aware quantizer), the f32 all-reduce against stochastic
+//!   m-bit gradients with and without clipping; test accuracy after the
+//!   same epochs, bytes per step measured at the collective, the training
+//!   loss of every step (convergence curves).
+//! * **Dimension**: a narrow and a wide MLP with one scale per whole tensor
+//!   (the bucket is the layer), 2-bit gradients with and without clipping
+//!   against f32: the slowdown (mean training loss over the run, relative
+//!   to f32) per width.
+//! * **Timing** (`--timing QGRAD`, a qgrad built with `--features mpi`):
+//!   `mpirun -np 1|2|4` of LeNet-5 with f32 and 2-bit gradients; compute
+//!   and exchange time per step and bytes, and from them an α–β projection
+//!   to 8–64 machines on a 10 Gbit/s network.
+//!
+//! Every run is kept in its own JSON file under `--out` and is skipped when
+//! it is there (a killed grid continues where it stopped; a run killed
+//! mid-way continues from its epoch checkpoint).
+//!
+//! # Decisions
+//!
+//! * Adam, lr 0.001, cosine decay, batch 100 (global), two ranks: the same
+//!   for every row. Clipping at 2.5σ.
+//! * The curves' and the slowdown's training loss is the whole batch's mean
+//!   loss as the ranks computed it (before the update), smoothed over 25
+//!   steps for the plots.
+//! * The error floor is the mean training loss of the last 10% of the steps.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use plotters::prelude::*;
+use qgrad_collective::{GradientExchange, StochasticQuantizer, ThreadGroup};
+use qgrad_models::methods::{LossAwareOptions, StepRecord};
+use qgrad_models::train::OptimizerKind;
+use qgrad_models::{Arch, LrSchedule, TrainConfig};
+use qgrad_pipeline::data::load_datasets;
+use qgrad_pipeline::{run_data_parallel, DataParallelRun, ParallelWeights};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{write_atomic, write_atomic_with};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DataParallelOptions {
+    /// MNIST folder (the full set for the report).
+    pub data: PathBuf,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Networks of the grid.
+    pub models: Vec<Arch>,
+    /// Weight kinds: `float` or quantizer names (`lab`, `laq3`).
+    pub weights: Vec<String>,
+    /// Gradient widths besides f32.
+    pub bits: Vec<u8>,
+    /// Epochs of every grid run.
+    pub epochs: usize,
+    /// In-process ranks.
+    pub ranks: usize,
+    /// Stop each epoch after this many batches (quick runs).
+    pub max_batches: Option<usize>,
+    /// Train on the first N images only.
+    pub train_limit: Option<usize>,
+    /// Run the dimension comparison.
+    pub dimension: bool,
+    /// A qgrad binary built with `--features mpi`: run the timing.
+    pub timing: Option<PathBuf>,
+    /// Train nothing: report the runs already under `out`.
+    pub report_only: bool,
+}
+
+/// Bucket length of the grid.
+const BUCKET: usize = 512;
+/// Clip factor of the grid.
+const CLIP: f32 = 2.5;
+/// Global mini-batch.
+const BATCH: usize = 100;
+
+/// One finished run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Network.
+    pub model: String,
+    /// Weight kind.
+    pub weights: String,
+    /// Gradient exchange in words.
+    pub gradients: String,
+    /// Bits per element of the format (`m + 32/d`, 32 for f32).
+    pub bits_per_element: f64,
+    /// Clipped?
+    pub clipped: bool,
+    /// Ranks.
+    pub ranks: usize,
+    /// Test accuracy after every epoch.
+    pub accuracy: Vec<f64>,
+    /// Bytes this rank passed to the collective per step (measured).
+    pub bytes_per_step: f64,
+    /// Bytes of the f32 all-reduce of the same gradients.
+    pub f32_bytes_per_step: usize,
+    /// The batch's mean training loss at every step.
+    pub losses: Vec<f32>,
+    /// Mean compute and exchange seconds per step (rank 0; the machine
+    /// ran other work: not a speed figure).
+    pub seconds_per_step: (f64, f64),
+}
+
+impl RunResult {
+    fn final_accuracy(&self) -> f64 {
+        self.accuracy.last().copied().unwrap_or(f64::NAN)
+    }
+
+    /// Mean training loss over the last 10% of the steps.
+    fn floor(&self) -> f64 {
+        let n = self.losses.len();
+        let tail = &self.losses[n - (n / 10).max(1)..];
+        tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64
+    }
+
+    /// Mean training loss over the whole run.
+    fn mean_loss(&self) -> f64 {
+        self.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / self.losses.len().max(1) as f64
+    }
+}
+
+/// The gradient settings of the grid: f32, then each width without and
+/// with clipping.
+fn settings(bits: &[u8], bucket: usize) -> Result<Vec<GradientExchange>> {
+    let mut out = vec![GradientExchange::Float];
+    for &b in bits {
+        for clip in [None, Some(CLIP)] {
+            out.push(GradientExchange::Quantized(StochasticQuantizer::new(
+                b, bucket, clip,
+            )?));
+        }
+    }
+    Ok(out)
+}
+
+fn key(model: Arch, weights: &str, how: &GradientExchange) -> String {
+    let g = match how {
+        GradientExchange::Float => "f32".to_string(),
+        GradientExchange::Quantized(q) => format!(
+            "{}b-d{}{}",
+            q.bits,
+            q.bucket,
+            if q.clip.is_some() { "-clip" } else { "" }
+        ),
+    };
+    format!("{}_{weights}_{g}", model.name())
+}
+
+fn config(opts: &DataParallelOptions, epochs: usize) -> TrainConfig {
+    let mut c = TrainConfig::default_for(Arch::Lenet5);
+    c.epochs = epochs;
+    c.batch_size = BATCH;
+    c.lr = 0.001;
+    c.optimizer = OptimizerKind::ADAM;
+    c.schedule = LrSchedule::Cosine { min_lr: 0.0 };
+    c.weight_decay = 0.0;
+    c.max_batches_per_epoch = opts.max_batches;
+    c.progress = false;
+    c
+}
+
+/// Trains one run on `opts.ranks` threads (or loads it when done).
+fn run_one(
+    opts: &DataParallelOptions,
+    model: Arch,
+    weights: &str,
+    how: GradientExchange,
+    epochs: usize,
+) -> Result<Option<RunResult>> {
+    let name = key(model, weights, &how);
+    let path = opts.out.join("runs").join(format!("{name}.json"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(done) = serde_json::from_slice::<RunResult>(&bytes) {
+            return Ok(Some(done));
+        }
+    }
+    if opts.report_only {
+        return Ok(None);
+    }
+    eprintln!(
+        "data-parallel: {name} ({} ranks, {epochs} epochs)",
+        opts.ranks
+    );
+    let (train, test) = load_datasets(model, &opts.data, opts.train_limit, None)
+        .with_context(|| format!("cannot load MNIST from {}", opts.data.display()))?;
+    let mut config = config(opts, epochs);
+    let ck = opts.out.join("checkpoints").join(&name);
+    config.checkpoint_dir = Some(ck.clone());
+    let weights_kind = match weights {
+        "float" => ParallelWeights::Float,
+        q => ParallelWeights::LossAware(LossAwareOptions {
+            seed: config.seed,
+            ..LossAwareOptions::new(q.parse().with_context(|| format!("weights '{q}'"))?)
+        }),
+    };
+    let run = DataParallelRun {
+        arch: model,
+        config,
+        weights: weights_kind,
+        exchange: how,
+        device: Device::Cpu,
+    };
+    let ranks = ThreadGroup::ranks(opts.ranks, Duration::from_secs(600));
+    let outcomes = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|mut rank| {
+                let (run, train, test) = (run.clone(), &train, &test);
+                s.spawn(move || {
+                    run_data_parallel(run, (train, test), &mut rank, &mut []).map(|o| {
+                        (
+                            o.state
+                                .history
+                                .iter()
+                                .map(|e| e.test_accuracy)
+                                .collect::<Vec<_>>(),
+                            o.steps,
+                            o.traffic,
+                            o.f32_bytes_per_step,
+                            o.digest,
+                        )
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    let mut outcomes = outcomes.into_iter();
+    let (accuracy, steps, _, f32_bytes, digest) = outcomes.next().expect("one rank")?;
+    for other in outcomes {
+        let other = other?;
+        if other.4 != digest {
+            bail!("{name}: the ranks ended with different weights");
+        }
+    }
+    let per_step =
+        |f: fn(&StepRecord) -> f64| steps.iter().map(f).sum::<f64>() / steps.len().max(1) as f64;
+    let result = RunResult {
+        model: model.name(),
+        weights: weights.to_string(),
+        gradients: how.describe(),
+        bits_per_element: how.bits_per_element(),
+        clipped: matches!(how, GradientExchange::Quantized(q) if q.clip.is_some()),
+        ranks: opts.ranks,
+        accuracy,
+        bytes_per_step: per_step(|s| s.bytes_sent as f64),
+        f32_bytes_per_step: f32_bytes,
+        losses: steps.iter().map(|s| s.loss).collect(),
+        seconds_per_step: (
+            per_step(|s| s.compute_seconds),
+            per_step(|s| s.exchange_seconds),
+        ),
+    };
+    write_atomic(&path, &serde_json::to_vec(&result)?)?;
+    let _ = std::fs::remove_dir_all(&ck);
+    Ok(Some(result))
+}
+
+/// One timing run of `mpirun -np ranks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timing {
+    /// Ranks.
+    pub ranks: usize,
+    /// Gradient exchange in words.
+    pub gradients: String,
+    /// Compute (forward and backward of the shard) seconds per step.
+    pub compute: f64,
+    /// Exchange seconds per step.
+    pub exchange: f64,
+    /// Bytes per rank per step.
+    pub bytes: f64,
+    /// Parameters exchanged.
+    pub f32_bytes: f64,
+}
+
+fn run_timing(opts: &DataParallelOptions, qgrad: &Path) -> Result<Vec<Timing>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::new();
+    for ranks in [1usize, 2, 4] {
+        for bits in ["32", "2"] {
+            let threads = (cores / ranks).max(1).to_string();
+            let o = Command::new("mpirun")
+                .args(["-np", &ranks.to_string()])
+                .arg(qgrad)
+                .args([
+                    "train-parallel",
+                    "--engine",
+                    "mpi",
+                    "--model",
+                    "lenet-5",
+                    "--data",
+                ])
+                .arg(&opts.data)
+                .args([
+                    "--epochs",
+                    "1",
+                    "--max-batches",
+                    "80",
+                    "--batch-size",
+                    "100",
+                    "--test-limit",
+                    "1000",
+                    "--grad-bits",
+                    bits,
+                    "--no-progress",
+                    "--json",
+                ])
+                .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+                .env("RAYON_NUM_THREADS", &threads)
+                .output()
+                .context("cannot run mpirun (install openmpi-bin)")?;
+            if !o.status.success() {
+                bail!(
+                    "mpirun -np {ranks} failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            out.push(Timing {
+                ranks,
+                gradients: v["gradients"].as_str().unwrap_or("").to_string(),
+                compute: f("compute_seconds_per_step"),
+                exchange: f("exchange_seconds_per_step"),
+                bytes: f("bytes_per_step_measured"),
+                f32_bytes: f("f32_bytes_per_step"),
+            });
+            eprintln!("timing: {ranks} rank(s), {bits}-bit gradients done");
+        }
+    }
+    Ok(out)
+}
+
+/// Runs what `opts` asks for and writes `DATA_PARALLEL.md`, `results.json`
+/// and the plots into `opts.out`.
+pub fn run(opts: &DataParallelOptions) -> Result<()> {
+    std::fs::create_dir_all(opts.out.join("runs"))?;
+    let timing_path = opts.out.join("timing.json");
+    if let Some(qgrad) = &opts.timing {
+        // First, while nothing else of ours runs.
+        let t = run_timing(opts, qgrad)?;
+        write_atomic(&timing_path, &serde_json::to_vec_pretty(&t)?)?;
+    }
+    let mut grid = Vec::new();
+    for &model in &opts.models {
+        for weights in &opts.weights {
+            for how in settings(&opts.bits, BUCKET)? {
+                grid.extend(run_one(opts, model, weights, how, opts.epochs)?);
+            }
+        }
+    }
+    let mut dimension = Vec::new();
+    if opts.dimension {
+        for width in [64u32, 1024] {
+            let model = Arch::Mlp {
+                width,
+                depth: 2,
+                batch_norm: false,
+            };
+            for how in [
+                GradientExchange::Float,
+                GradientExchange::Quantized(StochasticQuantizer::new(2, 1 << 30, None)?),
+                GradientExchange::Quantized(StochasticQuantizer::new(2, 1 << 30, Some(CLIP))?),
+            ] {
+                dimension.extend(run_one(opts, model, "float", how, 1)?);
+            }
+        }
+    }
+    let timing: Vec<Timing> = std::fs::read(&timing_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    write_atomic(
+        &opts.out.join("results.json"),
+        &serde_json::to_vec(&serde_json::json!({
+            "grid": grid,
+            "dimension": dimension,
+            "timing": timing,
+        }))?,
+    )?;
+    let mut plots = Vec::new();
+    for &model in &opts.models {
+        for weights in &opts.weights {
+            let runs: Vec<&RunResult> = grid
+                .iter()
+                .filter(|r| r.model == model.name() && &r.weights == weights)
+                .collect();
+            let file = opts
+                .out
+                .join(format!("convergence_{}_{weights}.png", model.name()));
+            plot_curves(
+                &runs,
+                &file,
+                &format!("{} ({weights} weights)", model.name()),
+            )?;
+            plots.push(file);
+        }
+    }
+    if !dimension.is_empty() {
+        let file = opts.out.join("dimension.png");
+        let runs: Vec<&RunResult> = dimension.iter().collect();
+        plot_curves(
+            &runs,
+            &file,
+            "narrow vs wide MLP, 2-bit, one scale per layer",
+        )?;
+        plots.push(file);
+    }
+    let report = report(opts, &grid, &dimension, &timing, &plots);
+    write_atomic(&opts.out.join("DATA_PARALLEL.md"), report.as_bytes())?;
+    Ok(())
+}
+
+fn smooth(losses: &[f32], window: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut sum = 0.0f64;
+    for (i, &l) in losses.iter().enumerate() {
+        sum += f64::from(l);
+        if i >= window {
+            sum -= f64::from(losses[i - window]);
+        }
+        let n = (i + 1).min(window) as f64;
+        out.push((i as f64, sum / n));
+    }
+    out
+}
+
+fn plot_curves(runs: &[&RunResult], file: &Path, title: &str) -> Result<()> {
+    crate::plot::register_font();
+    let steps = runs
+        .iter()
+        .map(|r| r.losses.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let curves: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|r| {
+            let label = if r.model.starts_with("mlp") {
+                format!(
+                    "{} {}",
+                    r.model,
+                    r.gradients.replace("d=1073741824", "d=layer")
+                )
+            } else {
+                r.gradients.clone()
+            };
+            (label, smooth(&r.losses, 25))
+        })
+        .collect();
+    let y_max = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().skip(c.len() / 20).map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .clamp(0.05, 3.0);
+    write_atomic_with(file, |tmp| {
+        let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
+        let root = BitMapBackend::new(tmp, (1000, 640)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..steps as f64, 0f64..y_max * 1.05)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("training loss (25-step mean)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (label, curve)) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    curve.iter().map(|&(x, y)| (x, y.min(y_max * 1.05))),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    })
+}
+
+/// α–β model of one step on `n` machines (module docs of the report).
+fn projected_step(t: &[Timing], quantized: bool, n: f64, alpha: f64, beta: f64) -> Option<f64> {
+    let one = t.iter().find(|x| x.ranks == 1 && x.gradients == "f32")?;
+    let q1 = t.iter().find(|x| x.ranks == 1 && x.gradients != "f32")?;
+    // Compute shrinks with the shard; measured per sample on one rank.
+    let compute = one.compute / n;
+    Some(if quantized {
+        // Encode once, decode n messages: the 1-rank exchange is one of each.
+        let codec = q1.exchange / 2.0 * (1.0 + n);
+        compute + codec + (n - 1.0) * alpha + (n - 1.0) * q1.bytes * beta
+    } else {
+        compute + 2.0 * (n - 1.0) * alpha + 2.0 * (n - 1.0) / n * one.f32_bytes * beta
+    })
+}
+
+fn report(
+    opts: &DataParallelOptions,
+    grid: &[RunResult],
+    dimension: &[RunResult],
+    timing: &[Timing],
+    plots: &[PathBuf],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Data-parallel training with quantized gradients (METHOD §12)\n"
+    );
+    let _ = writeln!(
+        s,
+        "Written by `cargo xtask data-parallel`. {} in-process ranks (bit-identical to `mpirun -np {}`), \
+         global batch {BATCH}, Adam lr 0.001 with cosine decay, {} epoch(s){}, bucket d = {BUCKET}, clipping at {CLIP}σ. \
+         Data: {}.\n",
+        opts.ranks,
+        opts.ranks,
+        opts.epochs,
+        opts.max_batches
+            .map(|m| format!(" of at most {m} steps"))
+            .unwrap_or_default(),
+        opts.data.display()
+    );
+    for &model in &opts.models {
+        for weights in &opts.weights {
+            let runs: Vec<&RunResult> = grid
+                .iter()
+                .filter(|r| r.model == model.name() && &r.weights == weights)
+                .collect();
+            let Some(base) = runs.iter().find(|r| r.gradients == "f32") else {
+                continue;
+            };
+            let _ = writeln!(s, "## {} with {weights} weights\n", model.name());
+            let _ = writeln!(
+                s,
+                "| gradients | bits/element | bytes/step/rank (measured) | fewer than f32 | test accuracy | vs f32 | loss floor |"
+            );
+            let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+            for r in &runs {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.4} | {:.0} | {:.1}x | {:.2} % | {:+.2} pt | {:.4} |",
+                    r.gradients,
+                    r.bits_per_element,
+                    r.bytes_per_step,
+                    r.f32_bytes_per_step as f64 / r.bytes_per_step.max(1.0),
+                    100.0 * r.final_accuracy(),
+                    100.0 * (r.final_accuracy() - base.final_accuracy()),
+                    r.floor()
+                );
+            }
+            let _ = writeln!(s);
+        }
+    }
+    // Claims.
+    let _ = writeln!(s, "## Claims checked\n");
+    for r in grid
+        .iter()
+        .filter(|r| r.gradients.starts_with("2-bit d=512") && !r.clipped)
+    {
+        let ratio = r.f32_bytes_per_step as f64 / r.bytes_per_step.max(1.0);
+        let _ = writeln!(
+            s,
+            "- 2-bit, d = 512, {} {}: {ratio:.1}x fewer bytes than the f32 all-reduce (target >= 15x): {}.",
+            r.model,
+            r.weights,
+            if ratio >= 15.0 { "met" } else { "not met" }
+        );
+    }
+    for r in grid
+        .iter()
+        .filter(|r| r.gradients.starts_with("3-bit") && r.clipped)
+    {
+        if let Some(base) = grid
+            .iter()
+            .find(|b| b.model == r.model && b.weights == r.weights && b.gradients == "f32")
+        {
+            let d = 100.0 * (r.final_accuracy() - base.final_accuracy());
+            let _ = writeln!(
+                s,
+                "- 3-bit with clipping, {} {}: {d:+.2} pt against f32 gradients (target within 1 pt): {}.",
+                r.model,
+                r.weights,
+                if d >= -1.0 { "met" } else { "not met" }
+            );
+        }
+    }
+    for &model in &opts.models {
+        let floors: Vec<String> = opts
+            .weights
+            .iter()
+            .filter_map(|w| {
+                grid.iter()
+                    .find(|r| r.model == model.name() && &r.weights == w && r.gradients == "f32")
+                    .map(|r| format!("{w} {:.4}", r.floor()))
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "- Error floor by weight grid, {} (f32 gradients, mean loss of the last 10% of steps): {}.",
+            model.name(),
+            floors.join(", ")
+        );
+    }
+    if !dimension.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Dimension: narrow against wide layers\n\nOne epoch (of the same step budget), float weights, 2-bit gradients with one scale per whole tensor (d = the layer's size), with and without clipping. Slowdown: the mean training loss over the run divided by the f32 run's.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| network | gradients | mean loss | slowdown | test accuracy |"
+        );
+        let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: |");
+        for r in dimension {
+            let base = dimension
+                .iter()
+                .find(|b| b.model == r.model && b.gradients == "f32")
+                .map_or(f64::NAN, RunResult::mean_loss);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.4} | {:.2}x | {:.2} % |",
+                r.model,
+                r.gradients.replace("d=1073741824", "d=layer"),
+                r.mean_loss(),
+                r.mean_loss() / base,
+                100.0 * r.final_accuracy()
+            );
+        }
+    }
+    if !timing.is_empty() {
+        let cpu = crate::cpu_model();
+        let _ = writeln!(
+            s,
+            "\n## Time per step (`mpirun`, LeNet-5, batch 100, 80 steps)\n\nProcessor: {cpu}, {} cores; with 4 ranks the cores are oversubscribed (2 ranks per core). Each rank's rayon pool gets cores/ranks threads.\n",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+        let _ = writeln!(
+            s,
+            "| ranks | gradients | compute ms | exchange ms | step ms | bytes/rank/step |"
+        );
+        let _ = writeln!(s, "| ---: | --- | ---: | ---: | ---: | ---: |");
+        for t in timing {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.0} |",
+                t.ranks,
+                t.gradients,
+                t.compute * 1e3,
+                t.exchange * 1e3,
+                (t.compute + t.exchange) * 1e3,
+                t.bytes
+            );
+        }
+        let (alpha, beta) = (25e-6, 8.0 / 10e9);
+        let _ = writeln!(
+            s,
+            "\n### Projection to N machines on a 10 Gbit/s network\n\nAn α–β model, α = 25 µs per message, β = 0.8 ns per byte (10 Gbit/s), one rank per machine. \
+             Compute: the 1-rank step's compute divided by N (the global batch is split). f32: a ring all-reduce, 2(N−1)α + 2(N−1)/N·S·β with S the f32 bytes. \
+             Quantized: a ring all-gather, (N−1)α + (N−1)·b·β with b the measured bytes per rank, plus the codec: one encode and N decodes, each half of the 1-rank exchange time. \
+             Assumptions: no overlap of communication with compute, a full-bisection network, decode cost linear in N.\n"
+        );
+        let _ = writeln!(s, "| N | f32 step ms | 2-bit step ms | 2-bit faster by |");
+        let _ = writeln!(s, "| ---: | ---: | ---: | ---: |");
+        for n in [2.0, 4.0, 8.0, 16.0, 32.0, 64.0] {
+            if let (Some(f), Some(q)) = (
+                projected_step(timing, false, n, alpha, beta),
+                projected_step(timing, true, n, alpha, beta),
+            ) {
+                let _ = writeln!(
+                    s,
+                    "| {n} | {:.2} | {:.2} | {:.2}x |",
+                    f * 1e3,
+                    q * 1e3,
+                    f / q
+                );
+            }
+        }
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(s, "\n## Plots\n");
+        for p in plots {
+            if let Some(name) = p.file_name() {
+                let _ = writeln!(s, "![{0}]({0})", name.to_string_lossy());
+            }
+        }
+    }
+    s
+}
