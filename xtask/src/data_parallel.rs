@@ -109,6 +109,10 @@ pub struct RunResult {
     /// Mean compute and exchange seconds per step (rank 0; the machine
     /// ran other work: not a speed figure).
     pub seconds_per_step: (f64, f64),
+    /// What else decided the numbers (data, epochs, step limit, ranks): a
+    /// kept run is reused only for the same settings.
+    #[serde(default)]
+    pub settings: String,
 }
 
 impl RunResult {
@@ -127,6 +131,13 @@ impl RunResult {
     fn mean_loss(&self) -> f64 {
         self.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / self.losses.len().max(1) as f64
     }
+}
+
+/// The grid's runs of one network and weight kind, in grid order.
+fn runs_of<'a>(grid: &'a [RunResult], model: Arch, weights: &str) -> Vec<&'a RunResult> {
+    grid.iter()
+        .filter(|r| r.model == model.name() && r.weights == weights)
+        .collect()
 }
 
 /// The gradient settings of the grid: f32, then each width without and
@@ -179,9 +190,20 @@ fn run_one(
 ) -> Result<Option<RunResult>> {
     let name = key(model, weights, &how);
     let path = opts.out.join("runs").join(format!("{name}.json"));
+    let settings = format!(
+        "data {}, {epochs} epoch(s), at most {:?} steps per epoch, first {:?} images, {} ranks, batch {BATCH}, Adam lr 0.001 cosine",
+        opts.data.display(),
+        opts.max_batches,
+        opts.train_limit,
+        opts.ranks
+    );
     if let Ok(bytes) = std::fs::read(&path) {
         if let Ok(done) = serde_json::from_slice::<RunResult>(&bytes) {
-            return Ok(Some(done));
+            // --report-only shows whatever is there (the report says how
+            // many epochs each table ran).
+            if opts.report_only || done.settings == settings {
+                return Ok(Some(done));
+            }
         }
     }
     if opts.report_only {
@@ -263,6 +285,7 @@ fn run_one(
             per_step(|s| s.compute_seconds),
             per_step(|s| s.exchange_seconds),
         ),
+        settings,
     };
     write_atomic(&path, &serde_json::to_vec(&result)?)?;
     let _ = std::fs::remove_dir_all(&ck);
@@ -396,10 +419,7 @@ pub fn run(opts: &DataParallelOptions) -> Result<()> {
     let mut plots = Vec::new();
     for &model in &opts.models {
         for weights in &opts.weights {
-            let runs: Vec<&RunResult> = grid
-                .iter()
-                .filter(|r| r.model == model.name() && &r.weights == weights)
-                .collect();
+            let runs = runs_of(&grid, model, weights);
             let file = opts
                 .out
                 .join(format!("convergence_{}_{weights}.png", model.name()));
@@ -542,26 +562,28 @@ fn report(
     let _ = writeln!(
         s,
         "Written by `cargo xtask data-parallel`. {} in-process ranks (bit-identical to `mpirun -np {}`), \
-         global batch {BATCH}, Adam lr 0.001 with cosine decay, {} epoch(s){}, bucket d = {BUCKET}, clipping at {CLIP}σ. \
-         Data: {}.\n",
+         global batch {BATCH}, Adam lr 0.001 with cosine decay, bucket d = {BUCKET}, clipping at {CLIP}σ. \
+         Data: {}{}.\n",
         opts.ranks,
         opts.ranks,
-        opts.epochs,
+        opts.data.display(),
         opts.max_batches
-            .map(|m| format!(" of at most {m} steps"))
+            .map(|m| format!(", at most {m} steps per epoch"))
             .unwrap_or_default(),
-        opts.data.display()
     );
     for &model in &opts.models {
         for weights in &opts.weights {
-            let runs: Vec<&RunResult> = grid
-                .iter()
-                .filter(|r| r.model == model.name() && &r.weights == weights)
-                .collect();
+            let runs = runs_of(grid, model, weights);
             let Some(base) = runs.iter().find(|r| r.gradients == "f32") else {
                 continue;
             };
-            let _ = writeln!(s, "## {} with {weights} weights\n", model.name());
+            let _ = writeln!(
+                s,
+                "## {} with {weights} weights ({} epoch(s), {} steps)\n",
+                model.name(),
+                base.accuracy.len(),
+                base.losses.len()
+            );
             let _ = writeln!(
                 s,
                 "| gradients | bits/element | bytes/step/rank (measured) | fewer than f32 | test accuracy | vs f32 | loss floor |"
@@ -717,4 +739,59 @@ fn report(
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_grid_writes_its_report_reuses_its_runs_and_checks_the_byte_target() {
+        let out = tempfile::tempdir().unwrap();
+        let opts = DataParallelOptions {
+            data: crate::repo_root().join("datasets/mnist-mini"),
+            out: out.path().to_path_buf(),
+            models: vec![Arch::Lenet300100],
+            weights: vec!["float".into()],
+            bits: vec![2],
+            epochs: 1,
+            ranks: 2,
+            max_batches: Some(3),
+            train_limit: Some(600),
+            dimension: false,
+            timing: None,
+            report_only: false,
+        };
+        run(&opts).unwrap();
+        let report = std::fs::read_to_string(out.path().join("DATA_PARALLEL.md")).unwrap();
+        assert!(report.contains("| f32 | 32.0000 |"), "{report}");
+        assert!(
+            report.contains("| 2-bit d=512 clip 2.5σ | 2.0625 |"),
+            "{report}"
+        );
+        assert!(report.contains("(target >= 15x): met"), "{report}");
+        assert!(out
+            .path()
+            .join("convergence_lenet-300-100_float.png")
+            .is_file());
+        let kept = out.path().join("runs/lenet-300-100_float_f32.json");
+        let first: RunResult = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        assert_eq!(first.losses.len(), 3);
+        // A rerun with the same settings reuses the kept runs; other
+        // settings train again.
+        let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
+        run(&opts).unwrap();
+        assert_eq!(
+            std::fs::metadata(&kept).unwrap().modified().unwrap(),
+            before
+        );
+        let longer = DataParallelOptions {
+            max_batches: Some(4),
+            bits: vec![],
+            ..opts
+        };
+        run(&longer).unwrap();
+        let second: RunResult = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+        assert_eq!(second.losses.len(), 4);
+    }
 }

@@ -210,6 +210,28 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
     if !headline.is_empty() {
         crate::powerlaw::run(&headline, &opts.out.join("powerlaw"))?;
     }
+    // METHOD §12 on two in-process ranks (the bits of mpirun -np 2).
+    if opts.scale != Scale::Smoke {
+        let quick = opts.scale == Scale::Quick;
+        crate::data_parallel::run(&crate::data_parallel::DataParallelOptions {
+            data: opts.data.clone(),
+            out: opts.out.join("data-parallel"),
+            models: vec![Arch::Lenet5],
+            weights: if quick {
+                vec!["float".into()]
+            } else {
+                vec!["float".into(), "lab".into()]
+            },
+            bits: if quick { vec![3, 2] } else { vec![8, 4, 3, 2] },
+            epochs: if quick { 1 } else { 2 },
+            ranks: 2,
+            max_batches: None,
+            train_limit: None,
+            dimension: true,
+            timing: None,
+            report_only: false,
+        })?;
+    }
     Ok(record)
 }
 

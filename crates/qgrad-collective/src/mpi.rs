@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use mpi::collective::{CommunicatorCollectives, SystemOperation};
 use mpi::environment::Universe;
+use mpi::request::{Request, Scope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 
 use crate::collective::{Collective, Traffic};
@@ -61,6 +62,18 @@ impl MpiWorld {
         self.world.abort(code)
     }
 
+    /// Waits for `request` within the deadline (or aborts the job).
+    fn complete<'a, D: ?Sized, S: Scope<'a>>(&self, what: &str, request: Request<'a, D, S>) {
+        let mut pending = Some(request);
+        self.wait(what, || match pending.take().map(Request::test) {
+            Some(Ok(_)) | None => true,
+            Some(Err(r)) => {
+                pending = Some(r);
+                false
+            }
+        });
+    }
+
     /// Polls `test` until it reports completion; past the deadline, prints
     /// why and aborts the job.
     fn wait(&self, what: &str, mut test: impl FnMut() -> bool) {
@@ -105,18 +118,10 @@ impl Collective for MpiWorld {
         recv.clear();
         recv.resize(send.len() * self.size(), 0);
         mpi::request::scope(|scope| {
-            let mut request = Some(self.world.immediate_all_gather_into(
-                scope,
-                send,
-                &mut recv[..],
-            ));
-            self.wait("all-gather", || match request.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    request = Some(r);
-                    false
-                }
-            });
+            let request = self
+                .world
+                .immediate_all_gather_into(scope, send, &mut recv[..]);
+            self.complete("all-gather", request);
         });
         Ok(())
     }
@@ -126,19 +131,13 @@ impl Collective for MpiWorld {
         self.traffic.bytes_sent += 4 * buf.len() as u64;
         let send = buf.to_vec();
         mpi::request::scope(|scope| {
-            let mut request = Some(self.world.immediate_all_reduce_into(
+            let request = self.world.immediate_all_reduce_into(
                 scope,
                 &send[..],
                 &mut buf[..],
                 SystemOperation::sum(),
-            ));
-            self.wait("all-reduce", || match request.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => true,
-                Some(Err(r)) => {
-                    request = Some(r);
-                    false
-                }
-            });
+            );
+            self.complete("all-reduce", request);
         });
         Ok(())
     }
