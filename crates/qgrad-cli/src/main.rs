@@ -424,6 +424,13 @@ struct ParallelArgs {
     /// Write every step's training loss, timings and bytes sent as CSV.
     #[arg(long, value_name = "FILE")]
     steps_csv: Option<PathBuf>,
+    /// With quantized --weights: write the compressed file here (rank 0),
+    /// evaluated in candle and run with the integer kernels.
+    #[arg(long, short, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Activation width of the file's integer inference (2..=16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(2..=16))]
+    act_bits: u8,
     #[command(flatten)]
     data: DataArgs,
     /// Print one JSON document on stdout instead of the summary.

@@ -8,13 +8,14 @@ use std::time::Duration;
 use qgrad_collective::{
     Collective, CollectiveError, GradientExchange, StochasticQuantizer, ThreadGroup,
 };
+use qgrad_csr::LayoutChoice;
 use qgrad_data::Dataset;
 use qgrad_models::methods::LossAwareOptions;
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{ModelsError, TrainHook};
 use qgrad_pipeline::{
-    default_device, run_data_parallel, DataParallelOutcome, DataParallelRun, ParallelWeights,
-    PipelineError,
+    compress_loss_aware_state, default_device, export_and_evaluate, run_data_parallel,
+    DataParallelOutcome, DataParallelRun, ExportOptions, ParallelWeights, PipelineError,
 };
 use serde_json::json;
 
@@ -124,6 +125,11 @@ fn prepare(args: &ParallelArgs) -> CliResult<Prepared> {
             })
         }
     };
+    if args.out.is_some() && matches!(weights, ParallelWeights::Float) {
+        return Err(Failure::usage(
+            "--out writes quantized weights: give --weights a quantizer (lab, laq3, twn, ...)",
+        ));
+    }
     let exchange = exchange_of(args)?;
     let (train, test) = load_data(arch, &args.data)?;
     Ok(Prepared {
@@ -207,7 +213,7 @@ pub fn train_parallel(args: ParallelArgs) -> CliResult<()> {
             if let Some(e) = rest.into_iter().find_map(Result::err) {
                 return Err(e.into());
             }
-            finish(&args, &outcome)
+            finish(&args, &outcome, &prepared.test)
         }
         Engine::Mpi => run_mpi(&args, timeout),
     }
@@ -231,7 +237,7 @@ fn run_mpi(args: &ParallelArgs, timeout: Duration) -> CliResult<()> {
         announce(args, &prepared, size);
     }
     match run_rank(&prepared, &mut world, rank == 0) {
-        Ok(outcome) if rank == 0 => finish(args, &outcome),
+        Ok(outcome) if rank == 0 => finish(args, &outcome, &prepared.test),
         Ok(_) => Ok(()),
         Err(e) => {
             let every = seen_by_every_rank(&e);
@@ -272,7 +278,7 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     sum / n.max(1) as f64
 }
 
-fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
+fn finish(args: &ParallelArgs, o: &DataParallelOutcome, test: &Dataset) -> CliResult<()> {
     if let Some(r) = o.resumed {
         match r.from_ranks {
             Some(k) if k != o.ranks => eprintln!(
@@ -301,6 +307,36 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
         qgrad_csr::write_bytes_atomically(path, csv.as_bytes())
             .runtime(format!("cannot write {}", path.display()))?;
     }
+    let file = match (&args.out, &o.loss_aware) {
+        (Some(path), Some(hook)) => {
+            let options = json!({
+                "weights": args.weights,
+                "gradients": o.exchange,
+                "ranks": o.ranks,
+                "epochs": o.config.epochs,
+                "lr": o.config.lr,
+                "batch_size": o.config.batch_size,
+            });
+            let model = compress_loss_aware_state(hook, &o.state, &o.config, options)?;
+            eprintln!(
+                "writing {}, evaluating it in candle and with integer kernels ...",
+                path.display()
+            );
+            let exported = export_and_evaluate(
+                &model,
+                path,
+                test,
+                &ExportOptions {
+                    act_bits: args.act_bits,
+                    layout: LayoutChoice::Auto,
+                    device: default_device(),
+                    run_file: true,
+                },
+            )?;
+            Some((path.clone(), exported))
+        }
+        _ => None,
+    };
     let measured: Vec<u64> = o.steps.iter().map(|s| s.bytes_sent).collect();
     let sent_per_step = mean(measured.iter().map(|&b| b as f64));
     let compute = mean(o.steps.iter().map(|s| s.compute_seconds));
@@ -325,6 +361,13 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
             "compute_seconds_per_step": compute,
             "exchange_seconds_per_step": exchange_time,
             "weights_sha256": o.digest,
+            "file": file.as_ref().map(|(path, e)| json!({
+                "path": path,
+                "bytes": e.size.file_bytes,
+                "ratio": e.size.ratio,
+                "candle_accuracy": e.candle.accuracy,
+                "file_accuracy": e.file.as_ref().map(|f| f.accuracy),
+            })),
         }));
     }
     println!("model             {}", o.state.network.arch);
@@ -351,5 +394,17 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome) -> CliResult<()> {
         o.steps.len()
     );
     println!("weights sha256    {}", o.digest);
+    if let Some((path, e)) = &file {
+        println!(
+            "file              {} ({} bytes, {:.2}x smaller than f32)",
+            path.display(),
+            e.size.file_bytes,
+            e.size.ratio
+        );
+        println!("quantized (candle) {}", pct(e.candle.accuracy));
+        if let Some(f) = &e.file {
+            println!("from the file     {}", pct(f.accuracy));
+        }
+    }
     Ok(())
 }

@@ -69,13 +69,38 @@ fn simulated_ranks_train_report_and_repeat_their_bits() {
     let f32_bytes = a["f32_bytes_per_step"].as_f64().unwrap();
     assert!(f32_bytes / measured >= 15.0, "{f32_bytes} / {measured}");
     assert!(a["test_accuracy"].as_f64().unwrap() > 0.3);
-    // Loss-aware weights train on the ranks too.
+    // Loss-aware weights train on the ranks too, and go into a file that
+    // runs with the integer kernels.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.qgz");
     let lab = json_of(&qgrad(&short_run(
         "threads:2",
-        &["--weights", "lab", "--grad-bits", "3"],
+        &[
+            "--weights",
+            "lab",
+            "--grad-bits",
+            "3",
+            "--out",
+            file.to_str().unwrap(),
+        ],
     )));
     assert_eq!(lab["weights"], "lab");
     assert!(lab["test_accuracy"].as_f64().unwrap() > 0.2);
+    let written = &lab["file"];
+    assert_eq!(
+        written["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    assert!(written["ratio"].as_f64().unwrap() > 20.0, "{written}");
+    let (candle, from_file) = (
+        written["candle_accuracy"].as_f64().unwrap(),
+        written["file_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (candle - from_file).abs() <= 0.01,
+        "{candle} vs {from_file}"
+    );
+    assert!((candle - lab["test_accuracy"].as_f64().unwrap()).abs() <= 0.02);
 }
 
 #[test]
@@ -89,6 +114,10 @@ fn bad_options_are_usage_errors() {
     assert_usage_error(
         &qgrad(&short_run("threads:2", &["--weights", "lab7"])),
         "--weights",
+    );
+    assert_usage_error(
+        &qgrad(&short_run("threads:2", &["--out", "x.qgz"])),
+        "--out writes quantized weights",
     );
     let mut one = short_run("threads:2", &[]);
     let at = one.iter().position(|a| a == "64").unwrap();

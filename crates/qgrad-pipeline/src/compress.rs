@@ -81,7 +81,14 @@ pub fn compress_in_training(
         .finish(&run.state)
         .runtime("cannot collect the in-training result")?;
     let summary = summarize(&params);
-    trained_model(run, "in-training", options, params, Vec::new(), summary)
+    trained_model(
+        (&run.state, &run.config),
+        "in-training",
+        options,
+        params,
+        Vec::new(),
+        summary,
+    )
 }
 
 /// Combined quantization (METHOD §5): the in-training result with its float
@@ -102,32 +109,37 @@ pub fn compress_combined(
         .runtime("cannot copy accumulated gradients")?;
     let (params, summary) = combined(&in_training, &accum, remainder)
         .runtime("post-training quantization of the remainder failed")?;
-    trained_model(run, "combined", options, params, Vec::new(), summary)
+    trained_model(
+        (&run.state, &run.config),
+        "combined",
+        options,
+        params,
+        Vec::new(),
+        summary,
+    )
 }
 
-fn trained_model<H>(
-    run: &crate::in_training::RunOutcome<H>,
+fn trained_model(
+    (state, config): (&qgrad_models::TrainState, &qgrad_models::TrainConfig),
     method: &str,
     options: serde_json::Value,
     params: Vec<QuantizedTensor>,
     scaled: Vec<ScaledWeight>,
     summary: QuantizeSummary,
 ) -> Result<Compressed> {
-    let norm = run
-        .config
+    let norm = config
         .normalization
         .clone()
         .ok_or_else(|| PipelineError::usage("the run has no normalisation"))?;
     Ok(Compressed {
-        arch: run.state.network.arch,
+        arch: state.network.arch,
         method: method.into(),
         options,
-        seed: Some(run.config.seed),
+        seed: Some(config.seed),
         params,
         scaled,
         summary,
-        buffers: run
-            .state
+        buffers: state
             .network
             .buffers_to_host()
             .runtime("cannot copy buffers")?,
@@ -142,16 +154,23 @@ pub fn compress_loss_aware(
     run: &crate::LossAwareOutcome,
     options: serde_json::Value,
 ) -> Result<Compressed> {
-    let scaled = run
-        .hook
-        .finish(&run.state)
-        .runtime("cannot quantize the weights")?;
-    let params = run
-        .hook
-        .float_parameters(&run.state)
+    compress_loss_aware_state(&run.hook, &run.state, &run.config, options)
+}
+
+/// [`compress_loss_aware`] of a quantizer hook and the state it trained
+/// (a data-parallel run's, say); `config` has its normalisation filled in.
+pub fn compress_loss_aware_state(
+    hook: &qgrad_models::methods::LossAwareHook,
+    state: &qgrad_models::TrainState,
+    config: &qgrad_models::TrainConfig,
+    options: serde_json::Value,
+) -> Result<Compressed> {
+    let scaled = hook.finish(state).runtime("cannot quantize the weights")?;
+    let params = hook
+        .float_parameters(state)
         .runtime("cannot copy the float parameters")?;
     let mut summary = summarize(&params);
-    let code_bits = match run.hook.options().quantizer {
+    let code_bits = match hook.options().quantizer {
         m if m.binary() => 1u8,
         qgrad_scaled::Method::Laq { bits, .. } => bits,
         _ => 2,
@@ -170,8 +189,8 @@ pub fn compress_loss_aware(
         }
     }
     summary.width_histogram.sort();
-    let method = format!("loss-aware:{}", run.hook.options().quantizer);
-    trained_model(run, &method, options, params, scaled, summary)
+    let method = format!("loss-aware:{}", hook.options().quantizer);
+    trained_model((state, config), &method, options, params, scaled, summary)
 }
 
 /// What writing and evaluating a compressed model gave.

@@ -74,8 +74,8 @@ use std::str::FromStr;
 use candle_core::Device;
 
 pub use compress::{
-    compress_combined, compress_in_training, compress_loss_aware, compress_post_training,
-    export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
+    compress_combined, compress_in_training, compress_loss_aware, compress_loss_aware_state,
+    compress_post_training, export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
 };
 pub use data_parallel::{
     run_data_parallel, DataParallelOutcome, DataParallelRun, ParallelWeights, Resumed,
