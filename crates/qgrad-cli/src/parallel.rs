@@ -262,6 +262,11 @@ fn run_mpi(_: &ParallelArgs, _: Duration) -> CliResult<()> {
 
 fn announce(args: &ParallelArgs, prepared: &Prepared, ranks: usize) {
     let run = &prepared.run;
+    if let Some(dir) = &run.config.checkpoint_dir {
+        if dir.join(qgrad_models::checkpoint::CHECKPOINT_FILE).is_file() {
+            eprintln!("resuming the checkpoint in {}", dir.display());
+        }
+    }
     eprintln!(
         "training {} for {} epochs with {} weights on {ranks} rank(s), {} gradients, global batch {} (seed {})",
         run.arch,
