@@ -532,19 +532,65 @@ fn plot_curves(runs: &[&RunResult], file: &Path, title: &str) -> Result<()> {
     })
 }
 
-/// α–β model of one step on `n` machines (module docs of the report).
-fn projected_step(t: &[Timing], quantized: bool, n: f64, alpha: f64, beta: f64) -> Option<f64> {
-    let one = t.iter().find(|x| x.ranks == 1 && x.gradients == "f32")?;
-    let q1 = t.iter().find(|x| x.ranks == 1 && x.gradients != "f32")?;
-    // Compute shrinks with the shard; measured per sample on one rank.
-    let compute = one.compute / n;
-    Some(if quantized {
-        // Encode once, decode n messages: the 1-rank exchange is one of each.
-        let codec = q1.exchange / 2.0 * (1.0 + n);
-        compute + codec + (n - 1.0) * alpha + (n - 1.0) * q1.bytes * beta
-    } else {
-        compute + 2.0 * (n - 1.0) * alpha + 2.0 * (n - 1.0) / n * one.f32_bytes * beta
-    })
+/// The measured inputs of the α–β model (module docs of the report).
+struct Model {
+    /// One rank's compute per step (the whole batch), seconds.
+    compute: f64,
+    /// f32 bytes of the gradients.
+    f32_bytes: f64,
+    /// Quantized bytes per rank.
+    q_bytes: f64,
+    /// Encoding one rank's gradient, seconds.
+    encode: f64,
+    /// Decoding one message, seconds.
+    decode: f64,
+}
+
+impl Model {
+    /// From the 1- and 2-rank timings: at one rank the quantized exchange
+    /// is one encode and one decode; at two ranks one encode, two decodes and
+    /// a shared-memory transfer (taken as free), so the difference is one
+    /// decode.
+    fn from(t: &[Timing]) -> Option<Self> {
+        let f1 = t.iter().find(|x| x.ranks == 1 && x.gradients == "f32")?;
+        let q1 = t.iter().find(|x| x.ranks == 1 && x.gradients != "f32")?;
+        let q2 = t.iter().find(|x| x.ranks == 2 && x.gradients != "f32")?;
+        let decode = (q2.exchange - q1.exchange).clamp(0.0, q1.exchange);
+        Some(Self {
+            compute: f1.compute,
+            f32_bytes: f1.f32_bytes,
+            q_bytes: q1.bytes,
+            encode: q1.exchange - decode,
+            decode,
+        })
+    }
+
+    /// One step on `n` machines with f32 (ring all-reduce) or quantized
+    /// (ring all-gather plus codec) gradients.
+    fn step(&self, quantized: bool, n: f64, alpha: f64, beta: f64) -> f64 {
+        let compute = self.compute / n;
+        if quantized {
+            compute
+                + self.encode
+                + n * self.decode
+                + (n - 1.0) * alpha
+                + (n - 1.0) * self.q_bytes * beta
+        } else {
+            compute + 2.0 * (n - 1.0) * alpha + 2.0 * (n - 1.0) / n * self.f32_bytes * beta
+        }
+    }
+
+    /// The bandwidth (bytes/s) below which quantized gradients win at `n`
+    /// machines; `None` where they never do (the all-gather sends more).
+    fn break_even(&self, n: f64, alpha: f64) -> Option<f64> {
+        let saved_bytes = 2.0 * (n - 1.0) / n * self.f32_bytes - (n - 1.0) * self.q_bytes;
+        let extra = self.encode + n * self.decode - (n - 1.0) * alpha;
+        if saved_bytes <= 0.0 {
+            return None;
+        }
+        // Quantized wins iff saved_bytes·β > extra, i.e. bandwidth < saved/extra.
+        Some(if extra <= 0.0 { f64::INFINITY } else { saved_bytes / extra })
+    }
 }
 
 fn report(
@@ -705,27 +751,41 @@ fn report(
                 t.bytes
             );
         }
-        let (alpha, beta) = (25e-6, 8.0 / 10e9);
-        let _ = writeln!(
-            s,
-            "\n### Projection to N machines on a 10 Gbit/s network\n\nAn α–β model, α = 25 µs per message, β = 0.8 ns per byte (10 Gbit/s), one rank per machine. \
-             Compute: the 1-rank step's compute divided by N (the global batch is split). f32: a ring all-reduce, 2(N−1)α + 2(N−1)/N·S·β with S the f32 bytes. \
-             Quantized: a ring all-gather, (N−1)α + (N−1)·b·β with b the measured bytes per rank, plus the codec: one encode and N decodes, each half of the 1-rank exchange time. \
-             Assumptions: no overlap of communication with compute, a full-bisection network, decode cost linear in N.\n"
-        );
-        let _ = writeln!(s, "| N | f32 step ms | 2-bit step ms | 2-bit faster by |");
-        let _ = writeln!(s, "| ---: | ---: | ---: | ---: |");
-        for n in [2.0, 4.0, 8.0, 16.0, 32.0, 64.0] {
-            if let (Some(f), Some(q)) = (
-                projected_step(timing, false, n, alpha, beta),
-                projected_step(timing, true, n, alpha, beta),
-            ) {
+        if let Some(m) = Model::from(timing) {
+            let alpha = 25e-6;
+            let _ = writeln!(
+                s,
+                "\n### Projection to N machines\n\nAn α–β model with one rank per machine, α = 25 µs per message and β = 1/bandwidth. \
+                 Compute: the 1-rank step's compute ({:.1} ms) divided by N (the global batch is split). \
+                 f32: a ring all-reduce, 2(N−1)α + 2(N−1)/N·S·β, S = {:.0} bytes. \
+                 Quantized: a ring all-gather, (N−1)α + (N−1)·b·β with b = {:.0} bytes per rank, plus one encode ({:.2} ms) and N decodes ({:.2} ms each), \
+                 taken from the 1- and 2-rank runs (the 2-rank exchange is one decode more than the 1-rank one). \
+                 Assumptions: no overlap of communication and compute, a full-bisection network, every machine like this one.\n",
+                m.compute * 1e3,
+                m.f32_bytes,
+                m.q_bytes,
+                m.encode * 1e3,
+                m.decode * 1e3
+            );
+            let _ = writeln!(
+                s,
+                "| N | f32 step, 10 Gbit/s | 2-bit step, 10 Gbit/s | f32 step, 1 Gbit/s | 2-bit step, 1 Gbit/s | 2-bit wins below |"
+            );
+            let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+            for n in [2.0, 4.0, 8.0, 16.0, 32.0, 64.0] {
+                let ms = |q: bool, gbit: f64| m.step(q, n, alpha, 8.0 / (gbit * 1e9)) * 1e3;
+                let wins = match m.break_even(n, alpha) {
+                    None => "never (the all-gather sends more)".to_string(),
+                    Some(b) if b.is_infinite() => "any bandwidth".to_string(),
+                    Some(b) => format!("{:.2} Gbit/s", b * 8.0 / 1e9),
+                };
                 let _ = writeln!(
                     s,
-                    "| {n} | {:.2} | {:.2} | {:.2}x |",
-                    f * 1e3,
-                    q * 1e3,
-                    f / q
+                    "| {n} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {wins} |",
+                    ms(false, 10.0),
+                    ms(true, 10.0),
+                    ms(false, 1.0),
+                    ms(true, 1.0)
                 );
             }
         }
