@@ -263,7 +263,10 @@ fn run_mpi(_: &ParallelArgs, _: Duration) -> CliResult<()> {
 fn announce(args: &ParallelArgs, prepared: &Prepared, ranks: usize) {
     let run = &prepared.run;
     if let Some(dir) = &run.config.checkpoint_dir {
-        if dir.join(qgrad_models::checkpoint::CHECKPOINT_FILE).is_file() {
+        if dir
+            .join(qgrad_models::checkpoint::CHECKPOINT_FILE)
+            .is_file()
+        {
             eprintln!("resuming the checkpoint in {}", dir.display());
         }
     }
