@@ -26,6 +26,11 @@
 //!   exchange, the network, the starting epoch and a CRC-32 of the starting
 //!   parameters. A rank that did not find the checkpoint the others resumed
 //!   from fails that check, on every rank.
+//! * Batch norm normalises each shard by its own statistics in training
+//!   (as PyTorch's DistributedDataParallel without SyncBatchNorm); after
+//!   every step the ranks average their running statistics (an all-gather,
+//!   summed in rank order), so every rank holds the same buffers. Those
+//!   bytes count in the step's `bytes_sent`.
 //! * Only rank 0 writes checkpoints; the hook's checkpoint state records the
 //!   number of ranks, so a resumed run can say what it continued from.
 //! * Timing: a step's compute time runs from this hook's forward-weights
@@ -304,6 +309,49 @@ impl TrainHook for DataParallelHook<'_> {
         Ok(())
     }
 
+    fn after_update(&mut self, state: &mut TrainState) -> Result<()> {
+        if self.group.size() == 1 {
+            return Ok(());
+        }
+        // Batch norm's running statistics come from each rank's own shard:
+        // average them (in rank order) so that every rank holds the same
+        // buffers.
+        let buffers = state.network.buffers_to_host()?;
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        let sent_before = self.group.traffic().bytes_sent;
+        let send: Vec<u8> = buffers
+            .iter()
+            .flat_map(|b| b.values.iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
+        let mut recv = Vec::new();
+        self.group.all_gather(&send, &mut recv)?;
+        let n = self.group.size();
+        let len = send.len() / 4;
+        let value = |r: usize, i: usize| {
+            let at = 4 * (r * len + i);
+            f32::from_le_bytes(recv[at..at + 4].try_into().unwrap())
+        };
+        let mut averaged = buffers;
+        let mut i = 0;
+        for b in averaged.iter_mut() {
+            for v in b.values.iter_mut() {
+                let mut sum = value(0, i);
+                for r in 1..n {
+                    sum += value(r, i);
+                }
+                *v = sum / n as f32;
+                i += 1;
+            }
+        }
+        state.network.set_from_host(&averaged)?;
+        if let Some(last) = self.steps.last_mut() {
+            last.bytes_sent += self.group.traffic().bytes_sent - sent_before;
+        }
+        Ok(())
+    }
+
     fn checkpoint_state(&self) -> Result<Option<String>> {
         let saved = Saved {
             ranks: self.group.size(),
@@ -376,6 +424,15 @@ mod tests {
     /// Trains `config` on `n` ranks (threads); per rank: its snapshot, the
     /// hook's steps and what it resumed from, or the error.
     fn on_ranks(n: usize, exchange: GradientExchange, config: &TrainConfig) -> Vec<RankRun> {
+        on_ranks_of(Arch::Lenet300100, n, exchange, config)
+    }
+
+    fn on_ranks_of(
+        arch: Arch,
+        n: usize,
+        exchange: GradientExchange,
+        config: &TrainConfig,
+    ) -> Vec<RankRun> {
         let (train_set, test_set) = mini();
         let ranks = ThreadGroup::ranks(n, Duration::from_secs(60));
         std::thread::scope(|s| {
@@ -386,7 +443,7 @@ mod tests {
                     s.spawn(move || -> std::result::Result<_, String> {
                         let mut run = || -> Result<_> {
                             let (mut state, _) =
-                                TrainState::resume_or_new(Arch::Lenet300100, &Device::Cpu, config)?;
+                                TrainState::resume_or_new(arch, &Device::Cpu, config)?;
                             let mut hook = DataParallelHook::new(&mut rank, exchange, config)?;
                             train(&mut state, train_set, test_set, config, &mut [&mut hook])?;
                             Ok((
@@ -490,6 +547,30 @@ mod tests {
         three.checkpoint_dir = Some(dir3.path().to_path_buf());
         let on_three = on_ranks(3, how, &three);
         assert_eq!(on_three[2].as_ref().unwrap().2, Some(2));
+    }
+
+    #[test]
+    fn batch_norm_statistics_agree_across_ranks() {
+        let bn = Arch::Mlp {
+            width: 32,
+            depth: 1,
+            batch_norm: true,
+        };
+        let how = GradientExchange::Quantized(StochasticQuantizer::new(3, 64, None).unwrap());
+        let runs = on_ranks_of(bn, 3, how, &config(30, 3, 1));
+        let first = runs[0].as_ref().unwrap();
+        assert!(
+            first.0.iter().any(|(name, _)| name.contains("running")),
+            "{:?}",
+            first.0.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
+        for other in &runs[1..] {
+            assert_eq!(
+                other.as_ref().unwrap().0,
+                first.0,
+                "parameters and buffers agree"
+            );
+        }
     }
 
     #[test]
