@@ -304,12 +304,21 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome, test: &Dataset) -> CliRe
         }
     }
     if let Some(path) = &args.steps_csv {
-        let mut csv = String::from("epoch,step,loss,compute_seconds,exchange_seconds,bytes_sent\n");
+        let mut csv = String::from(
+            "epoch,step,loss,compute_seconds,exchange_seconds,encode_seconds,decode_seconds,bytes_sent\n",
+        );
         for s in &o.steps {
             let _ = writeln!(
                 csv,
-                "{},{},{},{:.6},{:.6},{}",
-                s.epoch, s.step, s.loss, s.compute_seconds, s.exchange_seconds, s.bytes_sent
+                "{},{},{},{:.6},{:.6},{:.6},{:.6},{}",
+                s.epoch,
+                s.step,
+                s.loss,
+                s.compute_seconds,
+                s.exchange_seconds,
+                s.encode_seconds,
+                s.decode_seconds,
+                s.bytes_sent
             );
         }
         qgrad_csr::write_bytes_atomically(path, csv.as_bytes())
@@ -349,6 +358,8 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome, test: &Dataset) -> CliRe
     let sent_per_step = mean(measured.iter().map(|&b| b as f64));
     let compute = mean(o.steps.iter().map(|s| s.compute_seconds));
     let exchange_time = mean(o.steps.iter().map(|s| s.exchange_seconds));
+    let encode_time = mean(o.steps.iter().map(|s| s.encode_seconds));
+    let decode_time = mean(o.steps.iter().map(|s| s.decode_seconds));
     let accuracy = o.state.history.last().map(|e| e.test_accuracy);
     let exchange = o.exchange.describe();
     if args.json {
@@ -368,6 +379,8 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome, test: &Dataset) -> CliRe
             "f32_bytes_per_step": o.f32_bytes_per_step,
             "compute_seconds_per_step": compute,
             "exchange_seconds_per_step": exchange_time,
+            "encode_seconds_per_step": encode_time,
+            "decode_seconds_per_step": decode_time,
             "weights_sha256": o.digest,
             "file": file.as_ref().map(|(path, e)| json!({
                 "path": path,
@@ -396,9 +409,11 @@ fn finish(args: &ParallelArgs, o: &DataParallelOutcome, test: &Dataset) -> CliRe
         );
     }
     println!(
-        "time per step     {:.2} ms compute + {:.2} ms exchange (rank 0, {} steps)",
+        "time per step     {:.2} ms compute + {:.2} ms exchange, of which {:.2} ms encoding and {:.2} ms decoding (rank 0, {} steps)",
         compute * 1e3,
         exchange_time * 1e3,
+        encode_time * 1e3,
+        decode_time * 1e3,
         o.steps.len()
     );
     println!("weights sha256    {}", o.digest);

@@ -71,12 +71,19 @@ impl GradientExchange {
     }
 }
 
-/// Reusable buffers of [`exchange`] (a step allocates nothing new).
+/// Reusable buffers of [`exchange`] (a step allocates nothing new), and
+/// the last call's timings.
 #[derive(Debug, Default)]
 pub struct ExchangeBuffers {
     send: Vec<u8>,
     recv: Vec<u8>,
     flat: Vec<f32>,
+    /// Seconds the last call spent encoding this rank's gradient (packing
+    /// the f32 buffer for the baseline).
+    pub encode_seconds: f64,
+    /// Seconds the last call spent decoding and averaging every rank's
+    /// message (the division for the baseline).
+    pub decode_seconds: f64,
 }
 
 /// Replaces `tensors` (this rank's gradients) by the average over the
@@ -95,6 +102,7 @@ pub fn exchange(
 ) -> Result<f32> {
     match how {
         GradientExchange::Float => {
+            let start = std::time::Instant::now();
             let flat = &mut buffers.flat;
             flat.clear();
             flat.push(weight * loss);
@@ -102,7 +110,9 @@ pub fn exchange(
             for t in tensors.iter() {
                 flat.extend(t.iter().map(|g| weight * g));
             }
+            buffers.encode_seconds = start.elapsed().as_secs_f64();
             group.all_reduce_sum(flat)?;
+            let start = std::time::Instant::now();
             let total = flat[1];
             if !flat.iter().all(|v| v.is_finite()) || total <= 0.0 {
                 return Err(CollectiveError::NonFinite { rank: group.rank() });
@@ -114,9 +124,11 @@ pub fn exchange(
                 }
                 at += t.len();
             }
+            buffers.decode_seconds = start.elapsed().as_secs_f64();
             Ok(flat[0] / total)
         }
         GradientExchange::Quantized(q) => {
+            let start = std::time::Instant::now();
             let send = &mut buffers.send;
             send.clear();
             // A non-finite loss goes out as it is; every rank then stops.
@@ -126,7 +138,9 @@ pub fn exchange(
                 q.encode(t, rng, send);
             }
             let len = send.len();
+            buffers.encode_seconds = start.elapsed().as_secs_f64();
             group.all_gather(send, &mut buffers.recv)?;
+            let start = std::time::Instant::now();
             let size = group.size();
             if buffers.recv.len() != len * size {
                 return Err(CollectiveError::Truncated {
@@ -162,6 +176,7 @@ pub fn exchange(
                     *g /= total;
                 }
             }
+            buffers.decode_seconds = start.elapsed().as_secs_f64();
             Ok(loss_sum / total)
         }
     }

@@ -66,6 +66,12 @@ pub struct StepRecord {
     /// Bytes this rank passed to the collective in this step (counted at
     /// the call).
     pub bytes_sent: u64,
+    /// Of the exchange: encoding this rank's gradient, seconds.
+    #[serde(default)]
+    pub encode_seconds: f64,
+    /// Of the exchange: decoding and averaging all messages, seconds.
+    #[serde(default)]
+    pub decode_seconds: f64,
 }
 
 /// The hook's state in a checkpoint.
@@ -305,6 +311,16 @@ impl TrainHook for DataParallelHook<'_> {
             compute_seconds,
             exchange_seconds: start.elapsed().as_secs_f64(),
             bytes_sent: self.group.traffic().bytes_sent - sent_before,
+            encode_seconds: if single {
+                0.0
+            } else {
+                self.buffers.encode_seconds
+            },
+            decode_seconds: if single {
+                0.0
+            } else {
+                self.buffers.decode_seconds
+            },
         });
         Ok(())
     }
