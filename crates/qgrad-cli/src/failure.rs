@@ -14,6 +14,8 @@ pub const INPUT: u8 = 3;
 pub struct Failure {
     pub code: u8,
     pub error: anyhow::Error,
+    /// Already printed (an MPI rank prints before it waits for the others).
+    pub reported: bool,
 }
 
 impl Failure {
@@ -21,6 +23,7 @@ impl Failure {
         Failure {
             code,
             error: error.into(),
+            reported: false,
         }
     }
 
@@ -29,6 +32,9 @@ impl Failure {
     }
 
     pub fn print(&self) {
+        if self.reported {
+            return;
+        }
         eprintln!("error: {}", self.error);
         for cause in self.error.chain().skip(1) {
             eprintln!("  caused by: {cause}");

@@ -241,11 +241,17 @@ fn run_mpi(args: &ParallelArgs, timeout: Duration) -> CliResult<()> {
         Ok(_) => Ok(()),
         Err(e) => {
             let every = seen_by_every_rank(&e);
-            let f = tag(e.into());
-            if !every && size > 1 {
-                f.print();
-                world.abort(i32::from(f.code));
+            let mut f = tag(e.into());
+            f.print();
+            if size > 1 {
+                if !every {
+                    world.abort(i32::from(f.code));
+                }
+                // Every rank has the error: wait until all have printed it,
+                // since mpirun ends the job as soon as one rank exits.
+                let _ = world.all_gather(&[0], &mut Vec::new());
             }
+            f.reported = true;
             Err(f)
         }
     }
