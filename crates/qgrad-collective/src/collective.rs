@@ -103,3 +103,37 @@ pub fn agree(group: &mut dyn Collective, description: &str) -> Result<()> {
         })
     }
 }
+
+/// Sets `buf` to the element-wise sum of `parts` (each `4·buf.len()` bytes
+/// of little-endian f32, one per rank) in rank order, starting from rank 0's
+/// values (not from 0.0, whose sum with −0.0 would lose the sign): with two
+/// ranks this is the single addition any MPI implementation does.
+pub(crate) fn sum_in_rank_order<'a>(mut parts: impl Iterator<Item = &'a [u8]>, buf: &mut [f32]) {
+    let value =
+        |part: &[u8], i: usize| f32::from_le_bytes(part[4 * i..4 * i + 4].try_into().unwrap());
+    if let Some(first) = parts.next() {
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v = value(first, i);
+        }
+    }
+    for part in parts {
+        for (i, v) in buf.iter_mut().enumerate() {
+            *v += value(part, i);
+        }
+    }
+}
+
+/// The element-wise mean of every rank's `values`, in place: an all-gather
+/// summed in rank order, so it is the same bits on every engine and any
+/// number of ranks (unlike an MPI all-reduce, whose order is the library's).
+pub fn mean_in_rank_order(group: &mut dyn Collective, values: &mut [f32]) -> Result<()> {
+    let send: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut recv = Vec::new();
+    group.all_gather(&send, &mut recv)?;
+    sum_in_rank_order(recv.chunks_exact(send.len().max(1)), values);
+    let n = group.size() as f32;
+    for v in values.iter_mut() {
+        *v /= n;
+    }
+    Ok(())
+}

@@ -51,7 +51,7 @@ pub mod mpi;
 pub mod quantize;
 mod threads;
 
-pub use collective::{agree, Collective, Solo, Traffic};
+pub use collective::{agree, mean_in_rank_order, Collective, Solo, Traffic};
 pub use error::{CollectiveError, Result};
 pub use exchange::{exchange, ExchangeBuffers, GradientExchange};
 #[cfg(feature = "mpi")]

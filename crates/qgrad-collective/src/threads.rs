@@ -10,7 +10,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::collective::{Collective, Traffic};
+use crate::collective::{sum_in_rank_order, Collective, Traffic};
 use crate::error::{CollectiveError, Result};
 
 /// One round of an exchange: what each rank deposited, and the finished
@@ -189,17 +189,7 @@ impl Collective for ThreadRank {
                 });
             }
         }
-        // Rank order, starting from rank 0's values (not from 0.0, whose
-        // sum with −0.0 would lose the sign): with two ranks this is the
-        // single addition any MPI implementation does.
-        for (i, v) in buf.iter_mut().enumerate() {
-            let at = |r: usize| f32::from_le_bytes(all[r][4 * i..4 * i + 4].try_into().unwrap());
-            let mut sum = at(0);
-            for r in 1..all.len() {
-                sum += at(r);
-            }
-            *v = sum;
-        }
+        sum_in_rank_order(all.iter().map(Vec::as_slice), buf);
         Ok(())
     }
 

@@ -41,7 +41,9 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use qgrad_collective::{agree, exchange, Collective, ExchangeBuffers, GradientExchange, Traffic};
+use qgrad_collective::{
+    agree, exchange, mean_in_rank_order, Collective, ExchangeBuffers, GradientExchange, Traffic,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -94,7 +96,6 @@ pub struct DataParallelHook<'g> {
     buffers: ExchangeBuffers,
     host: Vec<Vec<f32>>,
     shard_len: usize,
-    step_in_epoch: (usize, usize),
     step_started: Option<Instant>,
     /// Every step of the run on this rank (a resumed run: from the start,
     /// the earlier epochs' steps coming from the checkpoint).
@@ -154,7 +155,6 @@ impl<'g> DataParallelHook<'g> {
             buffers: ExchangeBuffers::default(),
             host: Vec::new(),
             shard_len: 0,
-            step_in_epoch: (usize::MAX, 0),
             step_started: None,
             steps: Vec::new(),
             checkpoint_ranks: None,
@@ -185,29 +185,9 @@ impl<'g> DataParallelHook<'g> {
         Ok(())
     }
 
-    /// This rank.
-    pub fn rank(&self) -> usize {
-        self.group.rank()
-    }
-
-    /// The number of ranks.
-    pub fn ranks(&self) -> usize {
-        self.group.size()
-    }
-
     /// What this rank has sent.
     pub fn traffic(&self) -> Traffic {
         self.group.traffic()
-    }
-
-    /// The engine, in words.
-    pub fn engine(&self) -> String {
-        self.group.engine()
-    }
-
-    /// The exchange.
-    pub fn exchange(&self) -> GradientExchange {
-        self.exchange
     }
 
     /// The number of ranks that wrote the checkpoint this run resumed from.
@@ -259,11 +239,7 @@ impl TrainHook for DataParallelHook<'_> {
             .take()
             .map_or(0.0, |t| t.elapsed().as_secs_f64());
         let epoch = state.epoch;
-        if self.step_in_epoch.0 != epoch {
-            self.step_in_epoch = (epoch, 0);
-        }
-        let step = self.step_in_epoch.1;
-        self.step_in_epoch.1 += 1;
+        let step = self.steps.iter().rev().take_while(|s| s.epoch == epoch).count();
         let start = Instant::now();
         let sent_before = self.group.traffic().bytes_sent;
         let single = self.group.size() == 1 && self.exchange == GradientExchange::Float;
@@ -311,16 +287,9 @@ impl TrainHook for DataParallelHook<'_> {
             compute_seconds,
             exchange_seconds: start.elapsed().as_secs_f64(),
             bytes_sent: self.group.traffic().bytes_sent - sent_before,
-            encode_seconds: if single {
-                0.0
-            } else {
-                self.buffers.encode_seconds
-            },
-            decode_seconds: if single {
-                0.0
-            } else {
-                self.buffers.decode_seconds
-            },
+            // Zero when the exchange was skipped (never called).
+            encode_seconds: self.buffers.encode_seconds,
+            decode_seconds: self.buffers.decode_seconds,
         });
         Ok(())
     }
@@ -337,29 +306,17 @@ impl TrainHook for DataParallelHook<'_> {
             return Ok(());
         }
         let sent_before = self.group.traffic().bytes_sent;
-        let send: Vec<u8> = buffers
+        let mut values: Vec<f32> = buffers
             .iter()
-            .flat_map(|b| b.values.iter().flat_map(|v| v.to_le_bytes()))
+            .flat_map(|b| b.values.iter().copied())
             .collect();
-        let mut recv = Vec::new();
-        self.group.all_gather(&send, &mut recv)?;
-        let n = self.group.size();
-        let len = send.len() / 4;
-        let value = |r: usize, i: usize| {
-            let at = 4 * (r * len + i);
-            f32::from_le_bytes(recv[at..at + 4].try_into().unwrap())
-        };
+        mean_in_rank_order(&mut *self.group, &mut values)?;
         let mut averaged = buffers;
-        let mut i = 0;
+        let mut rest = values.as_slice();
         for b in averaged.iter_mut() {
-            for v in b.values.iter_mut() {
-                let mut sum = value(0, i);
-                for r in 1..n {
-                    sum += value(r, i);
-                }
-                *v = sum / n as f32;
-                i += 1;
-            }
+            let (mine, tail) = rest.split_at(b.values.len());
+            b.values.copy_from_slice(mine);
+            rest = tail;
         }
         state.network.set_from_host(&averaged)?;
         if let Some(last) = self.steps.last_mut() {
