@@ -37,12 +37,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use plotters::prelude::*;
-use qgrad_collective::{GradientExchange, StochasticQuantizer, ThreadGroup};
+use qgrad_collective::{GradientExchange, StochasticQuantizer};
 use qgrad_models::methods::{LossAwareOptions, StepRecord};
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, LrSchedule, TrainConfig};
 use qgrad_pipeline::data::load_datasets;
-use qgrad_pipeline::{run_data_parallel, DataParallelRun, ParallelWeights};
+use qgrad_pipeline::{run_on_threads, DataParallelRun, ParallelWeights};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{write_atomic, write_atomic_with};
@@ -232,42 +232,21 @@ fn run_one(
         exchange: how,
         device: Device::Cpu,
     };
-    let ranks = ThreadGroup::ranks(opts.ranks, Duration::from_secs(600));
-    let outcomes = std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .into_iter()
-            .map(|mut rank| {
-                let (run, train, test) = (run.clone(), &train, &test);
-                s.spawn(move || {
-                    run_data_parallel(run, (train, test), &mut rank, &mut []).map(|o| {
-                        (
-                            o.state
-                                .history
-                                .iter()
-                                .map(|e| e.test_accuracy)
-                                .collect::<Vec<_>>(),
-                            o.steps,
-                            o.traffic,
-                            o.f32_bytes_per_step,
-                            o.digest,
-                        )
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank thread panicked"))
-            .collect::<Vec<_>>()
-    });
-    let mut outcomes = outcomes.into_iter();
-    let (accuracy, steps, _, f32_bytes, digest) = outcomes.next().expect("one rank")?;
-    for other in outcomes {
-        let other = other?;
-        if other.4 != digest {
-            bail!("{name}: the ranks ended with different weights");
-        }
-    }
+    let outcome = run_on_threads(
+        &run,
+        (&train, &test),
+        opts.ranks,
+        Duration::from_secs(600),
+        &mut [],
+    )
+    .with_context(|| format!("data-parallel run {name}"))?;
+    let accuracy: Vec<f64> = outcome
+        .state
+        .history
+        .iter()
+        .map(|e| e.test_accuracy)
+        .collect();
+    let (steps, f32_bytes) = (outcome.steps, outcome.f32_bytes_per_step);
     let per_step =
         |f: fn(&StepRecord) -> f64| steps.iter().map(f).sum::<f64>() / steps.len().max(1) as f64;
     let result = RunResult {

@@ -5,18 +5,21 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use qgrad_collective::{
-    Collective, CollectiveError, GradientExchange, StochasticQuantizer, ThreadGroup,
-};
+#[cfg(feature = "mpi")]
+use qgrad_collective::{Collective, CollectiveError};
+use qgrad_collective::{GradientExchange, StochasticQuantizer};
 use qgrad_csr::LayoutChoice;
 use qgrad_data::Dataset;
 use qgrad_models::methods::LossAwareOptions;
 use qgrad_models::train::OptimizerKind;
+#[cfg(feature = "mpi")]
 use qgrad_models::{ModelsError, TrainHook};
 use qgrad_pipeline::{
-    compress_loss_aware_state, default_device, export_and_evaluate, run_data_parallel,
-    DataParallelOutcome, DataParallelRun, ExportOptions, ParallelWeights, PipelineError,
+    compress_loss_aware_state, default_device, export_and_evaluate, run_on_threads,
+    DataParallelOutcome, DataParallelRun, ExportOptions, ParallelWeights,
 };
+#[cfg(feature = "mpi")]
+use qgrad_pipeline::{run_data_parallel, PipelineError};
 use serde_json::json;
 
 use crate::commands::{load_data, pct, print_json, training_config, EpochPrinter};
@@ -56,6 +59,7 @@ fn exchange_of(args: &ParallelArgs) -> CliResult<GradientExchange> {
 }
 
 /// The training error under a pipeline error, if it is one.
+#[cfg(feature = "mpi")]
 fn models_cause(e: &PipelineError) -> Option<&ModelsError> {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -65,16 +69,6 @@ fn models_cause(e: &PipelineError) -> Option<&ModelsError> {
         source = s.source();
     }
     None
-}
-
-/// A rank that stopped only because another rank left or went silent.
-fn lost_a_peer(e: &PipelineError) -> bool {
-    matches!(
-        models_cause(e),
-        Some(ModelsError::Collective(
-            CollectiveError::PeerLost { .. } | CollectiveError::Timeout { .. }
-        ))
-    )
 }
 
 /// Whether every rank sees this failure at the same step (settings that
@@ -145,6 +139,7 @@ fn prepare(args: &ParallelArgs) -> CliResult<Prepared> {
     })
 }
 
+#[cfg(feature = "mpi")]
 fn run_rank(
     prepared: &Prepared,
     group: &mut dyn Collective,
@@ -175,44 +170,13 @@ pub fn train_parallel(args: ParallelArgs) -> CliResult<()> {
         Engine::Threads(n) => {
             let prepared = prepare(&args)?;
             announce(&args, &prepared, n);
-            let ranks = ThreadGroup::ranks(n, timeout);
-            let results: Vec<Result<DataParallelOutcome, PipelineError>> =
-                std::thread::scope(|s| {
-                    let mut ranks = ranks.into_iter();
-                    let mut first = ranks.next().expect("n >= 1");
-                    let prepared = &prepared;
-                    let others: Vec<_> = ranks
-                        .map(|mut rank| s.spawn(move || run_rank(prepared, &mut rank, false)))
-                        .collect();
-                    let mine = run_rank(prepared, &mut first, true);
-                    // Rank 0's handle goes now: ranks still waiting for it
-                    // stop instead of waiting out the timeout.
-                    drop(first);
-                    let mut all = vec![mine];
-                    for h in others {
-                        all.push(h.join().unwrap_or_else(|_| {
-                            Err(PipelineError::usage("a rank thread panicked"))
-                        }));
-                    }
-                    all
-                });
-            // The cause, not the ranks that stopped because another left.
-            let mut results = results.into_iter();
-            let first = results.next().expect("n >= 1");
-            let rest: Vec<_> = results.collect();
-            let outcome = match first {
-                Ok(o) => o,
-                Err(e) => {
-                    let root = rest
-                        .into_iter()
-                        .filter_map(Result::err)
-                        .find(|e| !lost_a_peer(e));
-                    return Err(root.unwrap_or(e).into());
-                }
-            };
-            if let Some(e) = rest.into_iter().find_map(Result::err) {
-                return Err(e.into());
-            }
+            let outcome = run_on_threads(
+                &prepared.run,
+                (&prepared.train, &prepared.test),
+                n,
+                timeout,
+                &mut [&mut EpochPrinter],
+            )?;
             finish(&args, &outcome, &prepared.test)
         }
         Engine::Mpi => run_mpi(&args, timeout),

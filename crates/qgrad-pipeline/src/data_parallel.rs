@@ -7,14 +7,16 @@
 //! epoch). A run can resume on another number of ranks; the outcome says
 //! which it continued from.
 
+use std::time::Duration;
+
 use candle_core::Device;
-use qgrad_collective::{Collective, GradientExchange, Traffic};
+use qgrad_collective::{Collective, CollectiveError, GradientExchange, ThreadGroup, Traffic};
 use qgrad_data::Dataset;
 use qgrad_models::methods::{DataParallelHook, LossAwareHook, LossAwareOptions, StepRecord};
 use qgrad_models::{Arch, TrainConfig, TrainHook, TrainState};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Context, Result};
+use crate::error::{Context, PipelineError, Result};
 use crate::in_training::Start;
 use crate::loss_aware::{run_loss_aware, LossAwareRun};
 use crate::trained::train_float;
@@ -177,4 +179,85 @@ pub fn run_data_parallel(
         ranks,
         engine,
     })
+}
+
+/// A rank that stopped only because another rank left or went silent.
+fn lost_a_peer(e: &PipelineError) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(m) = s.downcast_ref::<qgrad_models::ModelsError>() {
+            return matches!(
+                m,
+                qgrad_models::ModelsError::Collective(
+                    CollectiveError::PeerLost { .. } | CollectiveError::Timeout { .. }
+                )
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// [`run_data_parallel`] on `ranks` threads of this process (a
+/// [`ThreadGroup`]: the bits of `mpirun -np ranks`), rank 0 on the calling
+/// thread with the `rank0_extra` hooks. Returns rank 0's outcome after
+/// checking that every rank ended in the same state; when ranks fail, the
+/// error of the one that caused it (not of those that lost a peer).
+pub fn run_on_threads(
+    run: &DataParallelRun,
+    data: (&Dataset, &Dataset),
+    ranks: usize,
+    timeout: Duration,
+    rank0_extra: &mut [&mut dyn TrainHook],
+) -> Result<DataParallelOutcome> {
+    if ranks == 0 {
+        return Err(PipelineError::usage("at least one rank is needed"));
+    }
+    let mut group = ThreadGroup::ranks(ranks, timeout).into_iter();
+    let mut first = group.next().expect("ranks >= 1");
+    let (mine, others) = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .map(|mut rank| {
+                s.spawn(move || {
+                    run_data_parallel(run.clone(), data, &mut rank, &mut []).map(|o| o.digest)
+                })
+            })
+            .collect();
+        let mine = run_data_parallel(run.clone(), data, &mut first, rank0_extra);
+        // Rank 0's handle goes now: ranks still waiting for it stop instead
+        // of waiting out the timeout.
+        drop(first);
+        let others: Vec<Result<String>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(qgrad_models::ModelsError::Other(
+                        "a rank thread panicked".into(),
+                    ))
+                    .runtime("data-parallel training failed")
+                })
+            })
+            .collect();
+        (mine, others)
+    });
+    let mine = match mine {
+        Ok(o) => o,
+        Err(e) => {
+            let cause = others
+                .into_iter()
+                .filter_map(Result::err)
+                .find(|e| !lost_a_peer(e));
+            return Err(cause.unwrap_or(e));
+        }
+    };
+    for (r, other) in others.into_iter().enumerate() {
+        if other? != mine.digest {
+            return Err(qgrad_models::ModelsError::Other(format!(
+                "rank {} ended with other weights than rank 0",
+                r + 1
+            )))
+            .runtime("data-parallel training failed");
+        }
+    }
+    Ok(mine)
 }

@@ -78,7 +78,8 @@ pub use compress::{
     compress_post_training, export_and_evaluate, run_file, Compressed, ExportOptions, Exported,
 };
 pub use data_parallel::{
-    run_data_parallel, DataParallelOutcome, DataParallelRun, ParallelWeights, Resumed,
+    run_data_parallel, run_on_threads, DataParallelOutcome, DataParallelRun, ParallelWeights,
+    Resumed,
 };
 pub use error::{FailureKind, PipelineError, Result};
 pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, MethodRun, Start};

@@ -239,7 +239,12 @@ impl TrainHook for DataParallelHook<'_> {
             .take()
             .map_or(0.0, |t| t.elapsed().as_secs_f64());
         let epoch = state.epoch;
-        let step = self.steps.iter().rev().take_while(|s| s.epoch == epoch).count();
+        let step = self
+            .steps
+            .iter()
+            .rev()
+            .take_while(|s| s.epoch == epoch)
+            .count();
         let start = Instant::now();
         let sent_before = self.group.traffic().bytes_sent;
         let single = self.group.size() == 1 && self.exchange == GradientExchange::Float;
