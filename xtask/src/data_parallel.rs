@@ -290,7 +290,7 @@ pub struct Timing {
     /// Of the exchange: decoding and averaging all messages, seconds per step.
     #[serde(default)]
     pub decode: f64,
-    /// Parameters exchanged.
+    /// Bytes of the f32 all-reduce of the same gradients.
     pub f32_bytes: f64,
 }
 
