@@ -82,6 +82,7 @@ mod conv;
 mod custom;
 mod dense;
 mod gemm_f32;
+mod lstm;
 mod pool;
 mod process;
 mod scratch;
@@ -263,6 +264,183 @@ pub fn batch_norm_eval(
         .apply_op3(&scale.contiguous()?, &beta.contiguous()?, op)
 }
 
+/// The state an LSTM carries from one sequence to the next: hidden `h` and
+/// cell `c`, `[batch, hidden]` each.
+#[derive(Debug, Clone)]
+pub struct LstmState {
+    /// Hidden state `h`.
+    pub h: Tensor,
+    /// Cell state `c`.
+    pub c: Tensor,
+}
+
+/// The normalisation [`lstm_sequence`] applies to the recurrent term
+/// `a_t = h_{t-1}·W_hᵀ` (METHOD §11): `N(a) = gain ⊙ â`, with `â` the
+/// standardised `a`. The shift is left to the caller's bias.
+#[derive(Debug, Clone, Copy)]
+pub enum RecurrentNorm<'a> {
+    /// `N(a) = a`.
+    None,
+    /// Layer norm: each row over its `4H` values.
+    Layer {
+        /// `[4H]`.
+        gain: &'a Tensor,
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// Training-mode batch norm: each column over the batch, per step.
+    BatchTrain {
+        /// `[4H]`.
+        gain: &'a Tensor,
+        /// Added to the variance.
+        eps: f64,
+    },
+    /// Evaluation-mode batch norm with fixed statistics `[S, 4H]`; step `t`
+    /// uses row `min(t, S − 1)` (`S = 1`: shared over time).
+    BatchEval {
+        /// `[4H]`.
+        gain: &'a Tensor,
+        /// Means, `[S, 4H]`.
+        mean: &'a Tensor,
+        /// Biased variances, `[S, 4H]`.
+        var: &'a Tensor,
+        /// Added to the variance.
+        eps: f64,
+    },
+}
+
+/// What [`lstm_sequence`] returns.
+#[derive(Debug, Clone)]
+pub struct LstmSequence {
+    /// The hidden states of every step, `[T, B, H]`.
+    pub hidden: Tensor,
+    /// The state after the last step, detached (truncated backpropagation
+    /// through time carries it to the next sequence as a constant).
+    pub last: LstmState,
+    /// Training-mode batch norm: the per-step batch mean and biased variance
+    /// of the recurrent term, `[T, 4H]` each, detached.
+    pub step_stats: Option<(Tensor, Tensor)>,
+}
+
+/// A one-layer LSTM over a whole sequence (METHOD §11): gates
+/// `[i f g o] = xproj[t] + N(h_{t-1}·W_hᵀ)`, `c_t = σ(f)⊙c_{t-1} +
+/// σ(i)⊙tanh(g)`, `h_t = σ(o)⊙tanh(c_t)`.
+///
+/// `xproj: [T, B, 4H]` is the input's contribution with the bias (the
+/// caller computes it for all steps at once), `wh: [4H, H]` the recurrent
+/// weight (rows gate-major: `i` units first), `init` the initial state
+/// (zeros when `None`; a constant, never differentiated). Gradients flow to
+/// `xproj`, `wh` and the normalisation's gain. On the CPU the whole
+/// sequence, forward and backward, is one custom op (`lstm.rs`); elsewhere
+/// it is [`reference::lstm_sequence`], with the same numbers within f32
+/// rounding.
+pub fn lstm_sequence(
+    xproj: &Tensor,
+    wh: &Tensor,
+    init: Option<&LstmState>,
+    norm: RecurrentNorm<'_>,
+) -> Result<LstmSequence> {
+    let g = lstm::LstmGeometry::new(xproj.dims(), wh.dims())?;
+    let state_dims = [g.batch, g.hidden];
+    if let Some(s) = init {
+        for (name, t) in [("h", &s.h), ("c", &s.c)] {
+            if t.dims() != state_dims {
+                return Err(OpsError::Shape(format!(
+                    "the initial {name} must be {state_dims:?}, got {:?}",
+                    t.dims()
+                ))
+                .into());
+            }
+        }
+    }
+    let gain = match norm {
+        RecurrentNorm::None => None,
+        RecurrentNorm::Layer { gain, .. }
+        | RecurrentNorm::BatchTrain { gain, .. }
+        | RecurrentNorm::BatchEval { gain, .. } => Some(gain),
+    };
+    if let Some(gain) = gain {
+        if gain.dims() != [4 * g.hidden] {
+            return Err(OpsError::Shape(format!(
+                "the recurrent normalisation's gain must be [{}], got {:?}",
+                4 * g.hidden,
+                gain.dims()
+            ))
+            .into());
+        }
+    }
+    let mut all = vec![xproj, wh];
+    all.extend(gain);
+    if let Some(s) = init {
+        all.extend([&s.h, &s.c]);
+    }
+    if let RecurrentNorm::BatchEval { mean, var, .. } = norm {
+        all.extend([mean, var]);
+    }
+    if !fast_path(&all) {
+        return reference::lstm_sequence(xproj, wh, init, norm);
+    }
+    let (h0, c0) = match init {
+        Some(s) => (
+            s.h.flatten_all()?.to_vec1::<f32>()?,
+            s.c.flatten_all()?.to_vec1::<f32>()?,
+        ),
+        None => (
+            vec![0f32; g.batch * g.hidden],
+            vec![0f32; g.batch * g.hidden],
+        ),
+    };
+    let op_norm = match norm {
+        RecurrentNorm::None => lstm::RecurrentNorm::None,
+        RecurrentNorm::Layer { eps, .. } => lstm::RecurrentNorm::Layer { eps: eps as f32 },
+        RecurrentNorm::BatchTrain { eps, .. } => {
+            lstm::RecurrentNorm::BatchTrain { eps: eps as f32 }
+        }
+        RecurrentNorm::BatchEval { mean, var, eps, .. } => lstm::RecurrentNorm::BatchEval {
+            mean: mean.flatten_all()?.to_vec1()?,
+            var: var.flatten_all()?.to_vec1()?,
+            eps: eps as f32,
+        },
+    };
+    let stats = Arc::new(OnceLock::new());
+    let op = lstm::LstmOp {
+        norm: op_norm,
+        h0,
+        c0,
+        cache: Arc::new(OnceLock::new()),
+        stats: Arc::clone(&stats),
+    };
+    let xproj = xproj.contiguous()?;
+    let wh = wh.contiguous()?;
+    let out = match gain {
+        Some(gain) => xproj.apply_op3(&wh, &gain.contiguous()?, op)?,
+        None => xproj.apply_op2(&wh, op)?,
+    };
+    let hidden = out.get(0)?;
+    let last = LstmState {
+        h: out.get(0)?.get(g.steps - 1)?.detach(),
+        c: out.get(1)?.get(g.steps - 1)?.detach(),
+    };
+    let step_stats = match norm {
+        RecurrentNorm::BatchTrain { .. } => {
+            let s: &lstm::StepStats = stats
+                .get()
+                .ok_or_else(|| OpsError::Internal("the LSTM op left no statistics".into()))?;
+            let dims = (g.steps, 4 * g.hidden);
+            Some((
+                Tensor::from_vec(s.mean.clone(), dims, xproj.device())?,
+                Tensor::from_vec(s.var.clone(), dims, xproj.device())?,
+            ))
+        }
+        _ => None,
+    };
+    Ok(LstmSequence {
+        hidden,
+        last,
+        step_stats,
+    })
+}
+
 /// candle's own ops with the same signatures: what the fast ops replace, the
 /// path for non-CPU devices and other dtypes, and the reference the tests and
 /// benchmarks compare against.
@@ -349,5 +527,85 @@ pub mod reference {
             .broadcast_mul(&inv_std)?
             .broadcast_mul(&gamma.reshape(shape)?)?
             .broadcast_add(&beta.reshape(shape)?)
+    }
+    fn sigmoid(x: &Tensor) -> Result<Tensor> {
+        (x.neg()?.exp()? + 1.0)?.recip()
+    }
+
+    /// The LSTM recurrence step by step with candle's ops; the signature and
+    /// semantics of [`crate::lstm_sequence`], differentiable in `xproj`,
+    /// `wh` and the gain.
+    pub fn lstm_sequence(
+        xproj: &Tensor,
+        wh: &Tensor,
+        init: Option<&crate::LstmState>,
+        norm: crate::RecurrentNorm<'_>,
+    ) -> Result<crate::LstmSequence> {
+        use crate::RecurrentNorm;
+        let (steps, batch, _) = xproj.dims3()?;
+        let hidden = wh.dim(1)?;
+        let (mut h, mut c) = match init {
+            Some(s) => (s.h.clone(), s.c.clone()),
+            None => {
+                let z = Tensor::zeros((batch, hidden), xproj.dtype(), xproj.device())?;
+                (z.clone(), z)
+            }
+        };
+        let standardise = |a: &Tensor, axis: usize, eps: f64| -> Result<(Tensor, Tensor, Tensor)> {
+            let mean = a.mean_keepdim(axis)?;
+            let centered = a.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(axis)?;
+            let n = centered.broadcast_div(&(&var + eps)?.sqrt()?)?;
+            Ok((n, mean, var))
+        };
+        let (mut hs, mut means, mut vars) = (Vec::new(), Vec::new(), Vec::new());
+        for t in 0..steps {
+            let a = h.matmul(&wh.t()?)?;
+            let r = match norm {
+                RecurrentNorm::None => a,
+                RecurrentNorm::Layer { gain, eps } => {
+                    standardise(&a, 1, eps)?.0.broadcast_mul(gain)?
+                }
+                RecurrentNorm::BatchTrain { gain, eps } => {
+                    let (n, m, v) = standardise(&a, 0, eps)?;
+                    means.push(m.detach());
+                    vars.push(v.detach());
+                    n.broadcast_mul(gain)?
+                }
+                RecurrentNorm::BatchEval {
+                    gain,
+                    mean,
+                    var,
+                    eps,
+                } => {
+                    let s = t.min(mean.dim(0)? - 1);
+                    let inv = (var.get(s)? + eps)?.sqrt()?.recip()?;
+                    a.broadcast_sub(&mean.get(s)?)?
+                        .broadcast_mul(&inv)?
+                        .broadcast_mul(gain)?
+                }
+            };
+            let z = (xproj.get(t)? + r)?;
+            let i = sigmoid(&z.narrow(1, 0, hidden)?)?;
+            let f = sigmoid(&z.narrow(1, hidden, hidden)?)?;
+            let g = z.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let o = sigmoid(&z.narrow(1, 3 * hidden, hidden)?)?;
+            c = ((f * &c)? + (i * g)?)?;
+            h = (o * c.tanh()?)?;
+            hs.push(h.clone());
+        }
+        let step_stats = if means.is_empty() {
+            None
+        } else {
+            Some((Tensor::cat(&means, 0)?, Tensor::cat(&vars, 0)?))
+        };
+        Ok(crate::LstmSequence {
+            hidden: Tensor::stack(&hs, 0)?,
+            last: crate::LstmState {
+                h: h.detach(),
+                c: c.detach(),
+            },
+            step_stats,
+        })
     }
 }
