@@ -296,11 +296,9 @@ fn parse_schedule(s: &str) -> Result<qgrad_optim::LrSchedule, String> {
         ["cosine"] => Ok(LrSchedule::Cosine { min_lr: 0.0 }),
         ["constant"] => Ok(LrSchedule::Constant),
         ["step", every, g] => {
-            let every: usize = every
-                .parse()
-                .ok()
-                .filter(|&e| e > 0)
-                .ok_or_else(|| format!("the step '{every}' must be a whole number of epochs > 0"))?;
+            let every: usize = every.parse().ok().filter(|&e| e > 0).ok_or_else(|| {
+                format!("the step '{every}' must be a whole number of epochs > 0")
+            })?;
             Ok(LrSchedule::Step {
                 every,
                 gamma: gamma(g)?,
@@ -309,15 +307,28 @@ fn parse_schedule(s: &str) -> Result<qgrad_optim::LrSchedule, String> {
         ["multistep", milestones, g] => {
             let milestones = milestones
                 .split(',')
-                .map(|m| m.parse::<usize>().map_err(|_| format!("'{m}' is not an epoch")))
+                .map(|m| {
+                    m.parse::<usize>()
+                        .map_err(|_| format!("'{m}' is not an epoch"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(LrSchedule::MultiStep {
                 milestones,
                 gamma: gamma(g)?,
             })
         }
+        ["decay-after", start, g] => {
+            let start: usize = start
+                .parse()
+                .map_err(|_| format!("the start '{start}' must be a whole number of epochs"))?;
+            Ok(LrSchedule::DecayAfter {
+                start,
+                gamma: gamma(g)?,
+            })
+        }
         _ => Err(format!(
-            "unknown schedule '{s}' (expected cosine, constant, step:EVERY:GAMMA or multistep:E1,E2:GAMMA)"
+            "unknown schedule '{s}' (expected cosine, constant, step:EVERY:GAMMA, \
+             multistep:E1,E2:GAMMA or decay-after:START:GAMMA)"
         )),
     }
 }

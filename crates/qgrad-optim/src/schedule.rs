@@ -24,6 +24,15 @@ pub enum LrSchedule {
         /// Factor per milestone.
         gamma: f64,
     },
+    /// The base rate until epoch `start`, then `× gamma` per epoch:
+    /// `lr · gamma^max(0, epoch + 1 − start)` (the character LSTM's
+    /// recipe, METHOD §11: `start` 10, `gamma` 0.98).
+    DecayAfter {
+        /// The first epoch (0-based) whose rate is multiplied.
+        start: usize,
+        /// Factor per epoch from `start` on.
+        gamma: f64,
+    },
     /// Cosine annealing from `lr` (epoch 0) towards `min_lr` at `epochs`.
     Cosine {
         /// The rate approached at the last epoch.
@@ -42,6 +51,9 @@ impl LrSchedule {
             LrSchedule::MultiStep { milestones, gamma } => {
                 base_lr * gamma.powi(milestones.iter().filter(|&&m| m <= epoch).count() as i32)
             }
+            LrSchedule::DecayAfter { start, gamma } => {
+                base_lr * gamma.powi((epoch + 1).saturating_sub(*start) as i32)
+            }
             LrSchedule::Cosine { min_lr } => {
                 let t = epoch as f64 / epochs.max(1) as f64;
                 min_lr + 0.5 * (base_lr - min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
@@ -55,7 +67,9 @@ impl LrSchedule {
         let bad = |m: String| Err(OptimError::Config(m));
         match self {
             LrSchedule::Step { every: 0, .. } => bad("step schedule needs every >= 1".into()),
-            LrSchedule::Step { gamma, .. } | LrSchedule::MultiStep { gamma, .. }
+            LrSchedule::Step { gamma, .. }
+            | LrSchedule::MultiStep { gamma, .. }
+            | LrSchedule::DecayAfter { gamma, .. }
                 if !(gamma.is_finite() && *gamma > 0.0) =>
             {
                 bad(format!("schedule gamma must be positive, got {gamma}"))

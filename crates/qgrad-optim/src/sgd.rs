@@ -306,6 +306,19 @@ mod tests {
             gamma: 0.5,
         };
         assert_eq!(m.lr_at(1.0, 4, 10), 0.25);
+        let d = LrSchedule::DecayAfter {
+            start: 10,
+            gamma: 0.5,
+        };
+        assert_eq!(d.lr_at(1.0, 9, 50), 1.0);
+        assert_eq!(d.lr_at(1.0, 10, 50), 0.5);
+        assert_eq!(d.lr_at(1.0, 12, 50), 0.125);
+        assert!(LrSchedule::DecayAfter {
+            start: 1,
+            gamma: -1.0
+        }
+        .validate()
+        .is_err());
         assert!(LrSchedule::Step {
             every: 0,
             gamma: 0.1

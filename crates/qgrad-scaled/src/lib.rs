@@ -181,7 +181,8 @@ impl Method {
         v
     }
 
-    fn validate(self) -> Result<()> {
+    /// Rejects an unsupported width (LAQ outside 2..=8 bits).
+    pub fn validate(self) -> Result<()> {
         match self {
             Method::Laq { bits, .. } if !(2..=8).contains(&bits) => Err(ScaledError::Method(
                 format!("LAQ takes 2..=8 bits, not {bits}"),
