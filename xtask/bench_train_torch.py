@@ -2,9 +2,10 @@
 """PyTorch side of `cargo xtask bench-train`.
 
 Trains one network of METHOD.md section 7 for a fixed number of steps on random
-data (SGD with momentum and weight decay, cross-entropy, training mode) with the
-same batch size and thread count as the qgrad side, and prints one JSON line:
-images/s over the timed steps and the process's peak RSS.
+data (SGD with momentum and weight decay, cross-entropy, training mode), or the
+character LSTM lstm-<hidden> of section 11, with the same batch size and thread
+count as the qgrad side, and prints one JSON line: images (characters) per
+second over the timed steps and the process's peak RSS.
 
 PyTorch is a measurement tool only, never a dependency of qgrad: install it in
 a virtual environment outside the repository, e.g.
@@ -62,6 +63,62 @@ def build(net, nn):
     raise SystemExit(f"unknown network {net!r}")
 
 
+SEQ_LEN = 100
+VOCAB = 83
+
+
+def lstm(args, torch, nn):
+    """The character LSTM of METHOD section 11 as a PyTorch user writes it:
+    nn.LSTM over one-hot characters, a linear softmax layer, Adam at 0.002,
+    the global gradient norm clipped at 5, the state carried (detached)."""
+    hidden = int(args.net.split("-", 1)[1])
+    rnn = nn.LSTM(VOCAB, hidden)
+    out = nn.Linear(hidden, VOCAB)
+    params = list(rnn.parameters()) + list(out.parameters())
+    optimizer = torch.optim.Adam(params, lr=0.002)
+    x = torch.randint(0, VOCAB, (SEQ_LEN, args.batch))
+    y = torch.randint(0, VOCAB, (SEQ_LEN, args.batch))
+    state = [None]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        onehot = torch.nn.functional.one_hot(x, VOCAB).float()
+        h, (hn, cn) = rnn(onehot, state[0])
+        state[0] = (hn.detach(), cn.detach())
+        logits = out(h.reshape(SEQ_LEN * args.batch, hidden))
+        loss = torch.nn.functional.cross_entropy(logits, y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        return loss.item()
+
+    return measure(args, torch, step, SEQ_LEN * args.batch)
+
+
+def measure(args, torch, step, items_per_step):
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    loss = float("nan")
+    for _ in range(args.steps):
+        loss = step()
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "side": "pytorch",
+        "net": args.net,
+        "version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "steps": args.steps,
+        "seconds": seconds,
+        "items_per_sec": items_per_step * args.steps / seconds,
+        "peak_rss_kib": peak_kib,
+        "final_loss": loss,
+    }))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--net", required=True)
@@ -77,6 +134,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.net.startswith("lstm-"):
+        return lstm(args, torch, nn)
     model, shape = build(args.net, nn)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -91,27 +150,7 @@ def main():
         optimizer.step()
         return loss.item()
 
-    for _ in range(args.warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "side": "pytorch",
-        "net": args.net,
-        "version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "steps": args.steps,
-        "seconds": seconds,
-        "images_per_sec": args.batch * args.steps / seconds,
-        "peak_rss_kib": peak_kib,
-        "final_loss": loss,
-    }))
-    return 0
-
+    return measure(args, torch, step, args.batch)
 
 if __name__ == "__main__":
     sys.exit(main())

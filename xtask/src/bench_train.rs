@@ -1,10 +1,16 @@
 //! `cargo xtask bench-train`: qgrad's training step against PyTorch's, side by
 //! side, on the same machine, network, batch size and thread count.
 //!
-//! Each network is trained for a fixed number of steps on random data (SGD
-//! with momentum 0.9 and weight decay 5e-4, cross-entropy, training mode: batch
-//! norm on batch statistics, dropout on) once by qgrad and once by PyTorch
-//! (`xtask/bench_train_torch.py`). Every side runs in its own process, so that
+//! Each image network is trained for a fixed number of steps on random data
+//! (SGD with momentum 0.9 and weight decay 5e-4, cross-entropy, training
+//! mode: batch norm on batch statistics, dropout on) once by qgrad and once by
+//! PyTorch (`xtask/bench_train_torch.py`). The character LSTMs `lstm-<H>`
+//! (METHOD §11: one layer of `H` units over one-hot characters of an
+//! 83-character vocabulary, War and Peace's, a linear softmax layer,
+//! sequences of 100, Adam at 0.002, the global gradient norm clipped at 5,
+//! the state carried between steps) train on random characters: qgrad
+//! through `qgrad_lstm::LstmRun::train_step`, the path `qgrad train-lstm`
+//! runs, and PyTorch through `nn.LSTM`. Every side runs in its own process, so that
 //! each peak RSS (`VmHWM` / `ru_maxrss`) is that side's alone; the qgrad side is
 //! this same binary re-run with the hidden `--worker` flag, so it trains with
 //! the process settings of `qgrad_ops::prepare_cpu_training_process` like any
@@ -27,15 +33,16 @@ use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
-    /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet, vgg-16.
+    /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet,
+    /// vgg-16, and character LSTMs lstm-<hidden> (e.g. lstm-256).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lenet-300-100,lenet-5,alexnet,vgg-16"
+        default_value = "lenet-300-100,lenet-5,alexnet,vgg-16,lstm-256,lstm-512"
     )]
     nets: Vec<String>,
     /// Timed steps per network [default: 40 for LeNet-300-100, 20 LeNet-5,
-    /// 10 AlexNet, 3 VGG-16].
+    /// 10 AlexNet, 3 VGG-16, 10 for an LSTM].
     #[arg(long)]
     steps: Option<usize>,
     /// Untimed steps before the timed ones (allocator, caches, thread pools).
@@ -46,9 +53,10 @@ pub struct BenchTrainArgs {
     /// percent between runs, and alternating exposes both sides to it).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Images per step.
-    #[arg(long, default_value_t = 128)]
-    batch: usize,
+    /// Images (or, for an LSTM, sequences of 100 characters) per step
+    /// [default: 128 images, 64 sequences].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Threads for both sides [default: the available cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -79,7 +87,9 @@ struct SideResult {
     batch: usize,
     steps: usize,
     seconds: f64,
-    images_per_sec: f64,
+    /// Images (or characters) per second.
+    #[serde(alias = "images_per_sec")]
+    items_per_sec: f64,
     peak_rss_kib: u64,
     /// qgrad only: mean milliseconds per step in forward, backward and update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +99,9 @@ struct SideResult {
 #[derive(Debug, Serialize)]
 struct Row {
     net: String,
+    /// What the speeds count: img/s or char/s.
+    unit: &'static str,
+    batch: usize,
     /// The median run of each side (by images/s).
     qgrad: SideResult,
     pytorch: Option<SideResult>,
@@ -97,6 +110,60 @@ struct Row {
     pytorch_runs: Vec<f64>,
     /// qgrad images/s divided by PyTorch images/s (> 1: qgrad is faster).
     speed_ratio: Option<f64>,
+}
+
+/// What bench-train trains.
+#[derive(Debug, Clone, Copy)]
+enum BenchNet {
+    Image(Arch),
+    /// A character LSTM of this many hidden units.
+    Lstm(usize),
+}
+
+/// Sequence length and vocabulary of the LSTM benchmark (METHOD §11; War and
+/// Peace has 83 distinct bytes).
+const LSTM_SEQ_LEN: usize = 100;
+const LSTM_VOCAB: usize = 83;
+
+impl BenchNet {
+    fn parse(name: &str) -> Result<Self> {
+        if let Some(h) = name.strip_prefix("lstm-") {
+            return match h.parse::<usize>() {
+                Ok(h) if h > 0 => Ok(BenchNet::Lstm(h)),
+                _ => bail!("'{name}': an LSTM is lstm-<hidden units>, e.g. lstm-256"),
+            };
+        }
+        parse_arch(name).map(BenchNet::Image)
+    }
+
+    fn name(&self) -> String {
+        match self {
+            BenchNet::Image(a) => a.name(),
+            BenchNet::Lstm(h) => format!("lstm-{h}"),
+        }
+    }
+
+    fn default_steps(&self) -> usize {
+        match self {
+            BenchNet::Image(a) => default_steps(*a),
+            BenchNet::Lstm(_) => 10,
+        }
+    }
+
+    fn default_batch(&self) -> usize {
+        match self {
+            BenchNet::Image(_) => 128,
+            BenchNet::Lstm(_) => 64,
+        }
+    }
+
+    /// What one item of a batch is.
+    fn unit(&self) -> &'static str {
+        match self {
+            BenchNet::Image(_) => "img/s",
+            BenchNet::Lstm(_) => "char/s",
+        }
+    }
 }
 
 fn parse_arch(name: &str) -> Result<Arch> {
@@ -122,7 +189,7 @@ fn default_steps(arch: Arch) -> usize {
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<()> {
-    if args.batch == 0 {
+    if args.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
     if args.repeats == 0 {
@@ -131,7 +198,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let archs = args
         .nets
         .iter()
-        .map(|n| parse_arch(n.trim()))
+        .map(|n| BenchNet::parse(n.trim()))
         .collect::<Result<Vec<_>>>()?;
     let threads = match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
@@ -142,8 +209,12 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         let [arch] = archs.as_slice() else {
             bail!("--worker measures exactly one network");
         };
-        let steps = args.steps.unwrap_or_else(|| default_steps(*arch));
-        let result = qgrad_side(*arch, args.batch, steps, args.warmup, threads, args.seed)?;
+        let steps = args.steps.unwrap_or_else(|| arch.default_steps());
+        let batch = args.batch.unwrap_or_else(|| arch.default_batch());
+        let result = match *arch {
+            BenchNet::Image(a) => qgrad_side(a, batch, steps, args.warmup, threads, args.seed)?,
+            BenchNet::Lstm(h) => lstm_side(h, batch, steps, args.warmup, threads, args.seed)?,
+        };
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
@@ -157,14 +228,15 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut rows = Vec::new();
     for &arch in &archs {
-        let steps = args.steps.unwrap_or_else(|| default_steps(arch));
+        let steps = args.steps.unwrap_or_else(|| arch.default_steps());
+        let batch = args.batch.unwrap_or_else(|| arch.default_batch());
         let common = [
             "--steps".to_string(),
             steps.to_string(),
             "--warmup".into(),
             args.warmup.to_string(),
             "--batch".into(),
-            args.batch.to_string(),
+            batch.to_string(),
             "--threads".into(),
             threads.to_string(),
             "--seed".into(),
@@ -174,9 +246,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         let mut torch_runs = Vec::new();
         for repeat in 1..=args.repeats {
             eprintln!(
-                "{}: qgrad, {steps} steps of {} on {threads} threads (run {repeat}/{})",
+                "{}: qgrad, {steps} steps of {batch} on {threads} threads (run {repeat}/{})",
                 arch.name(),
-                args.batch,
                 args.repeats
             );
             let mut qgrad_cmd = Command::new(&exe);
@@ -194,16 +265,18 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
                 torch_runs.push(run_side(torch_cmd, threads, "PyTorch")?);
             }
         }
-        let speeds = |runs: &[SideResult]| runs.iter().map(|r| r.images_per_sec).collect();
+        let speeds = |runs: &[SideResult]| runs.iter().map(|r| r.items_per_sec).collect();
         let (qgrad_speeds, torch_speeds): (Vec<f64>, Vec<f64>) =
             (speeds(&qgrad_runs), speeds(&torch_runs));
         let qgrad = median_run(qgrad_runs).context("no qgrad run")?;
         let pytorch = median_run(torch_runs);
         let speed_ratio = pytorch
             .as_ref()
-            .map(|p| qgrad.images_per_sec / p.images_per_sec);
+            .map(|p| qgrad.items_per_sec / p.items_per_sec);
         rows.push(Row {
             net: arch.name(),
+            unit: arch.unit(),
+            batch,
             qgrad,
             pytorch,
             qgrad_runs: qgrad_speeds,
@@ -211,7 +284,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             speed_ratio,
         });
     }
-    print_table(&rows, args.batch, threads, args.repeats);
+    print_table(&rows, threads, args.repeats);
     if let Some(path) = &args.json {
         write_json(path, &rows)?;
     }
@@ -220,7 +293,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
 
 /// The run with the median images/s (the upper median for an even count).
 fn median_run(mut runs: Vec<SideResult>) -> Option<SideResult> {
-    runs.sort_by(|a, b| a.images_per_sec.total_cmp(&b.images_per_sec));
+    runs.sort_by(|a, b| a.items_per_sec.total_cmp(&b.items_per_sec));
     let middle = runs.len() / 2;
     runs.into_iter().nth(middle)
 }
@@ -251,19 +324,21 @@ fn run_side(mut cmd: Command, threads: usize, what: &str) -> Result<SideResult> 
     serde_json::from_str(line).with_context(|| format!("parsing the {what} result: {line}"))
 }
 
-fn print_table(rows: &[Row], batch: usize, threads: usize, repeats: usize) {
+fn print_table(rows: &[Row], threads: usize, repeats: usize) {
     println!(
-        "\nbatch {batch}, {threads} thread(s), SGD, random data; images/s over the timed steps, \
-         median of {repeats} alternating run(s) per side"
+        "\n{threads} thread(s), random data; images (SGD) or characters (LSTM: Adam, clip 5, \
+         sequences of {LSTM_SEQ_LEN}) per second over the timed steps, median of {repeats} \
+         alternating run(s) per side; processor: {}",
+        xtask::cpu_model()
     );
     println!(
-        "{:<14} {:>12} {:>12} {:>8} {:>14} {:>14}   qgrad ms/step: fwd / bwd / update",
-        "net", "qgrad img/s", "torch img/s", "ratio", "qgrad RSS MiB", "torch RSS MiB"
+        "{:<14} {:>6} {:>12} {:>12} {:>7} {:>8} {:>14} {:>14}   qgrad ms/step: fwd / bwd / update",
+        "net", "batch", "qgrad", "torch", "unit", "ratio", "qgrad RSS MiB", "torch RSS MiB"
     );
     for row in rows {
         let (torch_ips, torch_rss) = match &row.pytorch {
             Some(p) => (
-                format!("{:.1}", p.images_per_sec),
+                format!("{:.1}", p.items_per_sec),
                 format!("{:.0}", p.peak_rss_kib as f64 / 1024.0),
             ),
             None => ("-".into(), "-".into()),
@@ -275,10 +350,12 @@ fn print_table(rows: &[Row], batch: usize, threads: usize, repeats: usize) {
             format!("{:.1} / {:.1} / {:.1}", p[0], p[1], p[2])
         });
         println!(
-            "{:<14} {:>12.1} {:>12} {:>8} {:>14.0} {:>14}   {}",
+            "{:<14} {:>6} {:>12.1} {:>12} {:>7} {:>8} {:>14.0} {:>14}   {}",
             row.net,
-            row.qgrad.images_per_sec,
+            row.batch,
+            row.qgrad.items_per_sec,
             torch_ips,
+            row.unit,
             ratio,
             row.qgrad.peak_rss_kib as f64 / 1024.0,
             torch_rss,
@@ -401,7 +478,7 @@ fn qgrad_side(
         batch,
         steps,
         seconds,
-        images_per_sec: (batch * steps) as f64 / seconds,
+        items_per_sec: (batch * steps) as f64 / seconds,
         peak_rss_kib: peak_rss_kib()?,
         phases_ms: Some([
             per_step_ms(phases[0]),
@@ -411,11 +488,61 @@ fn qgrad_side(
     })
 }
 
+/// The qgrad side of a character LSTM: `LstmRun::train_step` (float, no
+/// normalisation) on random characters, the state carried between steps.
+fn lstm_side(
+    hidden: usize,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+    seed: u64,
+) -> Result<SideResult> {
+    use qgrad_lstm::{LstmConfig, LstmRun};
+    let config = LstmConfig {
+        hidden,
+        batch,
+        seq_len: LSTM_SEQ_LEN,
+        seed,
+        ..LstmConfig::default()
+    };
+    let vocab: Vec<u8> = (0..LSTM_VOCAB as u8).map(|b| b + 32).collect();
+    let mut run = LstmRun::new(&config, &vocab, &Device::Cpu)?;
+    let n = batch * LSTM_SEQ_LEN;
+    let tokens = |k: usize| -> Vec<u16> {
+        random_values(seed ^ (k as u64 + 1), n)
+            .iter()
+            .map(|v| (((v + 1.0) / 2.0 * LSTM_VOCAB as f32) as usize).min(LSTM_VOCAB - 1) as u16)
+            .collect()
+    };
+    let (x, y) = (tokens(0), tokens(1));
+    let mut state = None;
+    for k in 0..warmup {
+        run.train_step(&x, &y, &mut state, 0, k)?;
+    }
+    let start = Instant::now();
+    for k in 0..steps {
+        run.train_step(&x, &y, &mut state, 0, k)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(SideResult {
+        side: "qgrad".into(),
+        net: format!("lstm-{hidden}"),
+        threads,
+        batch,
+        steps,
+        seconds,
+        items_per_sec: (n * steps) as f64 / seconds,
+        peak_rss_kib: peak_rss_kib()?,
+        phases_ms: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run_at(images_per_sec: f64) -> SideResult {
+    fn run_at(items_per_sec: f64) -> SideResult {
         SideResult {
             side: "qgrad".into(),
             net: "lenet-5".into(),
@@ -423,7 +550,7 @@ mod tests {
             batch: 128,
             steps: 1,
             seconds: 1.0,
-            images_per_sec,
+            items_per_sec,
             peak_rss_kib: 0,
             phases_ms: None,
         }
@@ -432,9 +559,9 @@ mod tests {
     #[test]
     fn median_run_picks_the_middle_speed() {
         let runs = vec![run_at(30.0), run_at(10.0), run_at(20.0)];
-        assert_eq!(median_run(runs).unwrap().images_per_sec, 20.0);
+        assert_eq!(median_run(runs).unwrap().items_per_sec, 20.0);
         let runs = vec![run_at(4.0), run_at(1.0), run_at(3.0), run_at(2.0)];
-        assert_eq!(median_run(runs).unwrap().images_per_sec, 3.0);
+        assert_eq!(median_run(runs).unwrap().items_per_sec, 3.0);
         assert!(median_run(Vec::new()).is_none());
     }
 }

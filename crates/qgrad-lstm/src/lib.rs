@@ -65,4 +65,4 @@ pub use error::{LstmError, Result};
 pub use generate::{generate, Sampling};
 pub use model::CharLstm;
 pub use spectral::{gate_spectral_norms, SpectralNorm};
-pub use train::{bpc_with, EpochRecord, LstmRun, TrainOptions};
+pub use train::{bpc_with, EpochRecord, LstmRun, StepOutcome, TrainOptions};

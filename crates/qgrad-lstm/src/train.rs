@@ -94,6 +94,17 @@ impl std::fmt::Debug for LstmRun {
     }
 }
 
+/// What one training step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Mean cross-entropy (nats) of the chunk.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the gradient was clipped.
+    pub clipped: bool,
+}
+
 /// Options of [`LstmRun::train`] that do not change its numbers.
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
@@ -259,71 +270,11 @@ impl LstmRun {
         let mut norms = Vec::with_capacity(n);
         for k in 0..n {
             let (inputs, targets) = train.chunk(k);
-            let x = self.model.time_major(inputs, steps, batch)?;
-            let y = self.model.time_major(targets, steps, batch)?;
-            let weights = match self.quantizer.as_mut() {
-                None => self.model.float_gate_weights()?,
-                Some(q) => {
-                    let v: HashMap<String, Tensor> = GATE_MATRICES
-                        .iter()
-                        .filter_map(|n| {
-                            self.optimizer
-                                .state(n, EXP_AVG_SQ)
-                                .map(|t| (n.to_string(), t.clone()))
-                        })
-                        .collect();
-                    let qs = q.quantize_model(&self.model, &|n| v.get(n).cloned(), true)?;
-                    gate_weights(&self.model, &qs, true)?
-                }
-            };
-            let fwd =
-                self.model
-                    .forward(&weights, &x, steps, batch, state.as_ref(), Mode::Train)?;
-            let loss = candle_nn::loss::cross_entropy(&fwd.logits, &y)?;
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
-            if !loss_value.is_finite() {
-                return Err(LstmError::Diverged {
-                    epoch,
-                    step: k,
-                    what: "loss",
-                });
-            }
-            let mut grads = loss.backward()?;
-            let mut sq = 0f64;
-            for (_, var) in self.model.params() {
-                if let Some(g) = grads.get(var) {
-                    sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-                }
-            }
-            let norm = sq.sqrt();
-            if !norm.is_finite() {
-                return Err(LstmError::Diverged {
-                    epoch,
-                    step: k,
-                    what: "gradient",
-                });
-            }
-            if norm > c.grad_clip {
+            let step = self.train_step(inputs, targets, &mut state, epoch, k)?;
+            if step.clipped {
                 clipped += 1;
-                let scale = c.grad_clip / norm;
-                for (_, var) in self.model.params() {
-                    if let Some(g) = grads.get(var) {
-                        let g = (g * scale)?;
-                        grads.insert(var, g);
-                    }
-                }
             }
-            self.optimizer.step(&grads, lr, &[])?;
-            if self.quantizer.is_some() {
-                for name in GATE_MATRICES {
-                    let var = self.model.param(name)?;
-                    var.set(&var.as_tensor().clamp(-1f32, 1f32)?)?;
-                }
-            }
-            if let Some(s) = &fwd.stats {
-                self.model.update_running(s);
-            }
-            state = Some(fwd.last);
+            let (loss_value, norm) = (step.loss, step.grad_norm);
             loss_sum += loss_value;
             norms.push(norm as f32);
             if let Some(bar) = &bar {
@@ -352,6 +303,93 @@ impl LstmRun {
         };
         self.grad_norms.extend(norms);
         Ok(record)
+    }
+
+    /// One training step on a chunk (`batch × seq_len` tokens, row-major)
+    /// from `state`, which it replaces with the state after the chunk: the
+    /// forward pass with `Ŵ = Q(W)`, the backward pass, the gradient-norm
+    /// clip, Adam at epoch `epoch`'s rate, the clip of `W` to [−1, 1] and
+    /// batch norm's running averages. `step` only labels a divergence.
+    pub fn train_step(
+        &mut self,
+        inputs: &[u16],
+        targets: &[u16],
+        state: &mut Option<LstmState>,
+        epoch: usize,
+        step: usize,
+    ) -> Result<StepOutcome> {
+        let c = &self.model.config;
+        let (steps, batch, lr, clip) = (c.seq_len, c.batch, c.lr_at(epoch), c.grad_clip);
+        let x = self.model.time_major(inputs, steps, batch)?;
+        let y = self.model.time_major(targets, steps, batch)?;
+        let weights = match self.quantizer.as_mut() {
+            None => self.model.float_gate_weights()?,
+            Some(q) => {
+                let v: HashMap<String, Tensor> = GATE_MATRICES
+                    .iter()
+                    .filter_map(|n| {
+                        self.optimizer
+                            .state(n, EXP_AVG_SQ)
+                            .map(|t| (n.to_string(), t.clone()))
+                    })
+                    .collect();
+                let qs = q.quantize_model(&self.model, &|n| v.get(n).cloned(), true)?;
+                gate_weights(&self.model, &qs, true)?
+            }
+        };
+        let fwd = self
+            .model
+            .forward(&weights, &x, steps, batch, state.as_ref(), Mode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&fwd.logits, &y)?;
+        let loss_value = f64::from(loss.to_scalar::<f32>()?);
+        if !loss_value.is_finite() {
+            return Err(LstmError::Diverged {
+                epoch,
+                step,
+                what: "loss",
+            });
+        }
+        let mut grads = loss.backward()?;
+        let mut sq = 0f64;
+        for (_, var) in self.model.params() {
+            if let Some(g) = grads.get(var) {
+                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(LstmError::Diverged {
+                epoch,
+                step,
+                what: "gradient",
+            });
+        }
+        let clipped = norm > clip;
+        if clipped {
+            let scale = clip / norm;
+            for (_, var) in self.model.params() {
+                if let Some(g) = grads.get(var) {
+                    let g = (g * scale)?;
+                    grads.insert(var, g);
+                }
+            }
+        }
+        self.optimizer.step(&grads, lr, &[])?;
+        if self.quantizer.is_some() {
+            for name in GATE_MATRICES {
+                let var = self.model.param(name)?;
+                var.set(&var.as_tensor().clamp(-1f32, 1f32)?)?;
+            }
+        }
+        if let Some(s) = &fwd.stats {
+            self.model.update_running(s);
+        }
+        *state = Some(fwd.last);
+        Ok(StepOutcome {
+            loss: loss_value,
+            grad_norm: norm,
+            clipped,
+        })
     }
 
     /// Writes the run to `path` atomically (module docs).

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use qgrad_data::TextCorpus;
 use qgrad_lstm::model::{self, Mode};
 use qgrad_lstm::{
-    generate, gate_spectral_norms, CharLstm, LstmConfig, LstmError, LstmRun, Normalisation,
+    gate_spectral_norms, generate, CharLstm, LstmConfig, LstmError, LstmRun, Normalisation,
     Sampling, TrainOptions,
 };
 
@@ -67,7 +67,10 @@ fn direct_logits(m: &CharLstm, tokens: &[u32], steps: usize, batch: usize) -> Ve
     let (ow, ob) = (p(model::OUT_WEIGHT), p(model::OUT_BIAS));
     let norm = m.config.norm;
     if norm == Normalisation::Weight {
-        for (w, cols, g) in [(&mut wx, v, p(model::WX_NORM)), (&mut wh, h, p(model::WH_NORM))] {
+        for (w, cols, g) in [
+            (&mut wx, v, p(model::WX_NORM)),
+            (&mut wh, h, p(model::WH_NORM)),
+        ] {
             for r in 0..g4 {
                 let row = &mut w[r * cols..(r + 1) * cols];
                 let n = row.iter().map(|x| x * x).sum::<f64>().sqrt() + model::WN_EPS;
@@ -103,8 +106,14 @@ fn direct_logits(m: &CharLstm, tokens: &[u32], steps: usize, batch: usize) -> Ve
             .collect();
         let (xn, rn): (Vec<Vec<f64>>, Vec<Vec<f64>>) = match norm {
             Normalisation::Layer => (
-                xterm.iter().map(|r| standardise(r, model::LN_EPS)).collect(),
-                rterm.iter().map(|r| standardise(r, model::LN_EPS)).collect(),
+                xterm
+                    .iter()
+                    .map(|r| standardise(r, model::LN_EPS))
+                    .collect(),
+                rterm
+                    .iter()
+                    .map(|r| standardise(r, model::LN_EPS))
+                    .collect(),
             ),
             Normalisation::BatchPerStep | Normalisation::BatchShared => (
                 standardise_columns(&xterm, model::BN_EPS),
@@ -177,7 +186,10 @@ fn gate_matrices_get_one_scale_per_gate() {
         for g in 0..4 {
             let block = &w[g * per..(g + 1) * per];
             let alpha = block.iter().map(|x| x.abs()).sum::<f64>() / per as f64;
-            for (i, qv) in gates.quantized.values[g * per..(g + 1) * per].iter().enumerate() {
+            for (i, qv) in gates.quantized.values[g * per..(g + 1) * per]
+                .iter()
+                .enumerate()
+            {
                 assert!(
                     (f64::from(qv.abs()) - alpha).abs() < 1e-6,
                     "{} gate {g}: |Ŵ| = {qv}, mean |W| = {alpha}",
@@ -254,7 +266,15 @@ fn sampling_is_deterministic_for_a_seed() {
         Err(LstmError::Config(m)) if m.contains("never had")
     ));
     assert!(generate(&mut run, b"", &s).is_err());
-    assert!(generate(&mut run, b"t", &Sampling { temperature: 0.0, ..s }).is_err());
+    assert!(generate(
+        &mut run,
+        b"t",
+        &Sampling {
+            temperature: 0.0,
+            ..s
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -284,8 +304,8 @@ fn checkpoints_round_trip_and_resume_to_the_same_numbers() {
             epochs: 2,
             ..config.clone()
         };
-        let mut first = LstmRun::resume_or_new(&two, &corpus.vocab, &Device::Cpu, Some(&path))
-            .unwrap();
+        let mut first =
+            LstmRun::resume_or_new(&two, &corpus.vocab, &Device::Cpu, Some(&path)).unwrap();
         first.train(&split, &options).unwrap();
         let mut resumed =
             LstmRun::resume_or_new(&config, &corpus.vocab, &Device::Cpu, Some(&path)).unwrap();
@@ -362,7 +382,10 @@ fn bad_settings_are_errors() {
         },
     ];
     for c in bad {
-        assert!(matches!(CharLstm::new(&c, 10, &dev), Err(LstmError::Config(_))), "{c:?}");
+        assert!(
+            matches!(CharLstm::new(&c, 10, &dev), Err(LstmError::Config(_))),
+            "{c:?}"
+        );
     }
     assert!(CharLstm::new(&small(Normalisation::None), 1, &dev).is_err());
     assert!("batch-norm".parse::<Normalisation>().is_err());
@@ -373,8 +396,8 @@ fn bad_settings_are_errors() {
     // A corpus split for another shape is refused by train.
     let corpus = tiny_corpus();
     let split = corpus.split(5, 25).unwrap();
-    let mut run = LstmRun::new(&tiny_config(Normalisation::None, None), &corpus.vocab, &dev)
-        .unwrap();
+    let mut run =
+        LstmRun::new(&tiny_config(Normalisation::None, None), &corpus.vocab, &dev).unwrap();
     assert!(run.train(&split, &TrainOptions::default()).is_err());
 }
 

@@ -403,11 +403,12 @@ pub fn lstm_sequence(
         },
     };
     let stats = Arc::new(OnceLock::new());
+    let cache = Arc::new(OnceLock::new());
     let op = lstm::LstmOp {
         norm: op_norm,
         h0,
         c0,
-        cache: Arc::new(OnceLock::new()),
+        cache: Arc::clone(&cache),
         stats: Arc::clone(&stats),
     };
     let xproj = xproj.contiguous()?;
@@ -416,11 +417,16 @@ pub fn lstm_sequence(
         Some(gain) => xproj.apply_op3(&wh, &gain.contiguous()?, op)?,
         None => xproj.apply_op2(&wh, op)?,
     };
-    let hidden = out.get(0)?;
+    let cells = cache
+        .get()
+        .ok_or_else(|| OpsError::Internal("the LSTM op left no cell states".into()))?;
+    let state = g.batch * g.hidden;
+    let last_c = cells.cells[(g.steps - 1) * state..].to_vec();
     let last = LstmState {
-        h: out.get(0)?.get(g.steps - 1)?.detach(),
-        c: out.get(1)?.get(g.steps - 1)?.detach(),
+        h: out.get(g.steps - 1)?.detach(),
+        c: Tensor::from_vec(last_c, (g.batch, g.hidden), xproj.device())?,
     };
+    let hidden = out;
     let step_stats = match norm {
         RecurrentNorm::BatchTrain { .. } => {
             let s: &lstm::StepStats = stats

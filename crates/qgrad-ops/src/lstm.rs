@@ -117,6 +117,9 @@ impl RecurrentNorm {
 
 /// What the forward pass keeps for the backward pass.
 pub(crate) struct LstmCache {
+    /// Cell states `[T, B, H]` (the op's output is the hidden states only:
+    /// the caller takes the last cell state from here, detached).
+    pub cells: Vec<f32>,
     /// Gate activations `[T, B, 4H]`: σ(i), σ(f), tanh(g), σ(o).
     gates: Vec<f32>,
     /// The normalised recurrent term `â` `[T, B, 4H]` (normalised modes).
@@ -134,7 +137,7 @@ pub(crate) struct StepStats {
 }
 
 /// The fused recurrence; args `(xproj, wh)` or `(xproj, wh, gain)`. Output
-/// `[2, T, B, H]`: the hidden states, then the cell states.
+/// `[T, B, H]`: the hidden states (the cell states stay in the cache).
 pub(crate) struct LstmOp {
     pub norm: RecurrentNorm,
     /// Initial hidden and cell state, `[B, H]` each (constants).
@@ -209,7 +212,7 @@ where
     }
 }
 
-/// Forward pass: `(out [2, T, B, H], cache, stats)`.
+/// Forward pass: `(hidden states [T, B, H], cache, stats)`.
 pub(crate) fn forward(
     g: &LstmGeometry,
     norm: &RecurrentNorm,
@@ -242,8 +245,9 @@ pub(crate) fn forward(
             )));
         }
     }
-    let mut out = vec![0f32; 2 * t_n * state];
-    let (hs, cs) = out.split_at_mut(t_n * state);
+    let mut hs_buf = vec![0f32; t_n * state];
+    let mut cs_buf = vec![0f32; t_n * state];
+    let (hs, cs) = (&mut hs_buf[..], &mut cs_buf[..]);
     let mut gates = vec![0f32; t_n * b_n * g4];
     let normalised_len = if norm.has_gain() { t_n * b_n * g4 } else { 0 };
     let mut normalised = vec![0f32; normalised_len];
@@ -427,8 +431,9 @@ pub(crate) fn forward(
         );
     }
     Ok((
-        out,
+        hs_buf,
         LstmCache {
+            cells: cs_buf,
             gates,
             normalised,
             inv_std,
@@ -441,14 +446,14 @@ pub(crate) fn forward(
 type LstmGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// The gradients of the op's arguments from
-/// the gradient of the output `[2, T, B, H]`.
+/// the gradient of the hidden states `[T, B, H]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     g: &LstmGeometry,
     norm: &RecurrentNorm,
     cache: &LstmCache,
-    out: &[f32],
-    grad_out: &[f32],
+    hs: &[f32],
+    grad_h: &[f32],
     wh: &[f32],
     gain: Option<&[f32]>,
     h0: &[f32],
@@ -456,13 +461,12 @@ pub(crate) fn backward(
 ) -> std::result::Result<LstmGrads, OpsError> {
     let (t_n, b_n, h_n, g4) = (g.steps, g.batch, g.hidden, g.gates());
     let state = b_n * h_n;
-    if out.len() != 2 * t_n * state || grad_out.len() != out.len() {
+    if hs.len() != t_n * state || grad_h.len() != hs.len() || cache.cells.len() != hs.len() {
         return Err(OpsError::Internal(
             "LSTM backward: output or its gradient has the wrong size".into(),
         ));
     }
-    let (hs, cs) = out.split_at(t_n * state);
-    let (ghs, gcs) = grad_out.split_at(t_n * state);
+    let (cs, ghs) = (&cache.cells[..], grad_h);
     let mut dz_all = vec![0f32; t_n * b_n * g4];
     let normalised_mode = norm.has_gain();
     let mut da_all = if normalised_mode {
@@ -484,7 +488,6 @@ pub(crate) fn backward(
         let c_t = &cs[t * state..(t + 1) * state];
         let gates_t = &cache.gates[tg.clone()];
         let gh_t = &ghs[t * state..(t + 1) * state];
-        let gc_t = &gcs[t * state..(t + 1) * state];
         let dh_in = &dh_next;
         {
             let dz_t = &mut dz_all[tg.clone()];
@@ -498,12 +501,12 @@ pub(crate) fn backward(
                     let hr = r * h_n..(r + 1) * h_n;
                     let gr = &gates_t[r * g4..(r + 1) * g4];
                     let (ct, cp) = (&c_t[hr.clone()], &c_prev[hr.clone()]);
-                    let (gh, gc, dhn) = (&gh_t[hr.clone()], &gc_t[hr.clone()], &dh_in[hr]);
+                    let (gh, dhn) = (&gh_t[hr.clone()], &dh_in[hr]);
                     for k in 0..h_n {
                         let (i, f, gg, o) = (gr[k], gr[h_n + k], gr[2 * h_n + k], gr[3 * h_n + k]);
                         let dh = gh[k] + dhn[k];
                         let tc = tanh(ct[k]);
-                        let dc = gc[k] + dc_row[k] + dh * o * (1.0 - tc * tc);
+                        let dc = dc_row[k] + dh * o * (1.0 - tc * tc);
                         dz_row[k] = dc * gg * i * (1.0 - i);
                         dz_row[h_n + k] = dc * cp[k] * f * (1.0 - f);
                         dz_row[2 * h_n + k] = dc * i * (1.0 - gg * gg);
@@ -666,7 +669,7 @@ impl LstmOp {
         let _ = self.stats.set(stats);
         Ok((
             CpuStorage::F32(out),
-            Shape::from_dims(&[2, g.steps, g.batch, g.hidden]),
+            Shape::from_dims(&[g.steps, g.batch, g.hidden]),
         ))
     }
 
