@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use plotters::prelude::*;
 use qgrad_collective::{GradientExchange, StochasticQuantizer};
 use qgrad_models::methods::{LossAwareOptions, StepRecord};
 use qgrad_models::train::OptimizerKind;
@@ -45,7 +44,7 @@ use qgrad_pipeline::data::load_datasets;
 use qgrad_pipeline::{run_on_threads, DataParallelRun, ParallelWeights};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{write_atomic, write_atomic_with};
+use crate::fsutil::write_atomic;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -448,14 +447,7 @@ fn smooth(losses: &[f32], window: usize) -> Vec<(f64, f64)> {
 }
 
 fn plot_curves(runs: &[&RunResult], file: &Path, title: &str) -> Result<()> {
-    crate::plot::register_font();
-    let steps = runs
-        .iter()
-        .map(|r| r.losses.len())
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    let curves: Vec<(String, Vec<(f64, f64)>)> = runs
+    let curves: Vec<crate::plot::Curve> = runs
         .iter()
         .map(|r| {
             let label = if r.model.starts_with("mlp") {
@@ -467,56 +459,24 @@ fn plot_curves(runs: &[&RunResult], file: &Path, title: &str) -> Result<()> {
             } else {
                 r.gradients.clone()
             };
-            (label, smooth(&r.losses, 25))
+            crate::plot::Curve {
+                label,
+                points: smooth(&r.losses, 25),
+            }
         })
         .collect();
     let y_max = curves
         .iter()
-        .flat_map(|(_, c)| c.iter().skip(c.len() / 20).map(|p| p.1))
+        .flat_map(|c| c.points.iter().skip(c.points.len() / 20).map(|p| p.1))
         .fold(0.0f64, f64::max)
         .clamp(0.05, 3.0);
-    write_atomic_with(file, |tmp| {
-        let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
-        let root = BitMapBackend::new(tmp, (1000, 640)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..steps as f64, 0f64..y_max * 1.05)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("training loss (25-step mean)")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (i, (label, curve)) in curves.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    curve.iter().map(|&(x, y)| (x, y.min(y_max * 1.05))),
-                    color.stroke_width(2),
-                ))
-                .map_err(|e| err(&e))?
-                .label(label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))?;
-        Ok(())
-    })
+    crate::plot::line_chart(
+        file,
+        title,
+        ("step", "training loss (25-step mean)"),
+        &curves,
+        (0.0, y_max * 1.05),
+    )
 }
 
 /// The measured inputs of the α–β model (module docs of the report).

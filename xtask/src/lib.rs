@@ -21,6 +21,7 @@ pub mod data_parallel;
 pub mod download;
 pub mod fsutil;
 mod loss_aware;
+pub mod lstm;
 pub mod plot;
 pub mod powerlaw;
 mod recipe;

@@ -69,6 +69,11 @@ enum Command {
     /// mpirun at 1, 2 and 4 ranks with a projection to 8–64 machines;
     /// DATA_PARALLEL.md, results.json and plots.
     DataParallel(DataParallelArgs),
+    /// Quantized character LSTMs with normalisation (METHOD §11): test BPC
+    /// for every weight quantizer × normalisation on War and Peace beside
+    /// the authors' poster, validation curves, gradient-norm traces and
+    /// spectral norms; LSTM.md, lstm.json and plots.
+    Lstm(LstmArgs),
     /// The power law of pruned networks (METHOD §14) over compressed files,
     /// with a random-mask control: POWERLAW.md, powerlaw.json and one
     /// log-log CCDF plot per file.
@@ -80,6 +85,96 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "runs/powerlaw")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct LstmArgs {
+    /// The corpus [default: datasets/war-and-peace/input.txt when present,
+    /// else the shipped slice datasets/war-and-peace-mini/input.txt].
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// The output folder.
+    #[arg(long, value_name = "DIR", default_value = "runs/lstm")]
+    out: PathBuf,
+    /// Runs as WEIGHTS:NORM, comma-separated (weights: float or a quantizer;
+    /// norm: none, weight, layer, batch, batch-shared) [default: float,
+    /// binary-connect, ter-connect × none, weight, layer, batch, then lab,
+    /// lat-exact, bwn, twn × none, layer].
+    #[arg(long, value_delimiter = ',')]
+    runs: Vec<String>,
+    /// Hidden units.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Epochs per run.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Characters per sequence.
+    #[arg(long, default_value_t = 100)]
+    seq_len: usize,
+    /// At most this many training batches per epoch.
+    #[arg(long)]
+    train_batches: Option<usize>,
+    /// Seed of every run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Only rewrite the report from the finished runs.
+    #[arg(long)]
+    report_only: bool,
+}
+
+fn parse_lstm_run(
+    spec: &str,
+) -> anyhow::Result<(Option<qgrad_scaled::Method>, qgrad_lstm::Normalisation)> {
+    let (w, n) = spec
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--runs: '{spec}' is not WEIGHTS:NORM"))?;
+    let weights = match w {
+        "float" => None,
+        m => Some(
+            m.parse::<qgrad_scaled::Method>()
+                .map_err(|e| anyhow::anyhow!("--runs: {e}"))?,
+        ),
+    };
+    Ok((weights, n.parse()?))
+}
+
+fn run_lstm(a: LstmArgs) -> anyhow::Result<()> {
+    let root = xtask::repo_root();
+    let data = a.data.unwrap_or_else(|| {
+        let full = root.join("datasets/war-and-peace/input.txt");
+        if full.is_file() {
+            full
+        } else {
+            root.join("datasets/war-and-peace-mini/input.txt")
+        }
+    });
+    let runs = if a.runs.is_empty() {
+        xtask::lstm::LstmOptions::default_runs()
+    } else {
+        a.runs
+            .iter()
+            .map(|s| parse_lstm_run(s.trim()))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let opts = xtask::lstm::LstmOptions {
+        data,
+        out: a.out.clone(),
+        runs,
+        hidden: a.hidden,
+        epochs: a.epochs,
+        batch: a.batch,
+        seq_len: a.seq_len,
+        train_chunks: a.train_batches,
+        seed: a.seed,
+        report_only: a.report_only,
+        progress: true,
+    };
+    xtask::lstm::run(&opts)?;
+    println!("wrote {}", a.out.join("LSTM.md").display());
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -395,6 +490,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => run_reproduce(args, true),
         Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
+        Command::Lstm(a) => run_lstm(a),
         Command::Continual {
             data,
             out,

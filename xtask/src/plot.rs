@@ -255,3 +255,75 @@ where
         .map_err(err)?;
     Ok(())
 }
+
+/// One named curve of a [`line_chart`].
+pub(crate) struct Curve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A PNG line chart of `curves` (one colour each, a legend at the upper
+/// right) with the y axis cut to `y_range`, written atomically to `file`.
+pub(crate) fn line_chart(
+    file: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    curves: &[Curve],
+    (y_min, y_max): (f64, f64),
+) -> Result<()> {
+    register_font();
+    let x_max = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .fold(1f64, f64::max);
+    let x_min = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .fold(x_max, f64::min)
+        .min(x_max - 1.0);
+    write_atomic_with(file, |tmp| {
+        let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
+        let root = BitMapBackend::new(tmp, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_min..x_max, y_min..y_max)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, curve) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    curve
+                        .points
+                        .iter()
+                        .map(|&(x, y)| (x, y.clamp(y_min, y_max))),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(curve.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    })
+}

@@ -534,6 +534,9 @@ fn read_model(path: &Path) -> CliResult<CompressedModel> {
 
 pub fn eval(args: EvalArgs) -> CliResult<()> {
     let model = read_model(&args.file)?;
+    if qgrad_lstm::file::is_lstm(&model) {
+        return crate::lstm::eval_lstm(&model, &args.file, args.text.as_deref(), args.json);
+    }
     let file_model =
         FileModel::new(&model).input(format!("{} cannot be run", args.file.display()))?;
     let arch = file_model.arch();

@@ -14,6 +14,7 @@
 
 mod commands;
 mod failure;
+mod lstm;
 mod parallel;
 
 use std::path::PathBuf;
@@ -67,9 +68,19 @@ enum Command {
     #[command(subcommand)]
     Quantize(QuantizeCommand),
     /// Run a compressed file on the test set with qgrad-csr's integer kernels
-    /// and print its accuracy.
+    /// and print its accuracy (a character LSTM: its test bits per
+    /// character on --text).
     #[command(after_help = EXIT_CODES)]
     Eval(EvalArgs),
+    /// Train a (quantized) character LSTM language model (METHOD §11) with
+    /// weight, layer or batch normalisation; checkpoints per epoch and
+    /// writes the compressed file.
+    #[command(after_help = EXIT_CODES)]
+    TrainLstm(lstm::TrainLstmArgs),
+    /// Sample text from a character LSTM's compressed file (deterministic
+    /// for a seed).
+    #[command(after_help = EXIT_CODES)]
+    Generate(lstm::GenerateArgs),
     /// Per-tensor table of a compressed file: parameters, non-zeros, layout,
     /// bit-width histogram, bytes, bits per parameter and ratio.
     #[command(after_help = EXIT_CODES)]
@@ -511,6 +522,10 @@ struct EvalArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 500)]
     batch_size: usize,
+    /// A character LSTM's corpus: the test part of this text file, split as
+    /// the model was trained [default: datasets/war-and-peace-mini].
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
     /// Also evaluate the file's dequantized weights in candle (f64 layers,
     /// same activation quantization) and count the images on which the two
     /// disagree.
@@ -598,6 +613,8 @@ fn main() -> ExitCode {
         Command::Quantize(QuantizeCommand::Combined(args)) => commands::combined(args),
         Command::Quantize(QuantizeCommand::LossAware(args)) => commands::loss_aware(args),
         Command::Eval(args) => commands::eval(args),
+        Command::TrainLstm(args) => lstm::train_lstm(args),
+        Command::Generate(args) => lstm::generate(args),
         Command::Inspect(args) => commands::inspect(args),
         Command::Repack(args) => commands::repack(args),
         Command::Analyze(args) => commands::analyze(args),

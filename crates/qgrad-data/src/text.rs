@@ -65,6 +65,42 @@ impl TextCorpus {
         Ok(TextCorpus { vocab, tokens })
     }
 
+    /// The corpus of `bytes` over a given vocabulary (a trained model's):
+    /// token `t` is byte `vocab[t]`. Errors as [`from_bytes`](Self::from_bytes),
+    /// and on a byte the vocabulary lacks.
+    pub fn with_vocab(bytes: &[u8], vocab: &[u8]) -> std::result::Result<Self, String> {
+        // The text checks of from_bytes (empty, UTF-8, NUL).
+        Self::from_bytes(bytes)?;
+        let mut index = [None; 256];
+        for (t, &b) in vocab.iter().enumerate() {
+            index[b as usize] = Some(t as u16);
+        }
+        let mut tokens = Vec::with_capacity(bytes.len());
+        for (at, &b) in bytes.iter().enumerate() {
+            match index[b as usize] {
+                Some(t) => tokens.push(t),
+                None => {
+                    return Err(format!(
+                        "byte {b} ({:?}) at offset {at} is not in the model's vocabulary \
+                         of {} characters",
+                        b as char,
+                        vocab.len()
+                    ))
+                }
+            }
+        }
+        Ok(TextCorpus {
+            vocab: vocab.to_vec(),
+            tokens,
+        })
+    }
+
+    /// [`with_vocab`](Self::with_vocab) of the file at `path`.
+    pub fn load_with_vocab(path: &Path, vocab: &[u8]) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+        Self::with_vocab(&bytes, vocab).map_err(|m| DataError::format(path, m))
+    }
+
     /// Number of distinct tokens.
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
@@ -247,6 +283,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = TextCorpus::load(&dir.path().join("missing.txt")).unwrap_err();
         assert!(err.to_string().contains("missing.txt"));
+    }
+
+    #[test]
+    fn a_given_vocabulary_maps_bytes_and_rejects_strangers() {
+        let c = TextCorpus::with_vocab(b"abca", b"xcba").unwrap();
+        assert_eq!(c.tokens, vec![3, 2, 1, 3]);
+        assert_eq!(c.decode(&c.tokens), b"abca");
+        let err = TextCorpus::with_vocab(b"abz", b"ab").unwrap_err();
+        assert!(err.contains("offset 2"), "{err}");
+        assert!(TextCorpus::with_vocab(b"", b"ab").is_err());
     }
 
     #[test]

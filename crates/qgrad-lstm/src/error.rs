@@ -16,6 +16,13 @@ pub enum LstmError {
     /// A weight quantizer rejected its input (NaN weights, say).
     #[error("quantizer: {0}")]
     Quantize(#[from] qgrad_scaled::ScaledError),
+    /// The compressed file could not be written or read.
+    #[error("compressed file: {0}")]
+    Csr(#[from] qgrad_csr::CsrError),
+    /// A compressed file that is valid but does not hold a character LSTM,
+    /// or holds an inconsistent one.
+    #[error("{0}")]
+    NotAnLstm(String),
     /// A setting that cannot work.
     #[error("{0}")]
     Config(String),

@@ -54,6 +54,7 @@
 
 pub mod config;
 pub mod error;
+pub mod file;
 pub mod generate;
 pub mod model;
 pub mod quantize;

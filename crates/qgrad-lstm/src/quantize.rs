@@ -10,7 +10,18 @@
 //! approximate, LAQ) warm-start from the previous step's result;
 //! TerConnect draws stochastic codes in training (a stream reseeded from
 //! `(seed, epoch)` at every epoch, so that a resumed run draws the same
-//! codes) and rounds deterministically for evaluation.
+//! codes).
+//!
+//! # Decision: TerConnect's evaluated model is one seeded draw
+//!
+//! qgrad-models evaluates TerConnect by deterministic rounding of
+//! `clip(W)`. For an LSTM that rounds every weight to 0: trained with
+//! stochastic codes, whose mean is `W`, the weights stay well inside
+//! (−½, ½) (a ±1 recurrent matrix makes the pre-activations explode, so the
+//! network learns small probabilities). The evaluated, saved and exported
+//! model is therefore one draw of the stochastic codes from a stream seeded
+//! by the run's seed and the tensor (not the epoch): a ternary network of
+//! the kind training saw, the same at every evaluation of the same `W`.
 
 use std::collections::HashMap;
 
@@ -92,7 +103,7 @@ impl GateQuantizer {
     /// `Q(W)` of one gate tensor. `training`: TerConnect draws, and the
     /// iterative methods warm-start from (and update) the previous step's
     /// result. Otherwise `Q` is a function of `W` and `v` alone (a cold
-    /// start, deterministic rounding), so that a model loaded from a
+    /// start; TerConnect's seeded draw, module docs), so that a model loaded from a
     /// checkpoint evaluates exactly as it did when it was saved.
     pub fn quantize(
         &mut self,
@@ -110,10 +121,18 @@ impl GateQuantizer {
         }
         let groups = if self.per_channel { rows } else { 4 };
         let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let quantized = if self.method == Method::TerConnect && training {
-            let uniforms: Vec<f32> = (0..values.len())
-                .map(|_| self.rng.random::<f32>())
-                .collect();
+        let quantized = if self.method == Method::TerConnect {
+            let uniforms: Vec<f32> = if training {
+                (0..values.len())
+                    .map(|_| self.rng.random::<f32>())
+                    .collect()
+            } else {
+                let salt = name
+                    .bytes()
+                    .fold(0u64, |h, b| h.wrapping_mul(31) ^ u64::from(b));
+                let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0xe7a1_0000 ^ salt);
+                (0..values.len()).map(|_| rng.random::<f32>()).collect()
+            };
             stochastic_ternary(&values, &uniforms)?
         } else {
             let d = self.curvature(v)?;

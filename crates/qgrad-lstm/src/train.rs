@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::LstmConfig;
 use crate::error::{LstmError, Result};
+use crate::file::RUNNING_TENSORS;
 use crate::model::{CharLstm, GateWeights, Mode, RunningStats, GATE_MATRICES};
 use crate::quantize::{gate_weights, GateQuantizer, QuantizedGates};
 
@@ -32,8 +33,6 @@ use crate::quantize::{gate_weights, GateQuantizer, QuantizedGates};
 pub const HEADER_KEY: &str = "qgrad.lstm";
 /// The checkpoint layout version.
 pub const CHECKPOINT_VERSION: u32 = 1;
-
-const RUNNING_NAMES: [&str; 4] = ["bn.x_mean", "bn.x_var", "bn.h_mean", "bn.h_var"];
 
 /// What one epoch measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -406,7 +405,7 @@ impl LstmRun {
         }
         if let Some(r) = &self.model.running {
             let g4 = 4 * self.model.config.hidden;
-            for (name, v) in RUNNING_NAMES
+            for (name, v) in RUNNING_TENSORS
                 .iter()
                 .zip([&r.x_mean, &r.x_var, &r.h_mean, &r.h_var])
             {
@@ -486,10 +485,10 @@ impl LstmRun {
             };
             *r = RunningStats {
                 steps: r.steps,
-                x_mean: read(RUNNING_NAMES[0])?,
-                x_var: read(RUNNING_NAMES[1])?,
-                h_mean: read(RUNNING_NAMES[2])?,
-                h_var: read(RUNNING_NAMES[3])?,
+                x_mean: read(RUNNING_TENSORS[0])?,
+                x_var: read(RUNNING_TENSORS[1])?,
+                h_mean: read(RUNNING_TENSORS[2])?,
+                h_var: read(RUNNING_TENSORS[3])?,
             };
         }
         for v in run.model.params().iter().map(|(_, v)| v) {

@@ -422,3 +422,97 @@ fn a_binary_gate_matrix_has_spectral_norm_at_least_root_d() {
     let s = qgrad_lstm::spectral::largest_singular_value(&[3.0, 0.0, 0.0, 1.0], 2, 2);
     assert!((s - 3.0).abs() < 1e-9);
 }
+
+#[test]
+fn the_compressed_file_round_trips_and_evaluates_as_the_live_model() {
+    let corpus = tiny_corpus();
+    let split = corpus.split(4, 25).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (norm, weights) in [
+        (Normalisation::Layer, Some("lab")),
+        (Normalisation::BatchPerStep, Some("ter-connect")),
+        (Normalisation::Weight, Some("laq3")),
+        (Normalisation::None, None),
+    ] {
+        let config = LstmConfig {
+            epochs: 2,
+            ..tiny_config(norm, weights)
+        };
+        let mut run = LstmRun::new(&config, &corpus.vocab, &Device::Cpu).unwrap();
+        run.train(&split, &TrainOptions::default()).unwrap();
+        let path = dir.path().join(format!("{}.qgrad", config.label()));
+        let size = qgrad_lstm::file::export(&mut run, &path).unwrap();
+        let mut loaded = qgrad_lstm::file::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.trained, config);
+        assert_eq!(
+            loaded.run.bpc(&split.test).unwrap(),
+            run.bpc(&split.test).unwrap(),
+            "{}",
+            config.label()
+        );
+        let s = Sampling {
+            chars: 40,
+            temperature: 1.0,
+            seed: 3,
+        };
+        assert_eq!(
+            generate(&mut loaded.run, b"the", &s).unwrap(),
+            generate(&mut run, b"the", &s).unwrap()
+        );
+        // Gate weights: 1 bit (binary), 2 bits (ternary, dense), 3 bits.
+        let gates: Vec<_> = size
+            .tensors
+            .iter()
+            .filter(|t| t.name == "lstm.wx" || t.name == "lstm.wh")
+            .collect();
+        assert_eq!(gates.len(), 2);
+        let bits = gates
+            .iter()
+            .map(|t| t.bits_per_parameter())
+            .fold(0f64, f64::max);
+        let want = match weights {
+            Some("lab") => 1.0,
+            Some("ter-connect") => 2.0,
+            Some("laq3") => 3.0,
+            _ => 32.0,
+        };
+        assert!(
+            bits <= want * 1.02 + 0.1, // + four f32 scales on a small matrix
+            "{}: {bits:.3} bits per gate weight",
+            config.label()
+        );
+    }
+}
+
+#[test]
+fn bad_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = LstmRun::new(&small(Normalisation::None), b"abcd", &Device::Cpu).unwrap();
+    let path = dir.path().join("m.qgrad");
+    qgrad_lstm::file::export(&mut run, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 9]).unwrap();
+    assert!(matches!(
+        qgrad_lstm::file::load(&path, &Device::Cpu),
+        Err(LstmError::Csr(_))
+    ));
+    // A valid compressed file of another model.
+    let other = dir.path().join("other.qgrad");
+    let values = [1.0f32, 2.0];
+    qgrad_csr::write_file(
+        &other,
+        &[qgrad_csr::TensorData {
+            name: "w",
+            shape: &[2],
+            values: &values,
+            widths: &[32, 32],
+            exponent: None,
+        }],
+        &qgrad_csr::EncodeOptions::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        qgrad_lstm::file::load(&other, &Device::Cpu),
+        Err(LstmError::NotAnLstm(_))
+    ));
+}
