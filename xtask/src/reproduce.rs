@@ -231,6 +231,46 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
             timing: None,
             report_only: false,
         })?;
+        // METHOD §11: quantized character LSTMs with and without
+        // normalisation (quick: the shipped War and Peace slice, a small
+        // LSTM; full: the whole corpus when it is there, hidden 256).
+        let root = crate::repo_root();
+        let full = root.join("datasets/war-and-peace/input.txt");
+        let (data, lstm) = if quick || !full.is_file() {
+            let mut runs = Vec::new();
+            for w in [
+                None,
+                Some(qgrad_scaled::Method::BinaryConnect),
+                Some(qgrad_scaled::Method::TerConnect),
+            ] {
+                for n in [
+                    qgrad_lstm::Normalisation::None,
+                    qgrad_lstm::Normalisation::Layer,
+                ] {
+                    runs.push((w, n));
+                }
+            }
+            (
+                root.join("datasets/war-and-peace-mini/input.txt"),
+                (runs, 64, 5, 16),
+            )
+        } else {
+            (full, (crate::lstm::LstmOptions::default_runs(), 256, 3, 64))
+        };
+        let (runs, hidden, epochs, batch) = lstm;
+        crate::lstm::run(&crate::lstm::LstmOptions {
+            data,
+            out: opts.out.join("lstm"),
+            runs,
+            hidden,
+            epochs,
+            batch,
+            seq_len: 100,
+            train_chunks: None,
+            seed: opts.seed,
+            report_only: false,
+            progress: true,
+        })?;
     }
     Ok(record)
 }

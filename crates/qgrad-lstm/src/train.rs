@@ -31,6 +31,9 @@ use crate::quantize::{gate_weights, GateQuantizer, QuantizedGates};
 
 /// The metadata key of a checkpoint's JSON header.
 pub const HEADER_KEY: &str = "qgrad.lstm";
+/// The metadata key of a checkpoint's CRC-32 (of the header and the tensor
+/// bytes), hex.
+pub const CHECKSUM_KEY: &str = "qgrad.lstm.crc32";
 /// The checkpoint layout version.
 pub const CHECKPOINT_VERSION: u32 = 1;
 
@@ -425,10 +428,18 @@ impl LstmRun {
         };
         let json = serde_json::to_string(&header)
             .map_err(|e| LstmError::checkpoint(path, format!("cannot encode the header: {e}")))?;
-        let metadata = HashMap::from([(HEADER_KEY.to_string(), json)]);
-        let bytes =
+        let encode = |metadata: HashMap<String, String>| {
             safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-                .map_err(|e| LstmError::checkpoint(path, format!("cannot encode: {e}")))?;
+                .map_err(|e| LstmError::checkpoint(path, format!("cannot encode: {e}")))
+        };
+        // The checksum covers the header and the tensor bytes; the tensor
+        // bytes do not move when the metadata grows by the checksum.
+        let unsummed = encode(HashMap::from([(HEADER_KEY.to_string(), json.clone())]))?;
+        let sum = content_checksum(&json, tensor_bytes(&unsummed).unwrap_or_default());
+        let bytes = encode(HashMap::from([
+            (HEADER_KEY.to_string(), json),
+            (CHECKSUM_KEY.to_string(), format!("{sum:08x}")),
+        ]))?;
         qgrad_accum::write_atomic(path, &bytes)
             .map_err(|e| LstmError::checkpoint(path, e.to_string()))
     }
@@ -447,6 +458,17 @@ impl LstmRun {
             .as_ref()
             .and_then(|m| m.get(HEADER_KEY))
             .ok_or_else(|| bad("not a qgrad LSTM checkpoint (no header)".into()))?;
+        let stored = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(CHECKSUM_KEY))
+            .ok_or_else(|| bad("it has no checksum".into()))?;
+        let sum = content_checksum(json, tensor_bytes(&bytes).unwrap_or_default());
+        if *stored != format!("{sum:08x}") {
+            return Err(bad(format!(
+                "checksum mismatch (stored {stored}, computed {sum:08x}): the file is corrupt"
+            )));
+        }
         let header: Header =
             serde_json::from_str(json).map_err(|e| bad(format!("unreadable header: {e}")))?;
         if header.format_version != CHECKPOINT_VERSION {
@@ -506,6 +528,19 @@ impl LstmRun {
         run.grad_norms = header.grad_norms;
         Ok(run)
     }
+}
+
+/// The tensor bytes of a safetensors file (after its JSON header).
+fn tensor_bytes(file: &[u8]) -> Option<&[u8]> {
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    file.get(8usize.checked_add(usize::try_from(n).ok()?)?..)
+}
+
+fn content_checksum(header: &str, tensors: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(header.as_bytes());
+    h.update(tensors);
+    h.finalize()
 }
 
 /// Bits per character of `chunks` with `weights` (evaluation mode, the

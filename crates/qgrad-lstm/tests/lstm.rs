@@ -347,6 +347,15 @@ fn corrupt_checkpoints_are_errors() {
     let run = LstmRun::new(&small(Normalisation::Layer), b"abc", &Device::Cpu).unwrap();
     run.save(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
+    LstmRun::load(&path, &Device::Cpu).unwrap();
+    // One flipped bit in the last tensor byte: the checksum catches it.
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0x10;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(matches!(
+        LstmRun::load(&path, &Device::Cpu),
+        Err(LstmError::Checkpoint { message, .. }) if message.contains("checksum")
+    ));
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     assert!(LstmRun::load(&path, &Device::Cpu).is_err());
     assert!(matches!(
