@@ -64,7 +64,7 @@ def build(net, nn):
 
 
 SEQ_LEN = 100
-VOCAB = 83
+VOCAB = 87
 
 
 def lstm(args, torch, nn):

@@ -6,7 +6,7 @@
 //! mode: batch norm on batch statistics, dropout on) once by qgrad and once by
 //! PyTorch (`xtask/bench_train_torch.py`). The character LSTMs `lstm-<H>`
 //! (METHOD §11: one layer of `H` units over one-hot characters of an
-//! 83-character vocabulary, War and Peace's, a linear softmax layer,
+//! 87-character vocabulary, War and Peace's, a linear softmax layer,
 //! sequences of 100, Adam at 0.002, the global gradient norm clipped at 5,
 //! the state carried between steps) train on random characters: qgrad
 //! through `qgrad_lstm::LstmRun::train_step`, the path `qgrad train-lstm`
@@ -121,9 +121,9 @@ enum BenchNet {
 }
 
 /// Sequence length and vocabulary of the LSTM benchmark (METHOD §11; War and
-/// Peace has 83 distinct bytes).
+/// Peace has 87 distinct bytes).
 const LSTM_SEQ_LEN: usize = 100;
-const LSTM_VOCAB: usize = 83;
+const LSTM_VOCAB: usize = 87;
 
 impl BenchNet {
     fn parse(name: &str) -> Result<Self> {

@@ -35,6 +35,8 @@ pub struct FileSpec {
     pub size: u64,
     /// Lower-case hex.
     pub sha256: String,
+    /// The file's name on the servers, where it differs from `name`.
+    pub remote: Option<String>,
 }
 
 /// How a dataset is distributed.
@@ -89,6 +91,7 @@ fn file(name: &str, size: u64, sha256: &str) -> FileSpec {
         name: name.to_string(),
         size,
         sha256: sha256.to_string(),
+        remote: None,
     }
 }
 
@@ -183,9 +186,30 @@ pub fn cifar10_spec() -> DatasetSpec {
     }
 }
 
+/// War and Peace, the character-LSTM corpus (METHOD §11): one text file,
+/// `war-and-peace/input.txt` (checksum: `shared/datasets/README.md`), from
+/// the char-rnn data page.
+pub fn war_and_peace_spec() -> DatasetSpec {
+    DatasetSpec {
+        id: "war-and-peace".into(),
+        dir: "war-and-peace".into(),
+        payload: Payload::Files {
+            base_urls: vec!["https://cs.stanford.edu/people/karpathy/char-rnn/".into()],
+            files: vec![FileSpec {
+                remote: Some("warpeace_input.txt".into()),
+                ..file(
+                    "input.txt",
+                    3_258_246,
+                    "fb66ba999dafe24017cdd59e04c56d385a9c8466993d374fd4c6f08b2142985e",
+                )
+            }],
+        },
+    }
+}
+
 /// The datasets `download all` fetches.
 pub fn all_specs() -> Vec<DatasetSpec> {
-    vec![mnist_spec(), cifar10_spec()]
+    vec![mnist_spec(), cifar10_spec(), war_and_peace_spec()]
 }
 
 /// Where the bytes come from.
@@ -383,7 +407,7 @@ fn fetch_single(
             let part = part_path(dest);
             let mut failures = Vec::new();
             for base in base_urls {
-                let url = format!("{base}{}", f.name);
+                let url = format!("{base}{}", f.remote.as_deref().unwrap_or(&f.name));
                 match fetch_url(&agent, &url, &part, Some(f.size), options.progress) {
                     Ok(()) => {}
                     Err(e) => {

@@ -372,6 +372,7 @@ fn run_report(out: PathBuf) -> Result<()> {
 enum Which {
     Mnist,
     Cifar10,
+    WarAndPeace,
     All,
 }
 
@@ -383,7 +384,7 @@ struct DownloadArgs {
     /// Take the files from this folder instead of the network (also: environment
     /// variable QGRAD_MIRROR). Layouts: DIR/mnist/*.gz or DIR/*.gz;
     /// DIR/cifar10/cifar-10-batches-bin/*.bin, DIR/cifar-10-batches-bin/*.bin or
-    /// DIR/cifar-10-binary.tar.gz.
+    /// DIR/cifar-10-binary.tar.gz; DIR/war-and-peace/input.txt or DIR/input.txt.
     #[arg(long, value_name = "DIR")]
     mirror: Option<PathBuf>,
     /// Where the datasets go [default: datasets/ in the repository].
@@ -421,6 +422,7 @@ fn run_download(args: DownloadArgs) -> Result<()> {
     let specs = match args.which {
         Which::Mnist => vec![download::mnist_spec()],
         Which::Cifar10 => vec![download::cifar10_spec()],
+        Which::WarAndPeace => vec![download::war_and_peace_spec()],
         Which::All => download::all_specs(),
     };
     for spec in &specs {

@@ -207,6 +207,7 @@ fn files_spec(base_urls: Vec<String>, files: &[(&str, &[u8])]) -> DatasetSpec {
                     name: name.to_string(),
                     size: data.len() as u64,
                     sha256: sha256(data),
+                    remote: None,
                 })
                 .collect(),
         },
@@ -467,11 +468,13 @@ fn archive_spec(urls: Vec<String>, archive: &[u8], x: &[u8], y: &[u8]) -> Datase
                     name: "x.bin".into(),
                     size: x.len() as u64,
                     sha256: sha256(x),
+                    remote: None,
                 },
                 FileSpec {
                     name: "y.bin".into(),
                     size: y.len() as u64,
                     sha256: sha256(y),
+                    remote: None,
                 },
             ],
         },
@@ -571,6 +574,7 @@ fn an_archive_without_a_wanted_member_is_an_error() {
             name: "w.bin".into(),
             size: 1,
             sha256: sha256(b"w"),
+            remote: None,
         });
     }
     let m = tempfile::tempdir().unwrap();
