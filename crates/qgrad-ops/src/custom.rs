@@ -20,7 +20,11 @@ use crate::pool::{self, PoolGeometry};
 use crate::OpsError;
 
 /// The f32 values of a contiguous CPU tensor argument.
-fn f32_values<'a>(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_values<'a>(
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
         return Err(
             OpsError::DType(format!("{what} is {:?}, expected f32", storage.dtype())).into(),

@@ -29,10 +29,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::custom::f32_values;
 use crate::gemm_f32::{matmul, parallelism_for, MatRef};
 use crate::OpsError;
 
@@ -636,16 +636,6 @@ fn with_values<R>(
     Ok(f(&values[start..end])?)
 }
 
-fn cpu_f32<'a>(what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = s else {
-        return Err(OpsError::DType(format!("{what} is {:?}, expected f32", s.dtype())).into());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) if end <= values.len() => Ok(&values[start..end]),
-        _ => Err(OpsError::Internal(format!("{what} is not contiguous")).into()),
-    }
-}
-
 impl LstmOp {
     fn run_forward(
         &self,
@@ -656,10 +646,10 @@ impl LstmOp {
         gain: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let g = LstmGeometry::new(xl.dims(), wl.dims())?;
-        let xproj = cpu_f32("LSTM input projection", xs, xl)?;
-        let wh = cpu_f32("LSTM recurrent weight", ws, wl)?;
+        let xproj = f32_values("LSTM input projection", xs, xl)?;
+        let wh = f32_values("LSTM recurrent weight", ws, wl)?;
         let gain = match gain {
-            Some((s, l)) => Some(cpu_f32("LSTM normalisation gain", s, l)?),
+            Some((s, l)) => Some(f32_values("LSTM normalisation gain", s, l)?),
             None => None,
         };
         let (out, cache, stats) = forward(&g, &self.norm, xproj, wh, gain, &self.h0, &self.c0)?;
