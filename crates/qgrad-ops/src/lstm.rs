@@ -159,8 +159,8 @@ pub(crate) struct LstmOp {
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_751_953_125;
-    const LN2_LO: f32 = 1.428_606_765_330_187e-6;
+    const LN2_HI: f32 = 0.693_145_75; // 0x3f31_7200, exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer in plain
     // SSE2 (`f32::round`/`floor` are libm calls without SSE4.1).
     const ROUND: f32 = 12_582_912.0;
