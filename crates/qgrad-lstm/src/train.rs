@@ -352,14 +352,22 @@ impl LstmRun {
             });
         }
         let mut grads = loss.backward()?;
+        // The norm in f64: an unnormalised binary LSTM's gradient explodes
+        // through time past what a sum of f32 squares can hold (1e19 per
+        // element) while every element is still a finite f32; clipping then
+        // works as it should. A non-finite element is a divergence.
         let mut sq = 0f64;
+        let mut finite = true;
         for (_, var) in self.model.params() {
             if let Some(g) = grads.get(var) {
-                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                for x in g.flatten_all()?.to_vec1::<f32>()? {
+                    finite &= x.is_finite();
+                    sq += f64::from(x) * f64::from(x);
+                }
             }
         }
         let norm = sq.sqrt();
-        if !norm.is_finite() {
+        if !(finite && norm.is_finite()) {
             return Err(LstmError::Diverged {
                 epoch,
                 step,
