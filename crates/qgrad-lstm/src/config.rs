@@ -23,6 +23,8 @@ pub enum Normalisation {
     Layer,
     /// Batch normalisation of the two terms, separately; statistics per time
     /// step (running averages kept per step).
+    // Spelled as on the command line; files from before read too.
+    #[serde(rename = "batch", alias = "batch-per-step")]
     BatchPerStep,
     /// Batch normalisation with running averages shared over time steps.
     BatchShared,

@@ -398,6 +398,12 @@ fn bad_settings_are_errors() {
     }
     assert!(CharLstm::new(&small(Normalisation::None), 1, &dev).is_err());
     assert!("batch-norm".parse::<Normalisation>().is_err());
+    // The serialised names are the command line's (older files: read too).
+    for n in Normalisation::ALL {
+        assert_eq!(serde_json::to_string(&n).unwrap(), format!("\"{n}\""));
+    }
+    let old: Normalisation = serde_json::from_str("\"batch-per-step\"").unwrap();
+    assert_eq!(old, Normalisation::BatchPerStep);
     assert_eq!(
         "batch-shared".parse::<Normalisation>().unwrap(),
         Normalisation::BatchShared
