@@ -45,7 +45,8 @@ pub const LN_EPS: f64 = 1e-5;
 pub const BN_EPS: f64 = 1e-5;
 /// Batch norm's running-average momentum.
 pub const BN_MOMENTUM: f32 = 0.1;
-/// Added to a row norm before dividing by it (weight norm).
+/// Added to a row's squared norm before the root (weight norm):
+/// `‖w‖ = sqrt(Σ w² + ε)`.
 pub const WN_EPS: f64 = 1e-8;
 
 /// The input gate matrices `[4H, V]` (rows gate-major: i, f, g, o).
@@ -252,10 +253,12 @@ impl CharLstm {
         })
     }
 
-    /// The row-normalised matrix `g_r · w_r / ‖w_r‖` (weight norm).
+    /// The row-normalised matrix `g_r · w_r / sqrt(‖w_r‖² + ε)` (weight norm).
     fn weight_normalised(&self, w: &Tensor, norm: &str) -> Result<Tensor> {
         let g = self.param(norm)?.as_tensor();
-        let n = (w.sqr()?.sum_keepdim(1)?.sqrt()? + WN_EPS)?;
+        // ε inside the root: a TerConnect draw can zero a whole row, where
+        // the root's derivative would be infinite.
+        let n = (w.sqr()?.sum_keepdim(1)? + WN_EPS)?.sqrt()?;
         Ok(w.broadcast_mul(&g.unsqueeze(1)?.broadcast_div(&n)?)?)
     }
 

@@ -73,7 +73,7 @@ fn direct_logits(m: &CharLstm, tokens: &[u32], steps: usize, batch: usize) -> Ve
         ] {
             for r in 0..g4 {
                 let row = &mut w[r * cols..(r + 1) * cols];
-                let n = row.iter().map(|x| x * x).sum::<f64>().sqrt() + model::WN_EPS;
+                let n = (row.iter().map(|x| x * x).sum::<f64>() + model::WN_EPS).sqrt();
                 row.iter_mut().for_each(|x| *x *= g[r] / n);
             }
         }
@@ -447,6 +447,7 @@ fn the_compressed_file_round_trips_and_evaluates_as_the_live_model() {
         (Normalisation::Layer, Some("lab")),
         (Normalisation::BatchPerStep, Some("ter-connect")),
         (Normalisation::Weight, Some("laq3")),
+        (Normalisation::Weight, Some("ter-connect")),
         (Normalisation::None, None),
     ] {
         let config = LstmConfig {
