@@ -362,11 +362,9 @@ pub(crate) fn forward(
                         gate_row[j] = x_row[j] + gain[j] * nrow[j];
                     }
                 }
-                _ => {
-                    for j in 0..g4 {
-                        gate_row[j] = x_row[j] + a_row[j];
-                    }
-                }
+                // The plain recurrence never gets here: its GEMM adds the
+                // input term itself.
+                _ => unreachable!("pass 1 runs only for normalised recurrences"),
             }
         };
         // Pass 1: pre-activations (and layer norm), row by row.
