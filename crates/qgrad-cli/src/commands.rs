@@ -754,6 +754,12 @@ pub fn import(args: ImportArgs) -> CliResult<()> {
 }
 
 pub fn export(args: ExportArgs) -> CliResult<()> {
+    use qgrad_pipeline::interchange::ExportLayout;
+    let layout = if args.sparse {
+        ExportLayout::SparseCsr
+    } else {
+        ExportLayout::Dense
+    };
     let bytes = if args.input.is_dir() {
         let trained = qgrad_pipeline::load_trained(&args.input, &default_device())?;
         let host = trained
@@ -761,15 +767,20 @@ pub fn export(args: ExportArgs) -> CliResult<()> {
             .network
             .to_host()
             .runtime("cannot read the checkpoint's tensors")?;
-        qgrad_pipeline::interchange::state_dict_bytes(&host)?
+        qgrad_pipeline::interchange::state_dict_bytes(&host, layout)?
     } else {
         let model = read_model(&args.input)?;
-        qgrad_pipeline::interchange::export_state_dict(&model)?
+        qgrad_pipeline::interchange::export_state_dict(&model, layout)?
     };
     qgrad_csr::write_bytes_atomically(&args.safetensors, &bytes)
         .runtime(format!("cannot write {}", args.safetensors.display()))?;
+    let how = if args.sparse {
+        "rebuild it with python/qgrad_sparse.py (load_csr or load_dense)"
+    } else {
+        "load it with model.load_state_dict(safetensors.torch.load_file(...))"
+    };
     println!(
-        "wrote {} ({} bytes): load it with model.load_state_dict(safetensors.torch.load_file(...))",
+        "wrote {} ({} bytes): {how}",
         args.safetensors.display(),
         bytes.len()
     );

@@ -149,6 +149,12 @@ struct ExportArgs {
     /// Where to write the state dict.
     #[arg(long, value_name = "FILE")]
     safetensors: PathBuf,
+    /// Write every weight as compressed sparse rows (crow_indices,
+    /// col_indices, values, size: the layout "sparse-csr-v1" of
+    /// qgrad_pipeline::interchange) for torch.sparse_csr_tensor; rebuild
+    /// them with python/qgrad_sparse.py.
+    #[arg(long)]
+    sparse: bool,
 }
 
 fn parse_map(s: &str) -> Result<qgrad_pipeline::interchange::NameMap, String> {

@@ -1,10 +1,14 @@
-//! The PyTorch helper (python/qgrad_accgrad.py) end to end: trains a few steps
-//! of a LeNet-300-100 in PyTorch with it, then imports the state dict and the
-//! accumulated gradients with `qgrad import`. Skipped, with a message, where
-//! PyTorch or safetensors is not installed.
+//! The PyTorch helpers end to end. python/qgrad_accgrad.py: trains a few
+//! steps of a LeNet-300-100 in PyTorch with it, then imports the state dict
+//! and the accumulated gradients with `qgrad import`. python/qgrad_sparse.py:
+//! a pruned qgrad file exported dense and `--sparse` is read back in
+//! PyTorch, loaded into an `nn.Module` and evaluated there as qgrad evaluates
+//! it. Skipped, with a message, where PyTorch, safetensors or numpy is not
+//! installed.
 
-use std::path::Path;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 const SCRIPT: &str = r#"
 import sys, torch, safetensors.torch
@@ -31,37 +35,158 @@ acc.save(sys.argv[2] + "/a.safetensors")
 safetensors.torch.save_file(model.state_dict(), sys.argv[2] + "/m.safetensors")
 "#;
 
+fn pytorch_is_installed() -> bool {
+    let probe = Command::new("python3")
+        .args(["-c", "import torch, safetensors, numpy"])
+        .output();
+    let ok = matches!(&probe, Ok(o) if o.status.success());
+    if !ok {
+        eprintln!(
+            "skipped: python3 with torch, safetensors and numpy is not installed \
+             (pip install torch safetensors numpy to run this test)"
+        );
+    }
+    ok
+}
+
+fn python_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python")
+}
+
+fn qgrad(args: &[&OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qgrad"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 #[test]
 fn the_pytorch_helper_records_what_qgrad_import_reads() {
-    let probe = Command::new("python3")
-        .args(["-c", "import torch, safetensors"])
-        .output();
-    if !matches!(&probe, Ok(o) if o.status.success()) {
-        eprintln!(
-            "skipped: python3 with torch and safetensors is not installed \
-             (pip install torch safetensors to run this test)"
-        );
+    if !pytorch_is_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
-    let o = Command::new("python3")
+    ok(Command::new("python3")
         .args(["-c", SCRIPT])
-        .arg(&python)
+        .arg(python_dir())
         .arg(dir.path())
         .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(env!("CARGO_BIN_EXE_qgrad"))
-        .args(["import", "--model", "lenet-300-100", "--json", "--from"])
-        .arg(dir.path().join("m.safetensors"))
-        .arg("--accgrad")
-        .arg(dir.path().join("a.safetensors"))
-        .arg("--out")
-        .arg(dir.path().join("imported"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .unwrap());
+    let o = ok(qgrad(&[
+        "import".as_ref(),
+        "--model".as_ref(),
+        "lenet-300-100".as_ref(),
+        "--json".as_ref(),
+        "--from".as_ref(),
+        dir.path().join("m.safetensors").as_os_str(),
+        "--accgrad".as_ref(),
+        dir.path().join("a.safetensors").as_os_str(),
+        "--out".as_ref(),
+        dir.path().join("imported").as_os_str(),
+    ]));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["accgrad"], "imported");
+}
+
+#[test]
+fn a_sparse_export_runs_in_pytorch_as_the_file_runs_in_qgrad() {
+    if !pytorch_is_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).into_os_string();
+    let mini = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+    let mini = mini.as_os_str();
+    let s = |x: &'static str| -> &'static OsStr { x.as_ref() };
+    ok(qgrad(&[
+        s("train"),
+        s("--model"),
+        s("lenet-300-100"),
+        s("--data"),
+        mini,
+        s("--epochs"),
+        s("1"),
+        s("--max-batches"),
+        s("20"),
+        s("--test-limit"),
+        s("200"),
+        s("--no-progress"),
+        s("--out"),
+        &p("trained"),
+    ]));
+    // Post-training quantization with a 0-bit class: most weights pruned.
+    ok(qgrad(&[
+        s("quantize"),
+        s("post"),
+        s("--checkpoint"),
+        &p("trained"),
+        s("--widths"),
+        s("8,4,0"),
+        s("--data"),
+        mini,
+        s("--test-limit"),
+        s("200"),
+        s("--out"),
+        &p("post.qgz"),
+    ]));
+    let o = ok(qgrad(&[
+        s("eval"),
+        &p("post.qgz"),
+        s("--data"),
+        mini,
+        s("--compare-candle"),
+        s("--json"),
+    ]));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (name, sparse) in [("dense.safetensors", false), ("sparse.safetensors", true)] {
+        let (input, out) = (p("post.qgz"), p(name));
+        let mut args = vec![s("export"), &input, s("--safetensors"), &out];
+        if sparse {
+            args.push(s("--sparse"));
+        }
+        ok(qgrad(&args));
+    }
+    let sparse_bytes = std::fs::metadata(p("sparse.safetensors")).unwrap().len();
+    let dense_bytes = std::fs::metadata(p("dense.safetensors")).unwrap().len();
+    assert!(
+        sparse_bytes * 2 < dense_bytes,
+        "{sparse_bytes} vs {dense_bytes}"
+    );
+    let o = ok(Command::new("python3")
+        .arg(python_dir().join("tests/check_sparse_export.py"))
+        .arg(python_dir())
+        .arg(p("dense.safetensors"))
+        .arg(p("sparse.safetensors"))
+        .arg(mini)
+        .output()
+        .unwrap());
+    let torch: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(torch["images"], eval["test_images"]);
+    // qgrad's candle evaluation quantizes activations to 16 bits, PyTorch
+    // runs them in f32: at most a couple of the 1,000 images may differ.
+    let (a, b) = (
+        torch["correct"].as_i64().unwrap(),
+        eval["correct"].as_i64().unwrap(),
+    );
+    assert!((a - b).abs() <= 2, "PyTorch {a} correct, qgrad {b}");
+    assert!(eval["accuracy"].as_f64().unwrap() > 0.5, "{eval}");
+    // A dense export is not a sparse one: the helper refuses it clearly.
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); \
+             from qgrad_sparse import load_csr; load_csr(sys.argv[2])",
+        ])
+        .arg(python_dir())
+        .arg(p("dense.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("expected 'sparse-csr-v1'"), "{err}");
 }

@@ -22,6 +22,31 @@
 //! back as `weight = scale`, `bias = shift`, `running_mean = 0`,
 //! `running_var = 1 − ε`, which PyTorch's batch norm in eval mode computes as
 //! `x · scale + shift` up to rounding.
+//!
+//! # Sparse layout (`sparse-csr-v1`, decided)
+//!
+//! [`ExportLayout::SparseCsr`] (`qgrad export --sparse`) writes a second
+//! safetensors format, for a pruned model whose zeros should stay implicit
+//! on the PyTorch side. The header's metadata holds
+//! `"qgrad.layout": "sparse-csr-v1"`. A tensor `N` of rank ≥ 2 (a weight) and
+//! shape `[d0, d1, …]` is viewed as the row-major matrix `[d0, d1·d2·…]`
+//! (PyTorch's `weight.flatten(1)`: a convolution's rows are its output
+//! channels) and stored as four tensors, exactly the arguments of
+//! `torch.sparse_csr_tensor(crow_indices, col_indices, values, size)`:
+//!
+//! | name                | dtype | shape     | holds                                       |
+//! |---------------------|-------|-----------|---------------------------------------------|
+//! | `N.crow_indices`    | I64   | `[d0+1]`  | row offsets, from 0 to nnz                   |
+//! | `N.col_indices`     | I64   | `[nnz]`   | each non-zero's column, ascending in a row   |
+//! | `N.values`          | F32   | `[nnz]`   | the non-zero values, dequantized             |
+//! | `N.size`            | I64   | `[rank]`  | the original shape `[d0, d1, …]`             |
+//!
+//! A non-zero is a dequantized value `≠ 0.0`: pruned weights and weights whose
+//! code dequantizes to zero are both left out. Tensors of rank ≤ 1 (biases,
+//! batch norm) are written dense under their own names, as in the dense
+//! export. I64 rather than I32 indices because that is the dtype PyTorch's
+//! own `to_sparse_csr()` produces, so the tensors need no conversion;
+//! `python/qgrad_sparse.py` rebuilds the CSR tensors and the dense state dict.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -246,19 +271,36 @@ pub fn import_state_dict(
     })
 }
 
-/// `tensors` as safetensors bytes (f32), names as they are.
-pub fn state_dict_bytes(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+/// How an exported state dict lays out its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExportLayout {
+    /// Every tensor dense, f32, under its name: what `load_state_dict` reads.
+    #[default]
+    Dense,
+    /// Every tensor of rank ≥ 2 as compressed sparse rows of its matrix view
+    /// (the module docs' "Sparse layout"); vectors dense.
+    SparseCsr,
+}
+
+/// The safetensors metadata key naming the layout of a sparse export.
+pub const LAYOUT_KEY: &str = "qgrad.layout";
+/// Its value for [`ExportLayout::SparseCsr`] (version 1 of that layout).
+pub const SPARSE_CSR_V1: &str = "sparse-csr-v1";
+
+/// `tensors` as safetensors bytes, names as they are, in `layout`.
+pub fn state_dict_bytes(tensors: &[NamedTensor], layout: ExportLayout) -> Result<Vec<u8>> {
     serialize(
         tensors
             .iter()
             .map(|t| (t.name.clone(), t.shape.clone(), t.values.clone()))
             .collect(),
+        layout,
     )
 }
 
 /// A compressed file's tensors, dequantized, as safetensors bytes under the
-/// names of the module docs (folded batch norms unfolded).
-pub fn export_state_dict(model: &CompressedModel) -> Result<Vec<u8>> {
+/// names of the module docs (folded batch norms unfolded), in `layout`.
+pub fn export_state_dict(model: &CompressedModel, layout: ExportLayout) -> Result<Vec<u8>> {
     let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for t in &model.tensors {
         let values = t.dequantize();
@@ -288,18 +330,120 @@ pub fn export_state_dict(model: &CompressedModel) -> Result<Vec<u8>> {
             out.push((t.name.clone(), shape, values));
         }
     }
-    serialize(out)
+    serialize(out, layout)
 }
 
-fn serialize(out: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = out
-        .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+/// One matrix in compressed sparse rows, as `torch.sparse_csr_tensor` takes
+/// it: row `r`'s non-zeros are `values[crow[r]..crow[r + 1]]` in the columns
+/// `col[crow[r]..crow[r + 1]]`, ascending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsrMatrix {
+    /// Rows + 1 offsets, from 0 to the number of non-zeros.
+    pub crow_indices: Vec<i64>,
+    /// The column of each non-zero.
+    pub col_indices: Vec<i64>,
+    /// The non-zero values.
+    pub values: Vec<f32>,
+}
+
+impl CsrMatrix {
+    /// The non-zeros (`v != 0.0`; −0.0 is a zero) of the row-major matrix
+    /// `values` of `rows` × `cols` (`values.len() == rows · cols`).
+    pub fn from_dense(values: &[f32], rows: usize, cols: usize) -> Self {
+        debug_assert_eq!(values.len(), rows * cols);
+        let mut crow = Vec::with_capacity(rows + 1);
+        let mut col = Vec::new();
+        let mut nz = Vec::new();
+        crow.push(0);
+        for r in 0..rows {
+            let row = &values[r * cols..(r + 1) * cols];
+            for (c, &v) in row.iter().enumerate() {
+                if v != 0.0 {
+                    col.push(c as i64);
+                    nz.push(v);
+                }
+            }
+            crow.push(nz.len() as i64);
+        }
+        CsrMatrix {
+            crow_indices: crow,
+            col_indices: col,
+            values: nz,
+        }
+    }
+
+    /// The row-major dense matrix with `cols` columns.
+    pub fn to_dense(&self, cols: usize) -> Vec<f32> {
+        let rows = self.crow_indices.len().saturating_sub(1);
+        let mut out = vec![0.0; rows * cols];
+        for r in 0..rows {
+            let (a, b) = (
+                self.crow_indices[r] as usize,
+                self.crow_indices[r + 1] as usize,
+            );
+            for k in a..b {
+                out[r * cols + self.col_indices[k] as usize] = self.values[k];
+            }
+        }
+        out
+    }
+}
+
+/// One tensor of an export: its name, dtype, shape and little-endian bytes.
+type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn f32_le(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn i64_le(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn serialize(out: Vec<(String, Vec<usize>, Vec<f32>)>, layout: ExportLayout) -> Result<Vec<u8>> {
+    let mut entries: Vec<Entry> = Vec::new();
+    for (name, shape, values) in out {
+        if layout == ExportLayout::SparseCsr && shape.len() >= 2 {
+            // The matrix view: dimension 0 is the rows (a layer's outputs),
+            // the rest flattened row-major is the columns (PyTorch's own
+            // `weight.flatten(1)` of a convolution).
+            let rows = shape[0];
+            let cols: usize = shape[1..].iter().product();
+            let csr = CsrMatrix::from_dense(&values, rows, cols);
+            let nnz = csr.values.len();
+            let size: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            entries.push((
+                format!("{name}.crow_indices"),
+                Dtype::I64,
+                vec![rows + 1],
+                i64_le(&csr.crow_indices),
+            ));
+            entries.push((
+                format!("{name}.col_indices"),
+                Dtype::I64,
+                vec![nnz],
+                i64_le(&csr.col_indices),
+            ));
+            entries.push((
+                format!("{name}.values"),
+                Dtype::F32,
+                vec![nnz],
+                f32_le(&csr.values),
+            ));
+            entries.push((
+                format!("{name}.size"),
+                Dtype::I64,
+                vec![shape.len()],
+                i64_le(&size),
+            ));
+        } else {
+            entries.push((name, Dtype::F32, shape, f32_le(&values)));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = entries
         .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| PipelineError::Runtime {
                     context: format!("cannot export '{n}'"),
@@ -307,7 +451,10 @@ fn serialize(out: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>> {
                 })
         })
         .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(views, None).map_err(|e| PipelineError::Runtime {
+    let metadata = (layout == ExportLayout::SparseCsr).then(|| {
+        std::collections::HashMap::from([(LAYOUT_KEY.to_string(), SPARSE_CSR_V1.to_string())])
+    });
+    safetensors::tensor::serialize(views, metadata).map_err(|e| PipelineError::Runtime {
         context: "cannot serialise the state dict".into(),
         source: Box::new(e),
     })
@@ -487,5 +634,98 @@ mod tests {
             text.contains("missing accumulated gradient of 'fc1.weight'"),
             "{text}"
         );
+    }
+
+    fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
+        let v = st.tensor(name).unwrap();
+        assert_eq!(v.dtype(), Dtype::I64, "{name}");
+        v.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+        let v = st.tensor(name).unwrap();
+        assert_eq!(v.dtype(), Dtype::F32, "{name}");
+        v.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_sparse_export_holds_exactly_the_non_zeros() {
+        let net = Network::new(Arch::Lenet5, &candle_core::Device::Cpu, 5).unwrap();
+        let mut host = net.to_host().unwrap();
+        // Prune about two thirds of every weight, a whole row of conv1, and
+        // leave one −0.0 (a zero).
+        for t in host.iter_mut().filter(|t| t.shape.len() >= 2) {
+            for (i, v) in t.values.iter_mut().enumerate() {
+                if i % 3 != 0 {
+                    *v = 0.0;
+                }
+            }
+        }
+        let conv1 = host.iter_mut().find(|t| t.name == "conv1.weight").unwrap();
+        conv1.values[..25].iter_mut().for_each(|v| *v = 0.0);
+        conv1.values[30] = -0.0;
+        let bytes = state_dict_bytes(&host, ExportLayout::SparseCsr).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(
+            header.metadata().as_ref().unwrap()[LAYOUT_KEY],
+            SPARSE_CSR_V1
+        );
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut expected_names = 0;
+        for t in &host {
+            if t.shape.len() < 2 {
+                assert_eq!(f32s(&st, &t.name), t.values, "{}", t.name);
+                expected_names += 1;
+                continue;
+            }
+            expected_names += 4;
+            assert!(st.tensor(&t.name).is_err(), "{} also dense", t.name);
+            let size = i64s(&st, &format!("{}.size", t.name));
+            assert_eq!(size, t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+            let cols: usize = t.shape[1..].iter().product();
+            let csr = CsrMatrix {
+                crow_indices: i64s(&st, &format!("{}.crow_indices", t.name)),
+                col_indices: i64s(&st, &format!("{}.col_indices", t.name)),
+                values: f32s(&st, &format!("{}.values", t.name)),
+            };
+            // The invariants torch.sparse_csr_tensor checks.
+            assert_eq!(csr.crow_indices.len(), t.shape[0] + 1);
+            assert_eq!(csr.crow_indices[0], 0);
+            assert_eq!(*csr.crow_indices.last().unwrap() as usize, csr.values.len());
+            assert_eq!(csr.col_indices.len(), csr.values.len());
+            for r in csr.crow_indices.windows(2) {
+                assert!(r[0] <= r[1]);
+                let row = &csr.col_indices[r[0] as usize..r[1] as usize];
+                assert!(row.windows(2).all(|c| c[0] < c[1]));
+                assert!(row.iter().all(|&c| (c as usize) < cols));
+            }
+            assert!(csr.values.iter().all(|&v| v != 0.0));
+            let nnz = t.values.iter().filter(|&&v| v != 0.0).count();
+            assert_eq!(csr.values.len(), nnz, "{}", t.name);
+            assert_eq!(csr.to_dense(cols), t.values, "{}", t.name);
+        }
+        assert_eq!(st.names().len(), expected_names);
+        // conv1's first row is empty.
+        assert_eq!(i64s(&st, "conv1.weight.crow_indices")[1], 0);
+        // The dense export of the same tensors has no layout key.
+        let dense = state_dict_bytes(&host, ExportLayout::Dense).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&dense).unwrap();
+        assert!(header.metadata().is_none());
+    }
+
+    #[test]
+    fn csr_of_an_empty_or_all_zero_matrix() {
+        let csr = CsrMatrix::from_dense(&[0.0; 6], 2, 3);
+        assert_eq!(csr.crow_indices, vec![0, 0, 0]);
+        assert!(csr.values.is_empty());
+        assert_eq!(csr.to_dense(3), vec![0.0; 6]);
+        let empty = CsrMatrix::from_dense(&[], 4, 0);
+        assert_eq!(empty.crow_indices, vec![0; 5]);
     }
 }
