@@ -190,3 +190,93 @@ fn a_sparse_export_runs_in_pytorch_as_the_file_runs_in_qgrad() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("expected 'sparse-csr-v1'"), "{err}");
 }
+
+fn python_json(args: &[&OsStr]) -> serde_json::Value {
+    let o = ok(Command::new("python3").args(args).output().unwrap());
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn a_lenet5_trained_in_pytorch_comes_in_and_goes_back_out_evaluating_the_same() {
+    if !pytorch_is_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).into_os_string();
+    let script = python_dir().join("tests/lenet5_round_trip.py");
+    let (script, py) = (script.as_os_str(), python_dir().into_os_string());
+    let mini = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+    let mini = mini.as_os_str();
+    let s = |x: &'static str| -> &'static OsStr { x.as_ref() };
+    let dir_os = dir.path().as_os_str();
+    let trained = python_json(&[script, s("train"), &py, dir_os, mini]);
+    // Imported with the helper's accumulated gradients, evaluated by qgrad
+    // on the same images: PyTorch's accuracy (f32 convolutions in another
+    // order may flip an image).
+    let o = ok(qgrad(&[
+        s("import"),
+        s("--model"),
+        s("lenet-5"),
+        s("--from"),
+        &p("m.safetensors"),
+        s("--accgrad"),
+        &p("a.safetensors"),
+        s("--data"),
+        mini,
+        s("--out"),
+        &p("imported"),
+        s("--json"),
+    ]));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let images = trained["images"].as_f64().unwrap();
+    let torch_correct = trained["correct"].as_f64().unwrap();
+    let qgrad_correct = r["accuracy_before"].as_f64().unwrap() * images;
+    assert!(
+        (torch_correct - qgrad_correct).abs() <= 1.5,
+        "PyTorch {torch_correct}, qgrad {qgrad_correct}"
+    );
+    assert!(torch_correct > 0.8 * images, "{trained}");
+    // Post-training quantization ranked by those gradients, half pruned.
+    ok(qgrad(&[
+        s("quantize"),
+        s("post"),
+        s("--checkpoint"),
+        &p("imported"),
+        s("--widths"),
+        s("8,4,0"),
+        s("--cluster"),
+        s("quantiles:0.2,0.3,0.5"),
+        s("--data"),
+        mini,
+        s("--out"),
+        &p("post.qgz"),
+    ]));
+    let o = ok(qgrad(&[
+        s("eval"),
+        &p("post.qgz"),
+        s("--data"),
+        mini,
+        s("--json"),
+    ]));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let file_correct = eval["correct"].as_i64().unwrap();
+    assert!(file_correct as f64 > 0.7 * images, "{eval}");
+    for (name, sparse) in [("d.safetensors", false), ("s.safetensors", true)] {
+        let (input, out) = (p("post.qgz"), p(name));
+        let mut args = vec![s("export"), &input, s("--safetensors"), &out];
+        if sparse {
+            args.push(s("--sparse"));
+        }
+        ok(qgrad(&args));
+        let mut args = vec![script, s("eval"), &py, &out, mini];
+        if sparse {
+            args.push(s("--sparse"));
+        }
+        let back = python_json(&args);
+        let c = back["correct"].as_i64().unwrap();
+        assert!(
+            (c - file_correct).abs() <= 2,
+            "{name}: PyTorch {c}, the file {file_correct}"
+        );
+    }
+}
