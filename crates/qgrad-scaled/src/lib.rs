@@ -221,10 +221,12 @@ impl FromStr for Method {
             "lab" => Method::Lab,
             "ter-connect" | "terconnect" => Method::TerConnect,
             "twn" => Method::Twn,
-            "lat-a" | "lat" => Method::LatApprox,
-            "lat-e" => Method::LatExact,
-            "lat2-a" => Method::Lat2Approx,
-            "lat2-e" => Method::Lat2Exact,
+            // The short names are the canonical ones (`Display`); the long
+            // ones are what help texts and the thesis spell out.
+            "lat-a" | "lat" | "lat-approx" => Method::LatApprox,
+            "lat-e" | "lat-exact" => Method::LatExact,
+            "lat2-a" | "lat2-approx" => Method::Lat2Approx,
+            "lat2-e" | "lat2-exact" => Method::Lat2Exact,
             other => {
                 let rest = other.strip_prefix("laq").ok_or_else(|| unknown(s))?;
                 let (bits, log) = match rest.strip_suffix("-log") {

@@ -196,6 +196,14 @@ fn names_round_trip_and_bad_input_is_an_error() {
     for m in Method::all() {
         assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
     }
+    for (long, short) in [
+        ("lat-approx", Method::LatApprox),
+        ("lat-exact", Method::LatExact),
+        ("lat2-approx", Method::Lat2Approx),
+        ("LAT2_EXACT", Method::Lat2Exact),
+    ] {
+        assert_eq!(long.parse::<Method>().unwrap(), short);
+    }
     assert!("laq9".parse::<Method>().is_err());
     assert!("lqa".parse::<Method>().is_err());
     assert!(quantize(Method::Lab, &[f32::NAN], None, 1, None).is_err());
