@@ -167,6 +167,7 @@ fn layout_choice(name: &str) -> LayoutChoice {
         "csr" => LayoutChoice::Csr,
         "csr-rice" => LayoutChoice::CsrRice,
         "dense" => LayoutChoice::Dense,
+        "block" => LayoutChoice::Block,
         _ => LayoutChoice::Auto,
     }
 }

@@ -177,8 +177,9 @@ struct RepackArgs {
     /// Where to write the re-encoded file (not the input itself).
     #[arg(short, long, value_name = "FILE")]
     out: PathBuf,
-    /// Tensor layout: auto (the smallest per tensor), csr, csr-rice or dense.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense"])]
+    /// Tensor layout: auto (the smallest per tensor), csr, csr-rice, dense
+    /// or block (scaled tensors in block-sparse rows, format version 4).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block"])]
     layout: String,
     /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]
@@ -410,9 +411,10 @@ struct OutputArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(2..=16))]
     act_bits: u8,
     /// Tensor layout: auto (the smallest per tensor), csr (fixed-width
-    /// column indices), csr-rice (Rice-coded column gaps, format version 3)
-    /// or dense.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense"])]
+    /// column indices), csr-rice (Rice-coded column gaps, format version 3),
+    /// dense or block (scaled tensors in block-sparse rows, format version 4;
+    /// others CSR).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block"])]
     layout: String,
     /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]

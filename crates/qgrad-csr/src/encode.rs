@@ -9,8 +9,8 @@ use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    choose_layout, csr_widths, dense_tag_bits, matrix_dims, FileHeader, FileHeaderV1, Layout,
-    LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC,
+    choose_layout, csr_widths, dense_tag_bits, matrix_dims, Admissible, FileHeader, FileHeaderV1,
+    Layout, LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC,
     MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
 };
 use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
@@ -231,6 +231,8 @@ fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
                 + nnz * u128::from(w.tag)
                 + value_bits
         }
+        // The fixed encoder never offers layout 3 (`Admissible::block` is false).
+        Layout::Block => unreachable!("layout 3 holds scaled tensors only"),
         Layout::Dense => {
             let elements = u128::from(q.rows) * u128::from(q.cols);
             elements * u128::from(dense_tag_bits(table.len())) + value_bits
@@ -284,6 +286,7 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
                 writer.write_bits(raw, u32::from(width));
             }
         }
+        Layout::Block => unreachable!("layout 3 holds scaled tensors only"),
         Layout::Dense => {
             let tag_bits = dense_tag_bits(table.len());
             let zero_tag = tag_of(table, 0);
@@ -322,7 +325,7 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
     let all_fixed = tensors.iter().all(|t| matches!(t, TensorInput::Fixed(_)));
     if options.layout == LayoutChoice::Auto
         && all_fixed
-        && with_rice[8..12] == FORMAT_VERSION.to_le_bytes()
+        && with_rice[8..12] == Layout::CsrRice.min_version().to_le_bytes()
     {
         // Version 3's header spends a kind byte on every tensor entry that
         // version 1 does not: keep the older version when layout 2 saves
@@ -381,7 +384,14 @@ fn encode_all(
         // A dense tensor must spend at least one bit per element (FORMAT.md),
         // so a tensor without non-zeros is always CSR.
         let dense_ok = nnz > 0;
-        let (header, _) = choose_layout(options.layout, dense_ok, allow_rice, candidate)?;
+        let admissible = Admissible {
+            csr: true,
+            dense: dense_ok,
+            rice: allow_rice,
+            // Layout 3 holds scaled tensors only (FORMAT.md §7.7).
+            block: false,
+        };
+        let (header, _) = choose_layout(options.layout, admissible, candidate)?;
         let payload = write_payload(&q, &header.width_table, header.layout);
         debug_assert_eq!(payload.len() as u64, header.payload_bytes);
         headers.push(TensorEntry::Fixed(header));
@@ -390,16 +400,22 @@ fn encode_all(
     // A file is written at the lowest version its tensors need, so that it
     // is byte for byte what earlier writers wrote and what older readers
     // read (FORMAT.md, "Versions"): version 1 for fixed-point tensors only,
-    // 2 with scaled tensors, 3 with a tensor in layout 2.
-    let rice = headers.iter().any(|h| h.layout() == Layout::CsrRice);
+    // 2 with scaled tensors, 3 with a tensor in layout 2, 4 with one in
+    // layout 3.
+    let needed = headers
+        .iter()
+        .map(|h| h.layout().min_version())
+        .max()
+        .unwrap_or(1);
     let fixed: Option<Vec<TensorHeader>> = headers
         .iter()
         .map(|h| match h {
-            TensorEntry::Fixed(t) if !rice => Some(t.clone()),
+            TensorEntry::Fixed(t) if needed == 1 => Some(t.clone()),
             _ => None,
         })
         .collect();
-    let newest = if rice { FORMAT_VERSION } else { 2 };
+    let newest = needed.max(2);
+    debug_assert!(newest <= FORMAT_VERSION);
     let (version, header_bytes) = match fixed {
         Some(tensors) => (
             1u32,

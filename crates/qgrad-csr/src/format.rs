@@ -6,10 +6,11 @@ use serde::{Deserialize, Serialize};
 /// The first 8 bytes of every file.
 pub const MAGIC: [u8; 8] = *b"QGRADCSR";
 /// The newest format version this crate writes and reads. Version 1 files
-/// (fixed-point tensors only, no tensor kind in the header) and version 2
-/// files (scaled tensors) still decode exactly as before; a file is written
-/// at the lowest version its tensors need (version 3: a tensor in layout 2).
-pub const FORMAT_VERSION: u32 = 3;
+/// (fixed-point tensors only, no tensor kind in the header), version 2
+/// files (scaled tensors) and version 3 files (layout 2) still decode exactly
+/// as before; a file is written at the lowest version its tensors need
+/// (version 3: a tensor in layout 2; version 4: a tensor in layout 3).
+pub const FORMAT_VERSION: u32 = 4;
 /// Fixed prefix: magic (8) + version (4) + header length (4) + file length (8).
 pub const PREFIX_BYTES: usize = 24;
 /// CRC32 trailer.
@@ -29,6 +30,21 @@ pub enum Layout {
     /// Compressed sparse row with Rice-coded column gaps instead of
     /// fixed-width column indices (version 3); the rest as [`Layout::Csr`].
     CsrRice,
+    /// Block-sparse rows (version 4, scaled tensors only): the matrix cut
+    /// into `br × bc` blocks, one column index per kept block, then every
+    /// code of the kept blocks (FORMAT.md §7.7).
+    Block,
+}
+
+impl Layout {
+    /// The lowest format version that has this layout.
+    pub fn min_version(self) -> u32 {
+        match self {
+            Layout::Csr | Layout::Dense => 1,
+            Layout::CsrRice => 3,
+            Layout::Block => 4,
+        }
+    }
 }
 
 impl std::fmt::Display for Layout {
@@ -37,6 +53,7 @@ impl std::fmt::Display for Layout {
             Layout::Csr => "csr",
             Layout::Dense => "dense",
             Layout::CsrRice => "csr-rice",
+            Layout::Block => "block",
         })
     }
 }
@@ -55,26 +72,40 @@ pub enum LayoutChoice {
     /// Dense wherever admissible (a tensor with no non-zero element is
     /// always CSR, see FORMAT.md).
     Dense,
+    /// Block-sparse (layout 3, version 4) for every scaled tensor with its
+    /// smallest block shape; a fixed tensor gets CSR.
+    Block,
 }
 
 /// The candidate `choice` asks for, `candidate(layout)` giving a header and
 /// the tensor's bytes in the file: under `Auto` the smallest of CSR, dense
-/// (when `dense_ok`) and layout 2 (when `allow_rice`), earlier on a tie.
-/// Both encoders (fixed and scaled) choose through this one rule.
+/// (when `dense_ok`), layout 2 (when `allow_rice`) and layout 3 (when
+/// `allow_block`), earlier on a tie. `csr_ok` is false where only the block
+/// layout can hold the tensor (a binary tensor with pruned blocks). Both
+/// encoders (fixed and scaled) choose through this one rule.
 pub(crate) fn choose_layout<H, E>(
     choice: LayoutChoice,
-    dense_ok: bool,
-    allow_rice: bool,
+    admissible: Admissible,
     mut candidate: impl FnMut(Layout) -> Result<(H, usize), E>,
 ) -> Result<(H, usize), E> {
+    let a = admissible;
+    if !a.csr {
+        // Only blocks can hold it (the caller checked `a.block`).
+        return candidate(Layout::Block);
+    }
     match choice {
         LayoutChoice::Csr => candidate(Layout::Csr),
         LayoutChoice::CsrRice => candidate(Layout::CsrRice),
-        LayoutChoice::Dense if dense_ok => candidate(Layout::Dense),
-        LayoutChoice::Dense => candidate(Layout::Csr),
+        LayoutChoice::Dense if a.dense => candidate(Layout::Dense),
+        LayoutChoice::Block if a.block => candidate(Layout::Block),
+        LayoutChoice::Dense | LayoutChoice::Block => candidate(Layout::Csr),
         LayoutChoice::Auto => {
             let mut best = candidate(Layout::Csr)?;
-            let others = [(dense_ok, Layout::Dense), (allow_rice, Layout::CsrRice)];
+            let others = [
+                (a.dense, Layout::Dense),
+                (a.rice, Layout::CsrRice),
+                (a.block, Layout::Block),
+            ];
             for (wanted, layout) in others {
                 if wanted {
                     let c = candidate(layout)?;
@@ -86,6 +117,19 @@ pub(crate) fn choose_layout<H, E>(
             Ok(best)
         }
     }
+}
+
+/// Which layouts can hold a tensor (and the file's version admits).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Admissible {
+    /// Layouts 0 and 2 (false only for a binary tensor with zero codes).
+    pub csr: bool,
+    /// Layout 1.
+    pub dense: bool,
+    /// Layout 2.
+    pub rice: bool,
+    /// Layout 3.
+    pub block: bool,
 }
 
 /// The level function of a scaled tensor: what an integer code `k`

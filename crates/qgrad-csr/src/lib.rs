@@ -133,6 +133,7 @@
 
 #![warn(missing_docs)]
 
+mod block;
 mod encode;
 mod error;
 mod format;

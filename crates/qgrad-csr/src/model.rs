@@ -446,18 +446,28 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
             rest.len()
         )));
     }
-    if version < 3 {
-        if let Some(entry) = header
-            .tensors
-            .iter()
-            .find(|e| e.layout() == Layout::CsrRice)
-        {
-            return Err(CsrError::CorruptHeader(format!(
-                "tensor `{}` uses layout 2 (CSR with Rice-coded gaps), which needs version 3, \
-                 in a version-{version} file",
-                entry.name()
-            )));
-        }
+    if let Some(entry) = header
+        .tensors
+        .iter()
+        .find(|e| e.layout().min_version() > version)
+    {
+        let layout = entry.layout();
+        return Err(CsrError::CorruptHeader(format!(
+            "tensor `{}` uses layout {} ({layout}), which needs version {}, in a version-{version} file",
+            entry.name(),
+            layout as u8,
+            layout.min_version()
+        )));
+    }
+    if let Some(entry) = header
+        .tensors
+        .iter()
+        .find(|e| matches!(e, TensorEntry::Fixed(_)) && e.layout() == Layout::Block)
+    {
+        return Err(CsrError::CorruptHeader(format!(
+            "fixed tensor `{}` uses layout 3 (block), which holds scaled tensors only",
+            entry.name()
+        )));
     }
 
     let payload_area = &bytes[header_end..body_end];
@@ -512,6 +522,14 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
 
 fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<CompressedTensor> {
     let name = th.name.as_str();
+    if th.layout == Layout::Block {
+        // The header check refuses this first; kept so no input reaches the
+        // `unreachable!` arms below.
+        return Err(CsrError::corrupt(
+            name,
+            "layout 3 (block) holds scaled tensors only",
+        ));
+    }
     let (rows, cols) =
         matrix_dims(&th.shape).ok_or_else(|| CsrError::corrupt(name, "shape product overflows"))?;
     let elements = rows
@@ -588,6 +606,8 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
                 + (u128::from(rows) + 1) * u128::from(w.row_ptr)
                 + u128::from(nnz) * (u128::from(column_bits + w.tag) + min_nz)
         }
+        // Rejected with the header (scaled tensors only).
+        Layout::Block => unreachable!("refused at the top of decode_tensor"),
         Layout::Dense => {
             if min_nonzero_width.is_none() || nnz == 0 {
                 return Err(CsrError::corrupt(
@@ -672,6 +692,7 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
             bits.row_ptr = (rows as u64 + 1) * u64::from(w.row_ptr);
             bits.tags = nnz * u64::from(w.tag);
         }
+        Layout::Block => unreachable!("refused at the top of decode_tensor"),
         Layout::Dense => {
             let tag_bits = dense_tag_bits(table.len());
             row_ptr.push(0);

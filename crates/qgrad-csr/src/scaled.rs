@@ -8,10 +8,15 @@ use serde::Serialize;
 
 use qgrad_fixed::BitReader;
 
+use crate::block::{
+    best_plan, grid, side, BlockPlan, BLOCK_COUNT_BITS, BLOCK_DIM_BITS, BLOCK_PREFIX_BITS,
+    MAX_BLOCK,
+};
 use crate::error::{CsrError, Result};
 use crate::format::{
-    bits_for, choose_layout, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits, Layout,
-    LayoutChoice, LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
+    bits_for, choose_layout, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits,
+    Admissible, Layout, LayoutChoice, LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE,
+    MAX_TENSOR_ELEMENTS,
 };
 use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
 use crate::model::{finish_payload, read_csr_index, CompressedTensor, Kind};
@@ -178,6 +183,8 @@ fn payload_bits(
                 + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
                 + scale_bits
         }
+        // Sized by its block plan (`BlockPlan::bits`), not by these counts.
+        Layout::Block => unreachable!("layout 3 is sized by its block plan"),
     }
 }
 
@@ -235,15 +242,21 @@ pub(crate) fn encode_scaled(
         });
     }
     let n = t.max_code;
-    let bad_code = |c: i8| c.unsigned_abs() > n || (t.levels == LevelKind::Binary && c == 0);
-    if let Some(i) = t.codes.iter().position(|&c| bad_code(c)) {
-        return Err(CsrError::CodeOutOfRange {
-            tensor: name.to_owned(),
-            index: i,
-            code: t.codes[i],
-            allowed: allowed_codes(t.levels, n),
-        });
+    let binary = t.levels == LevelKind::Binary;
+    let out_of_range = |i: usize| CsrError::CodeOutOfRange {
+        tensor: name.to_owned(),
+        index: i,
+        code: t.codes[i],
+        allowed: allowed_codes(t.levels, n),
+    };
+    if let Some(i) = t.codes.iter().position(|&c| c.unsigned_abs() > n) {
+        return Err(out_of_range(i));
     }
+    // Binary codes are ±1; zero codes are admitted only as whole pruned
+    // blocks, which only layout 3 can hold.
+    let binary_zero = binary
+        .then(|| t.codes.iter().position(|&c| c == 0))
+        .flatten();
     let groups_ok = t.groups >= 1
         && if elements == 0 {
             t.groups == 1
@@ -285,17 +298,41 @@ pub(crate) fn encode_scaled(
             .map(|(i, _)| i as u64),
     );
     let (rice_k, rice_bits) = best_rice(&gaps, cols);
+    let dense_code_bits = scaled_dense_code_bits(t.levels, n);
+    // Blocks only where some element is zero (with none, dense is smaller)
+    // and the version admits them (the caller's `allow_rice` says whether
+    // newer layouts may be used at all).
+    let block_plan = if allow_rice && nnz < elements {
+        best_plan(
+            t.codes,
+            (rows as usize, cols as usize),
+            dense_code_bits,
+            binary,
+            u128::from(expected as u64) * 32,
+        )
+    } else {
+        None
+    };
+    if let (Some(i), None) = (binary_zero, &block_plan) {
+        return Err(out_of_range(i));
+    }
     let candidate = |layout: Layout| -> Result<(ScaledHeader, usize)> {
-        let bits = payload_bits(
-            layout,
-            t.levels,
-            n,
-            rows,
-            cols,
-            nnz,
-            expected as u64,
-            rice_bits,
-        );
+        let bits = match (layout, &block_plan) {
+            (Layout::Block, Some(p)) => {
+                p.bits(grid(cols, p.block.1 as u64), dense_code_bits)
+                    + u128::from(expected as u64) * 32
+            }
+            _ => payload_bits(
+                layout,
+                t.levels,
+                n,
+                rows,
+                cols,
+                nnz,
+                expected as u64,
+                rice_bits,
+            ),
+        };
         let header = ScaledHeader {
             name: name.to_owned(),
             shape: shape.clone(),
@@ -313,8 +350,15 @@ pub(crate) fn encode_scaled(
         let total = header_len + header.payload_bytes as usize;
         Ok((header, total))
     };
-    // Any number of non-zeros may be dense for a scaled tensor.
-    let (header, _) = choose_layout(choice, true, allow_rice, candidate)?;
+    // Any number of non-zeros may be dense for a scaled tensor; a binary one
+    // with zeros only in blocks.
+    let admissible = Admissible {
+        csr: binary_zero.is_none(),
+        dense: binary_zero.is_none(),
+        rice: allow_rice,
+        block: block_plan.is_some(),
+    };
+    let (header, _) = choose_layout(choice, admissible, candidate)?;
     let mut w = qgrad_fixed::BitWriter::with_capacity_bits(8 * header.payload_bytes as usize);
     match header.layout {
         Layout::Dense => {
@@ -351,6 +395,12 @@ pub(crate) fn encode_scaled(
                 w.write_bits(nonzero_code_field(c, code_bits), code_bits);
             }
         }
+        Layout::Block => {
+            let p = block_plan
+                .as_ref()
+                .expect("layout 3 is chosen only with a block plan");
+            write_blocks(&mut w, t, p, (rows, cols), dense_code_bits);
+        }
     }
     for &s in t.scales {
         // -0.0 is stored as +0.0: the format keeps the sign bit of a scale clear.
@@ -359,6 +409,42 @@ pub(crate) fn encode_scaled(
     let payload = w.finish();
     debug_assert_eq!(payload.len() as u64, header.payload_bytes);
     Ok((TensorEntry::Scaled(header), payload))
+}
+
+/// Layout 3's payload up to the scales (FORMAT.md §7.7).
+fn write_blocks(
+    w: &mut qgrad_fixed::BitWriter,
+    t: &ScaledTensorData,
+    p: &BlockPlan,
+    (rows, cols): (u64, u64),
+    d: u32,
+) {
+    let (br, bc) = (p.block.0 as u64, p.block.1 as u64);
+    let nb = p.block_cols.len() as u64;
+    w.write_bits(br - 1, BLOCK_DIM_BITS);
+    w.write_bits(bc - 1, BLOCK_DIM_BITS);
+    w.write_bits(nb, BLOCK_COUNT_BITS);
+    let ptr_bits = bits_for(nb).max(1);
+    for &ptr in &p.block_ptr {
+        w.write_bits(ptr, ptr_bits);
+    }
+    let col_bits = bits_for(grid(cols, bc).saturating_sub(1));
+    for &j in &p.block_cols {
+        w.write_bits(j, col_bits);
+    }
+    for (i, pair) in p.block_ptr.windows(2).enumerate() {
+        let i = i as u64;
+        let r0 = i * br;
+        for &j in &p.block_cols[pair[0] as usize..pair[1] as usize] {
+            let c0 = j * bc;
+            for r in r0..r0 + side(rows, br, i) {
+                for c in c0..c0 + side(cols, bc, j) {
+                    let code = t.codes[(r * cols + c) as usize];
+                    w.write_bits(dense_code_field(code, t.levels, d), d);
+                }
+            }
+        }
+    }
 }
 
 /// Decodes and validates one scaled tensor (FORMAT.md §7).
@@ -408,7 +494,8 @@ pub(crate) fn decode_scaled(
             format!("{nnz} non-zeros declared in a tensor of {elements} elements"),
         ));
     }
-    if th.levels == LevelKind::Binary && nnz != elements {
+    // Layout 3 checks its binary codes against the kept blocks instead.
+    if th.levels == LevelKind::Binary && nnz != elements && th.layout != Layout::Block {
         return Err(CsrError::corrupt(
             name,
             format!(
@@ -421,16 +508,24 @@ pub(crate) fn decode_scaled(
     let scale_count = groups * per_group; // <= 2^33
                                           // Layout 2: the 5-bit Rice parameter and at least 1 bit per gap.
     let rice_lower_bound = u128::from(RICE_PARAM_BITS) + u128::from(nnz);
-    let needed_bits = payload_bits(
-        th.layout,
-        th.levels,
-        n,
-        rows,
-        cols,
-        nnz,
-        scale_count,
-        rice_lower_bound,
-    );
+    let needed_bits = match th.layout {
+        // Layout 3: its prefix, a code per non-zero, the scales, and one
+        // bit per row (FORMAT.md §7.7); the block grid is checked once read.
+        Layout::Block => (u128::from(BLOCK_PREFIX_BITS)
+            + u128::from(nnz) * u128::from(scaled_dense_code_bits(th.levels, n))
+            + u128::from(scale_count) * 32)
+            .max(u128::from(rows) + 1),
+        layout => payload_bits(
+            layout,
+            th.levels,
+            n,
+            rows,
+            cols,
+            nnz,
+            scale_count,
+            rice_lower_bound,
+        ),
+    };
     let available_bits = payload.len() as u128 * 8;
     if needed_bits > available_bits {
         return Err(CsrError::DeclaredSizeTooLarge {
@@ -534,6 +629,22 @@ pub(crate) fn decode_scaled(
             bits.row_ptr = (rows + 1) * u64::from(ptr_bits);
             bits.values = nnz * u64::from(c);
         }
+        Layout::Block => {
+            let d = scaled_dense_code_bits(th.levels, n);
+            let fields = read_blocks(
+                &mut reader,
+                th,
+                (rows, cols),
+                scale_count,
+                available_bits,
+                &mut row_ptr,
+                &mut col_idx,
+                &mut codes,
+            )?;
+            bits.row_ptr = fields.0;
+            bits.col_idx = fields.1;
+            bits.values = fields.2 * u64::from(d);
+        }
     }
     let mut scales = Vec::with_capacity(scale_count as usize);
     for i in 0..scale_count {
@@ -569,5 +680,180 @@ pub(crate) fn decode_scaled(
         codes,
         bits,
         Kind::Scaled { info, scales },
+    ))
+}
+
+/// Reads layout 3 up to the scales (FORMAT.md §7.7) into the element CSR of
+/// the non-zero codes; returns the bits of (prefix and block row pointers,
+/// block columns) and the number of kept elements.
+#[allow(clippy::too_many_arguments)]
+fn read_blocks(
+    reader: &mut BitReader,
+    th: &ScaledHeader,
+    (rows, cols): (u64, u64),
+    scale_count: u64,
+    available_bits: u128,
+    row_ptr: &mut Vec<u32>,
+    col_idx: &mut Vec<u32>,
+    codes: &mut Vec<i32>,
+) -> Result<(u64, u64, u64)> {
+    let name = th.name.as_str();
+    let n = th.max_code;
+    let d = scaled_dense_code_bits(th.levels, n);
+    let trunc = |e: qgrad_fixed::FixedError| CsrError::corrupt(name, format!("payload: {e}"));
+    let br = reader.read_bits(BLOCK_DIM_BITS).map_err(trunc)? + 1;
+    let bc = reader.read_bits(BLOCK_DIM_BITS).map_err(trunc)? + 1;
+    let nb = reader.read_bits(BLOCK_COUNT_BITS).map_err(trunc)?;
+    debug_assert!(br <= MAX_BLOCK && bc <= MAX_BLOCK);
+    let (gr, gc) = (grid(rows, br), grid(cols, bc));
+    if nb > gr * gc {
+        return Err(CsrError::corrupt(
+            name,
+            format!("{nb} kept blocks declared in a grid of {gr} × {gc} blocks of {br} × {bc}"),
+        ));
+    }
+    let ptr_bits = bits_for(nb).max(1);
+    let col_bits = bits_for(gc.saturating_sub(1));
+    let index_bits = u128::from(BLOCK_PREFIX_BITS)
+        + (u128::from(gr) + 1) * u128::from(ptr_bits)
+        + u128::from(nb) * u128::from(col_bits);
+    // Every kept block has at least one element, and each costs d bits.
+    let lower =
+        index_bits + u128::from(nb.max(th.nnz)) * u128::from(d) + u128::from(scale_count) * 32;
+    if lower > available_bits {
+        return Err(CsrError::DeclaredSizeTooLarge {
+            tensor: name.to_owned(),
+            what: "block grid, kept blocks and scales",
+            needed_bits: lower,
+            available_bits,
+        });
+    }
+    let mut block_ptr = Vec::with_capacity(gr as usize + 1);
+    let mut prev = 0u64;
+    for i in 0..=gr {
+        let p = reader.read_bits(ptr_bits).map_err(trunc)?;
+        if (i == 0 && p != 0) || p < prev || p > nb || p - prev > gc || (i == gr && p != nb) {
+            return Err(CsrError::corrupt(
+                name,
+                format!(
+                    "block row pointer {i} = {p} breaks 0 = ptr[0] <= ... <= ptr[{gr}] = \
+                     kept blocks ({nb}), at most {gc} per block row"
+                ),
+            ));
+        }
+        block_ptr.push(p);
+        prev = p;
+    }
+    let mut block_cols = Vec::with_capacity(nb as usize);
+    let mut kept_elements = 0u64;
+    for (i, pair) in block_ptr.windows(2).enumerate() {
+        let h = side(rows, br, i as u64);
+        let mut last: Option<u64> = None;
+        for _ in pair[0]..pair[1] {
+            let j = reader.read_bits(col_bits).map_err(trunc)?;
+            if j >= gc || last.is_some_and(|l| j <= l) {
+                return Err(CsrError::corrupt(
+                    name,
+                    format!(
+                        "block column {j} in block row {i}: columns must increase and be < {gc}"
+                    ),
+                ));
+            }
+            last = Some(j);
+            kept_elements += h * side(cols, bc, j);
+            block_cols.push(j);
+        }
+    }
+    let needed =
+        index_bits + u128::from(kept_elements) * u128::from(d) + u128::from(scale_count) * 32;
+    if needed > available_bits {
+        return Err(CsrError::DeclaredSizeTooLarge {
+            tensor: name.to_owned(),
+            what: "codes of the kept blocks and scales",
+            needed_bits: needed,
+            available_bits,
+        });
+    }
+    if th.levels == LevelKind::Binary && kept_elements != th.nnz {
+        return Err(CsrError::corrupt(
+            name,
+            format!(
+                "a binary tensor's kept blocks hold {kept_elements} codes, all ±1, \
+                 but {} non-zeros are declared",
+                th.nnz
+            ),
+        ));
+    }
+    // The codes, block by block (kept_elements <= the payload's bits).
+    let mut block_codes: Vec<i32> = Vec::with_capacity(kept_elements as usize);
+    for _ in 0..kept_elements {
+        let field = reader.read_bits(d).map_err(trunc)?;
+        let code = match th.levels {
+            LevelKind::Binary => 1 - 2 * field as i32,
+            _ => {
+                let magnitude = field & ((1 << (d - 1)) - 1);
+                let neg = field >> (d - 1) == 1;
+                if magnitude > u64::from(n) || (neg && magnitude == 0) {
+                    return Err(CsrError::corrupt(
+                        name,
+                        format!(
+                            "code field {field:#b} is not a code in {}",
+                            allowed_codes(th.levels, n)
+                        ),
+                    ));
+                }
+                if neg {
+                    -(magnitude as i32)
+                } else {
+                    magnitude as i32
+                }
+            }
+        };
+        block_codes.push(code);
+    }
+    // Element rows: the kept blocks of the row's block row, left to right.
+    row_ptr.push(0);
+    let mut start = 0u64; // the first code of the block row's first block
+    for (i, pair) in block_ptr.windows(2).enumerate() {
+        let i = i as u64;
+        let h = side(rows, br, i);
+        let blocks = &block_cols[pair[0] as usize..pair[1] as usize];
+        for dr in 0..h {
+            let mut offset = start;
+            for &j in blocks {
+                let w = side(cols, bc, j);
+                for dc in 0..w {
+                    let code = block_codes[(offset + dr * w + dc) as usize];
+                    if code != 0 {
+                        if codes.len() as u64 == th.nnz {
+                            return Err(CsrError::corrupt(
+                                name,
+                                format!("more non-zero codes than the declared {}", th.nnz),
+                            ));
+                        }
+                        codes.push(code);
+                        col_idx.push((j * bc + dc) as u32);
+                    }
+                }
+                offset += h * w;
+            }
+            row_ptr.push(codes.len() as u32);
+        }
+        start += blocks.iter().map(|&j| h * side(cols, bc, j)).sum::<u64>();
+    }
+    if codes.len() as u64 != th.nnz {
+        return Err(CsrError::corrupt(
+            name,
+            format!(
+                "{} non-zero codes found but {} declared",
+                codes.len(),
+                th.nnz
+            ),
+        ));
+    }
+    Ok((
+        u64::from(BLOCK_PREFIX_BITS) + (gr + 1) * u64::from(ptr_bits),
+        nb * u64::from(col_bits),
+        kept_elements,
     ))
 }

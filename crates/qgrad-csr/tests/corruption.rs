@@ -221,11 +221,11 @@ fn wrong_magic() {
 #[test]
 fn future_and_zero_versions() {
     let mut bytes = valid_file();
-    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&5u32.to_le_bytes());
     let e = err(&bytes);
     assert_eq!(
         e.to_string(),
-        "format version 4 is newer than this reader (3)"
+        "format version 5 is newer than this reader (4)"
     );
     bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
     assert!(matches!(err(&bytes), CsrError::InvalidVersion { found: 0 }));

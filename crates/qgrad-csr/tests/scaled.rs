@@ -62,6 +62,11 @@ fn check_scaled(t: &OwnedScaled, m: &CompressedModel) -> Result<(), TestCaseErro
         Layout::Csr | Layout::CsrRice => {
             prop_assert_eq!(b.values, nnz as u64 * u64::from(info.nonzero_code_bits()));
         }
+        // Every element of a kept block is stored, zero or not.
+        Layout::Block => {
+            prop_assert!(b.values >= nnz as u64 * u64::from(code_bits));
+            prop_assert_eq!(b.values % u64::from(code_bits), 0);
+        }
     }
     Ok(())
 }
@@ -97,10 +102,15 @@ proptest! {
         let bytes = encode_mixed(&tensors, layout);
         // Version 2 only when a tensor needs it (FORMAT.md §11).
         let any_scaled = m_has_scaled(&bytes);
-        let any_rice = decode(&bytes).tensors.iter().any(|t| t.layout == Layout::CsrRice);
-        let version: u32 = if any_rice { 3 } else if any_scaled { 2 } else { 1 };
+        let newest_layout = decode(&bytes)
+            .tensors
+            .iter()
+            .map(|t| t.layout.min_version())
+            .max()
+            .unwrap_or(1);
+        let version: u32 = if any_scaled { newest_layout.max(2) } else { newest_layout };
         prop_assert_eq!(&bytes[8..12], &version.to_le_bytes());
-        prop_assert_eq!(FORMAT_VERSION, 3);
+        prop_assert_eq!(FORMAT_VERSION, 4);
         if layout == LayoutChoice::CsrRice {
             prop_assert_eq!(version, 3);
         }
@@ -115,6 +125,10 @@ proptest! {
                         LayoutChoice::Csr => prop_assert_eq!(d.layout, Layout::Csr),
                         LayoutChoice::CsrRice => prop_assert_eq!(d.layout, Layout::CsrRice),
                         LayoutChoice::Dense => prop_assert_eq!(d.layout, Layout::Dense),
+                        // Block when some block shape holds it, else CSR.
+                        LayoutChoice::Block => {
+                            prop_assert!(matches!(d.layout, Layout::Block | Layout::Csr))
+                        }
                         LayoutChoice::Auto => {}
                     }
                 }
@@ -352,22 +366,18 @@ fn bad_scaled_input_is_a_typed_error() {
         matches!(e, CsrError::CodeOutOfRange { code: -128, .. }),
         "{e}"
     );
-    // A zero code in a binary tensor.
+    // A zero code in a binary tensor: only the block layout (version 4)
+    // holds it, as a pruned element; the older layouts refuse it.
     let mut b = scaled(&ok_codes, &[1.0]);
     b.levels = LevelKind::Binary;
-    let e = encode_err(b);
-    assert!(
-        matches!(
-            e,
-            CsrError::CodeOutOfRange {
-                index: 1,
-                code: 0,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(e.to_string().contains("binary"), "{e}");
+    let bytes = qgrad_csr::encode_tensors(
+        &[qgrad_csr::TensorInput::Scaled(b)],
+        &qgrad_csr::EncodeOptions::default(),
+    )
+    .unwrap();
+    let m = CompressedModel::from_bytes(&bytes).unwrap();
+    assert_eq!(m.tensors[0].layout, Layout::Block);
+    assert_eq!(m.tensors[0].codes().unwrap(), ok_codes.to_vec());
     // max_code not allowed for the levels.
     for (levels, n) in [
         (LevelKind::Binary, 3),

@@ -82,7 +82,8 @@ pub fn layout_choice() -> impl Strategy<Value = LayoutChoice> {
         Just(LayoutChoice::Auto),
         Just(LayoutChoice::Csr),
         Just(LayoutChoice::Dense),
-        Just(LayoutChoice::CsrRice)
+        Just(LayoutChoice::CsrRice),
+        Just(LayoutChoice::Block)
     ]
 }
 
