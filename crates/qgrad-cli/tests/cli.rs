@@ -637,6 +637,34 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     assert!(o.status.success(), "{}", stderr(&o));
     let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(e["accuracy"], r["file_accuracy"]);
+    // Layout 3 (block-sparse rows, format version 4) on request: the same
+    // model, run from the file to the same accuracy.
+    let blocks = dir.path().join("blocks.qgz");
+    let o = qgrad(&[
+        "repack",
+        file.to_str().unwrap(),
+        "--out",
+        blocks.to_str().unwrap(),
+        "--layout",
+        "block",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(&std::fs::read(&blocks).unwrap()[8..12], &4u32.to_le_bytes());
+    let o = qgrad(&["inspect", blocks.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"Block\""));
+    let o = qgrad(&[
+        "eval",
+        blocks.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], r["file_accuracy"]);
     assert_clean_failure(
         &qgrad(&[
             "repack",

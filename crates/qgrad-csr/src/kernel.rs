@@ -111,6 +111,7 @@
 
 use rayon::prelude::*;
 
+mod block;
 mod conv;
 mod scaled;
 

@@ -59,6 +59,8 @@ pub struct CompressedTensor {
     entry_raw: Vec<i32>,
     bits: FieldBits,
     kind: Kind,
+    /// The block shape of a tensor stored in layout 3.
+    block: Option<(usize, usize)>,
     kernel: OnceLock<SparseKernel>,
 }
 
@@ -171,8 +173,21 @@ impl CompressedTensor {
             entry_raw,
             bits,
             kind,
+            block: None,
             kernel: OnceLock::new(),
         }
+    }
+
+    /// The same tensor, stored in layout 3 with blocks of `block` (rows,
+    /// columns).
+    pub(crate) fn with_block(mut self, block: (usize, usize)) -> Self {
+        self.block = Some(block);
+        self
+    }
+
+    /// The block shape (rows, columns) of a tensor stored in layout 3.
+    pub fn block_shape(&self) -> Option<(usize, usize)> {
+        self.block
     }
 
     /// What kind of tensor this is: fixed point (with its exponent) or
@@ -744,6 +759,7 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
         entry_raw,
         bits,
         kind: Kind::Fixed,
+        block: None,
         kernel: OnceLock::new(),
     })
 }

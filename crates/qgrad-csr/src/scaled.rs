@@ -556,6 +556,7 @@ pub(crate) fn decode_scaled(
             ),
         )
     };
+    let mut block = None;
     match th.layout {
         Layout::Dense => {
             let d = scaled_dense_code_bits(th.levels, n);
@@ -644,6 +645,7 @@ pub(crate) fn decode_scaled(
             bits.row_ptr = fields.0;
             bits.col_idx = fields.1;
             bits.values = fields.2 * u64::from(d);
+            block = Some(fields.3);
         }
     }
     let mut scales = Vec::with_capacity(scale_count as usize);
@@ -666,7 +668,7 @@ pub(crate) fn decode_scaled(
         groups: groups as usize,
         two_sided: th.two_sided,
     };
-    Ok(CompressedTensor::from_parts(
+    let tensor = CompressedTensor::from_parts(
         th.name.clone(),
         th.shape.iter().map(|&d| d as usize).collect(),
         0,
@@ -680,12 +682,16 @@ pub(crate) fn decode_scaled(
         codes,
         bits,
         Kind::Scaled { info, scales },
-    ))
+    );
+    Ok(match block {
+        Some(b) => tensor.with_block(b),
+        None => tensor,
+    })
 }
 
 /// Reads layout 3 up to the scales (FORMAT.md §7.7) into the element CSR of
 /// the non-zero codes; returns the bits of (prefix and block row pointers,
-/// block columns) and the number of kept elements.
+/// block columns), the number of kept elements and the block shape.
 #[allow(clippy::too_many_arguments)]
 fn read_blocks(
     reader: &mut BitReader,
@@ -696,7 +702,7 @@ fn read_blocks(
     row_ptr: &mut Vec<u32>,
     col_idx: &mut Vec<u32>,
     codes: &mut Vec<i32>,
-) -> Result<(u64, u64, u64)> {
+) -> Result<(u64, u64, u64, (usize, usize))> {
     let name = th.name.as_str();
     let n = th.max_code;
     let d = scaled_dense_code_bits(th.levels, n);
@@ -855,5 +861,6 @@ fn read_blocks(
         u64::from(BLOCK_PREFIX_BITS) + (gr + 1) * u64::from(ptr_bits),
         nb * u64::from(col_bits),
         kept_elements,
+        (br as usize, bc as usize),
     ))
 }

@@ -49,6 +49,8 @@ pub(super) struct ScaledKernel {
     /// `max_r Σ_{entries of row r} L(|k|)` (saturating): with `max |x|`
     /// it bounds every accumulator.
     max_row_weight: u128,
+    /// The block mat-vec of a layout-3 tensor, where it applies.
+    block: Option<super::block::BlockMatvec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +186,7 @@ impl ScaledKernel {
             col: Vec::with_capacity(nnz),
             mag: Vec::with_capacity(nnz),
             max_row_weight: 0,
+            block: super::block::BlockMatvec::from_tensor(t, info),
         };
         k.row_seg.push(0);
         let code = |e: usize| t.entry_int(e).unwrap_or(0);
@@ -267,7 +270,16 @@ impl ScaledKernel {
         let max_abs_x = max_abs(&x.values);
         if batch == 1 {
             let mut y = vec![0f32; self.rows];
-            self.spmm_t(&x.values, 1, &x.frac_bits, max_abs_x, &mut y);
+            match &self.block {
+                Some(b)
+                    if b.max_row_weight
+                        .saturating_mul(u128::from(max_abs_x.max(1)))
+                        < 1 << 31 =>
+                {
+                    b.matvec(&x.values, x.frac_bits[0], &mut y)
+                }
+                _ => self.spmm_t(&x.values, 1, &x.frac_bits, max_abs_x, &mut y),
+            }
             return y;
         }
         let mut xt = vec![0i32; x.values.len()];
