@@ -198,6 +198,24 @@ fn dense_code_field(code: i8, levels: LevelKind, bits: u32) -> u64 {
     }
 }
 
+/// The code of a dense code field of `d` bits (the inverse of
+/// [`dense_code_field`]); `None` for a magnitude above `n` or a "-0".
+fn dense_code(field: u64, levels: LevelKind, n: u8, d: u32) -> Option<i32> {
+    if levels == LevelKind::Binary {
+        return Some(1 - 2 * field as i32);
+    }
+    let magnitude = field & ((1 << (d - 1)) - 1);
+    let neg = field >> (d - 1) == 1;
+    if magnitude > u64::from(n) || (neg && magnitude == 0) {
+        return None;
+    }
+    Some(if neg {
+        -(magnitude as i32)
+    } else {
+        magnitude as i32
+    })
+}
+
 /// CSR code field of a non-zero code: `|k| - 1` in the low `bits - 1` bits,
 /// the sign (1 = negative) in the top bit.
 fn nonzero_code_field(code: i8, bits: u32) -> u64 {
@@ -564,21 +582,8 @@ pub(crate) fn decode_scaled(
             for _ in 0..rows_us {
                 for c in 0..cols_us {
                     let field = reader.read_bits(d).map_err(trunc)?;
-                    let code = match th.levels {
-                        LevelKind::Binary => 1 - 2 * field as i32,
-                        _ => {
-                            let magnitude = field & ((1 << (d - 1)) - 1);
-                            let neg = field >> (d - 1) == 1;
-                            if magnitude > u64::from(n) || (neg && magnitude == 0) {
-                                return Err(out_of_range(field));
-                            }
-                            if neg {
-                                -(magnitude as i32)
-                            } else {
-                                magnitude as i32
-                            }
-                        }
-                    };
+                    let code =
+                        dense_code(field, th.levels, n, d).ok_or_else(|| out_of_range(field))?;
                     if code != 0 {
                         if codes.len() as u64 == nnz {
                             return Err(CsrError::corrupt(
@@ -794,27 +799,15 @@ fn read_blocks(
     let mut block_codes: Vec<i32> = Vec::with_capacity(kept_elements as usize);
     for _ in 0..kept_elements {
         let field = reader.read_bits(d).map_err(trunc)?;
-        let code = match th.levels {
-            LevelKind::Binary => 1 - 2 * field as i32,
-            _ => {
-                let magnitude = field & ((1 << (d - 1)) - 1);
-                let neg = field >> (d - 1) == 1;
-                if magnitude > u64::from(n) || (neg && magnitude == 0) {
-                    return Err(CsrError::corrupt(
-                        name,
-                        format!(
-                            "code field {field:#b} is not a code in {}",
-                            allowed_codes(th.levels, n)
-                        ),
-                    ));
-                }
-                if neg {
-                    -(magnitude as i32)
-                } else {
-                    magnitude as i32
-                }
-            }
-        };
+        let code = dense_code(field, th.levels, n, d).ok_or_else(|| {
+            CsrError::corrupt(
+                name,
+                format!(
+                    "code field {field:#b} is not a code in {}",
+                    allowed_codes(th.levels, n)
+                ),
+            )
+        })?;
         block_codes.push(code);
     }
     // Element rows: the kept blocks of the row's block row, left to right.

@@ -51,6 +51,15 @@ fn block_sparse(
     codes
 }
 
+/// Binary (kind 0), linear or log `bits`-bit levels.
+fn levels_of(kind: u8, bits: u8) -> (LevelKind, u8) {
+    match kind {
+        0 => (LevelKind::Binary, 1),
+        1 => (LevelKind::Linear, (1u8 << (bits - 1)) - 1),
+        _ => (LevelKind::Log, (1u8 << (bits - 1)) - 1),
+    }
+}
+
 fn encode_one(t: ScaledTensorData, layout: LayoutChoice) -> Result<Vec<u8>, CsrError> {
     encode_tensors(
         &[TensorInput::Scaled(t)],
@@ -192,11 +201,7 @@ proptest! {
         zero_inside in 0.0f64..0.5,
         seed in any::<u64>(),
     ) {
-        let (levels, max_code) = match kind {
-            0 => (LevelKind::Binary, 1),
-            1 => (LevelKind::Linear, (1u8 << (bits - 1)) - 1),
-            _ => (LevelKind::Log, (1u8 << (bits - 1)) - 1),
-        };
+        let (levels, max_code) = levels_of(kind, bits);
         let codes = block_sparse((rows, cols), (br, bc), keep, levels, max_code, zero_inside, seed);
         let shape = [rows, cols];
         let t = tensor(&shape, &codes, levels, max_code, &[0.75]);
@@ -408,11 +413,7 @@ proptest! {
         act_bits in 2u8..17,
         seed in any::<u64>(),
     ) {
-        let (levels, max_code) = match kind {
-            0 => (LevelKind::Binary, 1),
-            1 => (LevelKind::Linear, (1u8 << (bits - 1)) - 1),
-            _ => (LevelKind::Log, (1u8 << (bits - 1)) - 1),
-        };
+        let (levels, max_code) = levels_of(kind, bits);
         let codes = block_sparse((rows, cols), (br, bc), keep, levels, max_code, 0.2, seed);
         let shape = [rows, cols];
         let scales: Vec<f32> = (0..if per_row { rows } else { 1 })
