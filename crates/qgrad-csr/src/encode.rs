@@ -317,7 +317,8 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
 /// Encodes tensors of both kinds into the bytes of a compressed model file
 /// (FORMAT.md, version [`FORMAT_VERSION`]), in the given order. Every input
 /// is validated first (names unique; a scaled tensor's codes within
-/// `±max_code` and never 0 when binary, groups dividing the element count,
+/// `±max_code`, and 0 in a binary tensor only where layout 3 can hold it
+/// as pruned blocks; groups dividing the element count,
 /// `groups · (1 or 2)` finite scales `>= 0`): a bad one is an error naming
 /// the tensor, never a panic.
 pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Result<Vec<u8>> {

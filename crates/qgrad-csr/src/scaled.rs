@@ -36,7 +36,8 @@ pub struct ScaledTensorData<'a> {
     /// Shape; the matrix view is rows = `shape[0]`, cols = product of the
     /// rest (rank 0 or 1: one row).
     pub shape: &'a [usize],
-    /// One code per element, row-major, `|code| <= max_code` (binary: ±1).
+    /// One code per element, row-major, `|code| <= max_code` (binary: ±1,
+    /// or 0 for a pruned element, which only layout 3 stores).
     pub codes: &'a [i8],
     /// The level function.
     pub levels: LevelKind,
