@@ -16,9 +16,12 @@
 //!   tensor or per output channel, optionally two-sided). Dense codes take
 //!   their minimal width (1 bit binary, 2 ternary, `m` for m-bit, sign and
 //!   magnitude), or CSR keeps the non-zero codes (one bit fewer for ternary)
-//!   when zeros dominate; the scales follow.
+//!   when zeros dominate, or (version 4) block-sparse rows keep whole
+//!   blocks, one column index per block (structured sparsity, METHOD §9);
+//!   the scales follow.
 //!
-//! The encoder computes the sizes of both layouts exactly and picks per
+//! The encoder computes the sizes of every layout exactly (CSR, dense, CSR
+//! with Rice-coded gaps, and blocks at the best block shape) and picks per
 //! tensor, and the size report says which. Metadata (names, kinds, shapes,
 //! exponents, width tables, lengths) is a postcard-encoded header; a CRC32
 //! over the whole file closes it. `FORMAT.md` is the byte-level
@@ -37,7 +40,8 @@
 //!   is wrong ([`CsrError`]); nothing panics.
 //! - The decoded form is CSR regardless of the on-disk layout, and the
 //!   integer kernel ([`SparseKernel`]) is derived from it once and cached, so
-//!   inference never re-unpacks bits. See [`kernel`] for the arithmetic and
+//!   inference never re-unpacks bits (a block tensor's kernel also keeps its
+//!   blocks dense for one-sample products). See [`kernel`] for the arithmetic and
 //!   the exactness guarantee ("within one output rounding step"), and, for
 //!   scaled tensors (adds and subtracts per scale group and sign, one scale
 //!   multiply per output), the exact rounding formula that a training-side
