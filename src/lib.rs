@@ -18,6 +18,7 @@ pub use qgrad_cluster as cluster;
 pub use qgrad_collective as collective;
 pub use qgrad_csr as csr;
 pub use qgrad_data as data;
+pub use qgrad_design as design;
 pub use qgrad_fixed as fixed;
 pub use qgrad_models as models;
 pub use qgrad_ops as ops;

@@ -42,6 +42,7 @@ fn the_runtime_and_its_layers_do_not_link_candle() {
         "qgrad-runtime",
         "qgrad-powerlaw",
         "qgrad-collective",
+        "qgrad-design",
     ] {
         let deps = normal_dependencies(krate);
         assert!(deps.iter().any(|d| d == krate), "{krate}: {deps:?}");
