@@ -60,6 +60,15 @@ fn qgrad(args: &[&OsStr]) -> Output {
         .unwrap()
 }
 
+/// `qgrad export FILE --safetensors OUT [--sparse]`, which must succeed.
+fn export(file: &OsStr, out: &OsStr, sparse: bool) {
+    let mut args: Vec<&OsStr> = vec!["export".as_ref(), file, "--safetensors".as_ref(), out];
+    if sparse {
+        args.push("--sparse".as_ref());
+    }
+    ok(qgrad(&args));
+}
+
 fn ok(o: Output) -> Output {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     o
@@ -144,12 +153,7 @@ fn a_sparse_export_runs_in_pytorch_as_the_file_runs_in_qgrad() {
     ]));
     let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for (name, sparse) in [("dense.safetensors", false), ("sparse.safetensors", true)] {
-        let (input, out) = (p("post.qgz"), p(name));
-        let mut args = vec![s("export"), &input, s("--safetensors"), &out];
-        if sparse {
-            args.push(s("--sparse"));
-        }
-        ok(qgrad(&args));
+        export(&p("post.qgz"), &p(name), sparse);
     }
     let sparse_bytes = std::fs::metadata(p("sparse.safetensors")).unwrap().len();
     let dense_bytes = std::fs::metadata(p("dense.safetensors")).unwrap().len();
@@ -262,12 +266,8 @@ fn a_lenet5_trained_in_pytorch_comes_in_and_goes_back_out_evaluating_the_same() 
     let file_correct = eval["correct"].as_i64().unwrap();
     assert!(file_correct as f64 > 0.7 * images, "{eval}");
     for (name, sparse) in [("d.safetensors", false), ("s.safetensors", true)] {
-        let (input, out) = (p("post.qgz"), p(name));
-        let mut args = vec![s("export"), &input, s("--safetensors"), &out];
-        if sparse {
-            args.push(s("--sparse"));
-        }
-        ok(qgrad(&args));
+        let out = p(name);
+        export(&p("post.qgz"), &out, sparse);
         let mut args = vec![script, s("eval"), &py, &out, mini];
         if sparse {
             args.push(s("--sparse"));

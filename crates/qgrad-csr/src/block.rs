@@ -19,8 +19,6 @@ pub(crate) const BLOCK_COUNT_BITS: u32 = 32;
 pub(crate) const BLOCK_PREFIX_BITS: u32 = 2 * BLOCK_DIM_BITS + BLOCK_COUNT_BITS;
 /// The largest block side the encoder tries.
 pub(crate) const MAX_TRIED_BLOCK: usize = 128;
-/// The largest block side the format admits.
-pub(crate) const MAX_BLOCK: u64 = 1 << BLOCK_DIM_BITS;
 
 /// The kept blocks of one tensor at one block shape.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -78,11 +78,11 @@ pub enum LayoutChoice {
 }
 
 /// The candidate `choice` asks for, `candidate(layout)` giving a header and
-/// the tensor's bytes in the file: under `Auto` the smallest of CSR, dense
-/// (when `dense_ok`), layout 2 (when `allow_rice`) and layout 3 (when
-/// `allow_block`), earlier on a tie. `csr_ok` is false where only the block
-/// layout can hold the tensor (a binary tensor with pruned blocks). Both
-/// encoders (fixed and scaled) choose through this one rule.
+/// the tensor's bytes in the file: under `Auto` the smallest of the
+/// [`Admissible`] layouts (CSR, dense, layout 2, layout 3), earlier on a
+/// tie; where CSR is not admissible (a binary tensor with pruned blocks)
+/// only layout 3 can hold the tensor. Both encoders (fixed and scaled)
+/// choose through this one rule.
 pub(crate) fn choose_layout<H, E>(
     choice: LayoutChoice,
     admissible: Admissible,

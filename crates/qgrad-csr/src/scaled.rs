@@ -10,7 +10,6 @@ use qgrad_fixed::BitReader;
 
 use crate::block::{
     best_plan, grid, side, BlockPlan, BLOCK_COUNT_BITS, BLOCK_DIM_BITS, BLOCK_PREFIX_BITS,
-    MAX_BLOCK,
 };
 use crate::error::{CsrError, Result};
 use crate::format::{
@@ -318,10 +317,8 @@ pub(crate) fn encode_scaled(
     );
     let (rice_k, rice_bits) = best_rice(&gaps, cols);
     let dense_code_bits = scaled_dense_code_bits(t.levels, n);
-    // Blocks only where some element is zero (with none, dense is smaller)
-    // and the version admits them (the caller's `allow_rice` says whether
-    // newer layouts may be used at all).
-    let block_plan = if allow_rice && nnz < elements {
+    // Blocks only where some element is zero (with none, dense is smaller).
+    let block_plan = if nnz < elements {
         best_plan(
             t.codes,
             (rows as usize, cols as usize),
@@ -716,7 +713,6 @@ fn read_blocks(
     let br = reader.read_bits(BLOCK_DIM_BITS).map_err(trunc)? + 1;
     let bc = reader.read_bits(BLOCK_DIM_BITS).map_err(trunc)? + 1;
     let nb = reader.read_bits(BLOCK_COUNT_BITS).map_err(trunc)?;
-    debug_assert!(br <= MAX_BLOCK && bc <= MAX_BLOCK);
     let (gr, gc) = (grid(rows, br), grid(cols, bc));
     if nb > gr * gc {
         return Err(CsrError::corrupt(

@@ -11,14 +11,13 @@
 use rayon::prelude::*;
 
 use super::{pow2, SERIAL_WORK};
-use crate::block::{grid, side};
+use crate::block::side;
 use crate::model::CompressedTensor;
 use crate::scaled::ScaledInfo;
 
 /// The block form of a one-sided scaled tensor.
 #[derive(Clone, Debug)]
 pub(super) struct BlockMatvec {
-    rows: usize,
     cols: usize,
     block: (usize, usize),
     /// `grid rows + 1` offsets into `block_col`.
@@ -49,10 +48,10 @@ impl BlockMatvec {
         let level = |m: u8| i32::try_from(info.integer_level(m)).ok();
         level(info.max_code)?;
         let codes = t.codes()?;
+        // The decoded tensor keeps only the element CSR; its blocks are the
+        // stored block shape's blocks holding a non-zero (a stored all-zero
+        // block adds nothing to the product).
         let plan = crate::block::plan(&codes, (rows, cols), (br, bc), false)?;
-        let (gr, gc) = (grid(rows as u64, br as u64), grid(cols as u64, bc as u64));
-        debug_assert_eq!(plan.block_ptr.len() as u64, gr + 1);
-        let _ = gc;
         let scales = t.scales();
         let row_scale = (0..rows)
             .map(|r| f64::from(scales[if info.groups == 1 { 0 } else { r }]))
@@ -78,7 +77,6 @@ impl BlockMatvec {
             }
         }
         Some(BlockMatvec {
-            rows,
             cols,
             block: (br, bc),
             block_ptr: plan.block_ptr.iter().map(|&p| p as u32).collect(),
@@ -137,7 +135,6 @@ impl BlockMatvec {
                 *o = ((t * x_scale) / self.den) as f32;
             }
         };
-        let _ = self.rows;
         if self.levels.len() < SERIAL_WORK {
             y.chunks_mut(br)
                 .enumerate()
