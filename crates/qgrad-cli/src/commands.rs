@@ -553,6 +553,7 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
             params: &params,
             scaled: &scaled,
             buffers: &[],
+            pact_bits: file_model.meta.pact_bits,
         };
         Some(
             evaluate_candle_model(

@@ -240,10 +240,18 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(TrainState, Trai
     let present: std::collections::HashSet<String> = tensors.keys().cloned().collect();
     let mut take = |name: String, shape: &[usize]| take_tensor(&mut tensors, path, name, shape);
     let mut network = Network::new(arch, device, header.config.seed)?;
+    if let Some(pact) = header.config.pact {
+        network.enable_pact(pact)?;
+    }
+    let clips: Vec<(String, Vec<usize>)> = match network.pact() {
+        Some(_) => network.clip_names().into_iter().map(|n| (n, vec![1])).collect(),
+        None => Vec::new(),
+    };
     let mut host = Vec::new();
     for (name, shape) in arch
         .parameter_shapes()
         .into_iter()
+        .chain(clips)
         .chain(arch.buffer_shapes())
     {
         let t = take(name.clone(), &shape)?;

@@ -79,6 +79,7 @@ pub fn evaluate_candle(
         params,
         scaled: &[],
         buffers,
+        pact_bits: None,
     };
     evaluate_candle_model(arch, &model, data, norm, act_bits, batch, device)
 }
@@ -93,6 +94,10 @@ pub struct QuantizedModel<'a> {
     pub scaled: &'a [ScaledWeight],
     /// Batch-norm running statistics.
     pub buffers: &'a [NamedTensor],
+    /// `k_a` of PACT activations (METHOD §9): the layers whose clip
+    /// `<layer>.act_clip` is among `params` take codes, as the file does
+    /// (`qgrad_runtime::pact`). `None`: fixed point everywhere.
+    pub pact_bits: Option<u8>,
 }
 
 /// A scaled-code weight in the form of the file's integer kernel
@@ -214,7 +219,39 @@ pub fn evaluate_candle_model(
         params,
         scaled,
         buffers,
+        pact_bits,
     } = *model;
+    // PACT clip per layer (the file's `<layer>.act_clip`).
+    let mut clips = std::collections::HashMap::new();
+    if let Some(bits) = pact_bits {
+        for p in params {
+            if let Some(layer) = p.name.strip_suffix(&format!(".{}", qgrad_runtime::ACT_CLIP)) {
+                let &[beta] = p.values.as_slice() else {
+                    return Err(invalid(format!("PACT clip '{}' is not one value", p.name)));
+                };
+                qgrad_runtime::pact::check_pact(beta, bits)
+                    .map_err(|e| invalid(e.to_string()))?;
+                clips.insert(layer.to_string(), beta);
+            }
+        }
+    }
+    // The input of layer `name`: PACT codes (f64, exact) and the step each
+    // output is multiplied by, or fixed point.
+    let layer_input = |x: &Tensor, name: &str| -> Result<(Tensor, Option<Tensor>)> {
+        match (clips.get(name), pact_bits) {
+            (Some(&beta), Some(bits)) => {
+                let values: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let codes: Vec<f64> = qgrad_runtime::pact_codes(&values, beta, bits)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                let step = Tensor::new(&[qgrad_runtime::pact_step(beta, bits)], x.device())?;
+                Ok((Tensor::from_vec(codes, x.shape(), x.device())?, Some(step)))
+            }
+            _ => Ok((quantize_activations(x, act_bits)?, None)),
+        }
+    };
     check_dataset(arch, data)?;
     if !(2..=16).contains(&act_bits) {
         return Err(invalid(format!(
@@ -283,13 +320,17 @@ pub fn evaluate_candle_model(
                 LayerSpec::Dropout { .. } => x,
                 LayerSpec::MaxPool2d { size } => x.max_pool2d(size)?,
                 LayerSpec::Linear { name, .. } => {
-                    let q = quantize_activations(&x, act_bits)?;
+                    let (q, step) = layer_input(&x, &name)?;
                     let y = match scaled_evals.get(&format!("{name}.weight")) {
                         Some(s) => s.apply(|w| Ok(q.matmul(&w.t()?)?))?,
                         None => {
                             let weight = get(format!("{name}.weight"))?;
                             q.matmul(&weight.t()?)?.to_dtype(DType::F32)?
                         }
+                    };
+                    let y = match step {
+                        Some(step) => y.broadcast_mul(&step)?,
+                        None => y,
                     };
                     y.broadcast_add(get(format!("{name}.bias"))?)?
                 }
@@ -299,7 +340,7 @@ pub fn evaluate_candle_model(
                     padding,
                     ..
                 } => {
-                    let q = quantize_activations(&x, act_bits)?;
+                    let (q, step) = layer_input(&x, &name)?;
                     let y = match scaled_evals.get(&format!("{name}.weight")) {
                         Some(s) => s.apply(|w| Ok(q.conv2d(w, padding, stride, 1, 1)?))?,
                         None => {
@@ -307,6 +348,10 @@ pub fn evaluate_candle_model(
                             q.conv2d(weight, padding, stride, 1, 1)?
                                 .to_dtype(DType::F32)?
                         }
+                    };
+                    let y = match step {
+                        Some(step) => y.broadcast_mul(&step)?,
+                        None => y,
                     };
                     let bias = get(format!("{name}.bias"))?;
                     y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?

@@ -118,10 +118,33 @@ pub fn fold_float_batch_norms(
 
 /// How the codes of `w` are stored: [`scaled_layout`] of its quantizer,
 /// except that binary codes with zeros (a binary quantizer under a non-zero
-/// budget: ±α or 0) are stored as ternary codes, whose levels are the same.
+/// budget: ±α or 0) are stored as ternary codes, whose levels are the same,
+/// unless their zeros fill whole blocks (a block-sparsity mask, METHOD §9):
+/// then they can stay binary, one bit per kept weight in layout 3, and do
+/// when that encoding is the smaller of the two.
 pub fn weight_layout(w: &ScaledWeight) -> (LevelKind, u8, bool) {
     if w.method.binary() && w.quantized.codes.contains(&0) {
-        return (LevelKind::Linear, 1, false);
+        let bytes = |levels: LevelKind| {
+            let input = TensorInput::Scaled(ScaledTensorData {
+                name: &w.name,
+                shape: &w.shape,
+                codes: &w.quantized.codes,
+                levels,
+                max_code: 1,
+                groups: w.groups,
+                two_sided: false,
+                scales: &w.quantized.scales,
+            });
+            let options = EncodeOptions {
+                layout: LayoutChoice::Auto,
+                metadata: Vec::new(),
+            };
+            qgrad_csr::encode_tensors(&[input], &options).map(|b| b.len())
+        };
+        return match (bytes(LevelKind::Binary), bytes(LevelKind::Linear)) {
+            (Ok(binary), Ok(ternary)) if binary <= ternary => (LevelKind::Binary, 1, false),
+            _ => (LevelKind::Linear, 1, false),
+        };
     }
     scaled_layout(w.method)
 }

@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::arch::{Arch, LayerSpec};
 use crate::data::{epoch_rng, Augment, Dataset, Normalization};
@@ -29,6 +30,52 @@ use crate::error::{ModelsError, Result};
 pub const BN_MOMENTUM: f64 = 0.1;
 /// Batch-norm epsilon (PyTorch's default).
 pub const BN_EPS: f64 = 1e-5;
+
+/// PACT activation quantization (METHOD §9; Choi et al. 2018): the input of
+/// every linear and convolution layer but the first (that is, what follows a
+/// ReLU, possibly pooled) is clipped to `[0, β]` and rounded to
+/// `2^bits − 1` uniform steps, with one clip `β` per layer, a parameter
+/// `<layer>.act_clip` of shape `[1]` that is learned (the straight-through
+/// gradient of `min(max(x, 0), β)`: 1 where `x ≥ β`) or kept fixed. The
+/// first layer's input, the image, is fixed point at `input_bits` with one
+/// exponent per sample (the rule of [`Network::set_activation_bits`]).
+///
+/// Decided: `β` is used as `max(β, MIN_CLIP)` so that a learning step can
+/// never make it zero or negative; the exported clip is that value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PactConfig {
+    /// `k_a`, 2..=16.
+    pub bits: u8,
+    /// `β` at the start (learned) or throughout (fixed).
+    pub clip: f32,
+    /// Learn `β` per layer; `false` keeps it fixed.
+    pub learned: bool,
+    /// Width of the network input (2..=16).
+    pub input_bits: u8,
+}
+
+/// The smallest clip PACT uses (see [`PactConfig`]).
+pub const MIN_CLIP: f32 = 1e-3;
+
+impl PactConfig {
+    /// Rejects widths outside 2..=16 and a clip that is not a positive number.
+    pub fn validate(&self) -> Result<()> {
+        for (what, b) in [("activation", self.bits), ("input", self.input_bits)] {
+            if !(2..=16).contains(&b) {
+                return Err(ModelsError::Config(format!(
+                    "PACT {what} width {b} is not allowed (2..=16)"
+                )));
+            }
+        }
+        if !(self.clip.is_finite() && self.clip >= MIN_CLIP) {
+            return Err(ModelsError::Config(format!(
+                "the PACT clip must be a number >= {MIN_CLIP}, not {}",
+                self.clip
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// A tensor copied to the host: the exchange format between training,
 /// quantization and export.
@@ -86,6 +133,8 @@ pub struct Network {
     /// Quantize the input of every linear and convolution layer to this
     /// many bits in the forward pass (see [`Network::set_activation_bits`]).
     act_bits: Option<u8>,
+    /// PACT activations, when enabled ([`Network::enable_pact`]).
+    pact: Option<PactConfig>,
 }
 
 /// Weights the forward pass uses instead of the parameters of the same name
@@ -158,7 +207,49 @@ impl Network {
             dropout_rng: Mutex::new(epoch_rng(seed, 0, 2)),
             device: device.clone(),
             act_bits: None,
+            pact: None,
         })
+    }
+
+    /// Turns on PACT activations ([`PactConfig`]): adds the parameter
+    /// `<layer>.act_clip` (shape `[1]`, value `config.clip`) of every linear
+    /// and convolution layer but the first, after the other parameters.
+    /// Call it before an optimizer is built over [`parameters`](Self::parameters).
+    pub fn enable_pact(&mut self, config: PactConfig) -> Result<()> {
+        config.validate()?;
+        if self.pact.is_some() {
+            return Err(ModelsError::Config("PACT is already enabled".into()));
+        }
+        for name in self.clip_names() {
+            let var = Var::from_vec(vec![config.clip], 1, &self.device)?;
+            self.varmap
+                .data()
+                .lock()
+                .map_err(|_| ModelsError::Other("VarMap lock poisoned".into()))?
+                .insert(name.clone(), var.clone());
+            self.params.push((name, var));
+        }
+        self.pact = Some(config);
+        Ok(())
+    }
+
+    /// The PACT settings, if enabled.
+    pub fn pact(&self) -> Option<PactConfig> {
+        self.pact
+    }
+
+    /// The clip parameters PACT adds, in layer order.
+    pub fn clip_names(&self) -> Vec<String> {
+        self.arch
+            .layers()
+            .into_iter()
+            .filter_map(|l| match l {
+                LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. } => Some(name),
+                _ => None,
+            })
+            .skip(1)
+            .map(|name| format!("{name}.{}", qgrad_runtime::ACT_CLIP))
+            .collect()
     }
 
     /// The device the parameters live on.
@@ -304,7 +395,7 @@ impl Network {
             x = match layer {
                 LayerSpec::Linear { name, .. } => {
                     let (w, b) = self.weight_bias(&name, overrides)?;
-                    let x = self.quantize_input(&x)?;
+                    let x = self.quantize_input(&x, &name)?;
                     qgrad_ops::linear(&x, w, Some(b))?
                 }
                 LayerSpec::Conv2d {
@@ -314,7 +405,7 @@ impl Network {
                     ..
                 } => {
                     let (w, b) = self.weight_bias(&name, overrides)?;
-                    let x = self.quantize_input(&x)?;
+                    let x = self.quantize_input(&x, &name)?;
                     qgrad_ops::conv2d(&x, w, Some(b), stride, padding)?
                 }
                 LayerSpec::BatchNorm { name, .. } => self.batch_norm(&x, &name, train)?,
@@ -353,13 +444,40 @@ impl Network {
     /// `x` quantized to the network's activation width with one exponent per
     /// sample (`FixedActivations::quantize`'s rule), straight-through:
     /// the value is the quantized one, the gradient passes to `x` unchanged.
-    fn quantize_input(&self, x: &Tensor) -> Result<Tensor> {
+    /// With PACT, layers with a clip get [`pact`] and the first layer
+    /// `input_bits`.
+    fn quantize_input(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
+        if let Some(config) = self.pact {
+            let clip = format!("{layer}.{}", qgrad_runtime::ACT_CLIP);
+            return match self.parameter(&clip) {
+                Some(beta) => pact(x, beta.as_tensor(), config.bits),
+                None => {
+                    let q = crate::eval::quantize_activations(&x.detach(), config.input_bits)?
+                        .to_dtype(DType::F32)?;
+                    Ok((q + (x - x.detach())?)?)
+                }
+            };
+        }
         let Some(bits) = self.act_bits else {
             return Ok(x.clone());
         };
         let q = crate::eval::quantize_activations(&x.detach(), bits)?.to_dtype(DType::F32)?;
         // q + (x − x̄) is q exactly (x − x̄ = 0) and has x's gradient.
         Ok((q + (x - x.detach())?)?)
+    }
+
+    /// The clip `β` of every PACT layer as used (`max(β, MIN_CLIP)`), by
+    /// parameter name.
+    pub fn activation_clips(&self) -> Result<Vec<NamedTensor>> {
+        self.clip_names()
+            .iter()
+            .filter_map(|n| self.parameter(n).map(|v| (n, v)))
+            .map(|(n, v)| {
+                let mut t = NamedTensor::from_tensor(n, v.as_tensor())?;
+                t.values.iter_mut().for_each(|b| *b = b.max(MIN_CLIP));
+                Ok(t)
+            })
+            .collect()
     }
 
     /// Batch norm over the channel axis (1) of a rank-2 or rank-4 input, as
@@ -493,6 +611,27 @@ impl Network {
     pub fn evaluate(&self, data: &Dataset, norm: &Normalization, batch: usize) -> Result<f64> {
         Ok(self.evaluate_with_loss(data, norm, batch)?.0)
     }
+}
+
+/// PACT's forward (see [`PactConfig`]): `y = min(max(x, 0), β)`, written as
+/// `relu(x) − relu(x − β)` so that `β` gets gradient 1 where `x ≥ β`, then
+/// `round(y · L/β) · β/L` with a straight-through gradient to `y`.
+pub fn pact(x: &Tensor, beta: &Tensor, bits: u8) -> Result<Tensor> {
+    let mut shape = vec![1usize; x.rank()];
+    if shape.is_empty() {
+        shape.push(1);
+    }
+    let beta = beta.maximum(MIN_CLIP)?.reshape(shape.as_slice())?;
+    let y = (x.relu()? - x.broadcast_sub(&beta)?.relu()?)?;
+    let levels = f64::from((1u32 << bits) - 1);
+    let (yd, bd) = (y.detach(), beta.detach());
+    let q = yd
+        .broadcast_div(&bd)?
+        .affine(levels, 0.0)?
+        .round()?
+        .affine(1.0 / levels, 0.0)?
+        .broadcast_mul(&bd)?;
+    Ok((q + (&y - yd)?)?)
 }
 
 fn check_shape(name: &str, expected: &[usize], got: &[usize]) -> Result<()> {

@@ -134,6 +134,11 @@ pub struct TrainConfig {
     /// through gradient); `None`: f32 activations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act_bits: Option<u8>,
+    /// PACT activations (METHOD §9; [`crate::net::PactConfig`]) instead of
+    /// `act_bits`; the network gets its clip parameters when the state is
+    /// made ([`TrainState::new`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pact: Option<crate::net::PactConfig>,
 }
 
 impl TrainConfig {
@@ -167,6 +172,7 @@ impl TrainConfig {
             checkpoint_dir: None,
             optimizer: OptimizerKind::Sgd,
             act_bits: None,
+            pact: None,
         }
     }
 
@@ -209,6 +215,12 @@ impl TrainConfig {
         if let Some(b) = self.act_bits {
             if !(2..=16).contains(&b) {
                 return bad(format!("activation width {b} is not allowed (2..=16)"));
+            }
+        }
+        if let Some(p) = &self.pact {
+            p.validate()?;
+            if self.act_bits.is_some() {
+                return bad("PACT and fixed-point activations (act_bits) exclude each other".into());
             }
         }
         self.optimizer_config()
@@ -388,8 +400,26 @@ impl TrainState {
     /// A fresh network (seeded by `config.seed`) with zero optimizer state
     /// and zero `A`.
     pub fn new(arch: Arch, device: &Device, config: &TrainConfig) -> Result<Self> {
-        let network = Network::new(arch, device, config.seed)?;
-        Self::from_network(network, config)
+        let mut network = Network::new(arch, device, config.seed)?;
+        if let Some(pact) = config.pact {
+            network.enable_pact(pact)?;
+        }
+        let mut state = Self::from_network(network, config)?;
+        state.freeze_fixed_clips()?;
+        Ok(state)
+    }
+
+    /// A fixed PACT clip is a parameter the optimizer never moves.
+    pub(crate) fn freeze_fixed_clips(&mut self) -> Result<()> {
+        if let Some(pact) = self.network.pact() {
+            if !pact.learned {
+                for name in self.network.clip_names() {
+                    let mask = FreezeMask::from_frozen(&[1], &[true], &self.network.device().clone())?;
+                    self.set_mask(&name, mask)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts training an existing network (zero optimizer state, zero `A`).

@@ -43,6 +43,9 @@ pub struct Compressed {
     pub norm: Normalization,
     /// Further metadata pairs.
     pub extra: Vec<(String, String)>,
+    /// PACT activations of the trained network (METHOD §9), whose clips are
+    /// among `params`; `None`: fixed-point activations at the export's width.
+    pub pact: Option<qgrad_models::net::PactConfig>,
 }
 
 /// Post-training quantization (METHOD §3) of a trained network.
@@ -67,6 +70,7 @@ pub fn compress_post_training(
         buffers: host.buffers.clone(),
         norm: host.norm.clone(),
         extra: Vec::new(),
+        pact: None,
     })
 }
 
@@ -119,7 +123,7 @@ pub fn compress_combined(
     )
 }
 
-fn trained_model(
+pub(crate) fn trained_model(
     (state, config): (&qgrad_models::TrainState, &qgrad_models::TrainConfig),
     method: &str,
     options: serde_json::Value,
@@ -145,6 +149,7 @@ fn trained_model(
             .runtime("cannot copy buffers")?,
         norm,
         extra: Vec::new(),
+        pact: state.network.pact(),
     })
 }
 
@@ -234,14 +239,20 @@ pub fn export_and_evaluate(
     test: &Dataset,
     opts: &ExportOptions,
 ) -> Result<Exported> {
+    // With PACT the file's fixed-point width is that of the input layer.
+    let act_bits = model.pact.map_or(opts.act_bits, |p| p.input_bits);
+    let mut extra = model.extra.clone();
+    if let Some(p) = model.pact {
+        extra.push(("pact_bits".into(), p.bits.to_string()));
+    }
     let meta = ExportMetadata {
         arch: model.arch,
-        act_bits: opts.act_bits,
+        act_bits,
         norm: model.norm.clone(),
         method: model.method.clone(),
         options: model.options.clone(),
         seed: model.seed,
-        extra: model.extra.clone(),
+        extra,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).runtime(format!("cannot create {}", parent.display()))?;
@@ -259,13 +270,14 @@ pub fn export_and_evaluate(
         params: &model.params,
         scaled: &model.scaled,
         buffers: &model.buffers,
+        pact_bits: model.pact.map(|p| p.bits),
     };
     let candle = evaluate_candle_model(
         model.arch,
         &tensors,
         test,
         &model.norm,
-        opts.act_bits,
+        act_bits,
         crate::EVAL_BATCH,
         &opts.device,
     )

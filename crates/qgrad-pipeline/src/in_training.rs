@@ -131,7 +131,7 @@ pub(crate) fn run_method<O, H: TrainHook>(
     run: MethodRun<O>,
     data: (&Dataset, &Dataset),
     extra: &mut [&mut dyn TrainHook],
-    make_hook: impl FnOnce(O, &TrainState) -> Result<H>,
+    make_hook: impl FnOnce(O, &mut TrainState) -> Result<H>,
 ) -> Result<RunOutcome<H>> {
     let MethodRun {
         arch,
@@ -142,7 +142,7 @@ pub(crate) fn run_method<O, H: TrainHook>(
     } = run;
     let (mut state, float_accuracy, resumed_after) =
         starting_state(arch, &mut config, start, &device, data)?;
-    let mut hook = make_hook(options, &state)?;
+    let mut hook = make_hook(options, &mut state)?;
     {
         let mut hooks: Vec<&mut dyn TrainHook> = vec![&mut hook];
         hooks.extend(extra.iter_mut().map(|h| &mut **h as &mut dyn TrainHook));

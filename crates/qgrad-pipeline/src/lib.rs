@@ -6,7 +6,9 @@
 //! 2. [`trained`]: train a float baseline (resumable) or load one;
 //! 3. a method: [`compress_post_training`], or an in-training run
 //!    ([`in_training::run_in_training`]) and then [`compress_in_training`] or
-//!    [`compress_combined`], or a loss-aware run ([`run_loss_aware`]);
+//!    [`compress_combined`], or a loss-aware run ([`run_loss_aware`]), or a
+//!    structured run (block masks, `k_w`-bit weights, PACT activations:
+//!    [`run_structured`], [`compress_structured`]);
 //! 4. [`export_and_evaluate`]: write the file, evaluate the quantized model in
 //!    candle, run the file with the integer kernels.
 //!
@@ -66,6 +68,7 @@ pub mod error;
 pub mod in_training;
 pub mod interchange;
 pub mod loss_aware;
+pub mod structured;
 pub mod trained;
 
 use std::fmt;
@@ -84,6 +87,7 @@ pub use data_parallel::{
 pub use error::{FailureKind, PipelineError, Result};
 pub use in_training::{run_in_training, InTrainingOutcome, InTrainingRun, MethodRun, Start};
 pub use loss_aware::{run_loss_aware, LossAwareOutcome, LossAwareRun};
+pub use structured::{compress_structured, run_structured, StructuredOutcome, StructuredRun};
 pub use trained::{load_trained, train_float, HostModel, Trained};
 
 /// Images per evaluation batch (candle and integer kernels alike).

@@ -7,7 +7,10 @@
 //! ReLU, max pooling, flatten; dropout is the identity. Before every linear or
 //! convolution layer the activations are quantized to `act_bits` bits with one
 //! exponent per sample (`FixedActivations::quantize`: exponent
-//! `ceil(log2(max |x|))` over the sample's whole input to that layer).
+//! `ceil(log2(max |x|))` over the sample's whole input to that layer),
+//! except for layers that carry a PACT clip (`<layer>.act_clip`, METHOD §9):
+//! their input becomes `pact_bits`-bit unsigned codes and each output is
+//! multiplied by the step `β / L` once ([`crate::pact`]).
 //!
 //! The training side (`qgrad-models`) has a candle twin of this evaluation
 //! that does the linear and convolution layers in f64, where every product
@@ -142,6 +145,8 @@ pub struct FileModel<'m> {
     /// Its validated metadata.
     pub meta: FileMetadata,
     arch: Arch,
+    /// PACT clip `β` per layer that has one.
+    clips: std::collections::HashMap<String, f32>,
 }
 
 impl<'m> FileModel<'m> {
@@ -150,7 +155,12 @@ impl<'m> FileModel<'m> {
     pub fn new(model: &'m CompressedModel) -> Result<Self> {
         let meta = read_metadata(model)?;
         let arch = meta.arch;
-        let model_ref = FileModel { model, meta, arch };
+        let mut model_ref = FileModel {
+            model,
+            meta,
+            arch,
+            clips: Default::default(),
+        };
         // Check every tensor the layer list needs, with its shape, up front.
         // A batch norm is stored folded or as its four tensors (FORMAT.md).
         for (name, shape) in arch.stored_tensor_shapes(|layer| model_ref.is_folded(layer)) {
@@ -164,7 +174,58 @@ impl<'m> FileModel<'m> {
                 )));
             }
         }
+        for layer in arch.layers() {
+            let (LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. }) = layer else {
+                continue;
+            };
+            let clip_name = format!("{name}.{}", crate::pact::ACT_CLIP);
+            let Some(t) = model_ref.model.tensor(&clip_name) else {
+                continue;
+            };
+            let bits = model_ref.meta.pact_bits.ok_or_else(|| {
+                invalid(format!(
+                    "tensor '{clip_name}' is a PACT clip, but the metadata has no 'pact_bits'"
+                ))
+            })?;
+            let beta = match t.dequantize().as_slice() {
+                [beta] => *beta,
+                v => {
+                    return Err(invalid(format!(
+                        "PACT clip '{clip_name}' holds {} values, not 1",
+                        v.len()
+                    )))
+                }
+            };
+            crate::pact::check_pact(beta, bits)?;
+            model_ref.clips.insert(name, beta);
+        }
         Ok(model_ref)
+    }
+
+    /// The input of layer `name` as integers for the kernels, and the step
+    /// each output must be multiplied by (PACT layers only).
+    fn layer_input(
+        &self,
+        name: &str,
+        x: &Activations,
+        cols: usize,
+    ) -> Result<(FixedActivations, Option<f32>)> {
+        match (self.clips.get(name), self.meta.pact_bits) {
+            (Some(&beta), Some(bits)) => {
+                let values = crate::pact::pact_codes(&x.values, beta, bits)?;
+                let acts = FixedActivations {
+                    values,
+                    rows: x.n,
+                    cols,
+                    frac_bits: vec![0; x.n],
+                };
+                Ok((acts, Some(crate::pact::pact_step(beta, bits))))
+            }
+            _ => Ok((
+                FixedActivations::quantize(&x.values, x.n, cols, self.meta.act_bits)?,
+                None,
+            )),
+        }
     }
 
     /// The network the file holds.
@@ -216,7 +277,6 @@ impl<'m> FileModel<'m> {
     }
 
     fn forward(&self, mut x: Activations) -> Result<Activations> {
-        let bits = self.meta.act_bits;
         for layer in self.arch.layers() {
             x = match layer {
                 LayerSpec::Flatten => Activations {
@@ -241,8 +301,11 @@ impl<'m> FileModel<'m> {
                             x.per_sample()
                         )));
                     }
-                    let acts = FixedActivations::quantize(&x.values, x.n, inputs, bits)?;
+                    let (acts, step) = self.layer_input(&name, &x, inputs)?;
                     let mut y = self.tensor(&format!("{name}.weight"))?.matmul(&acts)?;
+                    if let Some(step) = step {
+                        y.iter_mut().for_each(|v| *v *= step);
+                    }
                     let bias = self.float(&format!("{name}.bias"))?;
                     for row in y.chunks_exact_mut(outputs) {
                         for (v, b) in row.iter_mut().zip(&bias) {
@@ -270,11 +333,14 @@ impl<'m> FileModel<'m> {
                         )));
                     }
                     let per = x.per_sample();
-                    let acts = FixedActivations::quantize(&x.values, x.n, per, bits)?;
+                    let (acts, step) = self.layer_input(&name, &x, per)?;
                     let input = [x.shape[0], x.shape[1], x.shape[2]];
                     let (mut y, out_shape) = self
                         .tensor(&format!("{name}.weight"))?
                         .conv2d(&acts, input, kernel, stride, padding)?;
+                    if let Some(step) = step {
+                        y.iter_mut().for_each(|v| *v *= step);
+                    }
                     let bias = self.float(&format!("{name}.bias"))?;
                     let plane = out_shape[1] * out_shape[2];
                     if out_shape[0] != out_channels || y.len() != x.n * out_channels * plane {

@@ -10,7 +10,8 @@
 //!   description that the training forward pass, the candle evaluation of the
 //!   quantized model and this runtime all interpret;
 //! * [`metadata`]: the keys a file carries so that it can run on its own;
-//! * [`infer`]: whole-network inference from the file ([`FileModel`]).
+//! * [`infer`]: whole-network inference from the file ([`FileModel`]);
+//! * [`pact`]: the learned-clip activations of structured sparsity (METHOD §9).
 //!
 //! ```
 //! use qgrad_csr::{encode, CompressedModel, EncodeOptions, TensorData};
@@ -72,11 +73,13 @@
 pub mod error;
 pub mod infer;
 pub mod metadata;
+pub mod pact;
 pub mod spec;
 
 pub use error::{Result, RuntimeError};
 pub use infer::{EvalReport, FileModel, DEFAULT_ACT_BITS};
 pub use metadata::{read_metadata, ExportMetadata, FileMetadata};
+pub use pact::{pact_codes, pact_step, ACT_CLIP};
 pub use spec::{Arch, DatasetKind, LayerSpec, UnknownArch};
 
 /// Batch-norm epsilon (PyTorch's default); the training forward pass uses the

@@ -2,7 +2,8 @@
 //!
 //! Keys (all values strings): `arch` (the [`Arch`] name), `act_bits`,
 //! `norm.mean` / `norm.std` (JSON arrays of f32, which round-trip exactly),
-//! `method`, `options` (JSON), `seed`, `qgrad_version`, plus any extra pairs
+//! `method`, `options` (JSON), `seed`, `qgrad_version`, `pact_bits` (only in
+//! files with PACT activations, [`crate::pact`]), plus any extra pairs
 //! the writer adds (e.g. `float_accuracy`). FORMAT.md of qgrad-csr lists them
 //! too, so that a reader in another language knows them.
 
@@ -100,6 +101,9 @@ pub struct FileMetadata {
     pub method: Option<String>,
     /// The seed of the run that made the file, if recorded.
     pub seed: Option<u64>,
+    /// `k_a` of the layers whose input is PACT-quantized (key `pact_bits`;
+    /// those layers carry a `<layer>.act_clip` tensor, see [`crate::pact`]).
+    pub pact_bits: Option<u8>,
 }
 
 impl FileMetadata {
@@ -141,7 +145,17 @@ pub fn read_metadata(model: &qgrad_csr::CompressedModel) -> Result<FileMetadata>
     if std.iter().any(|&s| s <= 0.0) {
         return Err(bad("'norm.std' must be positive"));
     }
+    let pact_bits = match model.metadata_value("pact_bits") {
+        None => None,
+        Some(v) => Some(
+            v.parse()
+                .ok()
+                .filter(|b| crate::pact::PACT_BITS_RANGE.contains(b))
+                .ok_or_else(|| bad("'pact_bits' is not a width in 2..=16"))?,
+        ),
+    };
     Ok(FileMetadata {
+        pact_bits,
         arch,
         act_bits,
         mean,

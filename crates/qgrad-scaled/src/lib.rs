@@ -28,7 +28,9 @@
 //!   [`stochastic_ternary`]), so that small weights still take part; for
 //!   evaluation and export ([`quantize`]) it is deterministic, `clip(W)`
 //!   rounded to the nearest of {−1, 0, +1} (threshold ½).
-//! * Ties in LAQ's nearest level go to the smaller magnitude.
+//! * Ties in LAQ's nearest level go to the smaller magnitude; so do
+//!   [`Method::Uniform`]'s (structured sparsity, METHOD §9), whose scale is
+//!   not solved for but fixed at `max |W|` of the group.
 //!
 //! ```
 //! use qgrad_scaled::{quantize, Method};
@@ -51,7 +53,7 @@
 mod solvers;
 pub mod sparse;
 
-pub use sparse::{budget_at, curvature_score, kept_count, quantize_sparse};
+pub use sparse::{budget_at, curvature_score, kept_count, quantize_masked, quantize_sparse};
 
 use std::fmt;
 use std::str::FromStr;
@@ -104,6 +106,14 @@ pub enum Method {
         /// Logarithmic levels (powers of two) instead of linear ones.
         log: bool,
     },
+    /// Symmetric uniform `k`-bit weights of structured sparsity (METHOD §9):
+    /// `α = max |W|`, levels `α·{−n … n}/n` with `n = 2^(k−1) − 1`, each
+    /// weight rounded to the nearest level. (METHOD §9's `k = 1` is
+    /// [`Method::Bwn`].)
+    Uniform {
+        /// Bits per weight, 2..=8 (2 is ternary at threshold `α/2`).
+        bits: u8,
+    },
 }
 
 impl Method {
@@ -132,7 +142,11 @@ impl Method {
     pub fn loss_aware(self) -> bool {
         !matches!(
             self,
-            Method::BinaryConnect | Method::Bwn | Method::TerConnect | Method::Twn
+            Method::BinaryConnect
+                | Method::Bwn
+                | Method::TerConnect
+                | Method::Twn
+                | Method::Uniform { .. }
         )
     }
 
@@ -144,7 +158,7 @@ impl Method {
     /// The largest code magnitude `n`: codes lie in `−n ..= n` (binary: ±1).
     pub fn max_code(self) -> i8 {
         match self {
-            Method::Laq { bits, .. } => ((1i32 << (bits - 1)) - 1) as i8,
+            Method::Laq { bits, .. } | Method::Uniform { bits } => ((1i32 << (bits - 1)) - 1) as i8,
             _ => 1,
         }
     }
@@ -165,7 +179,7 @@ impl Method {
         let k = code as i32;
         match self {
             Method::Laq { log: true, .. } if k != 0 => (k.signum() as f32) * 2f32.powi(k.abs() - n),
-            Method::Laq { .. } => k as f32 / n as f32,
+            Method::Laq { .. } | Method::Uniform { .. } => k as f32 / n as f32,
             _ => k as f32,
         }
     }
@@ -187,6 +201,9 @@ impl Method {
             Method::Laq { bits, .. } if !(2..=8).contains(&bits) => Err(ScaledError::Method(
                 format!("LAQ takes 2..=8 bits, not {bits}"),
             )),
+            Method::Uniform { bits } if !(2..=8).contains(&bits) => Err(ScaledError::Method(
+                format!("uniform quantization takes 2..=8 bits (1 bit is bwn), not {bits}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -207,6 +224,7 @@ impl fmt::Display for Method {
             Method::Laq { bits, log } => {
                 write!(f, "laq{bits}{}", if *log { "-log" } else { "" })
             }
+            Method::Uniform { bits } => write!(f, "uniform{bits}"),
         }
     }
 }
@@ -227,6 +245,12 @@ impl FromStr for Method {
             "lat-e" | "lat-exact" => Method::LatExact,
             "lat2-a" | "lat2-approx" => Method::Lat2Approx,
             "lat2-e" | "lat2-exact" => Method::Lat2Exact,
+            other if other.starts_with("uniform") => {
+                let bits = other["uniform".len()..].trim_start_matches('-');
+                Method::Uniform {
+                    bits: bits.parse().map_err(|_| unknown(s))?,
+                }
+            }
             other => {
                 let rest = other.strip_prefix("laq").ok_or_else(|| unknown(s))?;
                 let (bits, log) = match rest.strip_suffix("-log") {
@@ -245,7 +269,7 @@ impl FromStr for Method {
 fn unknown(s: &str) -> ScaledError {
     ScaledError::Method(format!(
         "unknown quantizer '{s}' (expected binary-connect, bwn, lab, ter-connect, twn, lat-a, \
-         lat-e, lat2-a, lat2-e, laq<m> or laq<m>-log)"
+         lat-e, lat2-a, lat2-e, laq<m>, laq<m>-log or uniform<m>)"
     ))
 }
 

@@ -41,6 +41,32 @@ pub(crate) fn solve(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8
             (codes, vec![alpha])
         }
         Method::Lat2Approx | Method::Lat2Exact => two_sided(method, w, d, warm),
+        Method::Uniform { .. } => {
+            let alpha = w.iter().fold(0f32, |m, &x| m.max(x.abs()));
+            // The nearest level directly (ties to the smaller magnitude):
+            // no search over up to 255 levels per weight, every step.
+            let n = f64::from(method.max_code());
+            let codes = if alpha > 0.0 {
+                w.iter()
+                    .map(|&x| {
+                        let t = ((x as f64).abs() / alpha as f64).min(1.0) * n;
+                        let mut k = t.floor();
+                        if t - k > 0.5 {
+                            k += 1.0;
+                        }
+                        let k = k as i8;
+                        if x < 0.0 {
+                            -k
+                        } else {
+                            k
+                        }
+                    })
+                    .collect()
+            } else {
+                vec![0; w.len()]
+            };
+            (codes, vec![alpha])
+        }
         Method::Laq { .. } => {
             let start = warm
                 .map(|(_, s)| s[0] as f64)

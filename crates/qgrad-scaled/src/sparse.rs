@@ -111,6 +111,33 @@ pub fn quantize_sparse(
     for &i in &order[..keep] {
         kept[i] = true;
     }
+    quantize_masked(method, w, d, groups, &kept, warm)
+}
+
+/// `method`'s quantization of the elements of `w` where `kept` is true (per
+/// group, the solver sees only them); the others get code 0 and value 0.0,
+/// binary methods included. This is how a fixed sparsity mask (block
+/// sparsity, METHOD §9) meets a quantizer: the scale is that of the kept
+/// weights alone.
+pub fn quantize_masked(
+    method: Method,
+    w: &[f32],
+    d: Option<&[f32]>,
+    groups: usize,
+    kept: &[bool],
+    warm: Option<&Quantized>,
+) -> Result<Quantized> {
+    if kept.len() != w.len() {
+        return Err(ScaledError::Shape(format!(
+            "a mask of {} elements for {} weights",
+            kept.len(),
+            w.len()
+        )));
+    }
+    crate::check_groups(w.len(), groups)?;
+    if kept.iter().all(|&k| k) {
+        return quantize(method, w, d, groups, warm);
+    }
     let warm = warm.filter(|q| q.codes.len() == w.len());
     let per = w.len() / groups;
     let spg = method.scales_per_group();

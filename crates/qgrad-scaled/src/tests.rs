@@ -317,3 +317,66 @@ fn the_budget_schedule_falls_from_one_to_the_target() {
     assert_eq!(kept_count(0.01, 10).unwrap(), 1);
     assert_eq!(kept_count(0.5, 0).unwrap(), 0);
 }
+
+proptest! {
+    /// METHOD §9: `α = max |W|`, levels `α·{−n … n}/n`, each weight on its
+    /// nearest level, so at most `2^k − 1` distinct values (≤ 2^k).
+    #[test]
+    fn uniform_weights_sit_on_the_nearest_of_their_levels(w in weights(64), bits in 2u8..=8) {
+        let m = Method::Uniform { bits };
+        let q = quantize(m, &w, None, 1, None).unwrap();
+        let alpha = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+        prop_assert_eq!(q.scales.clone(), vec![alpha]);
+        let n = (1i32 << (bits - 1)) - 1;
+        prop_assert!(distinct(&q.values) < 1usize << bits);
+        for ((&x, &c), &v) in w.iter().zip(&q.codes).zip(&q.values) {
+            prop_assert!((c as i32).abs() <= n);
+            prop_assert_eq!(v, alpha * m.level(c));
+            // No level is nearer (up to rounding of the level values).
+            let step = alpha as f64 / n as f64;
+            prop_assert!(((x - v) as f64).abs() <= step / 2.0 + 1e-6, "{} -> {}", x, v);
+        }
+    }
+
+    /// A mask zeroes what it masks, binary codes included, and the scale is
+    /// that of the kept weights alone.
+    #[test]
+    fn a_mask_zeroes_the_masked_weights(
+        (w, kept) in (1usize..48).prop_flat_map(|n| (
+            prop::collection::vec(-1.0f32..1.0, n),
+            prop::collection::vec(any::<bool>(), n),
+        )),
+        bits in 1u8..=4,
+    ) {
+        let m = if bits == 1 { Method::Bwn } else { Method::Uniform { bits } };
+        let q = quantize_masked(m, &w, None, 1, &kept, None).unwrap();
+        let kept_w: Vec<f32> = w.iter().zip(&kept).filter(|(_, &k)| k).map(|(&x, _)| x).collect();
+        for (i, &k) in kept.iter().enumerate() {
+            if !k {
+                prop_assert_eq!(q.codes[i], 0);
+                prop_assert_eq!(q.values[i], 0.0);
+            }
+        }
+        if !kept_w.is_empty() && kept.iter().any(|k| !k) {
+            let alone = quantize(m, &kept_w, None, 1, None).unwrap();
+            prop_assert_eq!(q.scales.clone(), alone.scales);
+        }
+    }
+}
+
+#[test]
+fn uniform_names_and_widths() {
+    for bits in 2..=8 {
+        let m = Method::Uniform { bits };
+        assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
+        assert!(!m.loss_aware() && !m.binary());
+    }
+    assert_eq!("uniform-3".parse::<Method>().unwrap(), Method::Uniform { bits: 3 });
+    assert!("uniform1".parse::<Method>().is_err());
+    assert!("uniform9".parse::<Method>().is_err());
+    assert!("uniformx".parse::<Method>().is_err());
+    // Two bits: ternary with threshold α/2.
+    let q = quantize(Method::Uniform { bits: 2 }, &[1.0, 0.49, -0.51, 0.0], None, 1, None).unwrap();
+    assert_eq!(q.codes, vec![1, 0, -1, 0]);
+    assert!(quantize_masked(Method::Bwn, &[1.0], None, 1, &[true, false], None).is_err());
+}

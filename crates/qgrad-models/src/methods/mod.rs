@@ -55,6 +55,7 @@ pub mod in_training;
 pub mod loss_aware;
 pub mod post_training;
 pub mod sparsity;
+pub mod structured;
 #[cfg(test)]
 mod tests;
 
@@ -78,6 +79,7 @@ pub use post_training::{post_training, PostTrainingOptions};
 pub use sparsity::{
     block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
 };
+pub use structured::{StructuredHook, StructuredOptions, StructuredWeights};
 
 /// The weight of every linear and convolution layer of `arch`, in layer
 /// order: what the weight quantizers and the sparsity masks cover.
