@@ -28,6 +28,7 @@ mod recipe;
 pub mod report;
 pub mod reproduce;
 pub mod results;
+pub mod structured;
 
 use std::path::PathBuf;
 

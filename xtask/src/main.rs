@@ -74,6 +74,11 @@ enum Command {
     /// the authors' poster, validation curves, gradient-norm traces and
     /// spectral norms; LSTM.md, lstm.json and plots.
     Lstm(LstmArgs),
+    /// The structured-sparsity design sweep (METHOD §9): MLPs under block
+    /// masks with k_w-bit weights and k_a-bit PACT activations, each run from
+    /// its file; Pareto fronts by total and by weight memory; STRUCTURED.md,
+    /// structured.json and plots.
+    Structured(StructuredArgs),
     /// The power law of pruned networks (METHOD §14) over compressed files,
     /// with a random-mask control: POWERLAW.md, powerlaw.json and one
     /// log-log CCDF plot per file.
@@ -85,6 +90,75 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "runs/powerlaw")]
         out: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct StructuredArgs {
+    /// MNIST folder [default: datasets/mnist when present, else the shipped
+    /// subset datasets/mnist-mini].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The output folder.
+    #[arg(long, value_name = "DIR", default_value = "runs/structured")]
+    out: PathBuf,
+    /// The small grid of `reproduce --quick` instead of the full one.
+    #[arg(long)]
+    quick: bool,
+    /// Only these designs (w<width>x<depth>-kw<bits>-ka<bits>-c<compression>,
+    /// comma-separated) instead of the grid.
+    #[arg(long, value_delimiter = ',')]
+    designs: Vec<String>,
+    /// Epochs per design.
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    /// At most this many training images.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Seed of initialisation, masks and batches.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only rewrite the report from the finished designs.
+    #[arg(long)]
+    report_only: bool,
+    /// The initial PACT clip of every layer.
+    #[arg(long, default_value_t = xtask::structured::DEFAULT_CLIP)]
+    clip: f32,
+}
+
+fn run_structured(a: StructuredArgs) -> anyhow::Result<()> {
+    let root = xtask::repo_root();
+    let data = a.data.unwrap_or_else(|| {
+        let full = root.join("datasets/mnist");
+        if full.join("train-images-idx3-ubyte.gz").is_file()
+            || full.join("train-images-idx3-ubyte").is_file()
+        {
+            full
+        } else {
+            root.join("datasets/mnist-mini")
+        }
+    });
+    let designs = if a.designs.is_empty() {
+        xtask::structured::designs(a.quick)
+    } else {
+        a.designs
+            .iter()
+            .map(|s| s.trim().parse())
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let opts = xtask::structured::SweepOptions {
+        data,
+        out: a.out.clone(),
+        designs,
+        epochs: a.epochs,
+        train_limit: a.train_limit,
+        seed: a.seed,
+        report_only: a.report_only,
+        progress: true,
+        clip: a.clip,
+    };
+    xtask::structured::run(&opts)?;
+    println!("wrote {}", a.out.join("STRUCTURED.md").display());
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -493,6 +567,7 @@ fn main() -> ExitCode {
         Command::Report { out } => run_report(out),
         Command::BenchTrain(args) => bench_train::run(args),
         Command::Lstm(a) => run_lstm(a),
+        Command::Structured(a) => run_structured(a),
         Command::Continual {
             data,
             out,

@@ -272,6 +272,22 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
             progress: true,
         })?;
     }
+    // METHOD §9: the structured-sparsity design sweep (quick: the small grid
+    // on the shipped subset, 6 epochs; full: the whole grid, 4 epochs).
+    if opts.scale != Scale::Smoke {
+        let quick = opts.scale == Scale::Quick;
+        crate::structured::run(&crate::structured::SweepOptions {
+            data: opts.data.clone(),
+            out: opts.out.join("structured"),
+            designs: crate::structured::designs(quick),
+            epochs: if quick { 6 } else { 4 },
+            train_limit: None,
+            seed: opts.seed,
+            report_only: false,
+            progress: opts.progress,
+            clip: crate::structured::DEFAULT_CLIP,
+        })?;
+    }
     Ok(record)
 }
 

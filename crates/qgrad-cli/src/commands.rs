@@ -27,7 +27,7 @@ use crate::failure::{Classify, CliResult, Failure};
 use crate::{
     AnalyzeArgs, CombinedArgs, DataArgs, EvalArgs, ExportArgs, ImportArgs, InTrainingArgs,
     InTrainingOptionArgs, InspectArgs, LossAwareArgs, OutputArgs, PostArgs, PostOptionArgs,
-    RepackArgs, TrainArgs, TrainingArgs,
+    RepackArgs, StructuredArgs, TrainArgs, TrainingArgs,
 };
 
 pub(crate) fn load_data(arch: Arch, args: &DataArgs) -> CliResult<(Dataset, Dataset)> {
@@ -206,6 +206,9 @@ struct QuantizeOutcome {
     mismatches: usize,
     test_images: usize,
     act_bits: u8,
+    /// `k_a` of PACT activations (structured runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pact_bits: Option<u8>,
     summary: QuantizeSummary,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     training: Vec<EpochStats>,
@@ -271,7 +274,8 @@ fn export_and_print(
         file_accuracy: file_eval.accuracy,
         mismatches: out.mismatches().unwrap_or(0),
         test_images: test.len(),
-        act_bits: output.act_bits,
+        act_bits: model.pact.map_or(output.act_bits, |p| p.input_bits),
+        pact_bits: model.pact.map(|p| p.bits),
         summary: model.summary.clone(),
         training: run.training,
         splits: run.splits,
@@ -313,9 +317,9 @@ fn export_and_print(
         println!("trained accuracy    {}  (before export, f32)", pct(a));
     }
     println!(
-        "quantized accuracy  {}  (candle, {}-bit activations)",
+        "quantized accuracy  {}  (candle, {})",
         pct(outcome.quantized_accuracy),
-        outcome.act_bits
+        activations(outcome.act_bits, outcome.pact_bits)
     );
     println!(
         "file accuracy       {}  (integer kernels, {} test images)",
@@ -589,11 +593,11 @@ pub fn eval(args: EvalArgs) -> CliResult<()> {
     }
     println!("model        {arch}");
     println!(
-        "accuracy     {}  ({} / {} test images, integer kernels, {}-bit activations)",
+        "accuracy     {}  ({} / {} test images, integer kernels, {})",
         pct(report.accuracy),
         report.correct,
         report.total,
-        file_model.meta.act_bits
+        activations(file_model.meta.act_bits, file_model.meta.pact_bits)
     );
     if let (Some(c), Some(m)) = (&candle, mismatches) {
         println!("candle       {}  ({m} mismatching images)", pct(c.accuracy));
@@ -924,4 +928,111 @@ pub fn inspect(args: InspectArgs) -> CliResult<()> {
         size.ratio
     );
     Ok(())
+}
+
+/// How a file's activations are quantized, in words.
+fn activations(act_bits: u8, pact_bits: Option<u8>) -> String {
+    match pact_bits {
+        Some(k) => format!("{k}-bit PACT activations, {act_bits}-bit input"),
+        None => format!("{act_bits}-bit activations"),
+    }
+}
+
+pub fn structured(args: StructuredArgs) -> CliResult<()> {
+    use qgrad_models::methods::{
+        BlockSelection, BlockSparsityOptions, StructuredOptions, WeightScale,
+    };
+    let arch = args.training.model;
+    let mut config = training_config(arch, &args.training)?;
+    if args.training.optimizer.is_none() {
+        config.optimizer = OptimizerKind::ADAM;
+    }
+    if args.training.lr.is_none() {
+        // The recipe of `cargo xtask structured` (Adam).
+        config.lr = 0.002;
+    }
+    config.checkpoint_dir = args.checkpoint_dir.clone();
+    if ![2, 3, 4, 8, 32].contains(&args.pact_bits) {
+        return Err(Failure::usage(format!(
+            "--pact-bits {} is not one of 2, 3, 4, 8, 32",
+            args.pact_bits
+        )));
+    }
+    config.pact = (args.pact_bits < 32).then_some(qgrad_models::net::PactConfig {
+        bits: args.pact_bits,
+        clip: args.clip,
+        learned: !args.fixed_clip,
+        input_bits: args.input_bits,
+    });
+    config.validate().usage("invalid training options")?;
+    let selection = match args.selection.as_str() {
+        "norm" => BlockSelection::Norm,
+        "accumulated-gradient" => BlockSelection::AccumulatedGradient,
+        _ => BlockSelection::Random { seed: config.seed },
+    };
+    if selection != (BlockSelection::Random { seed: config.seed }) && args.init.is_none() {
+        return Err(Failure::usage(format!(
+            "--selection {} ranks the blocks of a trained network: give it with --init",
+            args.selection
+        )));
+    }
+    let options = StructuredOptions {
+        weight_bits: args.weight_bits,
+        blocks: Some(BlockSparsityOptions {
+            block: args.block,
+            compression: args.compression,
+            selection,
+            dense_first_last: args.dense_first_last,
+        }),
+        scale: if args.scale == "least-squares" {
+            WeightScale::LeastSquares
+        } else {
+            WeightScale::Max
+        },
+    };
+    options.validate().usage("invalid structured options")?;
+    let (train, test) = load_data(arch, &args.data)?;
+    let start = match args.init.as_deref() {
+        Some(path) => Start::Checkpoint {
+            path,
+            accum: qgrad_pipeline::AccumStart::Carry,
+            evaluate: true,
+        },
+        None => Start::Scratch,
+    };
+    eprintln!(
+        "training {arch} for {} epochs: {}-bit weights, {}-bit activations, {}x block compression ({}x{} blocks, seed {})",
+        config.epochs,
+        args.weight_bits,
+        args.pact_bits,
+        args.compression,
+        args.block.0,
+        args.block.1,
+        config.seed
+    );
+    let run = qgrad_pipeline::StructuredRun {
+        arch,
+        config,
+        options,
+        start,
+        device: default_device(),
+    };
+    let outcome = qgrad_pipeline::run_structured(run, (&train, &test), &mut [&mut EpochPrinter])?;
+    let json_options = json!({
+        "structured": options,
+        "pact": outcome.config.pact,
+        "init": args.init,
+        "epochs": outcome.config.epochs,
+        "lr": outcome.config.lr,
+        "batch_size": outcome.config.batch_size,
+        "optimizer": outcome.config.optimizer_config().name(),
+    });
+    let model = qgrad_pipeline::compress_structured(&outcome, json_options)?;
+    let report = RunReport {
+        float_accuracy: outcome.float_accuracy,
+        trained_accuracy: outcome.state.history.last().map(|e| e.test_accuracy),
+        training: outcome.state.history.clone(),
+        splits: Vec::new(),
+    };
+    export_and_print(model, report, &test, &args.output)
 }

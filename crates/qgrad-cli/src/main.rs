@@ -204,6 +204,71 @@ enum QuantizeCommand {
     /// TWN and TerConnect baselines) and write them as scaled codes.
     #[command(name = "loss-aware", after_help = EXIT_CODES)]
     LossAware(LossAwareArgs),
+    /// Structured sparsity with low-bit weights and activations (METHOD
+    /// §9): train under block masks (the same number of kept blocks in every
+    /// block row) with k_w-bit uniform weights and k_a-bit PACT activations,
+    /// and write the file (block layout where it is the smallest).
+    #[command(after_help = EXIT_CODES)]
+    Structured(StructuredArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StructuredArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// Weight bits k_w: 1 (α·sign W), 2, 3, 4, 8 (uniform), or 32 (float).
+    #[arg(long, default_value_t = 2)]
+    weight_bits: u8,
+    /// Activation bits k_a after every ReLU (PACT): 2, 3, 4, 8, or 32 (float
+    /// activations in training, --act-bits fixed point in the file).
+    #[arg(long, default_value_t = 2)]
+    pact_bits: u8,
+    /// Block compression c: one block in c kept per block row (1, 2, 4, 8, 16).
+    #[arg(long, default_value_t = 4)]
+    compression: usize,
+    /// Block shape ROWSxCOLS.
+    #[arg(long, default_value = "16x16", value_parser = parse_block)]
+    block: (usize, usize),
+    /// How the kept blocks are chosen: random (from --seed, before
+    /// training), norm (block L2 norm) or accumulated-gradient (block A); the
+    /// last two read the --init network.
+    #[arg(long, default_value = "random", value_parser = ["random", "norm", "accumulated-gradient"])]
+    selection: String,
+    /// Keep the first and the last layer dense.
+    #[arg(long)]
+    dense_first_last: bool,
+    /// The scale of k_w >= 2: max (α = max |W|, METHOD §9) or least-squares.
+    #[arg(long, default_value = "max", value_parser = ["max", "least-squares"])]
+    scale: String,
+    /// Initial PACT clip β of every layer.
+    #[arg(long, default_value_t = 2.0)]
+    clip: f32,
+    /// Keep the PACT clips fixed instead of learning them.
+    #[arg(long)]
+    fixed_clip: bool,
+    /// Bits of the network input (the first layer's activations) with PACT.
+    #[arg(long, default_value_t = 8)]
+    input_bits: u8,
+    /// Start from this trained checkpoint instead of a fresh network.
+    #[arg(long, value_name = "CHECKPOINT")]
+    init: Option<PathBuf>,
+    /// Checkpoint the run here after every epoch; a checkpoint already there
+    /// is resumed.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+fn parse_block(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("block '{s}': expected ROWSxCOLS, e.g. 16x16");
+    let (r, c) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    match (r.parse(), c.parse()) {
+        (Ok(r), Ok(c)) if r > 0 && c > 0 => Ok((r, c)),
+        _ => Err(bad()),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -620,6 +685,7 @@ fn main() -> ExitCode {
         Command::Quantize(QuantizeCommand::InTraining(args)) => commands::in_training(args),
         Command::Quantize(QuantizeCommand::Combined(args)) => commands::combined(args),
         Command::Quantize(QuantizeCommand::LossAware(args)) => commands::loss_aware(args),
+        Command::Quantize(QuantizeCommand::Structured(args)) => commands::structured(args),
         Command::Eval(args) => commands::eval(args),
         Command::TrainLstm(args) => lstm::train_lstm(args),
         Command::Generate(args) => lstm::generate(args),

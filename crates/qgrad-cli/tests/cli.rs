@@ -891,3 +891,89 @@ fn a_state_dict_round_trips_through_export_and_import() {
         "already holds a checkpoint",
     );
 }
+
+#[test]
+fn structured_training_writes_a_block_sparse_low_bit_file_that_eval_runs() {
+    // METHOD §9: 1-bit weights under 4x block masks (binary codes in layout
+    // 3) and 2-bit PACT activations, run from the file like candle.
+    let dir = tempfile::tempdir().unwrap();
+    let data = mini();
+    let data = data.to_str().unwrap();
+    let file = dir.path().join("s.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "structured",
+        "--model",
+        "mlp-128x2",
+        "--weight-bits",
+        "1",
+        "--pact-bits",
+        "2",
+        "--compression",
+        "4",
+        "--block",
+        "8x16",
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--test-limit",
+        "300",
+        "--no-progress",
+        "--json",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert_eq!(r["method"], "structured:w1-a2-c4");
+    assert_eq!(r["pact_bits"], 2);
+    // 1 bit per kept weight, a quarter kept (128x for the weights alone;
+    // the float biases and the headers take their share).
+    assert!(r["ratio"].as_f64().unwrap() > 60.0, "{r}");
+    assert!(r["file_accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    let o = qgrad(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--compare-candle",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["accuracy"], r["file_accuracy"]);
+    assert_eq!(e["mismatches"], 0);
+    let o = qgrad(&["inspect", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("block"), "{table}");
+    // Bad options are usage errors, and no file is written.
+    let bad = dir.path().join("bad.qgz");
+    for (flag, value, needle) in [
+        ("--pact-bits", "5", "pact-bits"),
+        ("--weight-bits", "5", "weight width"),
+        ("--compression", "3", "compression"),
+        ("--block", "0x4", "block"),
+        ("--selection", "norm", "--init"),
+        ("--clip", "nan", "clip"),
+    ] {
+        let o = qgrad(&[
+            "quantize",
+            "structured",
+            flag,
+            value,
+            "--data",
+            data,
+            "--out",
+            bad.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&o, 2, needle);
+        assert!(!bad.exists());
+    }
+}

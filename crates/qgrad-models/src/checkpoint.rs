@@ -244,7 +244,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<(TrainState, Trai
         network.enable_pact(pact)?;
     }
     let clips: Vec<(String, Vec<usize>)> = match network.pact() {
-        Some(_) => network.clip_names().into_iter().map(|n| (n, vec![1])).collect(),
+        Some(_) => network
+            .clip_names()
+            .into_iter()
+            .map(|n| (n, vec![1]))
+            .collect(),
         None => Vec::new(),
     };
     let mut host = Vec::new();

@@ -225,12 +225,14 @@ pub fn evaluate_candle_model(
     let mut clips = std::collections::HashMap::new();
     if let Some(bits) = pact_bits {
         for p in params {
-            if let Some(layer) = p.name.strip_suffix(&format!(".{}", qgrad_runtime::ACT_CLIP)) {
+            if let Some(layer) = p
+                .name
+                .strip_suffix(&format!(".{}", qgrad_runtime::ACT_CLIP))
+            {
                 let &[beta] = p.values.as_slice() else {
                     return Err(invalid(format!("PACT clip '{}' is not one value", p.name)));
                 };
-                qgrad_runtime::pact::check_pact(beta, bits)
-                    .map_err(|e| invalid(e.to_string()))?;
+                qgrad_runtime::pact::check_pact(beta, bits).map_err(|e| invalid(e.to_string()))?;
                 clips.insert(layer.to_string(), beta);
             }
         }

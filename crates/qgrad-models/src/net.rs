@@ -742,4 +742,99 @@ mod tests {
         };
         assert!(dst.set_from_host(&[unknown]).is_err());
     }
+
+    #[test]
+    fn pact_clips_rounds_and_passes_gradients_only_inside_the_clip() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(vec![-1.0f32, 0.2, 0.9, 1.4, 3.0], (1, 5), &dev).unwrap();
+        let beta = Var::from_vec(vec![1.5f32], 1, &dev).unwrap();
+        // 2 bits: steps of 0.5 on [0, 1.5].
+        let y = pact(x.as_tensor(), beta.as_tensor(), 2).unwrap();
+        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![0.0, 0.0, 1.0, 1.5, 1.5]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Straight through inside [0, β], blocked outside.
+        assert_eq!(gx, vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+        // β gets 1 from every input above it (only 3.0 here).
+        let gb: Vec<f32> = grads.get(&beta).unwrap().to_vec1().unwrap();
+        assert_eq!(gb, vec![1.0]);
+        // A clip driven below MIN_CLIP is used as MIN_CLIP.
+        let tiny = Tensor::new(&[-3.0f32], &dev).unwrap();
+        let y = pact(x.as_tensor(), &tiny, 2).unwrap();
+        let m: f32 = y.max_all().unwrap().to_scalar().unwrap();
+        assert!((m - MIN_CLIP).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pact_adds_one_clip_per_layer_but_the_first_and_checkpoints_them() {
+        let arch: Arch = "mlp-32x3".parse().unwrap();
+        let mut net = Network::new(arch, &Device::Cpu, 1).unwrap();
+        let before = net.parameters().len();
+        let config = PactConfig {
+            bits: 3,
+            clip: 2.0,
+            learned: true,
+            input_bits: 8,
+        };
+        net.enable_pact(config).unwrap();
+        assert_eq!(net.parameters().len(), before + 3);
+        assert_eq!(
+            net.clip_names(),
+            vec!["fc2.act_clip", "fc3.act_clip", "fc4.act_clip"]
+        );
+        assert!(net.enable_pact(config).is_err());
+        assert!(PactConfig { bits: 1, ..config }.validate().is_err());
+        assert!(PactConfig {
+            clip: f32::NAN,
+            ..config
+        }
+        .validate()
+        .is_err());
+        // The activations after the first layer take at most 2^3 values.
+        let x = Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu).unwrap();
+        assert!(net.forward(&x, false).is_ok());
+        let h = net
+            .quantize_input(
+                &Tensor::randn(0f32, 3.0, (4, 32), &Device::Cpu).unwrap(),
+                "fc2",
+            )
+            .unwrap();
+        let mut v: Vec<u32> = h
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        v.sort();
+        v.dedup();
+        assert!(v.len() <= 8, "{} values", v.len());
+        // A state with PACT saves and resumes its clips.
+        let mut cfg = crate::TrainConfig::default_for(arch);
+        cfg.pact = Some(PactConfig {
+            learned: false,
+            ..config
+        });
+        let dir = tempfile::tempdir().unwrap();
+        cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+        let state = crate::TrainState::new(arch, &Device::Cpu, &cfg).unwrap();
+        // A fixed clip is frozen.
+        assert!(state.mask("fc2.act_clip").is_some());
+        let path = dir.path().join(crate::checkpoint::CHECKPOINT_FILE);
+        crate::checkpoint::save_checkpoint(&state, &cfg, &path).unwrap();
+        let (loaded, _) = crate::checkpoint::load_checkpoint(&path, &Device::Cpu).unwrap();
+        assert_eq!(
+            loaded.network.activation_clips().unwrap(),
+            state.network.activation_clips().unwrap()
+        );
+        assert!(loaded.mask("fc3.act_clip").is_some());
+    }
 }

@@ -220,7 +220,9 @@ impl TrainConfig {
         if let Some(p) = &self.pact {
             p.validate()?;
             if self.act_bits.is_some() {
-                return bad("PACT and fixed-point activations (act_bits) exclude each other".into());
+                return bad(
+                    "PACT and fixed-point activations (act_bits) exclude each other".into(),
+                );
             }
         }
         self.optimizer_config()
@@ -414,7 +416,8 @@ impl TrainState {
         if let Some(pact) = self.network.pact() {
             if !pact.learned {
                 for name in self.network.clip_names() {
-                    let mask = FreezeMask::from_frozen(&[1], &[true], &self.network.device().clone())?;
+                    let mask =
+                        FreezeMask::from_frozen(&[1], &[true], &self.network.device().clone())?;
                     self.set_mask(&name, mask)?;
                 }
             }

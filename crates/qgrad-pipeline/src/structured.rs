@@ -42,7 +42,11 @@ pub fn compress_structured(
         .hook
         .float_parameters(&run.state)
         .runtime("cannot copy the float parameters")?;
-    let (scaled, summary) = match run.hook.finish(&run.state).runtime("cannot quantize the weights")? {
+    let (scaled, summary) = match run
+        .hook
+        .finish(&run.state)
+        .runtime("cannot quantize the weights")?
+    {
         StructuredWeights::Scaled(scaled) => {
             let mut summary = summarize(&params);
             let bits = run.hook.options().weight_bits;
@@ -71,5 +75,12 @@ pub fn compress_structured(
         run.config.pact.map_or(32, |p| p.bits),
         o.blocks.map_or(1, |b| b.compression)
     );
-    trained_model((&run.state, &run.config), &method, options, params, scaled, summary)
+    trained_model(
+        (&run.state, &run.config),
+        &method,
+        options,
+        params,
+        scaled,
+        summary,
+    )
 }

@@ -53,11 +53,22 @@ fn a_structured_design_runs_from_its_file_as_in_candle() {
         };
         let out = run_structured(run, (&train_set, &test_set), &mut []).unwrap();
         let last = out.state.history.last().unwrap().clone();
-        assert!(last.test_accuracy > 0.5, "{weight_bits}/{act_bits}: {last:?}");
+        assert!(
+            last.test_accuracy > 0.5,
+            "{weight_bits}/{act_bits}: {last:?}"
+        );
         // Masked weights are exactly zero; the clips moved (learned).
         for m in out.hook.masks() {
-            let w: Vec<f32> = out.state.network.parameter(&m.name).unwrap().as_tensor()
-                .flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<f32> = out
+                .state
+                .network
+                .parameter(&m.name)
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert!(w.iter().zip(&m.keep).all(|(v, k)| *k || v.to_bits() == 0));
         }
         if act_bits < 32 {
@@ -77,7 +88,10 @@ fn a_structured_design_runs_from_its_file_as_in_candle() {
         let exported = export_and_evaluate(&model, &path, &test_set, &export).unwrap();
         assert_eq!(exported.mismatches(), Some(0), "{weight_bits}/{act_bits}");
         let file = exported.file.as_ref().unwrap();
-        assert_eq!(file.logits, exported.candle.logits, "{weight_bits}/{act_bits}");
+        assert_eq!(
+            file.logits, exported.candle.logits,
+            "{weight_bits}/{act_bits}"
+        );
         // The accuracy seen in training is close to the file's (the file's
         // first-layer input is 8-bit).
         assert!((file.accuracy - last.test_accuracy).abs() < 0.05);
@@ -93,7 +107,11 @@ fn a_structured_design_runs_from_its_file_as_in_candle() {
                 }
             }
             let float_bytes = 4 * (784 * 128 + 128 * 128 + 128 * 10);
-            assert!(exported.size.file_bytes * 8 < float_bytes as u64, "{:?}", exported.size.file_bytes);
+            assert!(
+                exported.size.file_bytes * 8 < float_bytes as u64,
+                "{:?}",
+                exported.size.file_bytes
+            );
         }
     }
 }

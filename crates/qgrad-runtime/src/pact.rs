@@ -89,7 +89,9 @@ mod tests {
         for bits in 2..=8 {
             let x: Vec<f32> = (0..100).map(|i| i as f32 * 0.037 - 1.0).collect();
             let c = pact_codes(&x, 2.0, bits).unwrap();
-            assert!(c.iter().all(|&q| (0..=pact_levels(bits) as i32).contains(&q)));
+            assert!(c
+                .iter()
+                .all(|&q| (0..=pact_levels(bits) as i32).contains(&q)));
         }
     }
 }

@@ -371,12 +371,22 @@ fn uniform_names_and_widths() {
         assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
         assert!(!m.loss_aware() && !m.binary());
     }
-    assert_eq!("uniform-3".parse::<Method>().unwrap(), Method::Uniform { bits: 3 });
+    assert_eq!(
+        "uniform-3".parse::<Method>().unwrap(),
+        Method::Uniform { bits: 3 }
+    );
     assert!("uniform1".parse::<Method>().is_err());
     assert!("uniform9".parse::<Method>().is_err());
     assert!("uniformx".parse::<Method>().is_err());
     // Two bits: ternary with threshold α/2.
-    let q = quantize(Method::Uniform { bits: 2 }, &[1.0, 0.49, -0.51, 0.0], None, 1, None).unwrap();
+    let q = quantize(
+        Method::Uniform { bits: 2 },
+        &[1.0, 0.49, -0.51, 0.0],
+        None,
+        1,
+        None,
+    )
+    .unwrap();
     assert_eq!(q.codes, vec![1, 0, -1, 0]);
     assert!(quantize_masked(Method::Bwn, &[1.0], None, 1, &[true, false], None).is_err());
 }

@@ -79,7 +79,7 @@ pub use post_training::{post_training, PostTrainingOptions};
 pub use sparsity::{
     block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
 };
-pub use structured::{StructuredHook, StructuredOptions, StructuredWeights};
+pub use structured::{StructuredHook, StructuredOptions, StructuredWeights, WeightScale};
 
 /// The weight of every linear and convolution layer of `arch`, in layer
 /// order: what the weight quantizers and the sparsity masks cover.

@@ -185,12 +185,23 @@ fn mask_from_scores(
 #[derive(Debug)]
 pub struct BlockSparsityHook {
     masks: Vec<BlockMask>,
+    /// One `u8` keep tensor per mask on the weights' device, made once (the
+    /// after-update stage runs every step).
+    keep: Vec<candle_core::Tensor>,
 }
 
 impl BlockSparsityHook {
     /// Applies `masks` to `state` (zeroes and freezes the masked weights).
     pub fn new(masks: Vec<BlockMask>, state: &mut TrainState) -> Result<Self> {
-        let hook = BlockSparsityHook { masks };
+        let device = state.network.device().clone();
+        let keep = masks
+            .iter()
+            .map(|m| {
+                let keep: Vec<u8> = m.keep.iter().map(|&k| u8::from(k)).collect();
+                candle_core::Tensor::from_vec(keep, m.shape.as_slice(), &device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let hook = BlockSparsityHook { masks, keep };
         for m in &hook.masks {
             let frozen: Vec<bool> = m.keep.iter().map(|k| !k).collect();
             let device = state.network.device().clone();
@@ -207,15 +218,13 @@ impl BlockSparsityHook {
     }
 
     fn apply(&self, state: &mut TrainState) -> Result<()> {
-        for m in &self.masks {
+        for (m, keep) in self.masks.iter().zip(&self.keep) {
             let var = state
                 .network
                 .parameter(&m.name)
                 .ok_or_else(|| invalid(format!("no parameter '{}'", m.name)))?;
             // A select, not a product: a masked negative weight becomes +0.0,
             // not −0.0.
-            let keep: Vec<u8> = m.keep.iter().map(|&k| u8::from(k)).collect();
-            let keep = candle_core::Tensor::from_vec(keep, m.shape.as_slice(), var.device())?;
             let w = var.as_tensor().detach();
             var.set(&keep.where_cond(&w, &w.zeros_like()?)?)?;
         }

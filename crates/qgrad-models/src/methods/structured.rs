@@ -7,7 +7,9 @@
 //! Every step the forward pass uses `Ŵ = Q(W ⊙ M)`: `k_w = 1` is
 //! `α·sign(W)` with `α = mean |W|` over the kept weights, masked ones 0;
 //! `k_w ≥ 2` is [`qgrad_scaled::Method::Uniform`] (`α = max |W|`, masked
-//! weights are exactly 0.0 and so get code 0); `k_w = 32` is the float `W`.
+//! weights are exactly 0.0 and so get code 0) or, as an option
+//! ([`WeightScale::LeastSquares`]), the same levels with the least-squares
+//! scale; `k_w = 32` is the float `W`.
 //! The gradient passes straight through to the float `W`; the mask is
 //! re-applied after every update and masked elements are frozen (no
 //! gradient, no momentum), so they stay exactly 0.0.
@@ -36,6 +38,21 @@ use crate::train::{TrainHook, TrainState};
 /// The weight widths of METHOD §9.
 pub const WEIGHT_BITS: [u8; 6] = [1, 2, 3, 4, 8, 32];
 
+/// The scale `α` of `k_w ≥ 2`-bit weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightScale {
+    /// `α = max |W|` of the layer (METHOD §9's decision; the default).
+    #[default]
+    Max,
+    /// The least-squares uniform scale, `α` minimising `Σ (α·b(α) − W)²`
+    /// with `b(α)` the nearest levels (Lloyd iterations from the previous
+    /// step's `α`; qgrad-scaled's LAQ solver at constant curvature). With
+    /// `α = max |W|` most weights of a 2- or 3-bit layer round to 0 (the
+    /// threshold is `α/2`); this keeps the levels where the weights are.
+    LeastSquares,
+}
+
 /// Options of structured sparsity with low-bit weights.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StructuredOptions {
@@ -43,6 +60,9 @@ pub struct StructuredOptions {
     pub weight_bits: u8,
     /// The block masks; `None` (or compression 1) is dense.
     pub blocks: Option<BlockSparsityOptions>,
+    /// How `α` of `k_w ≥ 2` is chosen.
+    #[serde(default)]
+    pub scale: WeightScale,
 }
 
 impl StructuredOptions {
@@ -62,10 +82,12 @@ impl StructuredOptions {
 
     /// The weight quantizer (`None` for float weights).
     pub fn quantizer(&self) -> Option<Method> {
-        match self.weight_bits {
-            32 => None,
-            1 => Some(Method::Bwn),
-            bits => Some(Method::Uniform { bits }),
+        match (self.weight_bits, self.scale) {
+            (32, _) => None,
+            (1, _) => Some(Method::Bwn),
+            (bits, WeightScale::Max) => Some(Method::Uniform { bits }),
+            // The codes and levels are the uniform ones; only α differs.
+            (bits, WeightScale::LeastSquares) => Some(Method::Laq { bits, log: false }),
         }
     }
 }
@@ -86,6 +108,9 @@ pub struct StructuredHook {
     options: StructuredOptions,
     names: Vec<String>,
     sparsity: Option<BlockSparsityHook>,
+    /// The last step's result per weight: the least-squares scale starts
+    /// from it (a resumed run starts from `max |W|` again).
+    warm: std::sync::Mutex<std::collections::HashMap<String, qgrad_scaled::Quantized>>,
 }
 
 impl StructuredHook {
@@ -109,6 +134,7 @@ impl StructuredHook {
             options,
             names: super::weight_names(state.network.arch),
             sparsity,
+            warm: Default::default(),
         })
     }
 
@@ -139,13 +165,18 @@ impl StructuredHook {
                 let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
                 // Masked weights are exactly 0.0, which the uniform levels
                 // map to code 0; only the binary quantizer needs the mask.
+                let mut warm = self
+                    .warm
+                    .lock()
+                    .map_err(|_| ModelsError::Other("warm-start lock poisoned".into()))?;
                 let quantized = match self.mask_of(name) {
                     Some(m) if method.binary() => {
                         quantize_masked(method, &w, None, 1, &m.keep, None)
                     }
-                    _ => quantize(method, &w, None, 1, None),
+                    _ => quantize(method, &w, None, 1, warm.get(name)),
                 }
                 .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+                warm.insert(name.clone(), quantized.clone());
                 Ok(ScaledWeight {
                     name: name.clone(),
                     method,
@@ -195,7 +226,11 @@ impl StructuredHook {
             if self.names.contains(&p.name) {
                 continue;
             }
-            let p = clips.iter().find(|c| c.name == p.name).cloned().unwrap_or(p);
+            let p = clips
+                .iter()
+                .find(|c| c.name == p.name)
+                .cloned()
+                .unwrap_or(p);
             out.push(QuantizedTensor {
                 widths: vec![qgrad_fixed::FLOAT; p.values.len()],
                 exponent: 0,
@@ -247,5 +282,105 @@ impl TrainHook for StructuredHook {
 
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
         self.overrides(state, overrides)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mnist::load_mnist;
+    use crate::methods::BlockSelection;
+    use crate::train::OptimizerKind;
+    use crate::{train, Arch, TrainConfig};
+    use candle_core::Device;
+    use std::path::Path;
+
+    #[test]
+    fn masks_hold_and_codes_keep_to_their_levels_through_training() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
+        let (train_set, test_set) = load_mnist(&dir).unwrap();
+        let (train_set, test_set) = (train_set.take(1200), test_set.take(100));
+        let arch: Arch = "mlp-64x2".parse().unwrap();
+        for (weight_bits, scale) in [
+            (1, WeightScale::Max),
+            (2, WeightScale::Max),
+            (3, WeightScale::LeastSquares),
+            (32, WeightScale::Max),
+        ] {
+            let mut config = TrainConfig::default_for(arch);
+            (config.epochs, config.batch_size, config.lr, config.progress) = (2, 20, 0.01, false);
+            config.optimizer = OptimizerKind::ADAM;
+            let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+            let options = StructuredOptions {
+                weight_bits,
+                blocks: Some(BlockSparsityOptions {
+                    block: (8, 8),
+                    compression: 4,
+                    selection: BlockSelection::Random { seed: 2 },
+                    dense_first_last: false,
+                }),
+                scale,
+            };
+            let mut hook = StructuredHook::new(options, &mut state).unwrap();
+            // 120 optimizer steps.
+            train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+            assert_eq!(hook.masks().len(), 3);
+            let finished = hook.finish(&state).unwrap();
+            for m in hook.masks() {
+                let w: Vec<f32> = state
+                    .network
+                    .parameter(&m.name)
+                    .unwrap()
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert!(w.iter().zip(&m.keep).all(|(v, k)| *k || v.to_bits() == 0));
+                assert!(w.iter().zip(&m.keep).any(|(v, k)| *k && *v != 0.0));
+                match &finished {
+                    StructuredWeights::Scaled(scaled) => {
+                        let q = scaled.iter().find(|q| q.name == m.name).unwrap();
+                        assert!(q
+                            .quantized
+                            .codes
+                            .iter()
+                            .zip(&m.keep)
+                            .all(|(c, k)| *k || *c == 0));
+                        let mut v: Vec<u32> = q
+                            .quantized
+                            .values
+                            .iter()
+                            .zip(&m.keep)
+                            .filter(|(_, k)| **k)
+                            .map(|(x, _)| x.to_bits())
+                            .collect();
+                        v.sort();
+                        v.dedup();
+                        // At most 2^k values among the kept weights.
+                        assert!(v.len() <= (1 << weight_bits), "{}: {}", m.name, v.len());
+                        if weight_bits == 1 {
+                            // ±α where kept.
+                            assert!(q
+                                .quantized
+                                .codes
+                                .iter()
+                                .zip(&m.keep)
+                                .all(|(c, k)| !*k || *c != 0));
+                        }
+                    }
+                    StructuredWeights::Float(weights) => {
+                        let t = weights.iter().find(|t| t.name == m.name).unwrap();
+                        assert!(t.widths.iter().zip(&m.keep).all(|(b, k)| (*b == 0) == !*k));
+                    }
+                }
+            }
+        }
+        let bad = StructuredOptions {
+            weight_bits: 5,
+            blocks: None,
+            scale: WeightScale::Max,
+        };
+        assert!(bad.validate().is_err());
     }
 }
