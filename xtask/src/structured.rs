@@ -807,3 +807,90 @@ fn front_plot(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_keys_round_trip_and_bad_ones_are_refused() {
+        for quick in [true, false] {
+            for d in designs(quick) {
+                assert_eq!(d.key().parse::<Design>().unwrap(), d);
+            }
+        }
+        for bad in [
+            "w256x2-kw2-ka2",
+            "w256-kw2-ka2-c4",
+            "w256x2-kw5-ka2-c4",
+            "w256x2-kw2-ka5-c4",
+            "w256x2-kw2-ka2-c3",
+            "w0x2-kw2-ka2-c4",
+            "w256x2-kw2-ka2-c4-min",
+        ] {
+            assert!(bad.parse::<Design>().is_err(), "{bad}");
+        }
+        let full = designs(false);
+        let unique: std::collections::HashSet<_> = full.iter().collect();
+        assert_eq!(unique.len(), full.len());
+        // Every shape has its float network, so every design has a baseline.
+        for d in &full {
+            assert!(full.contains(&d.float()), "{}", d.key());
+        }
+    }
+
+    fn result(key: &str, file_bytes: u64, activation_bits: u64, accuracy: f64) -> DesignResult {
+        let design: Design = key.parse().unwrap();
+        DesignResult {
+            design,
+            recipe: SweepRecipe {
+                epochs: 1,
+                lr: 0.002,
+                batch_size: 100,
+                block: (16, 16),
+                clip: 2.0,
+                input_bits: 8,
+                train_images: 10,
+                test_images: 10,
+                seed: 1,
+            },
+            params: design.arch().unwrap().num_parameters() as u64,
+            file_bytes,
+            activation_bits,
+            total_bits: 8 * file_bytes + activation_bits,
+            accuracy,
+            file_accuracy: accuracy,
+            mismatches: 0,
+            density: 1.0,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_report_lists_the_fronts_targets_and_pairs() {
+        let results = vec![
+            result("w256x2-kw32-ka32-c1", 1_000_000, 32_000, 0.98),
+            // 82x, 0.5 pt below float: meets the headline target.
+            result("w256x2-kw2-ka2-c4", 13_000, 7_000, 0.975),
+            // Dominated by the design above (more memory, more error).
+            result("w256x2-kw2-ka2-c2", 20_000, 7_000, 0.97),
+            // The shallow-dense partner of a deep-sparse design.
+            result("w256x1-kw2-ka2-c1", 14_000, 7_000, 0.96),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&results, dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("STRUCTURED.md")).unwrap();
+        // The headline design dominates the other two low-bit ones.
+        assert!(md.contains("2 optimal designs of 4"), "{md}");
+        assert!(
+            md.contains("| w256x2-kw2-ka2-c4 | 97.50 % | 98.00 % | 82.9x | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| w256x2-kw2-ka2-c4 | 13.5 | 2.50 | w256x1-kw2-ka2-c1 | 14.5 | 4.00 | deep-sparse |"),
+            "{md}"
+        );
+        assert!(dir.path().join("plots/structured-total.png").is_file());
+        assert!(dir.path().join("plots/structured-weights.png").is_file());
+    }
+}

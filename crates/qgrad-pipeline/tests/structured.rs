@@ -6,7 +6,7 @@ use std::path::Path;
 
 use qgrad_csr::{CompressedModel, LayoutChoice};
 use qgrad_data::mnist::load_mnist;
-use qgrad_models::methods::{BlockSelection, BlockSparsityOptions, StructuredOptions};
+use qgrad_models::methods::{BlockSelection, BlockSparsityOptions, StructuredOptions, WeightScale};
 use qgrad_models::net::PactConfig;
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, TrainConfig};
@@ -43,6 +43,7 @@ fn a_structured_design_runs_from_its_file_as_in_candle() {
                 selection: BlockSelection::Random { seed: 3 },
                 dense_first_last: false,
             }),
+            scale: WeightScale::LeastSquares,
         };
         let run = MethodRun {
             arch,

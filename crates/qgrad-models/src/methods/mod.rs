@@ -12,6 +12,9 @@
 //!   updates, momentum and weight decay for them).
 //! * [`combined`](mod@combined) (§5): the in-training result, then post-training on the float
 //!   remainder only, clustered by the remainder's `A`.
+//! * [`structured`](mod@structured) (§9): block masks ([`sparsity`](mod@sparsity)) co-trained
+//!   with `k_w`-bit weights; the `k_a`-bit PACT activations are the network's
+//!   ([`crate::net::PactConfig`]).
 //!
 //! # Decisions
 //!
