@@ -39,7 +39,6 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
 use qgrad_scaled::{quantize, stochastic_ternary, Method, Quantized};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -292,20 +291,7 @@ impl LossAwareHook {
     /// The float parameters of `state` that the quantizer leaves alone
     /// (biases, batch norm), as width-32 tensors for the file.
     pub fn float_parameters(&self, state: &TrainState) -> Result<Vec<super::QuantizedTensor>> {
-        let mut out = Vec::new();
-        for p in state.network.params_to_host()? {
-            if self.names.contains(&p.name) {
-                continue;
-            }
-            out.push(super::QuantizedTensor {
-                widths: vec![qgrad_fixed::FLOAT; p.values.len()],
-                exponent: 0,
-                name: p.name,
-                shape: p.shape,
-                values: p.values,
-            });
-        }
-        Ok(out)
+        super::float_parameters(state, &self.names)
     }
 
     /// The quantized weights of `state` now (what is exported).
@@ -324,25 +310,6 @@ impl LossAwareHook {
             .iter()
             .map(|n| self.quantize_one(state, n, self.warm.get(n), kappa))
             .collect()
-    }
-
-    fn overrides(
-        &self,
-        state: &TrainState,
-        weights: &[ScaledWeight],
-        out: &mut WeightOverrides,
-    ) -> Result<()> {
-        for q in weights {
-            let var = state
-                .network
-                .parameter(&q.name)
-                .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
-            let w = var.as_tensor();
-            let hat = Tensor::from_slice(&q.quantized.values, q.shape.as_slice(), w.device())?;
-            // Ŵ + (W − W̄): the value is Ŵ exactly, the gradient reaches W.
-            out.insert(q.name.clone(), (hat + (w - w.detach())?)?);
-        }
-        Ok(())
     }
 }
 
@@ -380,7 +347,7 @@ impl TrainHook for LossAwareHook {
                     .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?,
             });
         }
-        self.overrides(state, &weights, overrides)?;
+        super::straight_through(state, &weights, overrides)?;
         for q in weights {
             self.warm.insert(q.name, q.quantized);
         }
@@ -404,7 +371,7 @@ impl TrainHook for LossAwareHook {
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
         let kappa = self.last_kappa.or(self.options.sparsity.map(|b| b.kappa));
         let weights = self.quantized_weights(state, kappa)?;
-        self.overrides(state, &weights, overrides)
+        super::straight_through(state, &weights, overrides)
     }
 }
 

@@ -98,6 +98,54 @@ pub fn weight_names(arch: crate::Arch) -> Vec<String> {
         .collect()
 }
 
+/// The forward weights of a straight-through quantizer: `Ŵ + (W − W̄)` per
+/// weight, whose value is `Ŵ` exactly and whose gradient reaches `W`.
+pub(crate) fn straight_through(
+    state: &TrainState,
+    weights: &[ScaledWeight],
+    out: &mut crate::net::WeightOverrides,
+) -> Result<()> {
+    for q in weights {
+        let var = state
+            .network
+            .parameter(&q.name)
+            .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
+        let w = var.as_tensor();
+        let hat =
+            candle_core::Tensor::from_slice(&q.quantized.values, q.shape.as_slice(), w.device())?;
+        out.insert(q.name.clone(), (hat + (w - w.detach())?)?);
+    }
+    Ok(())
+}
+
+/// The parameters of `state` other than `quantized` (biases, batch norm,
+/// PACT clips as the forward pass uses them) as width-32 tensors for the file.
+pub(crate) fn float_parameters(
+    state: &TrainState,
+    quantized: &[String],
+) -> Result<Vec<QuantizedTensor>> {
+    let clips = state.network.activation_clips()?;
+    let mut out = Vec::new();
+    for p in state.network.params_to_host()? {
+        if quantized.contains(&p.name) {
+            continue;
+        }
+        let p = clips
+            .iter()
+            .find(|c| c.name == p.name)
+            .cloned()
+            .unwrap_or(p);
+        out.push(QuantizedTensor {
+            widths: vec![qgrad_fixed::FLOAT; p.values.len()],
+            exponent: 0,
+            name: p.name,
+            shape: p.shape,
+            values: p.values,
+        });
+    }
+    Ok(out)
+}
+
 pub(crate) fn invalid(message: impl Into<String>) -> ModelsError {
     ModelsError::Config(message.into())
 }

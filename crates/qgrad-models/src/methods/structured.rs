@@ -25,7 +25,6 @@
 //!   norm), their accumulated gradient, or a seed; a caller that wants the
 //!   warm-up of §9 trains the float network first and then makes the hook.
 
-use candle_core::Tensor;
 use qgrad_scaled::{quantize, quantize_masked, Method};
 use serde::{Deserialize, Serialize};
 
@@ -220,43 +219,14 @@ impl StructuredHook {
     /// The parameters the weight quantizer leaves alone (biases, batch norm,
     /// PACT clips as used), as width-32 tensors for the file.
     pub fn float_parameters(&self, state: &TrainState) -> Result<Vec<QuantizedTensor>> {
-        let clips = state.network.activation_clips()?;
-        let mut out = Vec::new();
-        for p in state.network.params_to_host()? {
-            if self.names.contains(&p.name) {
-                continue;
-            }
-            let p = clips
-                .iter()
-                .find(|c| c.name == p.name)
-                .cloned()
-                .unwrap_or(p);
-            out.push(QuantizedTensor {
-                widths: vec![qgrad_fixed::FLOAT; p.values.len()],
-                exponent: 0,
-                name: p.name,
-                shape: p.shape,
-                values: p.values,
-            });
-        }
-        Ok(out)
+        super::float_parameters(state, &self.names)
     }
 
     fn overrides(&self, state: &TrainState, out: &mut WeightOverrides) -> Result<()> {
-        let Some(method) = self.options.quantizer() else {
-            return Ok(());
-        };
-        for q in self.quantized(state, method)? {
-            let var = state
-                .network
-                .parameter(&q.name)
-                .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
-            let w = var.as_tensor();
-            let hat = Tensor::from_slice(&q.quantized.values, q.shape.as_slice(), w.device())?;
-            // Ŵ + (W − W̄): the value is Ŵ exactly, the gradient reaches W.
-            out.insert(q.name.clone(), (hat + (w - w.detach())?)?);
+        match self.options.quantizer() {
+            Some(method) => super::straight_through(state, &self.quantized(state, method)?, out),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
