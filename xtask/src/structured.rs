@@ -734,19 +734,10 @@ fn front_plot(
     let kib = |p: &Point| p.memory / 8.0 / 1024.0;
     let x_min = points.iter().map(kib).fold(f64::INFINITY, f64::min) / 1.3;
     let x_max = points.iter().map(kib).fold(0f64, f64::max) * 1.3;
-    let y_max = points
-        .iter()
-        .map(|p| p.error)
-        .fold(0f64, f64::max)
-        .min(100.0)
-        * 1.1
-        + 0.1;
-    let y_min = points
-        .iter()
-        .map(|p| p.error)
-        .fold(f64::INFINITY, f64::min)
-        .max(0.0)
-        * 0.9;
+    // Error on a log axis too: the front spans 1 % to tens of percent.
+    let errors = || points.iter().map(|p| p.error);
+    let y_max = errors().fold(0f64, f64::max).clamp(1.0, 100.0) * 1.3;
+    let y_min = errors().fold(f64::INFINITY, f64::min).max(0.05) / 1.3;
     write_atomic_with(file, |tmp| {
         let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
         let root = BitMapBackend::new(tmp, (900, 600)).into_drawing_area();
@@ -756,12 +747,12 @@ fn front_plot(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((x_min..x_max).log_scale(), y_min..y_max)
+            .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
             .x_desc(x_desc)
-            .y_desc("test error, % (from the file)")
+            .y_desc("test error, % (from the file; log)")
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(&e))?;
@@ -769,7 +760,7 @@ fn front_plot(
             .iter()
             .enumerate()
             .filter(|(i, _)| !front.contains(i))
-            .map(|(_, p)| (kib(p), p.error))
+            .map(|(_, p)| (kib(p), p.error.max(y_min)))
             .collect();
         chart
             .draw_series(
@@ -782,7 +773,7 @@ fn front_plot(
             .legend(|(x, y)| Circle::new((x + 10, y), 3, RGBColor(150, 150, 150).filled()));
         let line: Vec<(f64, f64)> = front
             .iter()
-            .map(|&i| (kib(&points[i]), points[i].error))
+            .map(|&i| (kib(&points[i]), points[i].error.max(y_min)))
             .collect();
         chart
             .draw_series(LineSeries::new(line.clone(), BLUE.stroke_width(2)))
