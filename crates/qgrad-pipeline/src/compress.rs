@@ -174,13 +174,25 @@ pub fn compress_loss_aware_state(
     let params = hook
         .float_parameters(state)
         .runtime("cannot copy the float parameters")?;
-    let mut summary = summarize(&params);
     let code_bits = match hook.options().quantizer {
         m if m.binary() => 1u8,
         qgrad_scaled::Method::Laq { bits, .. } => bits,
         _ => 2,
     };
-    for w in &scaled {
+    let summary = scaled_summary(&params, &scaled, code_bits);
+    let method = format!("loss-aware:{}", hook.options().quantizer);
+    trained_model((state, config), &method, options, params, scaled, summary)
+}
+
+/// The width counts of float parameters plus scaled-code weights, every
+/// code counted at `code_bits`.
+pub(crate) fn scaled_summary(
+    params: &[QuantizedTensor],
+    scaled: &[ScaledWeight],
+    code_bits: u8,
+) -> QuantizeSummary {
+    let mut summary = summarize(params);
+    for w in scaled {
         let n = w.quantized.codes.len();
         summary.parameters += n;
         summary.zeros += w.quantized.codes.iter().filter(|&&c| c == 0).count();
@@ -194,8 +206,7 @@ pub fn compress_loss_aware_state(
         }
     }
     summary.width_histogram.sort();
-    let method = format!("loss-aware:{}", hook.options().quantizer);
-    trained_model((state, config), &method, options, params, scaled, summary)
+    summary
 }
 
 /// What writing and evaluating a compressed model gave.

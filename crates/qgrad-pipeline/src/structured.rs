@@ -6,7 +6,7 @@ use qgrad_data::Dataset;
 use qgrad_models::methods::{summarize, StructuredHook, StructuredOptions, StructuredWeights};
 use qgrad_models::TrainHook;
 
-use crate::compress::{trained_model, Compressed};
+use crate::compress::{scaled_summary, trained_model, Compressed};
 use crate::error::{Context, PipelineError, Result};
 use crate::in_training::{run_method, MethodRun, RunOutcome};
 
@@ -48,19 +48,7 @@ pub fn compress_structured(
         .runtime("cannot quantize the weights")?
     {
         StructuredWeights::Scaled(scaled) => {
-            let mut summary = summarize(&params);
-            let bits = run.hook.options().weight_bits;
-            let n: usize = scaled.iter().map(|w| w.quantized.codes.len()).sum();
-            summary.parameters += n;
-            summary.zeros += scaled
-                .iter()
-                .map(|w| w.quantized.codes.iter().filter(|&&c| c == 0).count())
-                .sum::<usize>();
-            match summary.width_histogram.iter_mut().find(|(b, _)| *b == bits) {
-                Some((_, count)) => *count += n,
-                None => summary.width_histogram.push((bits, n)),
-            }
-            summary.width_histogram.sort();
+            let summary = scaled_summary(&params, &scaled, run.hook.options().weight_bits);
             (scaled, summary)
         }
         StructuredWeights::Float(weights) => {
