@@ -29,6 +29,7 @@ pub mod report;
 pub mod reproduce;
 pub mod results;
 pub mod structured;
+pub mod versus;
 
 use std::path::PathBuf;
 

@@ -74,11 +74,17 @@ enum Command {
     /// the authors' poster, validation curves, gradient-norm traces and
     /// spectral norms; LSTM.md, lstm.json and plots.
     Lstm(LstmArgs),
-    /// The structured-sparsity design sweep (METHOD §9): MLPs under block
-    /// masks with k_w-bit weights and k_a-bit PACT activations, each run from
-    /// its file; Pareto fronts by total and by weight memory; STRUCTURED.md,
+    /// The structured-sparsity design sweep (METHOD §9): MLPs (or, with
+    /// --cifar, the CIFAR-10 CNN) under block masks with k_w-bit weights
+    /// and k_a-bit PACT activations, each run from its file; Pareto fronts by total and by weight memory; STRUCTURED.md,
     /// structured.json and plots.
     Structured(StructuredArgs),
+    /// Beyond the second thesis: a finished structured sweep's MLP designs
+    /// against the accumulated-gradient methods (post-training, combined)
+    /// on the same shapes, recipe and budget, at equal file size and at
+    /// equal inference time; VERSUS.md, versus.json, timings.json and one
+    /// two-panel plot.
+    Versus(VersusArgs),
     /// The power law of pruned networks (METHOD §14) over compressed files,
     /// with a random-mask control: POWERLAW.md, powerlaw.json and one
     /// log-log CCDF plot per file.
@@ -95,7 +101,7 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct StructuredArgs {
     /// MNIST folder [default: datasets/mnist when present, else the shipped
-    /// subset datasets/mnist-mini].
+    /// subset datasets/mnist-mini]; with --cifar, CIFAR-10's.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// The output folder.
@@ -104,8 +110,13 @@ struct StructuredArgs {
     /// The small grid of `reproduce --quick` instead of the full one.
     #[arg(long)]
     quick: bool,
-    /// Only these designs (w<width>x<depth>-kw<bits>-ka<bits>-c<compression>,
-    /// comma-separated) instead of the grid.
+    /// The CIFAR-10 CNN grid (cnn<c>-… designs) instead of the MNIST MLPs;
+    /// --data is then CIFAR-10's folder [default: datasets/cifar10].
+    #[arg(long, conflicts_with = "quick")]
+    cifar: bool,
+    /// Only these designs (w<width>x<depth>-kw<bits>-ka<bits>-c<compression>
+    /// or cnn<channels>-kw<bits>-ka<bits>-c<compression>, comma-separated)
+    /// instead of the grid.
     #[arg(long, value_delimiter = ',')]
     designs: Vec<String>,
     /// Epochs per design.
@@ -125,19 +136,89 @@ struct StructuredArgs {
     clip: f32,
 }
 
+#[derive(clap::Args, Debug)]
+struct VersusArgs {
+    /// MNIST folder [default: datasets/mnist when present, else the shipped
+    /// subset datasets/mnist-mini].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The finished `cargo xtask structured` sweep.
+    #[arg(long, value_name = "DIR", default_value = "runs/structured")]
+    sweep: PathBuf,
+    /// The output folder.
+    #[arg(long, value_name = "DIR", default_value = "runs/versus")]
+    out: PathBuf,
+    /// MLP shapes of the accumulated-gradient methods (w<width>x<depth>,
+    /// comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "w256x2,w512x2")]
+    shapes: Vec<String>,
+    /// Test images per latency pass.
+    #[arg(long, default_value_t = 1000)]
+    timing_images: usize,
+    /// Build and evaluate the points only (keep the earlier timings): for
+    /// when other work is running.
+    #[arg(long)]
+    skip_timing: bool,
+}
+
+fn mnist_default(root: &std::path::Path) -> PathBuf {
+    let full = root.join("datasets/mnist");
+    if full.join("train-images-idx3-ubyte.gz").is_file()
+        || full.join("train-images-idx3-ubyte").is_file()
+    {
+        full
+    } else {
+        root.join("datasets/mnist-mini")
+    }
+}
+
+fn run_versus(a: VersusArgs) -> anyhow::Result<()> {
+    let root = xtask::repo_root();
+    let data = a.data.unwrap_or_else(|| mnist_default(&root));
+    let shapes = a
+        .shapes
+        .iter()
+        .map(|s| {
+            let (w, d) = s
+                .trim()
+                .strip_prefix('w')
+                .and_then(|x| x.split_once('x'))
+                .and_then(|(w, d)| Some((w.parse().ok()?, d.parse().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("shape '{s}': expected w<width>x<depth>"))?;
+            let net = xtask::structured::Net::Mlp { width: w, depth: d };
+            net.arch()?;
+            Ok(net)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.timing_images == 0 {
+        anyhow::bail!("--timing-images must be at least 1");
+    }
+    let opts = xtask::versus::VersusOptions {
+        data,
+        sweep: a.sweep,
+        out: a.out.clone(),
+        shapes,
+        timing_images: a.timing_images,
+        skip_timing: a.skip_timing,
+        progress: true,
+    };
+    xtask::versus::run(&opts)?;
+    println!("wrote {}", a.out.join("VERSUS.md").display());
+    Ok(())
+}
+
 fn run_structured(a: StructuredArgs) -> anyhow::Result<()> {
     let root = xtask::repo_root();
     let data = a.data.unwrap_or_else(|| {
-        let full = root.join("datasets/mnist");
-        if full.join("train-images-idx3-ubyte.gz").is_file()
-            || full.join("train-images-idx3-ubyte").is_file()
-        {
-            full
+        if a.cifar {
+            root.join("datasets/cifar10")
         } else {
-            root.join("datasets/mnist-mini")
+            mnist_default(&root)
         }
     });
-    let designs = if a.designs.is_empty() {
+    let designs = if a.designs.is_empty() && a.cifar {
+        xtask::structured::cnn_designs()
+    } else if a.designs.is_empty() {
         xtask::structured::designs(a.quick)
     } else {
         a.designs
@@ -516,16 +597,7 @@ fn run_download(args: DownloadArgs) -> Result<()> {
 
 fn run_data_parallel(a: DataParallelArgs) -> anyhow::Result<()> {
     let root = xtask::repo_root();
-    let data = a.data.unwrap_or_else(|| {
-        let full = root.join("datasets/mnist");
-        if full.join("train-images-idx3-ubyte.gz").is_file()
-            || full.join("train-images-idx3-ubyte").is_file()
-        {
-            full
-        } else {
-            root.join("datasets/mnist-mini")
-        }
-    });
+    let data = a.data.unwrap_or_else(|| mnist_default(&root));
     let models = a
         .models
         .iter()
@@ -568,6 +640,7 @@ fn main() -> ExitCode {
         Command::BenchTrain(args) => bench_train::run(args),
         Command::Lstm(a) => run_lstm(a),
         Command::Structured(a) => run_structured(a),
+        Command::Versus(a) => run_versus(a),
         Command::Continual {
             data,
             out,

@@ -287,6 +287,42 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
             progress: opts.progress,
             clip: crate::structured::DEFAULT_CLIP,
         })?;
+        // Beyond the thesis: the structured designs against the
+        // accumulated-gradient methods on the same MLPs, by size and time.
+        let mlp = |width, depth| crate::structured::Net::Mlp { width, depth };
+        crate::versus::run(&crate::versus::VersusOptions {
+            data: opts.data.clone(),
+            sweep: opts.out.join("structured"),
+            out: opts.out.join("versus"),
+            shapes: if quick {
+                vec![mlp(128, 2)]
+            } else {
+                vec![mlp(256, 2), mlp(512, 2)]
+            },
+            timing_images: if quick { 200 } else { 1000 },
+            skip_timing: false,
+            progress: opts.progress,
+        })?;
+        // The CIFAR-10 CNN designs, when the run includes a CIFAR-10 network
+        // (and so has the data).
+        if !quick
+            && opts
+                .models
+                .iter()
+                .any(|a| a.dataset() == DatasetKind::Cifar10)
+        {
+            crate::structured::run(&crate::structured::SweepOptions {
+                data: opts.cifar_data.clone(),
+                out: opts.out.join("structured-cifar"),
+                designs: crate::structured::cnn_designs(),
+                epochs: crate::structured::CNN_EPOCHS,
+                train_limit: None,
+                seed: opts.seed,
+                report_only: false,
+                progress: opts.progress,
+                clip: crate::structured::DEFAULT_CLIP,
+            })?;
+        }
     }
     Ok(record)
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask structured`: the design-space exploration of the second
-//! thesis (METHOD §9, §15). MLPs 784-w^d-10 on MNIST trained under block
+//! thesis (METHOD §9, §15). MLPs 784-w^d-10 on MNIST (or, with `--cifar`,
+//! the CIFAR-10 CNN at several channel multipliers) trained under block
 //! masks with `k_w`-bit weights and `k_a`-bit PACT activations, each design
 //! written to a compressed file and run from it; per design the weight
 //! memory (the file's bytes), the activation memory and the total
@@ -27,7 +28,13 @@
 //!   `32·params / (8·file bytes)`; the file holds the float biases too.
 //! * Deep-sparse against shallow-dense: for every design with `c > 1`, the
 //!   dense design (`c = 1`, same `k_w` and `k_a`) of smaller depth whose
-//!   total memory is nearest, when within a factor 1.25.
+//!   total memory is nearest, when within a factor 1.25 (MLPs only: the
+//!   CNN's depth is fixed).
+//! * The CNN designs use the same recipe plus the CNN's augmentation
+//!   (random crops of the 4-padded image, horizontal flips), and no
+//!   normalisation of the input (the 8-bit input is the raw image). The
+//!   CNN has batch norm after every layer but the last; it stays float
+//!   and is counted in the file.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,7 +47,7 @@ use qgrad_design::{activation_memory, pareto_front, ActivationMemoryConfig, Poin
 use qgrad_models::methods::{BlockSelection, BlockSparsityOptions, StructuredOptions, WeightScale};
 use qgrad_models::net::PactConfig;
 use qgrad_models::train::OptimizerKind;
-use qgrad_models::{Arch, LrSchedule, TrainConfig};
+use qgrad_models::{Arch, DatasetKind, LrSchedule, TrainConfig};
 use qgrad_pipeline::{compress_structured, export_and_evaluate, run_structured, ExportOptions};
 use qgrad_pipeline::{MethodRun, Start};
 use serde::{Deserialize, Serialize};
@@ -51,13 +58,73 @@ use crate::reproduce::{load_json, save_json};
 /// The initial PACT clip (module docs).
 pub const DEFAULT_CLIP: f32 = 2.0;
 
+/// Epochs of a CIFAR-10 CNN design in the full reproduction (`cnn16`: about
+/// 2 minutes an epoch on 2 cores).
+pub const CNN_EPOCHS: usize = 8;
+
+/// The network of a design: an MNIST MLP or the CIFAR-10 CNN at a channel
+/// multiplier. (Untagged and flattened so that a design's JSON is
+/// `{"width": 256, "depth": 2, ...}` or `{"channels": 16, ...}`: the MLP
+/// results of earlier sweeps stay valid cache entries.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Net {
+    /// `784-w^d-10` on MNIST.
+    Mlp {
+        /// Hidden units per layer.
+        width: u32,
+        /// Hidden layers.
+        depth: u32,
+    },
+    /// `cnn-<channels>` on CIFAR-10 (METHOD §15's CNN, its first block
+    /// `channels` wide).
+    Cnn {
+        /// Channels of the first two convolutions.
+        channels: u32,
+    },
+}
+
+impl Net {
+    /// `w256x2` or `cnn16`.
+    pub fn key(&self) -> String {
+        match *self {
+            Net::Mlp { width, depth } => format!("w{width}x{depth}"),
+            Net::Cnn { channels } => format!("cnn{channels}"),
+        }
+    }
+
+    /// The network.
+    pub fn arch(&self) -> Result<Arch> {
+        match *self {
+            Net::Mlp { width, depth } => format!("mlp-{width}x{depth}"),
+            Net::Cnn { channels } => format!("cnn-{channels}"),
+        }
+        .parse()
+        .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Hidden layers of an MLP (`None` for the CNN, whose depth is fixed).
+    fn depth(&self) -> Option<u32> {
+        match *self {
+            Net::Mlp { depth, .. } => Some(depth),
+            Net::Cnn { .. } => None,
+        }
+    }
+
+    fn dataset(&self) -> DatasetKind {
+        match self {
+            Net::Mlp { .. } => DatasetKind::Mnist,
+            Net::Cnn { .. } => DatasetKind::Cifar10,
+        }
+    }
+}
+
 /// One point of the design space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Design {
-    /// Hidden units per layer.
-    pub width: u32,
-    /// Hidden layers.
-    pub depth: u32,
+    /// The network.
+    #[serde(flatten)]
+    pub net: Net,
     /// `k_w` (32: float).
     pub weight_bits: u8,
     /// `k_a` (32: float).
@@ -70,12 +137,11 @@ pub struct Design {
 }
 
 impl Design {
-    /// `w256x2-kw2-ka2-c4`.
+    /// `w256x2-kw2-ka2-c4` (an MLP) or `cnn16-kw2-ka2-c4` (the CNN).
     pub fn key(&self) -> String {
         format!(
-            "w{}x{}-kw{}-ka{}-c{}{}",
-            self.width,
-            self.depth,
+            "{}-kw{}-ka{}-c{}{}",
+            self.net.key(),
             self.weight_bits,
             self.act_bits,
             self.compression,
@@ -89,9 +155,7 @@ impl Design {
 
     /// The network.
     pub fn arch(&self) -> Result<Arch> {
-        format!("mlp-{}x{}", self.width, self.depth)
-            .parse()
-            .map_err(|e| anyhow!("{e}"))
+        self.net.arch()
     }
 
     /// The float design of the same shape.
@@ -108,10 +172,14 @@ impl Design {
 
 impl std::str::FromStr for Design {
     type Err = anyhow::Error;
-    /// The [`key`](Design::key) form, `w256x2-kw2-ka2-c4`.
+    /// The [`key`](Design::key) form, `w256x2-kw2-ka2-c4` or `cnn16-kw2-ka2-c4`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad =
-            || anyhow!("design '{s}': expected w<width>x<depth>-kw<bits>-ka<bits>-c<compression>");
+        let bad = || {
+            anyhow!(
+                "design '{s}': expected w<width>x<depth>-kw<bits>-ka<bits>-c<compression> \
+                 or cnn<channels>-kw<bits>-ka<bits>-c<compression>"
+            )
+        };
         let mut parts: Vec<&str> = s.split('-').collect();
         let scale = match parts.last() {
             Some(&"max") => {
@@ -123,14 +191,24 @@ impl std::str::FromStr for Design {
         let [shape, kw, ka, c] = parts.as_slice() else {
             return Err(bad());
         };
-        let (w, d) = shape
-            .strip_prefix('w')
-            .and_then(|x| x.split_once('x'))
-            .ok_or_else(bad)?;
         let num = |x: Option<&str>| x.and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad);
+        let net = match shape.strip_prefix("cnn") {
+            Some(c) => Net::Cnn {
+                channels: num(Some(c))? as u32,
+            },
+            None => {
+                let (w, d) = shape
+                    .strip_prefix('w')
+                    .and_then(|x| x.split_once('x'))
+                    .ok_or_else(bad)?;
+                Net::Mlp {
+                    width: num(Some(w))? as u32,
+                    depth: num(Some(d))? as u32,
+                }
+            }
+        };
         let design = Design {
-            width: num(Some(w))? as u32,
-            depth: num(Some(d))? as u32,
+            net,
             weight_bits: num(kw.strip_prefix("kw"))? as u8,
             act_bits: num(ka.strip_prefix("ka"))? as u8,
             compression: num(c.strip_prefix('c'))? as usize,
@@ -159,8 +237,7 @@ impl std::str::FromStr for Design {
 /// The grid of a scale: `quick` is the shipped subset's small grid.
 pub fn designs(quick: bool) -> Vec<Design> {
     let d = |width, depth, weight_bits, act_bits, compression| Design {
-        width,
-        depth,
+        net: Net::Mlp { width, depth },
         weight_bits,
         act_bits,
         compression,
@@ -227,10 +304,37 @@ pub fn designs(quick: bool) -> Vec<Design> {
     out
 }
 
+/// The CIFAR-10 grid: the CNN at channel multipliers 8, 16 and 32, each
+/// with its float network and the headline design (2-bit weights, 2-bit
+/// activations, 4x blocks); at 16 channels the headline's two halves
+/// alone (quantization only, structure only) and 8x blocks beside it.
+/// Smallest networks first.
+pub fn cnn_designs() -> Vec<Design> {
+    let d = |channels, weight_bits, act_bits, compression| Design {
+        net: Net::Cnn { channels },
+        weight_bits,
+        act_bits,
+        compression,
+        scale: WeightScale::LeastSquares,
+    };
+    vec![
+        d(8, 32, 32, 1),
+        d(8, 2, 2, 4),
+        d(16, 32, 32, 1),
+        d(16, 2, 2, 4),
+        d(16, 2, 2, 1),
+        d(16, 32, 32, 4),
+        d(16, 2, 2, 8),
+        d(32, 32, 32, 1),
+        d(32, 2, 2, 4),
+    ]
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
-    /// The MNIST folder.
+    /// The data set of the designs: MNIST's folder for MLPs, CIFAR-10's
+    /// for the CNN (one data set per sweep).
     pub data: PathBuf,
     /// Output folder.
     pub out: PathBuf,
@@ -318,8 +422,13 @@ pub fn run(opts: &SweepOptions) -> Result<Vec<DesignResult>> {
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
     let mut results = Vec::new();
     if !opts.report_only {
-        let (mut train_set, test_set) = qgrad_data::mnist::load_mnist(&opts.data)
-            .with_context(|| format!("cannot load MNIST from {}", opts.data.display()))?;
+        let kind = sweep_dataset(&opts.designs)?;
+        let (mut train_set, test_set) = match kind {
+            DatasetKind::Mnist => qgrad_data::mnist::load_mnist(&opts.data)
+                .with_context(|| format!("cannot load MNIST from {}", opts.data.display()))?,
+            DatasetKind::Cifar10 => qgrad_data::cifar::load_cifar10(&opts.data)
+                .with_context(|| format!("cannot load CIFAR-10 from {}", opts.data.display()))?,
+        };
         if let Some(n) = opts.train_limit {
             train_set = train_set.take(n);
         }
@@ -337,6 +446,19 @@ pub fn run(opts: &SweepOptions) -> Result<Vec<DesignResult>> {
     }
     write_report(&results, &opts.out)?;
     Ok(results)
+}
+
+/// The one data set of a sweep's designs.
+fn sweep_dataset(designs: &[Design]) -> Result<DatasetKind> {
+    let mut kinds: Vec<DatasetKind> = designs.iter().map(|d| d.net.dataset()).collect();
+    kinds.dedup();
+    match kinds.as_slice() {
+        [] => Ok(DatasetKind::Mnist),
+        [one] => Ok(*one),
+        _ => Err(anyhow!(
+            "a sweep runs on one data set: MLP (MNIST) and CNN (CIFAR-10) designs go in separate runs"
+        )),
+    }
 }
 
 fn result_path(opts: &SweepOptions, design: &Design) -> PathBuf {
@@ -498,9 +620,16 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
         return Ok(());
     }
     let r0 = &results[0].recipe;
+    let networks = match results[0].design.net.dataset() {
+        DatasetKind::Mnist => "MLPs 784-w^d-10 on MNIST",
+        DatasetKind::Cifar10 => {
+            "The CIFAR-10 CNN 2×cC3-MP2-2×2cC3-MP2-2×4cC3-MP2-8c-8c-10 with batch norm \
+             (`cnn<c>`: channel multiplier c; random crops of the 4-padded image and horizontal flips) on CIFAR-10"
+        }
+    };
     writeln!(
         md,
-        "MLPs 784-w^d-10 on MNIST ({} training, {} test images), every design trained the same way: \
+        "{networks} ({} training, {} test images), every design trained the same way: \
          Adam lr {} with cosine decay, batch {}, {} epochs, seed {}; block masks of {}×{} drawn from the \
          seed before training, every layer block-sparse (first and last included); weights symmetric \
          uniform at `k_w` bits (1 bit: α·sign(W), α = mean |W|), activations PACT at `k_a` bits with learned \
@@ -509,7 +638,9 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
          mismatch column). Weight memory is the file's bytes (float biases and PACT clips included); \
          activation memory is METHOD §9's (input plus the widest pair of consecutive layer outputs at \
          `k_a` bits, batch 1); total = weights + activations.\n",
-        r0.train_images, r0.test_images, r0.lr, r0.batch_size, r0.epochs, r0.seed, r0.block.0,
+        r0.train_images,
+        r0.test_images,
+        r0.lr, r0.batch_size, r0.epochs, r0.seed, r0.block.0,
         r0.block.1, r0.clip, r0.input_bits
     )?;
     // Targets.
@@ -524,12 +655,17 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
         let d = r.design;
         let float = float_of(results, &d);
         let fa = float.map(|f| f.file_accuracy);
+        let cnn = matches!(d.net, Net::Cnn { .. });
         let (name, met) = match (d.weight_bits, d.act_bits, d.compression) {
+            (2, 2, 4) if cnn => (
+                "CIFAR-10 CNN, 2-bit w, 2-bit a, 4x: within 2 pt",
+                fa.map(|fa| fa - r.file_accuracy <= 0.02),
+            ),
             (2, 2, 4) => (
                 "2-bit w, 2-bit a, 4x: ≥ 45x smaller, within 1 pt",
                 fa.map(|fa| r.weight_ratio() >= 45.0 && fa - r.file_accuracy <= 0.01),
             ),
-            (3, _, 8) => ("3-bit w, 8x: ≥ 98.4 %", Some(r.file_accuracy >= 0.984)),
+            (3, _, 8) if !cnn => ("3-bit w, 8x: ≥ 98.4 %", Some(r.file_accuracy >= 0.984)),
             _ => continue,
         };
         target_rows += 1;
@@ -622,8 +758,12 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
             .iter()
             .filter(|s| {
                 let e = s.design;
+                let shallower = match (e.net.depth(), d.net.depth()) {
+                    (Some(a), Some(b)) => a < b,
+                    _ => false,
+                };
                 e.compression == 1
-                    && e.depth < d.depth
+                    && shallower
                     && e.weight_bits == d.weight_bits
                     && e.act_bits == d.act_bits
             })
@@ -670,8 +810,7 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
     let mut sorted: Vec<&DesignResult> = results.iter().collect();
     sorted.sort_by_key(|r| {
         (
-            r.design.width,
-            r.design.depth,
+            r.design.net,
             std::cmp::Reverse(r.design.weight_bits),
             r.design.compression,
         )
@@ -810,7 +949,14 @@ mod tests {
                 assert_eq!(d.key().parse::<Design>().unwrap(), d);
             }
         }
+        for d in cnn_designs() {
+            assert_eq!(d.key().parse::<Design>().unwrap(), d);
+            assert_eq!(d.arch().unwrap().dataset(), DatasetKind::Cifar10);
+        }
+        assert!(cnn_designs().contains(&"cnn16-kw2-ka2-c4".parse().unwrap()));
         for bad in [
+            "cnn-16-kw2-ka2-c4",
+            "cnn16x2-kw2-ka2-c4",
             "w256x2-kw2-ka2",
             "w256-kw2-ka2-c4",
             "w256x2-kw5-ka2-c4",
@@ -828,6 +974,50 @@ mod tests {
         for d in &full {
             assert!(full.contains(&d.float()), "{}", d.key());
         }
+    }
+
+    #[test]
+    fn design_json_keeps_the_mlp_fields_and_adds_the_cnn() {
+        // The form of every result.json written before the CNN existed.
+        let old = r#"{"width":256,"depth":2,"weight_bits":2,"act_bits":2,"compression":4,"scale":"least-squares"}"#;
+        let d: Design = serde_json::from_str(old).unwrap();
+        assert_eq!(d, "w256x2-kw2-ka2-c4".parse().unwrap());
+        assert_eq!(serde_json::to_string(&d).unwrap(), old);
+        let cnn: Design = "cnn16-kw2-ka2-c4-max".parse().unwrap();
+        let json = serde_json::to_string(&cnn).unwrap();
+        assert!(json.starts_with(r#"{"channels":16,"#), "{json}");
+        assert_eq!(serde_json::from_str::<Design>(&json).unwrap(), cnn);
+        // One data set per sweep.
+        let mixed = [d, cnn];
+        assert!(sweep_dataset(&mixed).is_err());
+        assert_eq!(sweep_dataset(&mixed[1..]).unwrap(), DatasetKind::Cifar10);
+    }
+
+    #[test]
+    fn the_cnn_report_checks_the_two_point_target_and_pairs_no_depths() {
+        let results = vec![
+            result("cnn16-kw32-ka32-c1", 900_000, 800_000, 0.80),
+            result("cnn16-kw2-ka2-c4", 17_000, 60_000, 0.785),
+            result("cnn8-kw32-ka32-c1", 230_000, 400_000, 0.70),
+            result("cnn8-kw2-ka2-c4", 8_000, 30_000, 0.60),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&results, dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("STRUCTURED.md")).unwrap();
+        assert!(md.contains("on CIFAR-10"), "{md}");
+        assert!(
+            md.contains("| CIFAR-10 CNN, 2-bit w, 2-bit a, 4x: within 2 pt | cnn16-kw2-ka2-c4 | 78.50 % | 80.00 % |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| cnn8-kw2-ka2-c4 | 60.00 % | 70.00 % |"),
+            "{md}"
+        );
+        assert!(md.contains("| no |"), "{md}");
+        assert!(
+            md.contains("(no pair within a factor 1.25 of memory)"),
+            "{md}"
+        );
     }
 
     fn result(key: &str, file_bytes: u64, activation_bits: u64, accuracy: f64) -> DesignResult {
