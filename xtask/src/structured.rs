@@ -20,7 +20,8 @@
 //!   `--epochs` passes (4 at full scale: 2 cores; the report says so).
 //! * Blocks of 16 × 16 (edge blocks smaller), the kept blocks drawn from the
 //!   seed before training (the sources' static block-wise connections);
-//!   every layer is block-sparse, the first and the last included.
+//!   every layer is block-sparse, the first and the last included, except
+//!   in `-dfl` designs (first and last dense, as `--dense-first-last`).
 //! * PACT clips start at `--clip` (2.0) and are learned; the input image is 8-bit
 //!   fixed point. `k_a = 32` means float activations in training and the
 //!   file's 16-bit fixed point in inference.
@@ -134,13 +135,18 @@ pub struct Design {
     /// The scale of `k_w ≥ 2` (the sweep's default: least squares; the key
     /// ends in `-max` for METHOD §9's `max |W|`).
     pub scale: WeightScale,
+    /// The first and the last layer dense (the key ends in `-dfl`); the
+    /// sweep's default is every layer block-sparse. Left out of the JSON
+    /// when false, so earlier results stay valid cache entries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dense_first_last: bool,
 }
 
 impl Design {
     /// `w256x2-kw2-ka2-c4` (an MLP) or `cnn16-kw2-ka2-c4` (the CNN).
     pub fn key(&self) -> String {
         format!(
-            "{}-kw{}-ka{}-c{}{}",
+            "{}-kw{}-ka{}-c{}{}{}",
             self.net.key(),
             self.weight_bits,
             self.act_bits,
@@ -149,7 +155,8 @@ impl Design {
                 "-max"
             } else {
                 ""
-            }
+            },
+            if self.dense_first_last { "-dfl" } else { "" }
         )
     }
 
@@ -165,6 +172,7 @@ impl Design {
             act_bits: 32,
             compression: 1,
             scale: WeightScale::LeastSquares,
+            dense_first_last: false,
             ..*self
         }
     }
@@ -181,6 +189,10 @@ impl std::str::FromStr for Design {
             )
         };
         let mut parts: Vec<&str> = s.split('-').collect();
+        let dense_first_last = parts.last() == Some(&"dfl");
+        if dense_first_last {
+            parts.pop();
+        }
         let scale = match parts.last() {
             Some(&"max") => {
                 parts.pop();
@@ -213,8 +225,12 @@ impl std::str::FromStr for Design {
             act_bits: num(ka.strip_prefix("ka"))? as u8,
             compression: num(c.strip_prefix('c'))? as usize,
             scale,
+            dense_first_last,
         };
         design.arch()?;
+        if dense_first_last && design.compression == 1 {
+            return Err(anyhow!("design '{s}': -dfl needs block compression c > 1"));
+        }
         StructuredOptions {
             weight_bits: design.weight_bits,
             blocks: Some(BlockSparsityOptions {
@@ -242,6 +258,7 @@ pub fn designs(quick: bool) -> Vec<Design> {
         act_bits,
         compression,
         scale: WeightScale::LeastSquares,
+        dense_first_last: false,
     };
     let max = |x: Design| Design {
         scale: WeightScale::Max,
@@ -293,9 +310,14 @@ pub fn designs(quick: bool) -> Vec<Design> {
             for (kw, ka, c) in [(2, 2, 4), (3, 32, 8), (8, 8, 4)] {
                 out.push(max(d(256, 2, kw, ka, c)));
             }
-            // The companion paper's point on the wider networks.
+            // The companion paper's point on the wider networks, with every
+            // layer sparse and with the first and last dense.
             for w in [512, 1024] {
                 out.push(d(w, 2, 3, 32, 8));
+                out.push(Design {
+                    dense_first_last: true,
+                    ..d(w, 2, 3, 32, 8)
+                });
             }
         }
     }
@@ -316,6 +338,7 @@ pub fn cnn_designs() -> Vec<Design> {
         act_bits,
         compression,
         scale: WeightScale::LeastSquares,
+        dense_first_last: false,
     };
     vec![
         d(8, 32, 32, 1),
@@ -521,7 +544,7 @@ fn run_design(
             block: r.block,
             compression: design.compression,
             selection: BlockSelection::Random { seed: r.seed },
-            dense_first_last: false,
+            dense_first_last: design.dense_first_last,
         }),
         scale: design.scale,
     };
@@ -631,7 +654,8 @@ pub fn write_report(results: &[DesignResult], out: &Path) -> Result<()> {
         md,
         "{networks} ({} training, {} test images), every design trained the same way: \
          Adam lr {} with cosine decay, batch {}, {} epochs, seed {}; block masks of {}×{} drawn from the \
-         seed before training, every layer block-sparse (first and last included); weights symmetric \
+         seed before training, every layer block-sparse (first and last included) unless the key ends in \
+         `-dfl` (first and last dense); weights symmetric \
          uniform at `k_w` bits (1 bit: α·sign(W), α = mean |W|), activations PACT at `k_a` bits with learned \
          clips starting at {}, the input image at {} bits. Accuracy is the file's, run with the integer \
          kernels (it equals the candle evaluation of the same quantized model image for image: the \
@@ -964,6 +988,8 @@ mod tests {
             "w256x2-kw2-ka2-c3",
             "w0x2-kw2-ka2-c4",
             "w256x2-kw2-ka2-c4-min",
+            "w256x2-kw2-ka2-c1-dfl",
+            "w256x2-kw2-ka2-c4-dfl-max",
         ] {
             assert!(bad.parse::<Design>().is_err(), "{bad}");
         }
@@ -983,6 +1009,11 @@ mod tests {
         let d: Design = serde_json::from_str(old).unwrap();
         assert_eq!(d, "w256x2-kw2-ka2-c4".parse().unwrap());
         assert_eq!(serde_json::to_string(&d).unwrap(), old);
+        let dfl: Design = "w512x2-kw3-ka32-c8-max-dfl".parse().unwrap();
+        assert!(dfl.dense_first_last && dfl.scale == WeightScale::Max);
+        assert!(serde_json::to_string(&dfl)
+            .unwrap()
+            .ends_with(r#""dense_first_last":true}"#));
         let cnn: Design = "cnn16-kw2-ka2-c4-max".parse().unwrap();
         let json = serde_json::to_string(&cnn).unwrap();
         assert!(json.starts_with(r#"{"channels":16,"#), "{json}");
