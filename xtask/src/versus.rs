@@ -1,20 +1,26 @@
 //! `cargo xtask versus`: beyond the second thesis (#14), where the
 //! structured designs stand against the element-wise accumulated-gradient
-//! methods of the first thesis (METHOD §3–§5) on the same MNIST MLPs, at
-//! equal file size and at equal inference time, both on one plot.
+//! methods of the first thesis (METHOD §3–§5) and the joint loss-aware
+//! quantization and sparsification of the third (METHOD §13, #17) on the
+//! same MNIST MLPs, at equal file size and at equal inference time, all on
+//! one plot.
 //!
 //! The structured side is a finished `cargo xtask structured` sweep (its
 //! `structured.json` and every design's `model.qgz`). The accumulated-
 //! gradient side is trained here, per MLP shape, with the sweep's own
 //! recipe and budget (Adam, cosine, the same epochs, batch and seed), so the
-//! two families differ only in the method:
+//! families differ only in the method:
 //!
 //! * post-training (METHOD §3): the float network of the shape, its
 //!   accumulated gradients `A` clustered into bit widths, at several cells
 //!   from 8 bits everywhere down to 85–95 % pruned;
 //! * combined (METHOD §5): in-training splits (METHOD §4) of 60 % of the float
 //!   remainder after each of the first epochs but the last, frozen at 2 bits
-//!   or pruned, then the float remainder quantized post-training to 8/4 bits.
+//!   or pruned, then the float remainder quantized post-training to 8/4 bits;
+//! * joint (METHOD §13): exact LAT at κ = 0.1, 0.05, 0.02 and 3-bit LAQ at
+//!   κ = 0.05, the budget falling from 1 over the first half of the epochs,
+//!   ranked by `D·W²` (the sweep's lr 0.002, not the loss-aware section's
+//!   0.005: one recipe for every family).
 //!
 //! Every file is run with the integer kernels (accuracy and mismatches
 //! against candle as everywhere). Inference time is the file's, measured on
@@ -38,13 +44,17 @@ use plotters::prelude::*;
 use qgrad_cluster::ClusterMethod;
 use qgrad_data::Dataset;
 use qgrad_design::{pareto_front, Point};
-use qgrad_models::methods::{FractionSchedule, InTrainingOptions, PostTrainingOptions, Scope};
+use qgrad_models::methods::{
+    FractionSchedule, Importance, InTrainingOptions, LossAwareOptions, PostTrainingOptions, Scope,
+    SparseBudget,
+};
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{LrSchedule, TrainConfig};
 use qgrad_pipeline::{
-    compress_combined, compress_post_training, export_and_evaluate, run_in_training, train_float,
-    ExportOptions, MethodRun, Start,
+    compress_combined, compress_loss_aware, compress_post_training, export_and_evaluate,
+    run_in_training, run_loss_aware, train_float, ExportOptions, LossAwareRun, MethodRun, Start,
 };
+use qgrad_scaled::Method as Quantizer;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{write_atomic, write_atomic_with};
@@ -78,6 +88,18 @@ pub enum Family {
     Structured,
     /// Accumulated-gradient quantization (METHOD §3–§5).
     AccumulatedGradient,
+    /// Joint loss-aware quantization and sparsification (METHOD §13).
+    Joint,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Structured => "Structured",
+            Family::AccumulatedGradient => "Accumulated-gradient",
+            Family::Joint => "Joint (loss-aware, sparse)",
+        }
+    }
 }
 
 /// One compressed file of either family.
@@ -139,6 +161,10 @@ enum Cell {
         low_bits: u8,
         widths: Vec<u8>,
     },
+    Joint {
+        quantizer: Quantizer,
+        kappa: f64,
+    },
 }
 
 impl Cell {
@@ -164,6 +190,16 @@ impl Cell {
                 splits.len(),
                 list(widths)
             ),
+            Cell::Joint { quantizer, kappa } => {
+                format!("joint-{quantizer}-k{}", pct(&[*kappa]))
+            }
+        }
+    }
+
+    fn family(&self) -> Family {
+        match self {
+            Cell::Joint { .. } => Family::Joint,
+            _ => Family::AccumulatedGradient,
         }
     }
 
@@ -171,6 +207,7 @@ impl Cell {
         match self {
             Cell::Post { .. } => "post-training",
             Cell::Combined { .. } => "combined",
+            Cell::Joint { .. } => "joint",
         }
     }
 
@@ -199,7 +236,19 @@ fn cells() -> Vec<Cell> {
         low_bits,
         widths: vec![8, 4],
     };
+    let joint = |quantizer, kappa| Cell::Joint { quantizer, kappa };
+    let lat = Quantizer::LatExact;
     vec![
+        joint(lat, 0.1),
+        joint(lat, 0.05),
+        joint(lat, 0.02),
+        joint(
+            Quantizer::Laq {
+                bits: 3,
+                log: false,
+            },
+            0.05,
+        ),
         post(&[8], &[1.0]),
         post(&[8, 4, 0], &[0.2, 0.3, 0.5]),
         post(&[8, 4, 0], &[0.1, 0.2, 0.7]),
@@ -367,6 +416,26 @@ fn accumulated_points(
                 let outcome = run_in_training(run, (train_set, test_set), &mut [])?;
                 compress_combined(&outcome, &Cell::post_options(widths, None), options)?
             }
+            Cell::Joint { quantizer, kappa } => {
+                let mut c = base.clone();
+                c.checkpoint_dir = Some(dir.join("run"));
+                let mut la = LossAwareOptions::new(*quantizer);
+                la.seed = recipe.seed;
+                la.sparsity = Some(SparseBudget {
+                    kappa: *kappa,
+                    ramp_epochs: recipe.epochs as f64 / 2.0,
+                    importance: Importance::Curvature,
+                });
+                let run = LossAwareRun {
+                    arch,
+                    config: c,
+                    options: la,
+                    start: Start::Scratch,
+                    device: device.clone(),
+                };
+                let outcome = run_loss_aware(run, (train_set, test_set), &mut [])?;
+                compress_loss_aware(&outcome, options)?
+            }
         };
         let file = dir.join("model.qgz");
         let exported = export_and_evaluate(&model, &file, test_set, &export)?;
@@ -376,7 +445,7 @@ fn accumulated_points(
             .ok_or_else(|| anyhow!("the file was not run"))?;
         let point = VersusPoint {
             key: key.clone(),
-            family: Family::AccumulatedGradient,
+            family: cell.family(),
             shape,
             method: cell.method().into(),
             params: arch.num_parameters() as u64,
@@ -439,6 +508,13 @@ fn best_within(
         .min_by(|a, b| a.error_percent().total_cmp(&b.error_percent()))
 }
 
+/// Every family, in the report's order.
+const FAMILIES: [Family; 3] = [
+    Family::Structured,
+    Family::AccumulatedGradient,
+    Family::Joint,
+];
+
 /// A point's position on a plot's x axis (none: not measured).
 type XAxis<'a> = &'a dyn Fn(&VersusPoint) -> Option<f64>;
 
@@ -450,13 +526,14 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
     let mut md = String::new();
     writeln!(
         md,
-        "# Structured designs against accumulated-gradient quantization\n\n\
+        "# Structured designs against accumulated-gradient and joint quantization\n\n\
          The structured sweep's MLP designs (METHOD §9) beside the first thesis's element-wise \
-         methods (METHOD §3–§5) on the same shapes, trained with the same recipe and budget \
+         methods (METHOD §3–§5) and joint loss-aware quantization and sparsification \
+         (METHOD §13) on the same shapes, trained with the same recipe and budget \
          ({} epochs). Accuracy and time are the file's, run with the integer kernels; time is \
          µs per image at batch 1 on {} ({} test images per pass, median of 3). \
-         Structured files run 2–8-bit PACT activations; accumulated-gradient files run the \
-         runtime's 16-bit fixed-point activations.\n",
+         Structured files run 2–8-bit PACT activations; the others run the runtime's 16-bit \
+         fixed-point activations.\n",
         points.first().map_or(0, |p| p.epochs),
         if timings.processor.is_empty() {
             "(not timed)"
@@ -468,19 +545,16 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
     writeln!(md, "## Head to head\n")?;
     writeln!(
         md,
-        "For every accumulated-gradient file: the most accurate structured design no larger, \
-         and the most accurate one no slower.\n"
+        "For every accumulated-gradient and joint file: the most accurate structured design no \
+         larger, and the most accurate one no slower.\n"
     )?;
     writeln!(
         md,
-        "| accumulated-gradient file | KiB | µs | error % | best structured ≤ its size | error % | best structured ≤ its time | error % |"
+        "| file | KiB | µs | error % | best structured ≤ its size | error % | best structured ≤ its time | error % |"
     )?;
     writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |")?;
     let fmt_t = |v: Option<f64>| v.map_or("–".into(), |t| format!("{t:.0}"));
-    for p in points
-        .iter()
-        .filter(|p| p.family == Family::AccumulatedGradient)
-    {
+    for p in points.iter().filter(|p| p.family != Family::Structured) {
         let by_size = best_within(points, Family::Structured, |q| Some(kib(q)), kib(p));
         let by_time = time(p).and_then(|t| best_within(points, Family::Structured, time, t));
         let cell = |q: Option<&VersusPoint>| {
@@ -503,7 +577,7 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
     let by_size = |p: &VersusPoint| Some(kib(p));
     let axes: [(&str, XAxis); 2] = [("file size", &by_size), ("inference time", &time)];
     for (axis, x) in axes {
-        for family in [Family::Structured, Family::AccumulatedGradient] {
+        for family in FAMILIES {
             let members: Vec<&VersusPoint> = points
                 .iter()
                 .filter(|p| p.family == family && x(p).is_some())
@@ -527,10 +601,7 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
         writeln!(
             md,
             "\n## {} front by {axis}: {} files\n",
-            match family {
-                Family::Structured => "Structured",
-                Family::AccumulatedGradient => "Accumulated-gradient",
-            },
+            family.name(),
             front.len()
         )?;
         writeln!(md, "| file | KiB | vs float | µs | error % |")?;
@@ -547,16 +618,13 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
             )?;
         }
     }
-    writeln!(md, "\n## Every accumulated-gradient file\n")?;
+    writeln!(md, "\n## Every accumulated-gradient and joint file\n")?;
     writeln!(
         md,
         "| file | method | KiB | vs float | µs | accuracy (file) | mismatches |"
     )?;
     writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |")?;
-    for p in points
-        .iter()
-        .filter(|p| p.family == Family::AccumulatedGradient)
-    {
+    for p in points.iter().filter(|p| p.family != Family::Structured) {
         writeln!(
             md,
             "| {} | {} | {:.1} | {:.1}x | {} | {:.2} % | {} |",
@@ -642,6 +710,11 @@ fn panel(
             Family::AccumulatedGradient,
             RGBColor(220, 110, 0),
             "accumulated gradient (post-training, combined)",
+        ),
+        (
+            Family::Joint,
+            RGBColor(0, 150, 60),
+            "joint loss-aware (LAT, LAQ under a budget)",
         ),
     ] {
         let members: Vec<(f64, f64)> = points
@@ -739,6 +812,7 @@ mod tests {
             point("s-mid", Family::Structured, 20 * 1024, 0.97),
             point("s-big", Family::Structured, 60 * 1024, 0.99),
             point("a-mid", Family::AccumulatedGradient, 30 * 1024, 0.96),
+            point("j-small", Family::Joint, 12 * 1024, 0.955),
         ];
         let timings = Timings {
             processor: "test cpu".into(),
@@ -748,6 +822,7 @@ mod tests {
                 ("s-mid", 50.0),
                 ("s-big", 8.0),
                 ("a-mid", 10.0),
+                ("j-small", 6.0),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -760,6 +835,15 @@ mod tests {
         // 10 µs: s-big (1 %), although it is twice the size.
         assert!(
             md.contains("| a-mid | 30.0 | 10 | 4.00 | s-mid | 3.00 | s-big | 1.00 |"),
+            "{md}"
+        );
+        // A joint file: s-small is the only structured design within both.
+        assert!(
+            md.contains("| j-small | 12.0 | 6 | 4.50 | s-small | 5.00 | s-small | 5.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## Joint (loss-aware, sparse) front by file size: 1 files"),
             "{md}"
         );
         assert!(md.contains("test cpu"), "{md}");
