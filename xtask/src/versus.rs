@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{write_atomic, write_atomic_with};
 use crate::reproduce::{load_json, save_json};
-use crate::structured::{DesignResult, Net};
+use crate::structured::{DesignResult, Net, SweepRecipe};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -122,8 +122,9 @@ pub struct VersusPoint {
     pub file_accuracy: f64,
     /// Images on which the file and candle disagree.
     pub mismatches: usize,
-    /// Training epochs.
-    pub epochs: usize,
+    /// The recipe it was trained with (the sweep's: a point is reused only
+    /// when the sweep's recipe is unchanged).
+    pub recipe: SweepRecipe,
     /// The file (for timing).
     pub file: PathBuf,
 }
@@ -261,7 +262,7 @@ fn cells() -> Vec<Cell> {
 }
 
 /// The sweep's recipe as a training configuration (float, no PACT).
-fn config(arch: qgrad_models::Arch, recipe: &crate::structured::SweepRecipe) -> TrainConfig {
+fn config(arch: qgrad_models::Arch, recipe: &SweepRecipe) -> TrainConfig {
     let mut config = TrainConfig::default_for(arch);
     config.epochs = recipe.epochs;
     config.lr = recipe.lr;
@@ -304,7 +305,7 @@ pub fn run(opts: &VersusOptions) -> Result<Vec<VersusPoint>> {
             file_bytes: d.file_bytes,
             file_accuracy: d.file_accuracy,
             mismatches: d.mismatches,
-            epochs: d.recipe.epochs,
+            recipe: d.recipe.clone(),
             file: opts
                 .sweep
                 .join("designs")
@@ -338,7 +339,7 @@ pub fn run(opts: &VersusOptions) -> Result<Vec<VersusPoint>> {
 fn accumulated_points(
     opts: &VersusOptions,
     shape: Net,
-    recipe: &crate::structured::SweepRecipe,
+    recipe: &SweepRecipe,
     (train_set, test_set): (&Dataset, &Dataset),
 ) -> Result<Vec<VersusPoint>> {
     let arch = shape.arch()?;
@@ -364,7 +365,7 @@ fn accumulated_points(
         let dir = opts.out.join("points").join(&key);
         let result_path = dir.join("result.json");
         if let Some(done) = load_json::<VersusPoint>(&result_path) {
-            if done.epochs == recipe.epochs {
+            if done.recipe == *recipe {
                 out.push(done);
                 continue;
             }
@@ -452,7 +453,7 @@ fn accumulated_points(
             file_bytes: std::fs::metadata(&file)?.len(),
             file_accuracy: report.accuracy,
             mismatches: exported.mismatches().unwrap_or(0),
-            epochs: recipe.epochs,
+            recipe: recipe.clone(),
             file,
         };
         eprintln!(
@@ -534,7 +535,7 @@ pub fn write_report(points: &[VersusPoint], timings: &Timings, out: &Path) -> Re
          µs per image at batch 1 on {} ({} test images per pass, median of 3). \
          Structured files run 2–8-bit PACT activations; the others run the runtime's 16-bit \
          fixed-point activations.\n",
-        points.first().map_or(0, |p| p.epochs),
+        points.first().map_or(0, |p| p.recipe.epochs),
         if timings.processor.is_empty() {
             "(not timed)"
         } else {
@@ -778,7 +779,17 @@ mod tests {
             file_bytes: bytes,
             file_accuracy: accuracy,
             mismatches: 0,
-            epochs: 4,
+            recipe: SweepRecipe {
+                epochs: 4,
+                lr: 0.002,
+                batch_size: 100,
+                block: (16, 16),
+                clip: 2.0,
+                input_bits: 8,
+                train_images: 60_000,
+                test_images: 10_000,
+                seed: 1,
+            },
             file: PathBuf::from("unused.qgz"),
         }
     }
