@@ -315,15 +315,106 @@ pub(crate) fn line_chart(
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_legend(&mut chart, 14)?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
     })
+}
+
+/// A Pareto front: the line (labelled in the legend) and a filled dot on
+/// every member.
+pub(crate) fn draw_front<'a, DB: DrawingBackend + 'a, C>(
+    chart: &mut ChartContext<'a, DB, C>,
+    line: &[(f64, f64)],
+    color: RGBColor,
+    label: &str,
+) -> Result<()>
+where
+    C: plotters::coord::CoordTranslate<From = (f64, f64)>,
+{
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
+    chart
+        .draw_series(LineSeries::new(line.to_vec(), color.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart
+        .draw_series(line.iter().map(|&p| Circle::new(p, 4, color.filled())))
+        .map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// The legend box every chart of this crate uses, upper right.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, C>(
+    chart: &mut ChartContext<'a, DB, C>,
+    font_size: u32,
+) -> Result<()>
+where
+    C: plotters::coord::CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .label_font(("sans-serif", font_size))
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))
+}
+
+/// A chart whose both axes are logarithmic.
+pub(crate) type LogErrorChart<'a, DB> =
+    ChartContext<'a, DB, Cartesian2d<LogCoord<f64>, LogCoord<f64>>>;
+
+/// A test-error chart with both axes logarithmic (the design-space plots):
+/// the ranges padded around `xs` and `errors`, the error axis clamped to
+/// [0.05, 100] %. Returns the chart and its lowest error, below which
+/// points are drawn at the axis.
+pub(crate) fn log_error_chart<'a, DB: DrawingBackend + 'a>(
+    area: &'a DrawingArea<DB, Shift>,
+    (title, x_desc): (&str, &str),
+    xs: &[f64],
+    errors: &[f64],
+    font_size: u32,
+) -> Result<(LogErrorChart<'a, DB>, f64)> {
+    register_font();
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
+    let (x_min, x_max) = if xs.is_empty() {
+        (1.0, 10.0)
+    } else {
+        (
+            xs.iter().copied().fold(f64::INFINITY, f64::min) / 1.3,
+            xs.iter().copied().fold(0f64, f64::max) * 1.3,
+        )
+    };
+    let y_max = errors
+        .iter()
+        .copied()
+        .fold(0f64, f64::max)
+        .clamp(1.0, 100.0)
+        * 1.3;
+    let y_min = errors
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(0.05)
+        / 1.3;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", font_size + 8))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("test error, % (from the file; log)")
+        .x_labels(8)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style(("sans-serif", font_size))
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok((chart, y_min))
 }

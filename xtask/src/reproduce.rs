@@ -276,17 +276,26 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
     // on the shipped subset, 6 epochs; full: the whole grid, 4 epochs).
     if opts.scale != Scale::Smoke {
         let quick = opts.scale == Scale::Quick;
-        crate::structured::run(&crate::structured::SweepOptions {
-            data: opts.data.clone(),
-            out: opts.out.join("structured"),
-            designs: crate::structured::designs(quick),
-            epochs: if quick { 6 } else { 4 },
-            train_limit: None,
-            seed: opts.seed,
-            report_only: false,
-            progress: opts.progress,
-            clip: crate::structured::DEFAULT_CLIP,
-        })?;
+        let sweep = |data: &Path, out: &str, designs, epochs| {
+            crate::structured::run(&crate::structured::SweepOptions {
+                data: data.to_path_buf(),
+                out: opts.out.join(out),
+                designs,
+                epochs,
+                train_limit: None,
+                seed: opts.seed,
+                report_only: false,
+                progress: opts.progress,
+                clip: crate::structured::DEFAULT_CLIP,
+            })
+        };
+        let epochs = if quick { 6 } else { 4 };
+        sweep(
+            &opts.data,
+            "structured",
+            crate::structured::designs(quick),
+            epochs,
+        )?;
         // Beyond the thesis: the structured designs against the
         // accumulated-gradient methods on the same MLPs, by size and time.
         let mlp = |width, depth| crate::structured::Net::Mlp { width, depth };
@@ -311,17 +320,12 @@ pub fn run(opts: &ReproduceOptions) -> Result<RunRecord> {
                 .iter()
                 .any(|a| a.dataset() == DatasetKind::Cifar10)
         {
-            crate::structured::run(&crate::structured::SweepOptions {
-                data: opts.cifar_data.clone(),
-                out: opts.out.join("structured-cifar"),
-                designs: crate::structured::cnn_designs(),
-                epochs: crate::structured::CNN_EPOCHS,
-                train_limit: None,
-                seed: opts.seed,
-                report_only: false,
-                progress: opts.progress,
-                clip: crate::structured::DEFAULT_CLIP,
-            })?;
+            sweep(
+                &opts.cifar_data,
+                "structured-cifar",
+                crate::structured::cnn_designs(),
+                crate::structured::CNN_EPOCHS,
+            )?;
         }
     }
     Ok(record)

@@ -329,7 +329,8 @@ pub fn designs(quick: bool) -> Vec<Design> {
 /// The CIFAR-10 grid: the CNN at channel multipliers 8, 16 and 32, each
 /// with its float network and the headline design (2-bit weights, 2-bit
 /// activations, 4x blocks); at 16 channels the headline's two halves
-/// alone (quantization only, structure only) and 8x blocks beside it.
+/// alone (quantization only, structure only), 8x blocks, and the first and
+/// last layer dense beside it.
 /// Smallest networks first.
 pub fn cnn_designs() -> Vec<Design> {
     let d = |channels, weight_bits, act_bits, compression| Design {
@@ -348,6 +349,10 @@ pub fn cnn_designs() -> Vec<Design> {
         d(16, 2, 2, 1),
         d(16, 32, 32, 4),
         d(16, 2, 2, 8),
+        Design {
+            dense_first_last: true,
+            ..d(16, 2, 2, 4)
+        },
         d(32, 32, 32, 1),
         d(32, 2, 2, 4),
     ]
@@ -398,6 +403,22 @@ pub struct SweepRecipe {
     pub test_images: usize,
     /// Seed.
     pub seed: u64,
+}
+
+impl SweepRecipe {
+    /// The training configuration of the recipe (float, no PACT: a design
+    /// adds its activations).
+    pub fn train_config(&self, arch: Arch) -> TrainConfig {
+        let mut config = TrainConfig::default_for(arch);
+        config.epochs = self.epochs;
+        config.lr = self.lr;
+        config.batch_size = self.batch_size;
+        config.weight_decay = 0.0;
+        config.optimizer = OptimizerKind::ADAM;
+        config.schedule = LrSchedule::Cosine { min_lr: 0.0 };
+        config.seed = self.seed;
+        config
+    }
 }
 
 /// One finished design.
@@ -522,14 +543,7 @@ fn run_design(
     let arch = design.arch()?;
     eprintln!("[structured {index}/{total}] {}", design.key());
     let t0 = Instant::now();
-    let mut config = TrainConfig::default_for(arch);
-    config.epochs = r.epochs;
-    config.lr = r.lr;
-    config.batch_size = r.batch_size;
-    config.weight_decay = 0.0;
-    config.optimizer = OptimizerKind::ADAM;
-    config.schedule = LrSchedule::Cosine { min_lr: 0.0 };
-    config.seed = r.seed;
+    let mut config = r.train_config(arch);
     config.progress = opts.progress;
     config.checkpoint_dir = Some(dir.join("run"));
     config.pact = (design.act_bits < 32).then_some(PactConfig {
@@ -893,32 +907,15 @@ fn front_plot(
     points: &[Point],
     front: &[usize],
 ) -> Result<()> {
-    crate::plot::register_font();
     let kib = |p: &Point| p.memory / 8.0 / 1024.0;
-    let x_min = points.iter().map(kib).fold(f64::INFINITY, f64::min) / 1.3;
-    let x_max = points.iter().map(kib).fold(0f64, f64::max) * 1.3;
-    // Error on a log axis too: the front spans 1 % to tens of percent.
-    let errors = || points.iter().map(|p| p.error);
-    let y_max = errors().fold(0f64, f64::max).clamp(1.0, 100.0) * 1.3;
-    let y_min = errors().fold(f64::INFINITY, f64::min).max(0.05) / 1.3;
+    let xs: Vec<f64> = points.iter().map(kib).collect();
+    let errors: Vec<f64> = points.iter().map(|p| p.error).collect();
     write_atomic_with(file, |tmp| {
         let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
         let root = BitMapBackend::new(tmp, (900, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc("test error, % (from the file; log)")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| err(&e))?;
+        let (mut chart, y_min) =
+            crate::plot::log_error_chart(&root, (title, x_desc), &xs, &errors, 14)?;
         let dominated: Vec<(f64, f64)> = points
             .iter()
             .enumerate()
@@ -938,25 +935,8 @@ fn front_plot(
             .iter()
             .map(|&i| (kib(&points[i]), points[i].error.max(y_min)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(line.clone(), BLUE.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label("Pareto front")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        chart
-            .draw_series(
-                line.iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, BLUE.filled())),
-            )
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| err(&e))?;
+        crate::plot::draw_front(&mut chart, &line, BLUE, "Pareto front")?;
+        crate::plot::draw_legend(&mut chart, 14)?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
     })

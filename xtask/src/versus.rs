@@ -48,8 +48,6 @@ use qgrad_models::methods::{
     FractionSchedule, Importance, InTrainingOptions, LossAwareOptions, PostTrainingOptions, Scope,
     SparseBudget,
 };
-use qgrad_models::train::OptimizerKind;
-use qgrad_models::{LrSchedule, TrainConfig};
 use qgrad_pipeline::{
     compress_combined, compress_loss_aware, compress_post_training, export_and_evaluate,
     run_in_training, run_loss_aware, train_float, ExportOptions, LossAwareRun, MethodRun, Start,
@@ -261,19 +259,6 @@ fn cells() -> Vec<Cell> {
     ]
 }
 
-/// The sweep's recipe as a training configuration (float, no PACT).
-fn config(arch: qgrad_models::Arch, recipe: &SweepRecipe) -> TrainConfig {
-    let mut config = TrainConfig::default_for(arch);
-    config.epochs = recipe.epochs;
-    config.lr = recipe.lr;
-    config.batch_size = recipe.batch_size;
-    config.weight_decay = 0.0;
-    config.optimizer = OptimizerKind::ADAM;
-    config.schedule = LrSchedule::Cosine { min_lr: 0.0 };
-    config.seed = recipe.seed;
-    config
-}
-
 /// Builds the missing points, times every file unless told not to, and
 /// writes `VERSUS.md`, `versus.json` and the plot.
 pub fn run(opts: &VersusOptions) -> Result<Vec<VersusPoint>> {
@@ -356,7 +341,7 @@ fn accumulated_points(
         device: device.clone(),
         run_file: true,
     };
-    let mut base = config(arch, recipe);
+    let mut base = recipe.train_config(arch);
     base.progress = opts.progress;
     let mut host = None;
     let mut out = Vec::new();
@@ -674,37 +659,10 @@ fn panel(
     points: &[VersusPoint],
     x: XAxis,
 ) -> Result<()> {
-    crate::plot::register_font();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
     let xs: Vec<f64> = points.iter().filter_map(x).collect();
-    let errors = || points.iter().map(VersusPoint::error_percent);
-    let (x_min, x_max) = if xs.is_empty() {
-        (1.0, 10.0)
-    } else {
-        (
-            xs.iter().copied().fold(f64::INFINITY, f64::min) / 1.3,
-            xs.iter().copied().fold(0f64, f64::max) * 1.3,
-        )
-    };
-    let y_max = errors().fold(0f64, f64::max).clamp(1.0, 100.0) * 1.3;
-    let y_min = errors().fold(f64::INFINITY, f64::min).max(0.05) / 1.3;
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc("test error, % (from the file; log)")
-        .x_labels(8)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let errors: Vec<f64> = points.iter().map(VersusPoint::error_percent).collect();
+    let (mut chart, y_min) = crate::plot::log_error_chart(area, (title, x_desc), &xs, &errors, 13)?;
     for (family, color, label) in [
         (Family::Structured, BLUE, "structured (block masks, PACT)"),
         (
@@ -738,27 +696,9 @@ fn panel(
                     .map(|&(a, b)| Circle::new((a, b), 3, color.mix(0.35).filled())),
             )
             .map_err(|e| err(&e))?;
-        chart
-            .draw_series(LineSeries::new(front.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(label)
-            .legend(move |(a, b)| PathElement::new([(a, b), (a + 20, b)], color.stroke_width(2)));
-        chart
-            .draw_series(
-                front
-                    .iter()
-                    .map(|&(a, b)| Circle::new((a, b), 4, color.filled())),
-            )
-            .map_err(|e| err(&e))?;
+        crate::plot::draw_front(&mut chart, &front, color, label)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(180, 180, 180))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(|e| err(&e))?;
+    crate::plot::draw_legend(&mut chart, 13)?;
     Ok(())
 }
 
