@@ -4,7 +4,7 @@
 //! recurrent term, on random sizes that include one hidden unit, one step
 //! and one row; plus the shape errors.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use qgrad_ops::{lstm_sequence, reference, LstmState, RecurrentNorm};
 
@@ -29,15 +29,52 @@ fn tensor(seed: u64, dims: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
-    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+/// Largest absolute difference between two tensors of the same shape, in f64.
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    a.iter().zip(&b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Checks the fused f32 result `got` against the f64 reference `truth`.
+///
+/// Why not against the f32 reference: batch norm over few rows divides by
+/// the batch standard deviation, which can be tiny (two rows that nearly
+/// agree on a gate), and then any two f32 summation orders differ by far more
+/// than `tol` — CI once drew such a case, where both f32 paths were 1e-3
+/// apart and each 2e-4/6e-4 from the f64 truth. So the slack is the accuracy
+/// the step-by-step candle composition itself reaches in f32 (`reference32`)
+/// on these inputs, times a small factor, on top of `tol` of the scale.
+fn assert_close(what: &str, got: &Tensor, reference32: &Tensor, truth: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), truth.dims(), "{what}: shapes differ");
+    let conditioning = 4.0 * max_diff(reference32, truth);
+    let got: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f64> = truth.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}[{i}]: got {g}, reference {w} (scale {scale})"
+            (g - w).abs() <= tol * scale + conditioning,
+            "{what}[{i}]: got {g}, f64 reference {w} (scale {scale}, f32 reference's own error \
+             {})",
+            conditioning / 4.0
         );
     }
 }
@@ -51,72 +88,118 @@ enum Mode {
     BatchEvalShared,
 }
 
-/// Runs the fused op and the reference on the same inputs and compares the
-/// outputs and the gradients of `Σ h ⊙ r`.
+/// The inputs of one comparison, in one dtype.
+struct Inputs {
+    xproj: Var,
+    wh: Var,
+    gain: Var,
+    mean: Tensor,
+    var: Tensor,
+    init: Option<LstmState>,
+    r: Tensor,
+}
+
+impl Inputs {
+    fn new(dims: (usize, usize, usize), mode: Mode, with_init: bool, seed: u64, dt: DType) -> Self {
+        let (steps, batch, hidden) = dims;
+        let g4 = 4 * hidden;
+        let t = |seed, dims: &[usize], scale| tensor(seed, dims, scale).to_dtype(dt).unwrap();
+        let stat_rows = match mode {
+            Mode::BatchEvalShared => 1,
+            _ => steps.div_ceil(2).max(1),
+        };
+        Inputs {
+            xproj: Var::from_tensor(&t(seed, &[steps, batch, g4], 1.5)).unwrap(),
+            wh: Var::from_tensor(&t(seed + 1, &[g4, hidden], 0.8)).unwrap(),
+            gain: Var::from_tensor(&(t(seed + 2, &[g4], 0.5) + 1.0).unwrap()).unwrap(),
+            mean: t(seed + 3, &[stat_rows, g4], 0.3),
+            var: (t(seed + 4, &[stat_rows, g4], 0.4) + 0.6).unwrap(),
+            init: with_init.then(|| LstmState {
+                h: t(seed + 5, &[batch, hidden], 0.9),
+                c: t(seed + 6, &[batch, hidden], 2.0),
+            }),
+            r: t(seed + 7, &[steps, batch, hidden], 1.0),
+        }
+    }
+
+    fn norm(&self, mode: Mode) -> RecurrentNorm<'_> {
+        match mode {
+            Mode::None => RecurrentNorm::None,
+            Mode::Layer => RecurrentNorm::Layer {
+                gain: self.gain.as_tensor(),
+                eps: 1e-5,
+            },
+            Mode::BatchTrain => RecurrentNorm::BatchTrain {
+                gain: self.gain.as_tensor(),
+                eps: 1e-5,
+            },
+            Mode::BatchEvalPerStep | Mode::BatchEvalShared => RecurrentNorm::BatchEval {
+                gain: self.gain.as_tensor(),
+                mean: &self.mean,
+                var: &self.var,
+                eps: 1e-5,
+            },
+        }
+    }
+
+    /// Outputs and the gradients of `Σ h ⊙ r` (xproj, wh, gain if used).
+    fn run(&self, mode: Mode, fused: bool) -> (qgrad_ops::LstmSequence, Vec<Option<Tensor>>) {
+        let f = if fused {
+            lstm_sequence
+        } else {
+            reference::lstm_sequence
+        };
+        let out = f(
+            self.xproj.as_tensor(),
+            self.wh.as_tensor(),
+            self.init.as_ref(),
+            self.norm(mode),
+        )
+        .unwrap();
+        let grads = (&out.hidden * &self.r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = [&self.xproj, &self.wh, &self.gain]
+            .map(|v| grads.get(v).cloned())
+            .to_vec();
+        (out, g)
+    }
+}
+
+/// Runs the fused op (f32) and the reference (f32 and f64) on the same
+/// inputs and compares the outputs and the gradients of `Σ h ⊙ r`.
 fn check(steps: usize, batch: usize, hidden: usize, mode: Mode, with_init: bool, seed: u64) {
-    let g4 = 4 * hidden;
-    let xproj = Var::from_tensor(&tensor(seed, &[steps, batch, g4], 1.5)).unwrap();
-    let wh = Var::from_tensor(&tensor(seed + 1, &[g4, hidden], 0.8)).unwrap();
-    let gain = Var::from_tensor(&(tensor(seed + 2, &[g4], 0.5) + 1.0).unwrap()).unwrap();
-    let stat_rows = match mode {
-        Mode::BatchEvalShared => 1,
-        _ => steps.div_ceil(2).max(1),
-    };
-    let mean = tensor(seed + 3, &[stat_rows, g4], 0.3);
-    let var = (tensor(seed + 4, &[stat_rows, g4], 0.4) + 0.6).unwrap();
-    let init = with_init.then(|| LstmState {
-        h: tensor(seed + 5, &[batch, hidden], 0.9),
-        c: tensor(seed + 6, &[batch, hidden], 2.0),
-    });
-    let norm = match mode {
-        Mode::None => RecurrentNorm::None,
-        Mode::Layer => RecurrentNorm::Layer {
-            gain: gain.as_tensor(),
-            eps: 1e-5,
-        },
-        Mode::BatchTrain => RecurrentNorm::BatchTrain {
-            gain: gain.as_tensor(),
-            eps: 1e-5,
-        },
-        Mode::BatchEvalPerStep | Mode::BatchEvalShared => RecurrentNorm::BatchEval {
-            gain: gain.as_tensor(),
-            mean: &mean,
-            var: &var,
-            eps: 1e-5,
-        },
-    };
-    let fast = lstm_sequence(xproj.as_tensor(), wh.as_tensor(), init.as_ref(), norm).unwrap();
-    let slow =
-        reference::lstm_sequence(xproj.as_tensor(), wh.as_tensor(), init.as_ref(), norm).unwrap();
+    let dims = (steps, batch, hidden);
+    let in32 = Inputs::new(dims, mode, with_init, seed, DType::F32);
+    let in64 = Inputs::new(dims, mode, with_init, seed, DType::F64);
+    let (fast, gf) = in32.run(mode, true);
+    let (slow, gs) = in32.run(mode, false);
+    let (truth, gt) = in64.run(mode, false);
     // Batch norm over a single row is degenerate (â = 0); still compared.
     let tol = 2e-4;
-    assert_close("hidden", &fast.hidden, &slow.hidden, tol);
-    assert_close("last h", &fast.last.h, &slow.last.h, tol);
-    assert_close("last c", &fast.last.c, &slow.last.c, tol);
-    match (&fast.step_stats, &slow.step_stats) {
-        (Some((fm, fv)), Some((sm, sv))) => {
-            assert_close("step mean", fm, sm, tol);
-            assert_close("step var", fv, sv, tol);
+    assert_close("hidden", &fast.hidden, &slow.hidden, &truth.hidden, tol);
+    assert_close("last h", &fast.last.h, &slow.last.h, &truth.last.h, tol);
+    assert_close("last c", &fast.last.c, &slow.last.c, &truth.last.c, tol);
+    match (&fast.step_stats, &slow.step_stats, &truth.step_stats) {
+        (Some((fm, fv)), Some((sm, sv)), Some((tm, tv))) => {
+            assert_close("step mean", fm, sm, tm, tol);
+            assert_close("step var", fv, sv, tv, tol);
         }
-        (None, None) => {}
+        (None, None, None) => {}
         _ => panic!("one path reported batch statistics, the other not"),
     }
-    let r = tensor(seed + 7, &[steps, batch, hidden], 1.0);
-    let loss = |s: &qgrad_ops::LstmSequence| (&s.hidden * &r).unwrap().sum_all().unwrap();
-    let gf = loss(&fast).backward().unwrap();
-    let gs = loss(&slow).backward().unwrap();
-    for (name, v) in [("dxproj", &xproj), ("dwh", &wh)] {
-        assert_close(name, gf.get(v).unwrap(), gs.get(v).unwrap(), 5e-4);
+    for (i, name) in ["dxproj", "dwh", "dgain"].iter().enumerate() {
+        match (&gf[i], &gs[i], &gt[i]) {
+            (Some(f), Some(s), Some(t)) => assert_close(name, f, s, t, 5e-4),
+            (None, None, None) => {}
+            _ => panic!("{name}: one path has a gradient, the other not"),
+        }
     }
-    if !matches!(mode, Mode::None) {
-        assert_close(
-            "dgain",
-            gf.get(&gain).unwrap(),
-            gs.get(&gain).unwrap(),
-            5e-4,
-        );
-    } else {
-        assert!(gf.get(&gain).is_none());
+    if matches!(mode, Mode::None) {
+        assert!(gf[2].is_none(), "no normalisation, yet a gain gradient");
     }
 }
 
@@ -143,6 +226,12 @@ fn every_mode_on_fixed_sizes() {
 fn batch_norm_of_one_row_standardises_to_zero() {
     // One row: â = 0, so the recurrent term vanishes on both paths.
     check(4, 1, 3, Mode::BatchTrain, true, 5);
+}
+
+#[test]
+fn ill_conditioned_batch_norm_drawn_by_ci() {
+    // Two rows that nearly agree on a gate: batch variance 3.5e-7 < eps.
+    check(7, 2, 4, Mode::BatchTrain, true, 156_330);
 }
 
 #[test]
