@@ -72,6 +72,22 @@ pub struct BenchTrainArgs {
     /// Seed for the weights and the random batch.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Time the user's path instead of the step: `qgrad train` on full MNIST
+    /// for whole epochs (batch assembly, gradient bookkeeping, evaluation,
+    /// checkpoints) against the same loop in PyTorch
+    /// (`xtask/bench_train_torch_e2e.py`); LeNet-300-100 and LeNet-5.
+    #[arg(long)]
+    end_to_end: bool,
+    /// --end-to-end: the MNIST folder.
+    #[arg(long, default_value = "datasets/mnist")]
+    data: PathBuf,
+    /// --end-to-end: epochs of the timed run, at least 2 [default: 5 for
+    /// LeNet-300-100, 2 for LeNet-5].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// --end-to-end: the qgrad binary [default: the one beside this xtask].
+    #[arg(long, value_name = "PATH")]
+    qgrad: Option<PathBuf>,
     /// Internal: run the qgrad side of one network in this process and print
     /// one JSON line.
     #[arg(long, hide = true)]
@@ -224,6 +240,28 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var_os(PYTHON_ENV).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
+    if args.end_to_end {
+        if args.skip_torch {
+            bail!("--end-to-end compares with PyTorch; --skip-torch does not apply");
+        }
+        let nets = archs
+            .iter()
+            .map(|n| match n {
+                BenchNet::Image(a) => Ok(*a),
+                BenchNet::Lstm(_) => bail!("--end-to-end covers lenet-300-100 and lenet-5"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return crate::bench_e2e::run(crate::bench_e2e::EndToEndOptions {
+            nets: &nets,
+            data: &args.data,
+            epochs: args.epochs,
+            threads,
+            repeats: args.repeats,
+            python: &python,
+            qgrad: args.qgrad.as_deref(),
+            json: args.json.as_deref(),
+        });
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench_train_torch.py");
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let mut rows = Vec::new();

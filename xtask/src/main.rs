@@ -1,5 +1,6 @@
 //! `cargo xtask`: see the library docs (`xtask/src/lib.rs`).
 
+mod bench_e2e;
 mod bench_train;
 
 use std::path::PathBuf;
