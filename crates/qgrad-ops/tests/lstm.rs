@@ -29,23 +29,22 @@ fn tensor(seed: u64, dims: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
+/// Every element of `t` as f64.
+fn as_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Largest absolute difference between two tensors of the same shape, in f64.
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    a.iter().zip(&b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    as_f64(a)
+        .iter()
+        .zip(&as_f64(b))
+        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// Checks the fused f32 result `got` against the f64 reference `truth`.
@@ -60,14 +59,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn assert_close(what: &str, got: &Tensor, reference32: &Tensor, truth: &Tensor, tol: f64) {
     assert_eq!(got.dims(), truth.dims(), "{what}: shapes differ");
     let conditioning = 4.0 * max_diff(reference32, truth);
-    let got: Vec<f64> = got
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f64> = truth.flatten_all().unwrap().to_vec1().unwrap();
+    let (got, want) = (as_f64(got), as_f64(truth));
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!(
