@@ -34,13 +34,11 @@ use serde::{Deserialize, Serialize};
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
     /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet,
-    /// vgg-16, and character LSTMs lstm-<hidden> (e.g. lstm-256).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "lenet-300-100,lenet-5,alexnet,vgg-16,lstm-256,lstm-512"
-    )]
-    nets: Vec<String>,
+    /// vgg-16, and character LSTMs lstm-<hidden> (e.g. lstm-256) [default:
+    /// all of these with lstm-256 and lstm-512; with --end-to-end
+    /// lenet-300-100,lenet-5].
+    #[arg(long, value_delimiter = ',')]
+    nets: Option<Vec<String>>,
     /// Timed steps per network [default: 40 for LeNet-300-100, 20 LeNet-5,
     /// 10 AlexNet, 3 VGG-16, 10 for an LSTM].
     #[arg(long)]
@@ -81,8 +79,8 @@ pub struct BenchTrainArgs {
     /// --end-to-end: the MNIST folder.
     #[arg(long, default_value = "datasets/mnist")]
     data: PathBuf,
-    /// --end-to-end: epochs of the timed run, at least 2 [default: 5 for
-    /// LeNet-300-100, 2 for LeNet-5].
+    /// --end-to-end: epochs of the timed run [default: 5 for LeNet-300-100,
+    /// 2 for LeNet-5].
     #[arg(long)]
     epochs: Option<usize>,
     /// --end-to-end: the qgrad binary [default: the one beside this xtask].
@@ -127,6 +125,19 @@ struct Row {
     /// qgrad images/s divided by PyTorch images/s (> 1: qgrad is faster).
     speed_ratio: Option<f64>,
 }
+
+/// The networks of the step benchmark when `--nets` is not given.
+const DEFAULT_NETS: [&str; 6] = [
+    "lenet-300-100",
+    "lenet-5",
+    "alexnet",
+    "vgg-16",
+    "lstm-256",
+    "lstm-512",
+];
+
+/// The networks of `--end-to-end` when `--nets` is not given (the MNIST ones).
+const DEFAULT_NETS_END_TO_END: [&str; 2] = ["lenet-300-100", "lenet-5"];
 
 /// What bench-train trains.
 #[derive(Debug, Clone, Copy)]
@@ -211,8 +222,16 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    let archs = args
+    let default_nets: &[&str] = if args.end_to_end {
+        &DEFAULT_NETS_END_TO_END
+    } else {
+        &DEFAULT_NETS
+    };
+    let nets = args
         .nets
+        .clone()
+        .unwrap_or_else(|| default_nets.iter().map(|n| n.to_string()).collect());
+    let archs = nets
         .iter()
         .map(|n| BenchNet::parse(n.trim()))
         .collect::<Result<Vec<_>>>()?;
