@@ -172,11 +172,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         .iter()
         .map(|&q| (q, None))
         .chain(r.joint.iter().map(|&(q, kappa, importance)| {
-            let budget = SparseBudget {
-                kappa,
-                ramp_epochs: r.epochs as f64 / 2.0,
-                importance,
-            };
+            let budget = SparseBudget::uniform(kappa, r.epochs as f64 / 2.0, importance);
             (q, Some(budget))
         }));
     for (q, sparsity) in runs {
@@ -213,7 +209,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         run_config.checkpoint_dir = Some(ctx.cache.join("runs").join(&key));
         let mut options = LossAwareOptions::new(q);
         options.seed = ctx.opts.seed;
-        options.sparsity = sparsity;
+        options.sparsity = sparsity.clone();
         eprintln!("[{}] {}: {label}", ctx.arch.name(), method.name());
         let run = LossAwareRun {
             arch: ctx.arch,

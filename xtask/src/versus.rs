@@ -407,11 +407,11 @@ fn accumulated_points(
                 c.checkpoint_dir = Some(dir.join("run"));
                 let mut la = LossAwareOptions::new(*quantizer);
                 la.seed = recipe.seed;
-                la.sparsity = Some(SparseBudget {
-                    kappa: *kappa,
-                    ramp_epochs: recipe.epochs as f64 / 2.0,
-                    importance: Importance::Curvature,
-                });
+                la.sparsity = Some(SparseBudget::uniform(
+                    *kappa,
+                    recipe.epochs as f64 / 2.0,
+                    Importance::Curvature,
+                ));
                 let run = LossAwareRun {
                     arch,
                     config: c,

@@ -461,25 +461,36 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
     let (train, test) = load_data(arch, &args.data)?;
     let sparsity = match args.kappa {
         Some(kappa) => {
-            let budget = SparseBudget {
+            let mut budget = SparseBudget::uniform(
                 kappa,
-                ramp_epochs: args.kappa_ramp.unwrap_or(config.epochs as f64 / 2.0),
-                importance: args
-                    .importance
+                args.kappa_ramp.unwrap_or(config.epochs as f64 / 2.0),
+                args.importance
                     .parse::<Importance>()
                     .usage("invalid --importance")?,
-            };
+            );
+            for (layer, kappa) in &args.kappa_layer {
+                if budget.layers.insert(layer.clone(), *kappa).is_some() {
+                    return Err(Failure::usage(format!("--kappa-layer names {layer} twice")));
+                }
+            }
             budget.validate().usage("invalid non-zero budget")?;
             Some(budget)
         }
         None => None,
     };
+    if !(args.bias_bits == 32 || (2..=16).contains(&args.bias_bits)) {
+        return Err(Failure::usage(format!(
+            "--bias-bits {}: expected 32 (f32) or 2..=16",
+            args.bias_bits
+        )));
+    }
     let options = LossAwareOptions {
         quantizer: args.quantizer,
         per_channel: args.per_channel,
         clip: !args.no_clip,
         seed: config.seed,
-        sparsity,
+        sparsity: sparsity.clone(),
+        bias_bits: args.bias_bits,
     };
     let start = match args.init.as_deref() {
         Some(path) => Start::Checkpoint {
@@ -516,6 +527,9 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
     });
     if let Some(budget) = &sparsity {
         json_options["sparsity"] = json!(budget);
+    }
+    if args.bias_bits != 32 {
+        json_options["bias_bits"] = json!(args.bias_bits);
     }
     if args.training.lr_schedule.is_some() {
         json_options["lr_schedule"] = json!(outcome.config.schedule);

@@ -271,6 +271,19 @@ fn parse_block(s: &str) -> Result<(usize, usize), String> {
     }
 }
 
+fn parse_layer_kappa(s: &str) -> Result<(String, f64), String> {
+    let (layer, kappa) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not LAYER=FRACTION (as fc3=0.3)"))?;
+    let kappa: f64 = kappa
+        .parse()
+        .map_err(|_| format!("'{kappa}' is not a number (in '{s}')"))?;
+    if layer.is_empty() {
+        return Err(format!("'{s}' names no layer"));
+    }
+    Ok((layer.to_string(), kappa))
+}
+
 #[derive(Args, Debug)]
 struct LossAwareArgs {
     #[command(flatten)]
@@ -297,6 +310,15 @@ struct LossAwareArgs {
     /// (D·W², METHOD §13) or accumulated-gradient (A, METHOD §1).
     #[arg(long, default_value = "curvature", value_parser = ["curvature", "accumulated-gradient"], requires = "kappa")]
     importance: String,
+    /// A layer's own budget in place of --kappa, as LAYER=FRACTION (fc3=0.3);
+    /// repeat for several layers. It follows the same schedule.
+    #[arg(long, value_name = "LAYER=FRACTION", value_parser = parse_layer_kappa, requires = "kappa")]
+    kappa_layer: Vec<(String, f64)>,
+    /// Width of the linear and convolution biases in the file: 32 (f32) or
+    /// 2..=16 bits of fixed point, one exponent per bias, rounded when the
+    /// model is exported [default: 32].
+    #[arg(long, value_name = "BITS", default_value_t = 32)]
+    bias_bits: u8,
     /// Start from this trained checkpoint instead of a fresh network.
     #[arg(long, value_name = "CHECKPOINT")]
     init: Option<PathBuf>,

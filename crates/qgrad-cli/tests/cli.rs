@@ -688,6 +688,90 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     let o = run("0.1", "accumulated-gradient", &dir.path().join("a.qgz"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_clean_failure(&run("1.5", "curvature", &dir.path().join("b.qgz")), 2, "κ");
+    // A layer's own budget, and 8-bit biases: the file holds both, and runs
+    // as candle does.
+    let layered = dir.path().join("layered.qgz");
+    let o = qgrad(&[
+        "quantize",
+        "loss-aware",
+        "--quantizer",
+        "lat-e",
+        "--kappa",
+        "0.05",
+        "--kappa-layer",
+        "fc3=0.5",
+        "--bias-bits",
+        "8",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--max-batches",
+        "10",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.005",
+        "--test-limit",
+        "300",
+        "--no-progress",
+        "--json",
+        "--out",
+        layered.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r}");
+    assert_eq!(r["options"]["sparsity"]["layers"]["fc3"], 0.5, "{r}");
+    assert_eq!(r["options"]["bias_bits"], 8, "{r}");
+    let o = qgrad(&["inspect", layered.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let i: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tensors = i["size"]["tensors"].as_array().unwrap();
+    let nnz = |name: &str| {
+        let t = tensors.iter().find(|t| t["name"] == name).unwrap();
+        t["nnz"].as_u64().unwrap()
+    };
+    assert!(nnz("fc3.weight") > 50 && nnz("fc3.weight") <= 500, "{i}");
+    assert!(nnz("fc2.weight") <= 1500, "{i}");
+    for t in tensors
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().ends_with(".bias"))
+    {
+        let widths: Vec<u64> = t["width_histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w[0].as_u64().unwrap())
+            .collect();
+        assert!(widths.iter().all(|&w| w == 0 || w == 8), "{t}");
+    }
+    for (args, needle) in [
+        (["--kappa-layer", "fc9=0.5", "--kappa", "0.1"], "fc9"),
+        (["--kappa-layer", "fc3=2", "--kappa", "0.1"], "κ"),
+        (["--kappa-layer", "fc3", "--kappa", "0.1"], "LAYER=FRACTION"),
+        (["--bias-bits", "1", "--kappa", "0.1"], "bias"),
+    ] {
+        let mut full = vec![
+            "quantize",
+            "loss-aware",
+            "--quantizer",
+            "lat-e",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--max-batches",
+            "2",
+            "--no-progress",
+            "--out",
+        ];
+        let out = dir.path().join("refused.qgz");
+        full.push(out.to_str().unwrap());
+        full.extend(args);
+        assert_clean_failure(&qgrad(&full), 2, needle);
+        assert!(!out.exists());
+    }
     // The reference recipes' step schedules; a malformed one is a usage error.
     let stepped = dir.path().join("step.qgz");
     let o = qgrad(&[

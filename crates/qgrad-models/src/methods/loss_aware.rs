@@ -37,7 +37,7 @@
 //!   their cold start, so its steps after a resume can differ from an
 //!   uninterrupted run's; the other methods resume bit for bit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use qgrad_scaled::{quantize, stochastic_ternary, Method, Quantized};
 use rand::{Rng, SeedableRng};
@@ -52,7 +52,7 @@ use crate::train::{TrainHook, TrainState};
 pub const CURVATURE_EPS: f32 = 1e-8;
 
 /// Options of loss-aware (or baseline) weight quantization.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossAwareOptions {
     /// The quantizer.
     pub quantizer: Method,
@@ -66,14 +66,36 @@ pub struct LossAwareOptions {
     /// budget per tensor. `None`: dense.
     #[serde(default)]
     pub sparsity: Option<SparseBudget>,
+    /// Width of the linear and convolution biases in the file: 32 (f32, the
+    /// default) or 2..=16 bits of fixed point with one exponent per bias
+    /// (`qgrad_fixed::tensor_exponent`, so that no bias saturates). Applied
+    /// when the model is exported: training keeps f32 biases, and the
+    /// exported model's accuracy (candle and the file alike) is that of the
+    /// rounded biases.
+    #[serde(default = "float_width", skip_serializing_if = "is_float_width")]
+    pub bias_bits: u8,
+}
+
+fn float_width() -> u8 {
+    qgrad_fixed::FLOAT
+}
+
+fn is_float_width(bits: &u8) -> bool {
+    *bits == qgrad_fixed::FLOAT
 }
 
 /// The non-zero budget of joint quantization and sparsification (METHOD §13).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SparseBudget {
     /// The target fraction κ ∈ (0, 1] of each weight tensor that may be
     /// non-zero.
     pub kappa: f64,
+    /// Per-layer targets (layer name, as `fc3`, to its κ) that replace
+    /// `kappa` for those layers' weights: METHOD §13's budget is per layer,
+    /// and a small last layer (LeNet-300-100's `fc3` has 1,000 weights) pays
+    /// little for a larger one. Each follows the same schedule from 1.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub layers: BTreeMap<String, f64>,
     /// Epochs over which κ falls from 1 to its target (cubic; 0: the target
     /// from the first step).
     pub ramp_epochs: f64,
@@ -108,9 +130,31 @@ impl std::str::FromStr for Importance {
 }
 
 impl SparseBudget {
-    /// Checks κ and the ramp.
+    /// A budget of `kappa` for every layer.
+    pub fn uniform(kappa: f64, ramp_epochs: f64, importance: Importance) -> Self {
+        SparseBudget {
+            kappa,
+            ramp_epochs,
+            importance,
+            layers: BTreeMap::new(),
+        }
+    }
+
+    /// The target κ of weight `name` (`<layer>.weight`).
+    pub fn target_of(&self, name: &str) -> f64 {
+        self.layers
+            .get(super::layer_of(name))
+            .copied()
+            .unwrap_or(self.kappa)
+    }
+
+    /// Checks κ, the per-layer targets and the ramp.
     pub fn validate(&self) -> Result<()> {
         qgrad_scaled::kept_count(self.kappa, 1).map_err(|e| ModelsError::Config(e.to_string()))?;
+        for (layer, &kappa) in &self.layers {
+            qgrad_scaled::kept_count(kappa, 1)
+                .map_err(|e| ModelsError::Config(format!("layer {layer}: {e}")))?;
+        }
         if !(self.ramp_epochs.is_finite() && self.ramp_epochs >= 0.0) {
             return Err(ModelsError::Config(format!(
                 "the budget's ramp must be a finite number of epochs >= 0, not {}",
@@ -130,6 +174,7 @@ impl LossAwareOptions {
             clip: true,
             seed: 0,
             sparsity: None,
+            bias_bits: qgrad_fixed::FLOAT,
         }
     }
 }
@@ -162,8 +207,18 @@ pub struct LossAwareHook {
     /// Steps taken in the epoch `step_epoch`.
     steps_in_epoch: usize,
     step_epoch: usize,
-    /// The budget of the last training step (what the evaluation uses).
-    last_kappa: Option<f64>,
+    /// The schedule time of the last training step (what the evaluation
+    /// uses).
+    last_time: Option<f64>,
+}
+
+/// Where in the budget schedule a quantization happens.
+#[derive(Debug, Clone, Copy)]
+enum BudgetAt {
+    /// The target budget (the exported model).
+    Target,
+    /// `t` epochs into the schedule.
+    Time(f64),
 }
 
 impl LossAwareHook {
@@ -175,23 +230,47 @@ impl LossAwareHook {
                 options.quantizer
             )));
         }
+        let names = super::weight_names(state.network.arch);
         if let Some(budget) = &options.sparsity {
             budget.validate()?;
+            if let Some(layer) = budget
+                .layers
+                .keys()
+                .find(|l| !names.iter().any(|n| super::layer_of(n) == l.as_str()))
+            {
+                let layers: Vec<&str> = names.iter().map(|n| super::layer_of(n)).collect();
+                return Err(ModelsError::Config(format!(
+                    "{} has no weight layer '{layer}' for a budget (its layers: {})",
+                    state.network.arch,
+                    layers.join(", ")
+                )));
+            }
             if options.quantizer == Method::TerConnect {
                 return Err(ModelsError::Config(
                     "ter-connect's stochastic codes take no non-zero budget".into(),
                 ));
             }
         }
+        let bits = options.bias_bits;
+        let seed = options.seed;
+        if bits != qgrad_fixed::FLOAT
+            && !(qgrad_fixed::MIN_FIXED_BITS..=qgrad_fixed::MAX_FIXED_BITS).contains(&bits)
+        {
+            return Err(ModelsError::Config(format!(
+                "bias width {bits}: expected 32 (f32) or {}..={} bits",
+                qgrad_fixed::MIN_FIXED_BITS,
+                qgrad_fixed::MAX_FIXED_BITS
+            )));
+        }
         Ok(LossAwareHook {
             options,
-            names: super::weight_names(state.network.arch),
+            names,
             warm: HashMap::new(),
-            rng: ChaCha8Rng::seed_from_u64(options.seed),
+            rng: ChaCha8Rng::seed_from_u64(seed),
             steps_per_epoch: 0,
             steps_in_epoch: 0,
             step_epoch: state.epoch,
-            last_kappa: None,
+            last_time: None,
         })
     }
 
@@ -200,10 +279,9 @@ impl LossAwareHook {
         self.steps_per_epoch = steps;
     }
 
-    /// The budget of the step about to run (None: dense), advancing the
-    /// step count.
-    fn next_budget(&mut self, state: &TrainState) -> Option<f64> {
-        let budget = self.options.sparsity?;
+    /// The schedule time of the step about to run, advancing the step
+    /// count.
+    fn next_time(&mut self, state: &TrainState) -> f64 {
         if state.epoch != self.step_epoch {
             self.step_epoch = state.epoch;
             self.steps_in_epoch = 0;
@@ -214,8 +292,17 @@ impl LossAwareHook {
             0.0
         };
         self.steps_in_epoch += 1;
-        let t = state.epoch as f64 + fraction;
-        Some(qgrad_scaled::budget_at(budget.kappa, t, budget.ramp_epochs))
+        state.epoch as f64 + fraction
+    }
+
+    /// The budget of weight `name` at `at` (None: dense).
+    fn kappa_of(&self, name: &str, at: BudgetAt) -> Option<f64> {
+        let budget = self.options.sparsity.as_ref()?;
+        let target = budget.target_of(name);
+        Some(match at {
+            BudgetAt::Target => target,
+            BudgetAt::Time(t) => qgrad_scaled::budget_at(target, t, budget.ramp_epochs),
+        })
     }
 
     /// The options.
@@ -229,8 +316,9 @@ impl LossAwareHook {
         state: &TrainState,
         name: &str,
         warm: Option<&Quantized>,
-        kappa: Option<f64>,
+        at: BudgetAt,
     ) -> Result<ScaledWeight> {
+        let kappa = self.kappa_of(name, at);
         let var = state
             .network
             .parameter(name)
@@ -252,7 +340,7 @@ impl LossAwareHook {
         } else {
             1
         };
-        let quantized = match (kappa, self.options.sparsity) {
+        let quantized = match (kappa, &self.options.sparsity) {
             (Some(kappa), Some(budget)) => {
                 let score = match budget.importance {
                     Importance::Curvature => qgrad_scaled::curvature_score(&w, d.as_deref()),
@@ -288,27 +376,37 @@ impl LossAwareHook {
         })
     }
 
-    /// The float parameters of `state` that the quantizer leaves alone
-    /// (biases, batch norm), as width-32 tensors for the file.
+    /// The parameters of `state` that the quantizer leaves alone (biases,
+    /// batch norm) for the file: width 32, except the linear and
+    /// convolution biases at [`LossAwareOptions::bias_bits`] when that is
+    /// below 32.
     pub fn float_parameters(&self, state: &TrainState) -> Result<Vec<super::QuantizedTensor>> {
-        super::float_parameters(state, &self.names)
+        let mut params = super::float_parameters(state, &self.names)?;
+        let bits = self.options.bias_bits;
+        if bits == qgrad_fixed::FLOAT {
+            return Ok(params);
+        }
+        for p in params.iter_mut().filter(|p| is_layer_bias(&p.name)) {
+            let exponent = qgrad_fixed::tensor_exponent(&p.values)
+                .map_err(|e| ModelsError::Other(format!("{}: {e}", p.name)))?;
+            p.widths = vec![bits; p.values.len()];
+            p.values = qgrad_fixed::fake_quantize(&p.values, &p.widths, exponent)
+                .map_err(|e| ModelsError::Other(format!("{}: {e}", p.name)))?;
+            p.exponent = exponent;
+        }
+        Ok(params)
     }
 
     /// The quantized weights of `state` now (what is exported).
     /// With a budget, the target κ.
     pub fn finish(&self, state: &TrainState) -> Result<Vec<ScaledWeight>> {
-        let kappa = self.options.sparsity.map(|b| b.kappa);
-        self.quantized_weights(state, kappa)
+        self.quantized_weights(state, BudgetAt::Target)
     }
 
-    fn quantized_weights(
-        &self,
-        state: &TrainState,
-        kappa: Option<f64>,
-    ) -> Result<Vec<ScaledWeight>> {
+    fn quantized_weights(&self, state: &TrainState, at: BudgetAt) -> Result<Vec<ScaledWeight>> {
         self.names
             .iter()
-            .map(|n| self.quantize_one(state, n, self.warm.get(n), kappa))
+            .map(|n| self.quantize_one(state, n, self.warm.get(n), at))
             .collect()
     }
 }
@@ -323,12 +421,13 @@ impl TrainHook for LossAwareHook {
         state: &TrainState,
         overrides: &mut WeightOverrides,
     ) -> Result<()> {
-        let kappa = self.next_budget(state);
-        self.last_kappa = kappa;
+        let t = self.next_time(state);
+        self.last_time = Some(t);
+        let at = BudgetAt::Time(t);
         let mut weights = Vec::with_capacity(self.names.len());
         for name in &self.names {
             if self.options.quantizer != Method::TerConnect {
-                weights.push(self.quantize_one(state, name, self.warm.get(name), kappa)?);
+                weights.push(self.quantize_one(state, name, self.warm.get(name), at)?);
                 continue;
             }
             // TerConnect is stochastic in training (qgrad-scaled's docs).
@@ -369,10 +468,17 @@ impl TrainHook for LossAwareHook {
     }
 
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
-        let kappa = self.last_kappa.or(self.options.sparsity.map(|b| b.kappa));
-        let weights = self.quantized_weights(state, kappa)?;
+        let at = self.last_time.map_or(BudgetAt::Target, BudgetAt::Time);
+        let weights = self.quantized_weights(state, at)?;
         super::straight_through(state, &weights, overrides)
     }
+}
+
+/// A linear or convolution layer's bias (`<layer>.bias`, not a batch
+/// norm's `<layer>.bn.bias`).
+fn is_layer_bias(name: &str) -> bool {
+    name.strip_suffix(".bias")
+        .is_some_and(|layer| !layer.ends_with(".bn"))
 }
 
 #[cfg(test)]
@@ -502,11 +608,7 @@ mod tests {
             config.progress = false;
             let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
             let mut options = LossAwareOptions::new(method);
-            options.sparsity = Some(SparseBudget {
-                kappa: 0.1,
-                ramp_epochs: 1.0,
-                importance,
-            });
+            options.sparsity = Some(SparseBudget::uniform(0.1, 1.0, importance));
             let mut hook = LossAwareHook::new(options, &state).unwrap();
             hook.set_steps_per_epoch(12);
             let report =
@@ -530,11 +632,69 @@ mod tests {
         // A budget outside (0, 1] is refused.
         let state = TrainState::new(arch, &Device::Cpu, &TrainConfig::default_for(arch)).unwrap();
         let mut options = LossAwareOptions::new(Method::Bwn);
-        options.sparsity = Some(SparseBudget {
-            kappa: 0.0,
-            ramp_epochs: 1.0,
-            importance: Importance::Curvature,
-        });
+        options.sparsity = Some(SparseBudget::uniform(0.0, 1.0, Importance::Curvature));
+        assert!(LossAwareHook::new(options.clone(), &state).is_err());
+        // So is a per-layer budget outside it, or for a layer the network
+        // does not have.
+        for (layer, kappa) in [("fc3", 1.5), ("fc9", 0.5), ("fc3.weight", 0.5)] {
+            let mut budget = SparseBudget::uniform(0.1, 1.0, Importance::Curvature);
+            budget.layers.insert(layer.into(), kappa);
+            options.sparsity = Some(budget);
+            assert!(
+                LossAwareHook::new(options.clone(), &state).is_err(),
+                "{layer}"
+            );
+        }
+    }
+
+    #[test]
+    fn per_layer_budgets_and_bias_widths_hold_in_the_export() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        let mut config = TrainConfig::default_for(arch);
+        (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
+        config.max_batches_per_epoch = Some(8);
+        config.optimizer = OptimizerKind::ADAM;
+        config.progress = false;
+        let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+        let mut options = LossAwareOptions::new(Method::LatExact);
+        let mut budget = SparseBudget::uniform(0.05, 1.0, Importance::Curvature);
+        budget.layers.insert("fc3".into(), 0.5);
+        options.sparsity = Some(budget);
+        options.bias_bits = 8;
+        let mut hook = LossAwareHook::new(options, &state).unwrap();
+        hook.set_steps_per_epoch(8);
+        train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+        for q in hook.finish(&state).unwrap() {
+            let n = q.quantized.codes.len();
+            let nonzero = q.quantized.codes.iter().filter(|&&c| c != 0).count();
+            let limit = if q.name == "fc3.weight" {
+                n / 2
+            } else {
+                n / 20
+            };
+            assert!(nonzero <= limit, "{}: {nonzero} of {n}", q.name);
+            if q.name == "fc3.weight" {
+                // Far more than the uniform budget's 50 are kept.
+                assert!(nonzero > n / 20, "{}: {nonzero} of {n}", q.name);
+            }
+        }
+        let host = state.network.params_to_host().unwrap();
+        let params = hook.float_parameters(&state).unwrap();
+        assert_eq!(params.len(), 3);
+        for p in &params {
+            assert!(p.name.ends_with(".bias"), "{}", p.name);
+            assert!(p.widths.iter().all(|&w| w == 8), "{}", p.name);
+            let f32s = &host.iter().find(|h| h.name == p.name).unwrap().values;
+            // Rounded to the grid of step 2^(e - 7), none saturated.
+            let step = 2f32.powi(p.exponent - 7);
+            for (&q, &x) in p.values.iter().zip(f32s) {
+                assert!((q - x).abs() <= step / 2.0 + 1e-9, "{}: {x} -> {q}", p.name);
+                assert_eq!((q / step).fract(), 0.0, "{}: {q}", p.name);
+            }
+        }
+        let mut options = LossAwareOptions::new(Method::LatExact);
+        options.bias_bits = 1;
         assert!(LossAwareHook::new(options, &state).is_err());
     }
 }
