@@ -341,7 +341,7 @@ mod tests {
                     }
                     StructuredWeights::Float(weights) => {
                         let t = weights.iter().find(|t| t.name == m.name).unwrap();
-                        assert!(t.widths.iter().zip(&m.keep).all(|(b, k)| (*b == 0) == !*k));
+                        assert!(t.widths.iter().zip(&m.keep).all(|(b, k)| (*b == 0) != *k));
                     }
                 }
             }
