@@ -19,6 +19,10 @@
 //! LeNet-300-100, ternary on LeNet-5, ranked by the curvature score
 //! `D·W²`; on LeNet-5 also by the accumulated gradient `A` of the first
 //! thesis: loss-aware ternary with accumulated-gradient pruning.
+//! The last rows give layers their own κ (METHOD §13's budget is per
+//! layer: LeNet-300-100's 1,000-weight `fc3`, LeNet-5's 500-weight `conv1`
+//! denser, LeNet-5's `fc1` sparser) and store the biases at 8 bits: the
+//! smallest files, for the 100x and 200x targets.
 
 use std::time::Instant;
 
@@ -42,9 +46,51 @@ struct LossAwareRecipe {
     lr: f64,
     batch_size: usize,
     quantizers: Vec<Quantizer>,
-    /// Joint quantization and sparsification: (quantizer, κ, importance).
-    joint: Vec<(Quantizer, f64, Importance)>,
+    /// Joint quantization and sparsification.
+    joint: Vec<JointRun>,
 }
+
+/// One joint run: the quantizer, its budget, and the biases' width.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct JointRun {
+    quantizer: Quantizer,
+    kappa: f64,
+    importance: Importance,
+    /// Layers with their own κ (METHOD §13's budget is per layer).
+    layers: &'static [(&'static str, f64)],
+    /// The biases' width in the file (32: f32).
+    bias_bits: u8,
+}
+
+impl JointRun {
+    /// κ for every layer, f32 biases.
+    fn uniform(quantizer: Quantizer, kappa: f64, importance: Importance) -> Self {
+        JointRun {
+            quantizer,
+            kappa,
+            importance,
+            layers: &[],
+            bias_bits: 32,
+        }
+    }
+
+    /// The cache key's suffix for the per-layer budgets and bias width
+    /// (empty for a uniform run with f32 biases, whose key is unchanged).
+    fn suffix(&self) -> String {
+        let mut out = String::new();
+        for (layer, kappa) in self.layers {
+            out.push_str(&format!("-{layer}k{kappa}"));
+        }
+        if self.bias_bits != 32 {
+            out.push_str(&format!("-bias{}", self.bias_bits));
+        }
+        out
+    }
+}
+
+/// LeNet-5's per-layer budgets of the joint runs (conv2 and fc2 at the
+/// common κ).
+const L5_LAYERS: &[(&str, f64)] = &[("conv1", 0.5), ("fc1", 0.012)];
 
 fn recipe(scale: Scale, arch: Arch, methods: (bool, bool)) -> Option<LossAwareRecipe> {
     let laq3 = Quantizer::Laq {
@@ -67,32 +113,56 @@ fn recipe(scale: Scale, arch: Arch, methods: (bool, bool)) -> Option<LossAwareRe
             10,
             all,
             vec![
-                (lat, 0.1, curv),
-                (lat, 0.05, curv),
-                (lat, 0.03, curv),
-                (lat, 0.02, curv),
-                (Quantizer::Lab, 0.05, curv),
-                (Quantizer::Lab, 0.03, curv),
-                (laq3, 0.05, curv),
-                (laq3, 0.03, curv),
+                JointRun::uniform(lat, 0.1, curv),
+                JointRun::uniform(lat, 0.05, curv),
+                JointRun::uniform(lat, 0.03, curv),
+                JointRun::uniform(lat, 0.02, curv),
+                JointRun::uniform(Quantizer::Lab, 0.05, curv),
+                JointRun::uniform(Quantizer::Lab, 0.03, curv),
+                JointRun::uniform(laq3, 0.05, curv),
+                JointRun::uniform(laq3, 0.03, curv),
+                // The smallest files: the last layer (1,000 weights) at its
+                // own κ, biases at 8 bits.
+                JointRun {
+                    layers: &[("fc3", 0.3)],
+                    bias_bits: 8,
+                    ..JointRun::uniform(laq3, 0.03, curv)
+                },
             ],
         ),
         (Scale::Full, Arch::Lenet5) => (
             10,
             vec![Quantizer::Twn, lat],
             vec![
-                (lat, 0.1, curv),
-                (lat, 0.05, curv),
-                (lat, 0.02, curv),
-                (lat, 0.1, accum),
-                (lat, 0.05, accum),
-                (lat, 0.02, accum),
+                JointRun::uniform(lat, 0.1, curv),
+                JointRun::uniform(lat, 0.05, curv),
+                JointRun::uniform(lat, 0.02, curv),
+                JointRun::uniform(lat, 0.1, accum),
+                JointRun::uniform(lat, 0.05, accum),
+                JointRun::uniform(lat, 0.02, accum),
+                // Per-layer budgets (the small first convolution and last
+                // layer kept denser, the 400,000-weight fc1 sparser) with
+                // 8-bit biases, ternary and 3-bit.
+                JointRun {
+                    layers: L5_LAYERS,
+                    bias_bits: 8,
+                    ..JointRun::uniform(lat, 0.08, curv)
+                },
+                JointRun {
+                    layers: L5_LAYERS,
+                    bias_bits: 8,
+                    ..JointRun::uniform(laq3, 0.08, curv)
+                },
             ],
         ),
         (Scale::Full, _) => return None,
-        (Scale::Quick, Arch::Lenet300100) => (3, all, vec![(lat, 0.1, curv)]),
+        (Scale::Quick, Arch::Lenet300100) => (3, all, vec![JointRun::uniform(lat, 0.1, curv)]),
         (Scale::Quick, _) => return None,
-        (Scale::Smoke, _) => (1, vec![Quantizer::Lab], vec![(lat, 0.2, curv)]),
+        (Scale::Smoke, _) => (
+            1,
+            vec![Quantizer::Lab],
+            vec![JointRun::uniform(lat, 0.2, curv)],
+        ),
     };
     let (dense, sparse) = methods;
     let r = LossAwareRecipe {
@@ -171,11 +241,17 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         .quantizers
         .iter()
         .map(|&q| (q, None))
-        .chain(r.joint.iter().map(|&(q, kappa, importance)| {
-            let budget = SparseBudget::uniform(kappa, r.epochs as f64 / 2.0, importance);
-            (q, Some(budget))
+        .chain(r.joint.iter().map(|j| {
+            let mut budget = SparseBudget::uniform(j.kappa, r.epochs as f64 / 2.0, j.importance);
+            for &(layer, kappa) in j.layers {
+                budget.layers.insert(layer.to_string(), kappa);
+            }
+            (j.quantizer, Some((budget, j.bias_bits, j.suffix())))
         }));
-    for (q, sparsity) in runs {
+    for (q, joint) in runs {
+        let sparsity = joint.as_ref().map(|(b, _, _)| b.clone());
+        let bias_bits = joint.as_ref().map_or(32, |&(_, bits, _)| bits);
+        let suffix = joint.as_ref().map_or("", |(_, _, s)| s.as_str());
         let (key, method, label) = match &sparsity {
             None => (
                 format!("la-{q}-{tag}"),
@@ -189,14 +265,27 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
                 };
                 (
                     format!(
-                        "joint-{q}-k{}-{}-{tag}",
+                        "joint-{q}-k{}-{}{suffix}-{tag}",
                         b.kappa,
                         serde_json::to_value(b.importance)?
                             .as_str()
                             .unwrap_or("importance")
                     ),
                     Method::Joint,
-                    format!("{q}, κ {} by {by}, {} epochs", b.kappa, r.epochs),
+                    format!(
+                        "{q}, κ {}{} by {by}{}, {} epochs",
+                        b.kappa,
+                        b.layers
+                            .iter()
+                            .map(|(l, k)| format!(" ({l} {k})"))
+                            .collect::<String>(),
+                        if bias_bits == 32 {
+                            String::new()
+                        } else {
+                            format!(", {bias_bits}-bit biases")
+                        },
+                        r.epochs
+                    ),
                 )
             }
         };
@@ -210,6 +299,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         let mut options = LossAwareOptions::new(q);
         options.seed = ctx.opts.seed;
         options.sparsity = sparsity.clone();
+        options.bias_bits = bias_bits;
         eprintln!("[{}] {}: {label}", ctx.arch.name(), method.name());
         let run = LossAwareRun {
             arch: ctx.arch,
@@ -228,6 +318,9 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         });
         if let Some(b) = &sparsity {
             json["sparsity"] = serde_json::to_value(b)?;
+        }
+        if bias_bits != 32 {
+            json["bias_bits"] = serde_json::json!(bias_bits);
         }
         let model = compress_loss_aware(&outcome, json)?;
         let mut p = ctx.finish_point(&key, method, Role::Main, label, model, t0)?;

@@ -9,14 +9,20 @@
 //!
 //! What is quantized: the weight of every linear and convolution layer (every
 //! layer, as the reference recipes do). Biases and batch-norm parameters stay
-//! float, and the size report says so.
+//! float, and the size report says so; as an option
+//! ([`LossAwareOptions::bias_bits`]) the linear and convolution biases go
+//! into the file as fixed point (a decision beyond METHOD §10, for the
+//! joint method's smallest files: at 100x, LeNet-300-100's 410 f32 biases
+//! would be 15 % of the file).
 //!
 //! With a non-zero budget ([`SparseBudget`], METHOD §13) the same loop
 //! trains jointly quantized and sparse weights: `Q` keeps the `⌊κ·n⌋`
 //! elements of each tensor with the largest score, quantizes them with the
 //! quantizer restricted to them and zeroes the rest
 //! ([`qgrad_scaled::sparse`]); κ falls from 1 to its target along a cubic
-//! schedule over the first `ramp_epochs`. The score is `D_i W_i²` (METHOD
+//! schedule over the first `ramp_epochs`. The target is per layer: METHOD
+//! §13's budget is a layer's, and [`SparseBudget::layers`] gives named
+//! layers their own κ in place of the common one. The score is `D_i W_i²` (METHOD
 //! §13) or, as an option, the accumulated gradient `A` of the first thesis
 //! (METHOD §1): the two theses' importance measures side by side. Pruned
 //! weights keep their float `W` and their straight-through gradient, so an
