@@ -16,6 +16,31 @@ fn mini() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini")
 }
 
+/// A short `quantize loss-aware` run on the shipped subset (one epoch of
+/// batches of 50, 300 test images, JSON out) with `extra` options.
+fn loss_aware_quick(data: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "quantize",
+        "loss-aware",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.005",
+        "--test-limit",
+        "300",
+        "--no-progress",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    qgrad(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -441,28 +466,7 @@ fn loss_aware_training_writes_a_file_that_eval_and_inspect_read() {
     let data = mini();
     let data = data.to_str().unwrap();
     let file = dir.path().join("lab.qgz");
-    let o = qgrad(&[
-        "quantize",
-        "loss-aware",
-        "--quantizer",
-        "lab",
-        "--data",
-        data,
-        "--epochs",
-        "1",
-        "--max-batches",
-        "20",
-        "--batch-size",
-        "50",
-        "--lr",
-        "0.005",
-        "--test-limit",
-        "300",
-        "--no-progress",
-        "--json",
-        "--out",
-        file.to_str().unwrap(),
-    ]);
+    let o = loss_aware_quick(data, &file, &["--quantizer", "lab", "--max-batches", "20"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["mismatches"], 0, "{r}");
@@ -527,34 +531,22 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     let data = data.to_str().unwrap();
     let file = dir.path().join("sparse.qgz");
     let run = |kappa: &str, importance: &str, out: &Path| {
-        qgrad(&[
-            "quantize",
-            "loss-aware",
-            "--quantizer",
-            "lab",
-            "--kappa",
-            kappa,
-            "--kappa-ramp",
-            "0.5",
-            "--importance",
-            importance,
-            "--data",
+        loss_aware_quick(
             data,
-            "--epochs",
-            "1",
-            "--max-batches",
-            "20",
-            "--batch-size",
-            "50",
-            "--lr",
-            "0.005",
-            "--test-limit",
-            "300",
-            "--no-progress",
-            "--json",
-            "--out",
-            out.to_str().unwrap(),
-        ])
+            out,
+            &[
+                "--quantizer",
+                "lab",
+                "--kappa",
+                kappa,
+                "--kappa-ramp",
+                "0.5",
+                "--importance",
+                importance,
+                "--max-batches",
+                "20",
+            ],
+        )
     };
     let o = run("0.05", "curvature", &file);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -691,34 +683,22 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     // A layer's own budget, and 8-bit biases: the file holds both, and runs
     // as candle does.
     let layered = dir.path().join("layered.qgz");
-    let o = qgrad(&[
-        "quantize",
-        "loss-aware",
-        "--quantizer",
-        "lat-e",
-        "--kappa",
-        "0.05",
-        "--kappa-layer",
-        "fc3=0.5",
-        "--bias-bits",
-        "8",
-        "--data",
+    let o = loss_aware_quick(
         data,
-        "--epochs",
-        "1",
-        "--max-batches",
-        "10",
-        "--batch-size",
-        "50",
-        "--lr",
-        "0.005",
-        "--test-limit",
-        "300",
-        "--no-progress",
-        "--json",
-        "--out",
-        layered.to_str().unwrap(),
-    ]);
+        &layered,
+        &[
+            "--quantizer",
+            "lat-e",
+            "--kappa",
+            "0.05",
+            "--kappa-layer",
+            "fc3=0.5",
+            "--bias-bits",
+            "8",
+            "--max-batches",
+            "10",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["mismatches"], 0, "{r}");

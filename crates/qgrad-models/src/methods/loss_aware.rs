@@ -496,6 +496,16 @@ mod tests {
     use candle_core::Device;
     use std::path::Path;
 
+    /// A short Adam run: `epochs` of `batches` batches of 50 at lr 0.005.
+    fn adam_config(arch: Arch, epochs: usize, batches: usize) -> TrainConfig {
+        let mut config = TrainConfig::default_for(arch);
+        (config.epochs, config.batch_size, config.lr) = (epochs, 50, 0.005);
+        config.max_batches_per_epoch = Some(batches);
+        config.optimizer = OptimizerKind::ADAM;
+        config.progress = false;
+        config
+    }
+
     fn mini() -> (crate::data::Dataset, crate::data::Dataset) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
         let (train, test) = load_mnist(&dir).unwrap();
@@ -507,12 +517,8 @@ mod tests {
         let (train_set, test_set) = mini();
         let arch = Arch::Lenet300100;
         for method in Method::all() {
-            let mut config = TrainConfig::default_for(arch);
-            (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
-            config.max_batches_per_epoch = Some(12);
+            let mut config = adam_config(arch, 2, 12);
             config.weight_decay = 0.0;
-            config.optimizer = OptimizerKind::ADAM;
-            config.progress = false;
             let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
             let mut hook = LossAwareHook::new(LossAwareOptions::new(method), &state).unwrap();
             let norm = config.normalization.clone().unwrap();
@@ -565,11 +571,7 @@ mod tests {
     fn the_evaluation_runs_the_quantized_network() {
         let (train_set, test_set) = mini();
         let arch = Arch::Lenet300100;
-        let mut config = TrainConfig::default_for(arch);
-        (config.epochs, config.batch_size, config.lr) = (1, 50, 0.005);
-        config.max_batches_per_epoch = Some(10);
-        config.optimizer = OptimizerKind::ADAM;
-        config.progress = false;
+        let mut config = adam_config(arch, 1, 10);
         let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
         let mut hook = LossAwareHook::new(LossAwareOptions::new(Method::LatExact), &state).unwrap();
         let report = train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
@@ -606,12 +608,8 @@ mod tests {
                 Importance::Curvature,
             ),
         ] {
-            let mut config = TrainConfig::default_for(arch);
-            (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
-            config.max_batches_per_epoch = Some(12);
+            let mut config = adam_config(arch, 2, 12);
             config.weight_decay = 0.0;
-            config.optimizer = OptimizerKind::ADAM;
-            config.progress = false;
             let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
             let mut options = LossAwareOptions::new(method);
             options.sparsity = Some(SparseBudget::uniform(0.1, 1.0, importance));
@@ -657,11 +655,7 @@ mod tests {
     fn per_layer_budgets_and_bias_widths_hold_in_the_export() {
         let (train_set, test_set) = mini();
         let arch = Arch::Lenet300100;
-        let mut config = TrainConfig::default_for(arch);
-        (config.epochs, config.batch_size, config.lr) = (2, 50, 0.005);
-        config.max_batches_per_epoch = Some(8);
-        config.optimizer = OptimizerKind::ADAM;
-        config.progress = false;
+        let mut config = adam_config(arch, 2, 8);
         let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
         let mut options = LossAwareOptions::new(Method::LatExact);
         let mut budget = SparseBudget::uniform(0.05, 1.0, Importance::Curvature);
