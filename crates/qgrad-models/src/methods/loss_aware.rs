@@ -571,7 +571,7 @@ mod tests {
     fn the_evaluation_runs_the_quantized_network() {
         let (train_set, test_set) = mini();
         let arch = Arch::Lenet300100;
-        let mut config = adam_config(arch, 1, 10);
+        let config = adam_config(arch, 1, 10);
         let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
         let mut hook = LossAwareHook::new(LossAwareOptions::new(Method::LatExact), &state).unwrap();
         let report = train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
@@ -655,7 +655,7 @@ mod tests {
     fn per_layer_budgets_and_bias_widths_hold_in_the_export() {
         let (train_set, test_set) = mini();
         let arch = Arch::Lenet300100;
-        let mut config = adam_config(arch, 2, 8);
+        let config = adam_config(arch, 2, 8);
         let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
         let mut options = LossAwareOptions::new(Method::LatExact);
         let mut budget = SparseBudget::uniform(0.05, 1.0, Importance::Curvature);
