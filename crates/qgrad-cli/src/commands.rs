@@ -478,12 +478,7 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
         }
         None => None,
     };
-    if !(args.bias_bits == 32 || (2..=16).contains(&args.bias_bits)) {
-        return Err(Failure::usage(format!(
-            "--bias-bits {}: expected 32 (f32) or 2..=16",
-            args.bias_bits
-        )));
-    }
+    LossAwareOptions::check_bias_bits(args.bias_bits).usage("invalid --bias-bits")?;
     let options = LossAwareOptions {
         quantizer: args.quantizer,
         per_channel: args.per_channel,

@@ -183,6 +183,19 @@ impl LossAwareOptions {
             bias_bits: qgrad_fixed::FLOAT,
         }
     }
+
+    /// Checks a [`LossAwareOptions::bias_bits`]: a stored width other than
+    /// 0 (a bias is not pruned).
+    pub fn check_bias_bits(bits: u8) -> Result<()> {
+        if bits == qgrad_fixed::PRUNED || !qgrad_fixed::is_valid_width(bits) {
+            return Err(ModelsError::Config(format!(
+                "bias width {bits}: expected 32 (f32) or {}..={} bits",
+                qgrad_fixed::MIN_FIXED_BITS,
+                qgrad_fixed::MAX_FIXED_BITS
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One quantized weight tensor: the scaled codes and the shape.
@@ -257,17 +270,8 @@ impl LossAwareHook {
                 ));
             }
         }
-        let bits = options.bias_bits;
+        LossAwareOptions::check_bias_bits(options.bias_bits)?;
         let seed = options.seed;
-        if bits != qgrad_fixed::FLOAT
-            && !(qgrad_fixed::MIN_FIXED_BITS..=qgrad_fixed::MAX_FIXED_BITS).contains(&bits)
-        {
-            return Err(ModelsError::Config(format!(
-                "bias width {bits}: expected 32 (f32) or {}..={} bits",
-                qgrad_fixed::MIN_FIXED_BITS,
-                qgrad_fixed::MAX_FIXED_BITS
-            )));
-        }
         Ok(LossAwareHook {
             options,
             names,
