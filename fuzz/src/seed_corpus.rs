@@ -24,7 +24,12 @@ fn main() {
         &[3, 5, 7, 9, 11, 13, 15],
     ];
     for (i, mix) in mixes.iter().enumerate() {
-        for layout in [LayoutChoice::Csr, LayoutChoice::Dense] {
+        for layout in [
+            LayoutChoice::Csr,
+            LayoutChoice::Dense,
+            LayoutChoice::CsrRice,
+            LayoutChoice::FlatGaps,
+        ] {
             let (rows, cols) = (1 + i, 3 + 2 * i);
             let values: Vec<f32> = (0..rows * cols)
                 .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
@@ -54,6 +59,7 @@ fn main() {
             let options = EncodeOptions {
                 layout,
                 metadata: vec![("seed".into(), i.to_string())],
+                ..Default::default()
             };
             let mut file = vec![1u8];
             file.extend(encode(&tensors, &options).expect("valid input"));
@@ -70,7 +76,12 @@ fn main() {
         (LevelKind::Log, 7, true, 2),
     ];
     for (i, (levels, max_code, two_sided, zero_every)) in kinds.into_iter().enumerate() {
-        for layout in [LayoutChoice::Csr, LayoutChoice::Dense] {
+        for layout in [
+            LayoutChoice::Csr,
+            LayoutChoice::Dense,
+            LayoutChoice::CsrRice,
+            LayoutChoice::FlatGaps,
+        ] {
             let (rows, cols) = (2 + i, 5 + 3 * i);
             let codes: Vec<i8> = (0..rows * cols)
                 .map(|_| {
@@ -116,6 +127,7 @@ fn main() {
             let options = EncodeOptions {
                 layout,
                 metadata: vec![("seed".into(), format!("scaled-{i}"))],
+                ..Default::default()
             };
             let mut file = vec![1u8];
             file.extend(encode_tensors(&tensors, &options).expect("valid input"));

@@ -168,6 +168,7 @@ fn layout_choice(name: &str) -> LayoutChoice {
         "csr-rice" => LayoutChoice::CsrRice,
         "dense" => LayoutChoice::Dense,
         "block" => LayoutChoice::Block,
+        "flat-gaps" => LayoutChoice::FlatGaps,
         _ => LayoutChoice::Auto,
     }
 }
@@ -631,8 +632,17 @@ pub fn repack(args: RepackArgs) -> CliResult<()> {
     }
     let model = read_model(&args.file)?;
     let before = model.size_report();
-    let bytes = qgrad_csr::reencode(&model, layout_choice(&args.layout))
-        .runtime(format!("cannot re-encode {}", args.file.display()))?;
+    let context = format!("cannot re-encode {}", args.file.display());
+    let bytes =
+        match qgrad_csr::reencode_up_to(&model, layout_choice(&args.layout), args.format_version) {
+            Ok(bytes) => bytes,
+            // What the user asked for cannot be written: a usage error.
+            Err(
+                e @ (qgrad_csr::CsrError::VersionTooLow { .. }
+                | qgrad_csr::CsrError::InvalidOption(_)),
+            ) => return Err(e).usage(context),
+            Err(e) => return Err(e).runtime(context),
+        };
     qgrad_csr::write_bytes_atomically(&args.out, &bytes)
         .runtime(format!("cannot write {}", args.out.display()))?;
     let after = read_model(&args.out)?.size_report();

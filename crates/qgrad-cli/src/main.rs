@@ -177,10 +177,16 @@ struct RepackArgs {
     /// Where to write the re-encoded file (not the input itself).
     #[arg(short, long, value_name = "FILE")]
     out: PathBuf,
-    /// Tensor layout: auto (the smallest per tensor), csr, csr-rice, dense
-    /// or block (scaled tensors in block-sparse rows, format version 4).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block"])]
+    /// Tensor layout: auto (the smallest per tensor), csr, csr-rice, dense,
+    /// block (scaled tensors in block-sparse rows, format version 4) or
+    /// flat-gaps (row-major Rice-coded gaps without row pointers, format
+    /// version 5).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block", "flat-gaps"])]
     layout: String,
+    /// The newest format version the file may have, for readers built
+    /// before a layout existed (1..=5; 1 holds fixed-point tensors only).
+    #[arg(long, value_name = "VERSION")]
+    format_version: Option<u32>,
     /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -316,7 +322,7 @@ struct LossAwareArgs {
     kappa_layer: Vec<(String, f64)>,
     /// Width of the linear and convolution biases in the file: 32 (f32) or
     /// 2..=16 bits of fixed point, one exponent per bias, rounded when the
-    /// model is exported [default: 32].
+    /// model is exported.
     #[arg(long, value_name = "BITS", default_value_t = 32)]
     bias_bits: u8,
     /// Start from this trained checkpoint instead of a fresh network.
@@ -499,9 +505,10 @@ struct OutputArgs {
     act_bits: u8,
     /// Tensor layout: auto (the smallest per tensor), csr (fixed-width
     /// column indices), csr-rice (Rice-coded column gaps, format version 3),
-    /// dense or block (scaled tensors in block-sparse rows, format version 4;
-    /// others CSR).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block"])]
+    /// dense, block (scaled tensors in block-sparse rows, format version 4;
+    /// others CSR) or flat-gaps (row-major Rice-coded gaps without row
+    /// pointers, format version 5).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block", "flat-gaps"])]
     layout: String,
     /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]

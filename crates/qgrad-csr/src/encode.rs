@@ -13,7 +13,7 @@ use crate::format::{
     Layout, LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC,
     MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
 };
-use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
+use crate::gaps::{best_rice, column_gaps, flat_gaps, write_rice, GapCode, RICE_PARAM_BITS};
 use crate::model::CompressedModel;
 use crate::report::SizeReport;
 use crate::scaled::{encode_scaled, ScaledTensorData};
@@ -83,6 +83,33 @@ pub struct EncodeOptions {
     pub layout: LayoutChoice,
     /// Free-form key/value metadata stored in the header.
     pub metadata: Vec<(String, String)>,
+    /// The newest format version the file may have, for readers deployed
+    /// before a layout existed: `Some(4)` keeps layout 4 out, `Some(3)` also
+    /// layout 3, `Some(2)` also layout 2, `Some(1)` also scaled tensors.
+    /// `None`: [`FORMAT_VERSION`]. A file is written at the lowest version
+    /// its tensors need either way.
+    pub max_version: Option<u32>,
+}
+
+/// The layouts beyond version 1 an encoder may offer `Auto` for one tensor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Allowed {
+    /// Layout 2 (version 3).
+    pub rice: bool,
+    /// Layout 3 (version 4).
+    pub block: bool,
+    /// Layout 4 (version 5).
+    pub flat: bool,
+}
+
+impl Allowed {
+    fn up_to(max_version: u32, newer_fixed_layouts: bool) -> Self {
+        Allowed {
+            rice: newer_fixed_layouts && max_version >= Layout::CsrRice.min_version(),
+            block: max_version >= Layout::Block.min_version(),
+            flat: newer_fixed_layouts && max_version >= Layout::FlatGaps.min_version(),
+        }
+    }
 }
 
 /// A tensor after quantization: its stored non-zeros in row-major order.
@@ -104,6 +131,11 @@ impl QuantizedTensor {
     /// The column gaps of the non-zeros (layout 2).
     fn gaps(&self) -> Vec<u64> {
         column_gaps(self.cols, self.flat_of.iter().copied())
+    }
+
+    /// The row-major gaps of the non-zeros (layout 4).
+    fn flat_gaps(&self) -> Vec<u64> {
+        flat_gaps(self.flat_of.iter().copied())
     }
 }
 
@@ -231,6 +263,11 @@ fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
                 + nnz * u128::from(w.tag)
                 + value_bits
         }
+        Layout::FlatGaps => {
+            let w = csr_widths(q.cols, nnz as u64, table.len());
+            let (_, gap_bits) = GapCode::best(&q.flat_gaps(), q.rows * q.cols);
+            gap_bits + nnz * u128::from(w.tag) + value_bits
+        }
         // The fixed encoder never offers layout 3 (`Admissible::block` is false).
         Layout::Block => unreachable!("layout 3 holds scaled tensors only"),
         Layout::Dense => {
@@ -258,22 +295,32 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
     let bits = payload_bits(q, table, layout);
     let mut writer = qgrad_fixed::BitWriter::with_capacity_bits(bits as usize);
     match layout {
-        Layout::Csr | Layout::CsrRice => {
+        Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             let nnz = q.widths_of.len() as u64;
             let w = csr_widths(q.cols, nnz, table.len());
-            let gaps = q.gaps();
+            let gaps = match layout {
+                Layout::FlatGaps => q.flat_gaps(),
+                _ => q.gaps(),
+            };
             let (k, _) = best_rice(&gaps, q.cols);
-            if layout == Layout::CsrRice {
-                writer.write_bits(u64::from(k), RICE_PARAM_BITS);
+            let (code, _) = GapCode::best(&gaps, q.rows * q.cols);
+            match layout {
+                Layout::CsrRice => writer.write_bits(u64::from(k), RICE_PARAM_BITS),
+                Layout::FlatGaps => code.write_field(&mut writer),
+                _ => {}
             }
-            let mut ptr = 0u64;
-            writer.write_bits(0, w.row_ptr);
-            for &count in &q.row_counts {
-                ptr += count;
-                writer.write_bits(ptr, w.row_ptr);
+            if layout != Layout::FlatGaps {
+                let mut ptr = 0u64;
+                writer.write_bits(0, w.row_ptr);
+                for &count in &q.row_counts {
+                    ptr += count;
+                    writer.write_bits(ptr, w.row_ptr);
+                }
             }
             if layout == Layout::CsrRice {
                 write_rice(&mut writer, &gaps, k);
+            } else if layout == Layout::FlatGaps {
+                code.write(&mut writer, &gaps);
             } else {
                 for &i in &q.flat_of {
                     writer.write_bits(i % q.cols, w.col_idx);
@@ -322,30 +369,51 @@ pub fn encode(tensors: &[TensorData], options: &EncodeOptions) -> Result<Vec<u8>
 /// `groups · (1 or 2)` finite scales `>= 0`): a bad one is an error naming
 /// the tensor, never a panic.
 pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Result<Vec<u8>> {
-    let with_rice = encode_all(tensors, options, true)?;
+    let max_version = options.max_version.unwrap_or(FORMAT_VERSION);
+    if !(1..=FORMAT_VERSION).contains(&max_version) {
+        return Err(CsrError::InvalidOption(format!(
+            "format version {max_version} does not exist: this writer writes versions 1 to {FORMAT_VERSION}"
+        )));
+    }
+    let needed = options.layout.min_version();
+    if needed > max_version {
+        return Err(CsrError::VersionTooLow {
+            max_version,
+            what: format!("the layout choice {:?}", options.layout),
+            needed,
+        });
+    }
+    if let (true, Some(t)) = (
+        max_version < 2,
+        tensors.iter().find(|t| matches!(t, TensorInput::Scaled(_))),
+    ) {
+        return Err(CsrError::VersionTooLow {
+            max_version,
+            what: format!("the scaled tensor `{}`", t.name()),
+            needed: 2,
+        });
+    }
+    let newest = encode_all(tensors, options, Allowed::up_to(max_version, true))?;
     let all_fixed = tensors.iter().all(|t| matches!(t, TensorInput::Fixed(_)));
-    if options.layout == LayoutChoice::Auto
-        && all_fixed
-        && with_rice[8..12] == Layout::CsrRice.min_version().to_le_bytes()
-    {
-        // Version 3's header spends a kind byte on every tensor entry that
-        // version 1 does not: keep the older version when layout 2 saves
-        // less than that (the smaller file wins, the older on a tie). With a
-        // scaled tensor the alternative is version 2, whose header is the
-        // same size, so there is nothing to compare.
-        let without = encode_all(tensors, options, false)?;
-        if without.len() <= with_rice.len() {
+    if options.layout == LayoutChoice::Auto && all_fixed && newest[8..12] != 1u32.to_le_bytes() {
+        // Versions 3 and 5 spend a kind byte on every tensor entry that
+        // version 1 does not: keep the older version when layouts 2 and 4
+        // save less than that (the smaller file wins, the older on a tie).
+        // With a scaled tensor the alternative is version 2, whose header is
+        // the same size, so there is nothing to compare.
+        let without = encode_all(tensors, options, Allowed::up_to(max_version, false))?;
+        if without.len() <= newest.len() {
             return Ok(without);
         }
     }
-    Ok(with_rice)
+    Ok(newest)
 }
 
-/// [`encode_tensors`], with layout 2 among `Auto`'s candidates or not.
+/// [`encode_tensors`], with `Auto` choosing among the `allowed` layouts.
 fn encode_all(
     tensors: &[TensorInput],
     options: &EncodeOptions,
-    allow_rice: bool,
+    allowed: Allowed,
 ) -> Result<Vec<u8>> {
     let mut names = std::collections::HashSet::new();
     let mut headers = Vec::with_capacity(tensors.len());
@@ -357,7 +425,7 @@ fn encode_all(
         let t = match input {
             TensorInput::Fixed(t) => t,
             TensorInput::Scaled(t) => {
-                let (header, payload) = encode_scaled(t, options.layout, allow_rice)?;
+                let (header, payload) = encode_scaled(t, options.layout, allowed)?;
                 headers.push(header);
                 payloads.push(payload);
                 continue;
@@ -385,12 +453,16 @@ fn encode_all(
         // A dense tensor must spend at least one bit per element (FORMAT.md),
         // so a tensor without non-zeros is always CSR.
         let dense_ok = nnz > 0;
+        // Layout 4 only where the payload bounds the row count (FORMAT.md §5).
+        let flat_bits = payload_bits(&q, &sorted_table(&q, false), Layout::FlatGaps);
+        let flat_ok = u128::from(q.rows) < 8 * flat_bits.div_ceil(8);
         let admissible = Admissible {
             csr: true,
             dense: dense_ok,
-            rice: allow_rice,
+            rice: allowed.rice,
             // Layout 3 holds scaled tensors only (FORMAT.md §7.7).
             block: false,
+            flat: allowed.flat && flat_ok,
         };
         let (header, _) = choose_layout(options.layout, admissible, candidate)?;
         let payload = write_payload(&q, &header.width_table, header.layout);
@@ -402,7 +474,7 @@ fn encode_all(
     // is byte for byte what earlier writers wrote and what older readers
     // read (FORMAT.md, "Versions"): version 1 for fixed-point tensors only,
     // 2 with scaled tensors, 3 with a tensor in layout 2, 4 with one in
-    // layout 3.
+    // layout 3, 5 with one in layout 4.
     let needed = headers
         .iter()
         .map(|h| h.layout().min_version())
@@ -460,6 +532,17 @@ fn encode_all(
 /// writer gets the layouts this one has (layout 2, version 3); every decoded
 /// value of the result equals the input's bit for bit, which is checked.
 pub fn reencode(model: &CompressedModel, layout: LayoutChoice) -> Result<Vec<u8>> {
+    reencode_up_to(model, layout, None)
+}
+
+/// [`reencode`] into a file of at most version `max_version` (see
+/// [`EncodeOptions::max_version`]): how a file is rewritten for a reader
+/// deployed before the newer layouts existed.
+pub fn reencode_up_to(
+    model: &CompressedModel,
+    layout: LayoutChoice,
+    max_version: Option<u32>,
+) -> Result<Vec<u8>> {
     struct Owned {
         values: Vec<f32>,
         widths: Vec<u8>,
@@ -505,6 +588,7 @@ pub fn reencode(model: &CompressedModel, layout: LayoutChoice) -> Result<Vec<u8>
     let options = EncodeOptions {
         layout,
         metadata: model.metadata.clone(),
+        max_version,
     };
     let bytes = encode_tensors(&inputs, &options)?;
     let again = CompressedModel::from_bytes(&bytes)?;

@@ -153,6 +153,17 @@ pub enum CsrError {
         /// The offending scale.
         value: f32,
     },
+    /// The encoder was asked for a file older readers read, but a tensor or
+    /// the requested layout needs a newer version.
+    #[error("the file may be at most version {max_version}, but {what} needs version {needed}")]
+    VersionTooLow {
+        /// The newest version the caller allowed.
+        max_version: u32,
+        /// What needs the newer version.
+        what: String,
+        /// The version it needs.
+        needed: u32,
+    },
     /// Operands of a kernel do not fit together.
     #[error("shape mismatch: {0}")]
     ShapeMismatch(String),

@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"QGRADCSR";
 /// The newest format version this crate writes and reads. Version 1 files
 /// (fixed-point tensors only, no tensor kind in the header), version 2
-/// files (scaled tensors) and version 3 files (layout 2) still decode exactly
-/// as before; a file is written at the lowest version its tensors need
-/// (version 3: a tensor in layout 2; version 4: a tensor in layout 3).
-pub const FORMAT_VERSION: u32 = 4;
+/// files (scaled tensors), version 3 files (layout 2) and version 4 files
+/// (layout 3) still decode exactly as before; a file is written at the
+/// lowest version its tensors need (version 3: a tensor in layout 2;
+/// version 4: a tensor in layout 3; version 5: a tensor in layout 4).
+pub const FORMAT_VERSION: u32 = 5;
 /// Fixed prefix: magic (8) + version (4) + header length (4) + file length (8).
 pub const PREFIX_BYTES: usize = 24;
 /// CRC32 trailer.
@@ -34,6 +35,12 @@ pub enum Layout {
     /// into `br × bc` blocks, one column index per kept block, then every
     /// code of the kept blocks (FORMAT.md §7.7).
     Block,
+    /// Row-major Rice-coded gaps over the whole tensor, without row
+    /// pointers (version 5, both kinds): a sparse tensor's row pointers
+    /// cost `bits(nnz)` bits per row, a tenth of a LeNet-5 at 200x; the gap
+    /// that crosses a row boundary costs about what a row's first column
+    /// does in layout 2, so this layout saves the row pointers whole.
+    FlatGaps,
 }
 
 impl Layout {
@@ -43,6 +50,7 @@ impl Layout {
             Layout::Csr | Layout::Dense => 1,
             Layout::CsrRice => 3,
             Layout::Block => 4,
+            Layout::FlatGaps => 5,
         }
     }
 }
@@ -54,6 +62,7 @@ impl std::fmt::Display for Layout {
             Layout::Dense => "dense",
             Layout::CsrRice => "csr-rice",
             Layout::Block => "block",
+            Layout::FlatGaps => "flat-gaps",
         })
     }
 }
@@ -75,12 +84,28 @@ pub enum LayoutChoice {
     /// Block-sparse (layout 3, version 4) for every scaled tensor with its
     /// smallest block shape; a fixed tensor gets CSR.
     Block,
+    /// Row-major Rice-coded gaps without row pointers (layout 4, version 5)
+    /// wherever admissible (the row count at most the payload's bits), else
+    /// layout 2.
+    FlatGaps,
+}
+
+impl LayoutChoice {
+    /// The lowest format version whose layouts this choice can ask for.
+    pub fn min_version(self) -> u32 {
+        match self {
+            LayoutChoice::Auto | LayoutChoice::Csr | LayoutChoice::Dense => 1,
+            LayoutChoice::CsrRice => Layout::CsrRice.min_version(),
+            LayoutChoice::Block => Layout::Block.min_version(),
+            LayoutChoice::FlatGaps => Layout::FlatGaps.min_version(),
+        }
+    }
 }
 
 /// The candidate `choice` asks for, `candidate(layout)` giving a header and
 /// the tensor's bytes in the file: under `Auto` the smallest of the
-/// [`Admissible`] layouts (CSR, dense, layout 2, layout 3), earlier on a
-/// tie; where CSR is not admissible (a binary tensor with pruned blocks)
+/// [`Admissible`] layouts (CSR, dense, layout 2, layout 3, layout 4),
+/// earlier on a tie; where CSR is not admissible (a binary tensor with pruned blocks)
 /// only layout 3 can hold the tensor. Both encoders (fixed and scaled)
 /// choose through this one rule.
 pub(crate) fn choose_layout<H, E>(
@@ -96,6 +121,8 @@ pub(crate) fn choose_layout<H, E>(
     match choice {
         LayoutChoice::Csr => candidate(Layout::Csr),
         LayoutChoice::CsrRice => candidate(Layout::CsrRice),
+        LayoutChoice::FlatGaps if a.flat => candidate(Layout::FlatGaps),
+        LayoutChoice::FlatGaps => candidate(Layout::CsrRice),
         LayoutChoice::Dense if a.dense => candidate(Layout::Dense),
         LayoutChoice::Block if a.block => candidate(Layout::Block),
         LayoutChoice::Dense | LayoutChoice::Block => candidate(Layout::Csr),
@@ -105,6 +132,7 @@ pub(crate) fn choose_layout<H, E>(
                 (a.dense, Layout::Dense),
                 (a.rice, Layout::CsrRice),
                 (a.block, Layout::Block),
+                (a.flat, Layout::FlatGaps),
             ];
             for (wanted, layout) in others {
                 if wanted {
@@ -130,6 +158,9 @@ pub(crate) struct Admissible {
     pub rice: bool,
     /// Layout 3.
     pub block: bool,
+    /// Layout 4 (the file's version admits it, and the row count is at
+    /// most the payload's bits: FORMAT.md §5).
+    pub flat: bool,
 }
 
 /// The level function of a scaled tensor: what an integer code `k`

@@ -20,9 +20,17 @@
 //!   blocks, one column index per block (structured sparsity, METHOD §9);
 //!   the scales follow.
 //!
+//! Either kind's non-zeros may instead be located by Rice-coded column gaps
+//! within each row (layout 2, version 3) or by row-major gaps over the whole
+//! tensor, Rice or Exp-Golomb coded, with no row pointers at all (layout 4,
+//! version 5: what a heavily pruned layer, with whole units and input
+//! pixels cut off, stores smallest).
+//!
 //! The encoder computes the sizes of every layout exactly (CSR, dense, CSR
-//! with Rice-coded gaps, and blocks at the best block shape) and picks per
-//! tensor, and the size report says which. Metadata (names, kinds, shapes,
+//! with Rice-coded gaps, blocks at the best block shape, row-major gaps with
+//! the best code) and picks per tensor, and the size report says which;
+//! [`EncodeOptions::max_version`] keeps a file readable by an older
+//! reader. Metadata (names, kinds, shapes,
 //! exponents, width tables, lengths) is a postcard-encoded header; a CRC32
 //! over the whole file closes it. `FORMAT.md` is the byte-level
 //! specification; version-1 files (fixed tensors only) still decode
@@ -148,8 +156,8 @@ mod report;
 mod scaled;
 
 pub use encode::{
-    encode, encode_tensors, reencode, write_bytes_atomically, write_file, write_file_tensors,
-    EncodeOptions, TensorData, TensorInput,
+    encode, encode_tensors, reencode, reencode_up_to, write_bytes_atomically, write_file,
+    write_file_tensors, EncodeOptions, TensorData, TensorInput,
 };
 pub use error::{CsrError, Result};
 pub use format::{

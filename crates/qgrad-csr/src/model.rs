@@ -16,7 +16,7 @@ use crate::format::{
     TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
     PREFIX_BYTES,
 };
-use crate::gaps::{read_rice_columns, RICE_PARAM_BITS};
+use crate::gaps::{read_flat_gaps, read_rice_columns, GapCode, GAP_CODE_BITS, RICE_PARAM_BITS};
 use crate::kernel::SparseKernel;
 use crate::report::{compression_ratio, FieldBits, SizeReport, TensorSize};
 use crate::scaled::{decode_scaled, ScaledInfo, TensorKind};
@@ -600,7 +600,7 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
     // A lower bound on the payload the declarations imply; checked before
     // anything sized by them is allocated.
     let needed_bits = match th.layout {
-        Layout::Csr | Layout::CsrRice => {
+        Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             if (nnz == 0) != table.is_empty() {
                 return Err(CsrError::corrupt(
                     name,
@@ -611,15 +611,27 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
                 ));
             }
             let w = csr_widths(cols, nnz, table.len());
-            // Layout 2: the 5-bit Rice parameter, then at least 1 bit per gap.
-            let column_bits = match th.layout {
-                Layout::CsrRice => 1,
-                _ => w.col_idx,
+            // Layouts 2 and 4: the 5-bit Rice parameter, then at least 1
+            // bit per gap; layout 4 has no row pointers, but its row count
+            // is bounded by the payload's bits all the same (FORMAT.md §5).
+            let rice = matches!(th.layout, Layout::CsrRice | Layout::FlatGaps);
+            let column_bits = if rice { 1 } else { w.col_idx };
+            let param_bits = match th.layout {
+                Layout::CsrRice => u128::from(RICE_PARAM_BITS),
+                Layout::FlatGaps => u128::from(GAP_CODE_BITS),
+                _ => 0,
             };
-            let param_bits = u128::from(th.layout == Layout::CsrRice) * u128::from(RICE_PARAM_BITS);
-            param_bits
-                + (u128::from(rows) + 1) * u128::from(w.row_ptr)
-                + u128::from(nnz) * (u128::from(column_bits + w.tag) + min_nz)
+            let ptr_bits = match th.layout {
+                Layout::FlatGaps => 0,
+                _ => (u128::from(rows) + 1) * u128::from(w.row_ptr),
+            };
+            let bits = param_bits
+                + ptr_bits
+                + u128::from(nnz) * (u128::from(column_bits + w.tag) + min_nz);
+            match th.layout {
+                Layout::FlatGaps => bits.max(u128::from(rows) + 1),
+                _ => bits,
+            }
         }
         // Rejected with the header (scaled tensors only).
         Layout::Block => unreachable!("refused at the top of decode_tensor"),
@@ -679,9 +691,9 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
         }
     };
     match th.layout {
-        Layout::Csr | Layout::CsrRice => {
+        Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             let w = csr_widths(cols as u64, nnz, table.len());
-            bits.col_idx = read_csr_index(
+            (bits.row_ptr, bits.col_idx) = read_csr_index(
                 &mut reader,
                 name,
                 (rows, cols, nnz),
@@ -704,7 +716,6 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
             for &width in &entry_width {
                 entry_raw.push(read_value(&mut reader, width)?);
             }
-            bits.row_ptr = (rows as u64 + 1) * u64::from(w.row_ptr);
             bits.tags = nnz * u64::from(w.tag);
         }
         Layout::Block => unreachable!("refused at the top of decode_tensor"),
@@ -767,8 +778,10 @@ fn decode_tensor(th: &TensorHeader, payload: &[u8], header_bits: u64) -> Result<
 /// Reads and validates CSR row pointers and column indices: `0 = ptr[0] <=
 /// ... <= ptr[rows] = nnz`, columns strictly increasing within a row and
 /// `< cols`; in layout 2 the Rice parameter first and the columns as
-/// Rice-coded gaps. The caller has checked the declared sizes against the
-/// payload. Returns the bits of the column indices (with the parameter).
+/// Rice-coded gaps; in layout 4 the parameter and the row-major gaps, from
+/// which the row pointers follow. The caller has checked the declared sizes
+/// against the payload. Returns the bits of the row pointers and of the
+/// column indices (with the parameter).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn read_csr_index(
     reader: &mut BitReader,
@@ -779,12 +792,18 @@ pub(crate) fn read_csr_index(
     col_bits: u32,
     row_ptr: &mut Vec<u32>,
     col_idx: &mut Vec<u32>,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let trunc = |e: qgrad_fixed::FixedError| CsrError::corrupt(name, format!("payload: {e}"));
+    if layout == Layout::FlatGaps {
+        let code = GapCode::read_field(reader).map_err(trunc)?;
+        let gap_bits = read_flat_gaps(reader, name, (rows, cols, nnz), code, row_ptr, col_idx)?;
+        return Ok((0, u64::from(GAP_CODE_BITS) + gap_bits));
+    }
     let rice_k = match layout {
         Layout::CsrRice => Some(reader.read_bits(RICE_PARAM_BITS).map_err(trunc)? as u32),
         _ => None,
     };
+    let ptr_total = (rows as u64 + 1) * u64::from(ptr_bits);
     let mut prev = 0u64;
     for r in 0..=rows {
         let p = reader.read_bits(ptr_bits).map_err(trunc)?;
@@ -807,7 +826,7 @@ pub(crate) fn read_csr_index(
     }
     if let Some(k) = rice_k {
         let gap_bits = read_rice_columns(reader, name, cols, row_ptr, k, col_idx)?;
-        return Ok(u64::from(RICE_PARAM_BITS) + gap_bits);
+        return Ok((ptr_total, u64::from(RICE_PARAM_BITS) + gap_bits));
     }
     for r in 0..rows {
         let mut last: Option<u64> = None;
@@ -823,7 +842,7 @@ pub(crate) fn read_csr_index(
             col_idx.push(c as u32);
         }
     }
-    Ok(nnz * u64::from(col_bits))
+    Ok((ptr_total, nnz * u64::from(col_bits)))
 }
 
 /// Checks the end of a payload's bit stream: fewer than 8 padding bits, all

@@ -11,13 +11,16 @@ use qgrad_fixed::BitReader;
 use crate::block::{
     best_plan, grid, side, BlockPlan, BLOCK_COUNT_BITS, BLOCK_DIM_BITS, BLOCK_PREFIX_BITS,
 };
+use crate::encode::Allowed;
 use crate::error::{CsrError, Result};
 use crate::format::{
     bits_for, choose_layout, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits,
     Admissible, Layout, LayoutChoice, LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE,
     MAX_TENSOR_ELEMENTS,
 };
-use crate::gaps::{best_rice, column_gaps, write_rice, RICE_PARAM_BITS};
+use crate::gaps::{
+    best_rice, column_gaps, flat_gaps, write_rice, GapCode, GAP_CODE_BITS, RICE_PARAM_BITS,
+};
 use crate::model::{finish_payload, read_csr_index, CompressedTensor, Kind};
 use crate::report::FieldBits;
 
@@ -183,6 +186,12 @@ fn payload_bits(
                 + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
                 + scale_bits
         }
+        // `rice_column_bits` are layout 4's row-major gaps here.
+        Layout::FlatGaps => {
+            rice_column_bits
+                + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
+                + scale_bits
+        }
         // Sized by its block plan (`BlockPlan::bits`), not by these counts.
         Layout::Block => unreachable!("layout 3 is sized by its block plan"),
     }
@@ -227,7 +236,7 @@ fn nonzero_code_field(code: i8, bits: u32) -> u64 {
 pub(crate) fn encode_scaled(
     t: &ScaledTensorData,
     choice: LayoutChoice,
-    allow_rice: bool,
+    allowed: Allowed,
 ) -> Result<(TensorEntry, Vec<u8>)> {
     let name = t.name;
     let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
@@ -316,9 +325,17 @@ pub(crate) fn encode_scaled(
             .map(|(i, _)| i as u64),
     );
     let (rice_k, rice_bits) = best_rice(&gaps, cols);
+    let flat = flat_gaps(
+        t.codes
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c != 0)
+            .map(|(i, _)| i as u64),
+    );
+    let (flat_code, flat_bits) = GapCode::best(&flat, elements);
     let dense_code_bits = scaled_dense_code_bits(t.levels, n);
     // Blocks only where some element is zero (with none, dense is smaller).
-    let block_plan = if nnz < elements {
+    let block_plan = if allowed.block && nnz < elements {
         best_plan(
             t.codes,
             (rows as usize, cols as usize),
@@ -346,7 +363,11 @@ pub(crate) fn encode_scaled(
                 cols,
                 nnz,
                 expected as u64,
-                rice_bits,
+                if layout == Layout::FlatGaps {
+                    flat_bits
+                } else {
+                    rice_bits
+                },
             ),
         };
         let header = ScaledHeader {
@@ -368,11 +389,25 @@ pub(crate) fn encode_scaled(
     };
     // Any number of non-zeros may be dense for a scaled tensor; a binary one
     // with zeros only in blocks.
+    // Layout 4 only where the payload bounds the row count (FORMAT.md §7.4).
+    let flat_payload = payload_bits(
+        Layout::FlatGaps,
+        t.levels,
+        n,
+        rows,
+        cols,
+        nnz,
+        expected as u64,
+        flat_bits,
+    );
     let admissible = Admissible {
         csr: binary_zero.is_none(),
         dense: binary_zero.is_none(),
-        rice: allow_rice,
+        rice: allowed.rice,
         block: block_plan.is_some(),
+        flat: allowed.flat
+            && binary_zero.is_none()
+            && u128::from(rows) < 8 * flat_payload.div_ceil(8),
     };
     let (header, _) = choose_layout(choice, admissible, candidate)?;
     let mut w = qgrad_fixed::BitWriter::with_capacity_bits(8 * header.payload_bytes as usize);
@@ -383,23 +418,29 @@ pub(crate) fn encode_scaled(
                 w.write_bits(dense_code_field(c, t.levels, d), d);
             }
         }
-        Layout::Csr | Layout::CsrRice => {
+        Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             let ptr_bits = bits_for(nnz).max(1);
             let col_bits = bits_for(cols.saturating_sub(1));
             let code_bits = scaled_nonzero_code_bits(n);
             let cols = cols as usize;
-            if header.layout == Layout::CsrRice {
-                w.write_bits(u64::from(rice_k), RICE_PARAM_BITS);
+            match header.layout {
+                Layout::CsrRice => w.write_bits(u64::from(rice_k), RICE_PARAM_BITS),
+                Layout::FlatGaps => flat_code.write_field(&mut w),
+                _ => {}
             }
-            w.write_bits(0, ptr_bits);
-            let mut ptr = 0u64;
-            for r in 0..rows as usize {
-                let row = &t.codes[r * cols..(r + 1) * cols];
-                ptr += row.iter().filter(|&&c| c != 0).count() as u64;
-                w.write_bits(ptr, ptr_bits);
+            if header.layout != Layout::FlatGaps {
+                w.write_bits(0, ptr_bits);
+                let mut ptr = 0u64;
+                for r in 0..rows as usize {
+                    let row = &t.codes[r * cols..(r + 1) * cols];
+                    ptr += row.iter().filter(|&&c| c != 0).count() as u64;
+                    w.write_bits(ptr, ptr_bits);
+                }
             }
             if header.layout == Layout::CsrRice {
                 write_rice(&mut w, &gaps, rice_k);
+            } else if header.layout == Layout::FlatGaps {
+                flat_code.write(&mut w, &flat);
             } else {
                 for (i, &c) in t.codes.iter().enumerate() {
                     if c != 0 {
@@ -531,6 +572,19 @@ pub(crate) fn decode_scaled(
             + u128::from(nnz) * u128::from(scaled_dense_code_bits(th.levels, n))
             + u128::from(scale_count) * 32)
             .max(u128::from(rows) + 1),
+        // Layout 4: no row pointers, but its rows are bounded by the
+        // payload's bits all the same (FORMAT.md §7.4).
+        Layout::FlatGaps => payload_bits(
+            Layout::FlatGaps,
+            th.levels,
+            n,
+            rows,
+            cols,
+            nnz,
+            scale_count,
+            u128::from(GAP_CODE_BITS) + u128::from(nnz),
+        )
+        .max(u128::from(rows) + 1),
         layout => payload_bits(
             layout,
             th.levels,
@@ -603,10 +657,10 @@ pub(crate) fn decode_scaled(
             }
             bits.values = elements * u64::from(d);
         }
-        Layout::Csr | Layout::CsrRice => {
+        Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             let ptr_bits = bits_for(nnz).max(1);
             let col_bits = bits_for(cols.saturating_sub(1));
-            bits.col_idx = read_csr_index(
+            (bits.row_ptr, bits.col_idx) = read_csr_index(
                 &mut reader,
                 name,
                 (rows_us, cols_us, nnz),
@@ -630,7 +684,6 @@ pub(crate) fn decode_scaled(
                 };
                 codes.push(code);
             }
-            bits.row_ptr = (rows + 1) * u64::from(ptr_bits);
             bits.values = nnz * u64::from(c);
         }
         Layout::Block => {

@@ -89,7 +89,8 @@ fn fix_checksum(bytes: &mut [u8]) {
     }
 }
 
-fn valid_file() -> Vec<u8> {
+/// The same tensors in the newest file and in a version-4 file.
+fn valid_files() -> Vec<Vec<u8>> {
     let t = [
         Owned::Fixed(sample_tensor("a", 6, 20, &[0, 0, 4, 8, 32], 7)),
         Owned::Fixed(sample_tensor("b", 1, 9, &[8], 8)),
@@ -124,17 +125,33 @@ fn valid_file() -> Vec<u8> {
             11,
         )),
     ];
-    let bytes = encode_mixed(&t, LayoutChoice::Auto);
-    let m = decode(&bytes);
-    // The sparse ternary tensor takes layout 2 (Rice-coded gaps), so that
-    // the corruption tests below cover it.
+    // The sparse ternary tensor takes layout 4 (row-major gaps) in the
+    // newest file and layout 2 (Rice-coded column gaps) in a version-4 file,
+    // so that the corruption tests below cover both.
+    let newest = encode_mixed(&t, LayoutChoice::Auto);
+    let m = decode(&newest);
+    assert_eq!(
+        m.tensors[3].layout,
+        qgrad_csr::Layout::FlatGaps,
+        "sparse ternary"
+    );
+    assert_eq!(m.tensors[2].layout, qgrad_csr::Layout::Dense);
+    let inputs: Vec<_> = t.iter().map(Owned::input).collect();
+    let v4 = qgrad_csr::encode_tensors(
+        &inputs,
+        &qgrad_csr::EncodeOptions {
+            max_version: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = decode(&v4);
     assert_eq!(
         m.tensors[3].layout,
         qgrad_csr::Layout::CsrRice,
         "sparse ternary"
     );
-    assert_eq!(m.tensors[2].layout, qgrad_csr::Layout::Dense);
-    bytes
+    vec![newest, v4]
 }
 
 fn err(bytes: &[u8]) -> CsrError {
@@ -199,72 +216,77 @@ fn the_mirror_structs_write_a_file_the_reader_accepts() {
 
 #[test]
 fn truncated_files_say_truncated() {
-    let bytes = valid_file();
-    for cut in [3, 8, 20, 27, bytes.len() / 2, bytes.len() - 1] {
-        let e = err(&bytes[..cut]);
-        assert!(matches!(e, CsrError::Truncated { .. }), "cut {cut}: {e}");
-        assert!(e.to_string().contains("truncated"), "{e}");
+    for bytes in valid_files() {
+        for cut in [3, 8, 20, 27, bytes.len() / 2, bytes.len() - 1] {
+            let e = err(&bytes[..cut]);
+            assert!(matches!(e, CsrError::Truncated { .. }), "cut {cut}: {e}");
+            assert!(e.to_string().contains("truncated"), "{e}");
+        }
+        assert!(matches!(err(&[]), CsrError::Truncated { .. }));
     }
-    assert!(matches!(err(&[]), CsrError::Truncated { .. }));
 }
 
 #[test]
 fn wrong_magic() {
-    let mut bytes = valid_file();
-    bytes[0] = b'P';
-    let e = err(&bytes);
-    assert!(matches!(e, CsrError::BadMagic { .. }), "{e}");
-    assert!(e.to_string().contains("not a qgrad compressed model"));
-    assert!(matches!(err(b"PK\x03\x04"), CsrError::BadMagic { .. }));
+    for mut bytes in valid_files() {
+        bytes[0] = b'P';
+        let e = err(&bytes);
+        assert!(matches!(e, CsrError::BadMagic { .. }), "{e}");
+        assert!(e.to_string().contains("not a qgrad compressed model"));
+        assert!(matches!(err(b"PK\x03\x04"), CsrError::BadMagic { .. }));
+    }
 }
 
 #[test]
 fn future_and_zero_versions() {
-    let mut bytes = valid_file();
-    bytes[8..12].copy_from_slice(&5u32.to_le_bytes());
-    let e = err(&bytes);
-    assert_eq!(
-        e.to_string(),
-        "format version 5 is newer than this reader (4)"
-    );
-    bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
-    assert!(matches!(err(&bytes), CsrError::InvalidVersion { found: 0 }));
+    for mut bytes in valid_files() {
+        bytes[8..12].copy_from_slice(&6u32.to_le_bytes());
+        let e = err(&bytes);
+        assert_eq!(
+            e.to_string(),
+            "format version 6 is newer than this reader (5)"
+        );
+        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(err(&bytes), CsrError::InvalidVersion { found: 0 }));
+    }
 }
 
 #[test]
 fn every_single_bit_flip_is_caught() {
-    let bytes = valid_file();
-    for i in 0..bytes.len() * 8 {
-        let mut b = bytes.clone();
-        b[i / 8] ^= 1 << (i % 8);
-        let e = err(&b);
-        let ok = match i / 8 {
-            0..8 => matches!(e, CsrError::BadMagic { .. }),
-            // A flip to another supported version is caught by the checksum.
-            8..12 => matches!(
-                e,
-                CsrError::UnsupportedVersion { .. }
-                    | CsrError::InvalidVersion { .. }
-                    | CsrError::ChecksumMismatch { .. }
-            ),
-            16..24 => matches!(
-                e,
-                CsrError::Truncated { .. } | CsrError::TrailingBytes { .. }
-            ),
-            _ => matches!(e, CsrError::ChecksumMismatch { .. }),
-        };
-        assert!(ok, "bit {i}: {e}");
+    for bytes in valid_files() {
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            let e = err(&b);
+            let ok = match i / 8 {
+                0..8 => matches!(e, CsrError::BadMagic { .. }),
+                // A flip to another supported version is caught by the checksum.
+                8..12 => matches!(
+                    e,
+                    CsrError::UnsupportedVersion { .. }
+                        | CsrError::InvalidVersion { .. }
+                        | CsrError::ChecksumMismatch { .. }
+                ),
+                16..24 => matches!(
+                    e,
+                    CsrError::Truncated { .. } | CsrError::TrailingBytes { .. }
+                ),
+                _ => matches!(e, CsrError::ChecksumMismatch { .. }),
+            };
+            assert!(ok, "bit {i}: {e}");
+        }
     }
 }
 
 #[test]
 fn trailing_bytes() {
-    let mut bytes = valid_file();
-    bytes.push(0);
-    assert!(matches!(
-        err(&bytes),
-        CsrError::TrailingBytes { extra: 1, .. }
-    ));
+    for mut bytes in valid_files() {
+        bytes.push(0);
+        assert!(matches!(
+            err(&bytes),
+            CsrError::TrailingBytes { extra: 1, .. }
+        ));
+    }
 }
 
 fn hostile(shape: Vec<u64>, layout: u32, table: Vec<u8>, nnz: u64, payload: &[u8]) -> CsrError {
@@ -280,7 +302,12 @@ fn hostile(shape: Vec<u64>, layout: u32, table: Vec<u8>, nnz: u64, payload: &[u8
             payload_bytes: payload.len() as u64,
         })],
     };
-    err(&assemble(&header, payload))
+    // The newest version, which admits every layout.
+    err(&assemble_raw(
+        qgrad_csr::FORMAT_VERSION,
+        &postcard::to_allocvec(&header).unwrap(),
+        payload,
+    ))
 }
 
 #[test]
@@ -289,6 +316,29 @@ fn hostile_declared_sizes_are_refused_before_allocating() {
     let e = hostile(vec![u32::MAX as u64 - 1, 1], 0, vec![], 0, &[0, 0]);
     assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
     assert!(e.to_string().contains("evil"), "{e}");
+    // The same in layout 4, which has no row pointers: its row count is
+    // bounded by the payload's bits all the same.
+    let e = hostile(vec![u32::MAX as u64 - 1, 1], 4, vec![], 0, &[0, 0]);
+    assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
+    let e = hostile(vec![1 << 15, 1 << 15], 4, vec![8], 1 << 30, &[0; 16]);
+    assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
+    // Layout 4 in a version-4 file.
+    let header = Header {
+        metadata: vec![],
+        tensors: vec![Entry::Fixed(Tensor {
+            name: "w".into(),
+            shape: vec![3],
+            exponent: 3,
+            layout: 4,
+            width_table: vec![],
+            nnz: 0,
+            payload_bytes: 1,
+        })],
+    };
+    let h = postcard::to_allocvec(&header).unwrap();
+    assert!(CompressedModel::from_bytes(&assemble_raw(5, &h, &[0])).is_ok());
+    let e = err(&assemble_raw(4, &h, &[0]));
+    assert!(e.to_string().contains("needs version 5"), "{e}");
     // A billion non-zeros.
     let e = hostile(vec![1 << 15, 1 << 15], 0, vec![8], 1 << 30, &[0; 16]);
     assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
@@ -316,7 +366,7 @@ fn hostile_declared_sizes_are_refused_before_allocating() {
     let e = err(&assemble(&header, &[0]));
     assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
     // A header length beyond the file (with a valid checksum).
-    let mut bytes = valid_file();
+    let mut bytes = valid_files().remove(0);
     bytes[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
     fix_checksum(&mut bytes);
     assert!(matches!(err(&bytes), CsrError::CorruptHeader(_)));
@@ -545,7 +595,11 @@ fn scaled_file(mut s: Scaled, payload: &[u8]) -> Vec<u8> {
         metadata: vec![],
         tensors: vec![Entry::Scaled(s)],
     };
-    assemble(&header, payload)
+    assemble_raw(
+        qgrad_csr::FORMAT_VERSION,
+        &postcard::to_allocvec(&header).unwrap(),
+        payload,
+    )
 }
 
 fn hostile_scaled(s: Scaled, payload: &[u8]) -> CsrError {
@@ -693,7 +747,7 @@ fn inconsistent_scaled_tensors_are_named() {
     assert!(e.to_string().contains("padding"), "{e}");
     // Unknown layout and level variants are header errors.
     let payload = pack(&[(0b01, 2), (F_HALF, 32)]);
-    for (layout, levels) in [(2, 1), (1, 3)] {
+    for (layout, levels) in [(5, 1), (1, 3)] {
         let e = hostile_scaled(entry(vec![1], layout, levels, 1, 1), &payload);
         assert!(matches!(e, CsrError::CorruptHeader(_)), "{e}");
     }
@@ -723,6 +777,11 @@ fn hostile_scaled_sizes_are_refused_before_allocating() {
     // 4 billion rows of an empty CSR tensor.
     let e = hostile_scaled(entry(vec![u32::MAX as u64 - 1, 1], 0, 1, 1, 0), &[0; 8]);
     assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
+    // The same in layout 4 (no row pointers, rows bounded all the same).
+    let e = hostile_scaled(entry(vec![u32::MAX as u64 - 1, 1], 4, 1, 1, 0), &[0; 8]);
+    assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
+    let e = hostile_scaled(entry(vec![1 << 15, 1 << 15], 4, 1, 3, 1 << 30), &[0; 16]);
+    assert!(matches!(e, CsrError::DeclaredSizeTooLarge { .. }), "{e}");
     // A scale per element of a 2^32 - 1 element tensor.
     let mut s = entry(vec![u32::MAX as u64], 0, 1, 1, 0);
     s.groups = u32::MAX as u64;
@@ -740,33 +799,34 @@ fn hostile_scaled_sizes_are_refused_before_allocating() {
 /// payload with the checksum repaired decodes or fails, never panics.
 #[test]
 fn scaled_truncations_and_repaired_flips() {
-    let bytes = valid_file();
-    for cut in 0..bytes.len() {
-        let e = err(&bytes[..cut]);
-        assert!(
-            matches!(e, CsrError::Truncated { .. } | CsrError::BadMagic { .. }),
-            "cut {cut}: {e}"
-        );
-        if cut >= 28 {
-            let mut b = bytes[..cut].to_vec();
-            b[16..24].copy_from_slice(&(cut as u64).to_le_bytes());
-            fix_checksum(&mut b);
+    for bytes in valid_files() {
+        for cut in 0..bytes.len() {
+            let e = err(&bytes[..cut]);
             assert!(
-                CompressedModel::from_bytes(&b).is_err(),
-                "cut {cut} repaired"
+                matches!(e, CsrError::Truncated { .. } | CsrError::BadMagic { .. }),
+                "cut {cut}: {e}"
             );
+            if cut >= 28 {
+                let mut b = bytes[..cut].to_vec();
+                b[16..24].copy_from_slice(&(cut as u64).to_le_bytes());
+                fix_checksum(&mut b);
+                assert!(
+                    CompressedModel::from_bytes(&b).is_err(),
+                    "cut {cut} repaired"
+                );
+            }
         }
-    }
-    let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-    let mut refused = 0;
-    for i in (24 + header_len) * 8..(bytes.len() - 4) * 8 {
-        let mut b = bytes.clone();
-        b[i / 8] ^= 1 << (i % 8);
-        fix_checksum(&mut b);
-        if CompressedModel::from_bytes(&b).is_err() {
-            refused += 1;
+        let header_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        let mut refused = 0;
+        for i in (24 + header_len) * 8..(bytes.len() - 4) * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            fix_checksum(&mut b);
+            if CompressedModel::from_bytes(&b).is_err() {
+                refused += 1;
+            }
+            exercise(&b);
         }
-        exercise(&b);
+        assert!(refused > 0);
     }
-    assert!(refused > 0);
 }

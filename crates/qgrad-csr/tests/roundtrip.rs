@@ -41,6 +41,9 @@ proptest! {
             match layout {
                 LayoutChoice::Csr => prop_assert_eq!(d.layout, Layout::Csr),
                 LayoutChoice::CsrRice => prop_assert_eq!(d.layout, Layout::CsrRice),
+                LayoutChoice::FlatGaps => {
+                    prop_assert!(matches!(d.layout, Layout::FlatGaps | Layout::CsrRice))
+                }
                 LayoutChoice::Dense if nnz > 0 => prop_assert_eq!(d.layout, Layout::Dense),
                 _ => {}
             }
@@ -51,8 +54,9 @@ proptest! {
         prop_assert_eq!(report.file_bytes, bytes.len() as u64);
     }
 
-    /// Auto picks the smallest of the three layouts (the file with
-    /// layout 2 is version 3, whose header has one more byte per tensor).
+    /// Auto picks the smallest of the four layouts (the file with layout 2
+    /// or 4 is version 3 or 5, whose header has one more byte per tensor).
+    /// Layout 4 where admissible, that is.
     #[test]
     fn auto_layout_is_never_larger(t in tensor("w".into())) {
         let ts = [t];
@@ -60,7 +64,12 @@ proptest! {
         let csr = encode(&ts, LayoutChoice::Csr).len();
         let dense = encode(&ts, LayoutChoice::Dense).len();
         let rice = encode(&ts, LayoutChoice::CsrRice).len();
-        prop_assert_eq!(auto, csr.min(dense).min(rice), "csr {} dense {} rice {}", csr, dense, rice);
+        let flat = encode(&ts, LayoutChoice::FlatGaps).len();
+        prop_assert_eq!(
+            auto,
+            csr.min(dense).min(rice).min(flat),
+            "csr {} dense {} rice {} flat {}", csr, dense, rice, flat
+        );
     }
 }
 
@@ -88,11 +97,12 @@ fn ratio_equals_the_real_file_size() {
     assert_eq!(report.ratio, compression_ratio(params, on_disk));
     let m = CompressedModel::read_file(&path).unwrap();
     assert_eq!(m.size_report(), report);
-    // About 90 % pruned: the column gaps (mean ~10) Rice-code in ~5 bits,
-    // half of layout 0's 10-bit column indices.
+    // About 90 % pruned: the gaps (mean ~10) Rice-code in ~5 bits, half of
+    // layout 0's 10-bit column indices, and layout 4 needs no row pointers.
     assert!(report.ratio > 8.0, "ratio {}", report.ratio);
     let fc1 = &report.tensors[0];
-    assert_eq!(fc1.layout, Layout::CsrRice);
+    assert_eq!(fc1.layout, Layout::FlatGaps);
+    assert_eq!(fc1.bits.row_ptr, 0);
     assert!(
         fc1.bits.col_idx < fc1.nnz * 7,
         "{} gap bits for {} non-zeros",
@@ -114,8 +124,9 @@ fn ratio_equals_the_real_file_size() {
         "784 columns need 10 bits"
     );
     assert!(csr.size_report().file_bytes > report.file_bytes);
+    // What layout 4 saves: layout 0's (and 2's) 301 row pointers.
     assert_eq!(
-        fc1.bits.row_ptr,
+        csr_fc1.bits.row_ptr,
         301 * (64 - fc1.nnz.leading_zeros() as u64)
     );
     let bias = &report.tensors[1];

@@ -1,15 +1,23 @@
-//! Version-3 files stay readable under the version-4 reader:
+//! Version-3 files stay readable under the newest reader:
 //! `fixtures/v3.qgz` was written by the version-3 encoder (commit 7298e9c,
 //! before layout 3 existed) from the inputs rebuilt below: a sparse ternary
 //! tensor in layout 2 (Rice-coded gaps), a dense binary tensor with one
-//! scale per row, and a fixed-point tensor. It must decode to those inputs,
-//! and the current writer, which only adds layout 3, must write the same
-//! bytes again.
+//! scale per row, and a fixed-point tensor. It must decode to those inputs;
+//! the current writer held to version 3 or 4 must write the same bytes
+//! again, and unbounded it writes version 5 (layout 4 for the sparse
+//! tensor), smaller, with the same tensors.
 
 use qgrad_csr::{
     encode_tensors, CompressedModel, EncodeOptions, Layout, LevelKind, ScaledTensorData,
     TensorData, TensorInput,
 };
+
+fn at_most(max_version: Option<u32>) -> EncodeOptions {
+    EncodeOptions {
+        max_version,
+        ..Default::default()
+    }
+}
 
 const V3: &[u8] = include_bytes!("fixtures/v3.qgz");
 
@@ -92,8 +100,30 @@ fn version_3_decodes_to_its_inputs_and_the_writer_writes_it_again() {
             exponent: None,
         }),
     ];
-    assert_eq!(
-        encode_tensors(&inputs, &EncodeOptions::default()).unwrap(),
-        V3
+    for max in [3, 4] {
+        assert_eq!(encode_tensors(&inputs, &at_most(Some(max))).unwrap(), V3);
+    }
+    let newest = encode_tensors(&inputs, &at_most(None)).unwrap();
+    assert_eq!(u32::from_le_bytes(newest[8..12].try_into().unwrap()), 5);
+    assert!(newest.len() < V3.len());
+    let n = CompressedModel::from_bytes(&newest).unwrap();
+    assert_eq!(n.tensors[0].layout, Layout::FlatGaps);
+    for (a, b) in n.tensors.iter().zip(&m.tensors) {
+        assert_eq!(a.dequantize(), b.dequantize());
+        assert_eq!(a.scales(), b.scales());
+    }
+    // Version 2 has no layout 2: the sparse tensor goes to layout 0.
+    let v2 = encode_tensors(&inputs, &at_most(Some(2))).unwrap();
+    assert_eq!(u32::from_le_bytes(v2[8..12].try_into().unwrap()), 2);
+    let m2 = CompressedModel::from_bytes(&v2).unwrap();
+    assert_eq!(m2.tensors[0].layout, Layout::Csr);
+    // Version 1 cannot hold scaled tensors, and there is no version 6.
+    let e = encode_tensors(&inputs, &at_most(Some(1))).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the scaled tensor `t` needs version 2"),
+        "{e}"
     );
+    assert!(encode_tensors(&inputs, &at_most(Some(6))).is_err());
+    assert!(encode_tensors(&inputs, &at_most(Some(0))).is_err());
 }

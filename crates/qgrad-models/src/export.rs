@@ -138,6 +138,7 @@ pub fn weight_layout(w: &ScaledWeight) -> (LevelKind, u8, bool) {
             let options = EncodeOptions {
                 layout: LayoutChoice::Auto,
                 metadata: Vec::new(),
+                ..Default::default()
             };
             qgrad_csr::encode_tensors(&[input], &options).map(|b| b.len())
         };
@@ -214,7 +215,11 @@ pub fn export_with_scaled(
             exponent: None,
         }));
     }
-    let options = EncodeOptions { layout, metadata };
+    let options = EncodeOptions {
+        layout,
+        metadata,
+        ..EncodeOptions::default()
+    };
     let bytes = qgrad_csr::encode_tensors(&tensors, &options)?;
     let decoded = CompressedModel::from_bytes(&bytes)?;
     verify_round_trip(&decoded, quantized, buffers)?;

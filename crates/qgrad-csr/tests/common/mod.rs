@@ -83,7 +83,8 @@ pub fn layout_choice() -> impl Strategy<Value = LayoutChoice> {
         Just(LayoutChoice::Csr),
         Just(LayoutChoice::Dense),
         Just(LayoutChoice::CsrRice),
-        Just(LayoutChoice::Block)
+        Just(LayoutChoice::Block),
+        Just(LayoutChoice::FlatGaps)
     ]
 }
 
@@ -94,6 +95,7 @@ pub fn encode(tensors: &[OwnedTensor], layout: LayoutChoice) -> Vec<u8> {
         &EncodeOptions {
             layout,
             metadata: vec![("model".into(), "test".into())],
+            ..Default::default()
         },
     )
     .expect("valid input encodes")
@@ -389,6 +391,7 @@ pub fn encode_mixed(tensors: &[Owned], layout: LayoutChoice) -> Vec<u8> {
         &EncodeOptions {
             layout,
             metadata: vec![("model".into(), "test".into())],
+            ..Default::default()
         },
     )
     .expect("valid input encodes")
@@ -404,6 +407,7 @@ pub fn encode_scaled(tensors: &[OwnedScaled], layout: LayoutChoice) -> Vec<u8> {
         &EncodeOptions {
             layout,
             metadata: vec![],
+            ..Default::default()
         },
     )
     .expect("valid input encodes")
