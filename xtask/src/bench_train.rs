@@ -427,7 +427,7 @@ fn write_json(path: &Path, rows: &[Row]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = qgrad_csr::output_temp_file(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     serde_json::to_writer_pretty(&mut tmp, rows)?;
     tmp.persist(path)

@@ -1,6 +1,5 @@
 //! Small filesystem helpers shared by the download, report and plot writers.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -11,17 +10,8 @@ use anyhow::{Context, Result};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming the temporary file to {}", path.display()))?;
-    Ok(())
+    qgrad_csr::write_bytes_atomically(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Like [`write_atomic`], for a writer that produces the file itself (the plot
@@ -35,7 +25,14 @@ pub fn write_atomic_with(path: &Path, produce: impl FnOnce(&Path) -> Result<()>)
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
     // The backends choose the image format by extension, so keep it last.
-    let tmp = tempfile::Builder::new()
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        // An output, not a private file: what `File::create` would give.
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder
         .prefix(".tmp-")
         .suffix(&ext)
         .tempfile_in(dir)

@@ -623,11 +623,25 @@ pub fn write_bytes_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    let mut tmp = output_temp_file(dir).map_err(io_err)?;
     tmp.write_all(bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
     tmp.persist(path).map_err(|e| io_err(e.error))?;
     Ok(())
+}
+
+/// A temporary file in `dir` that becomes an output by a rename, created
+/// with the permissions `File::create` gives (`0o666` less the umask), not
+/// the `0o600` of a private temporary file: the result is the user's file,
+/// readable as any other they write.
+pub fn output_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder.tempfile_in(dir)
 }
 
 /// Encodes fixed-point tensors and writes the file atomically: see

@@ -275,3 +275,19 @@ fn an_explicit_exponent_is_kept() {
     assert_eq!(model.tensors[0].exponent, -1);
     assert_eq!(model.tensors[0].dequantize(), vec![0.25, -0.5, 0.0, 0.25]);
 }
+
+/// A written file gets the permissions any file the user creates gets
+/// (`0o666` less the umask), not a temporary file's private `0o600`.
+#[cfg(unix)]
+#[test]
+fn written_files_have_the_usual_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::File::create(&plain).unwrap();
+    let path = dir.path().join("model.qgz");
+    let t = sample_tensor("w", 2, 3, &[8], 1);
+    qgrad_csr::write_file(&path, &[t.data()], &Default::default()).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), mode(&plain));
+}

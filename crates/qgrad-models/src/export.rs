@@ -244,19 +244,7 @@ pub fn export_with_scaled(
 
 /// Temporary file in the same directory, synced, renamed over `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| ModelsError::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| ModelsError::io(path, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| ModelsError::io(path, e))?;
-    tmp.persist(path)
-        .map_err(|e| ModelsError::io(path, e.error))?;
-    Ok(())
+    Ok(qgrad_csr::write_bytes_atomically(path, bytes)?)
 }
 
 /// Checks that every tensor of `model` decodes to exactly the given values.
