@@ -469,6 +469,7 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
                     .parse::<Importance>()
                     .usage("invalid --importance")?,
             );
+            budget.freeze_after_ramp = args.freeze_mask;
             for (layer, kappa) in &args.kappa_layer {
                 if budget.layers.insert(layer.clone(), *kappa).is_some() {
                     return Err(Failure::usage(format!("--kappa-layer names {layer} twice")));

@@ -320,6 +320,11 @@ struct LossAwareArgs {
     /// repeat for several layers. It follows the same schedule.
     #[arg(long, value_name = "LAYER=FRACTION", value_parser = parse_layer_kappa, requires = "kappa")]
     kappa_layer: Vec<(String, f64)>,
+    /// Fix which weights stay non-zero once the budget reaches its target
+    /// (the ranking of that step): the epochs after the ramp train one
+    /// sparse network instead of re-ranking every step.
+    #[arg(long, requires = "kappa")]
+    freeze_mask: bool,
     /// Width of the linear and convolution biases in the file: 32 (f32) or
     /// 2..=16 bits of fixed point, one exponent per bias, rounded when the
     /// model is exported.

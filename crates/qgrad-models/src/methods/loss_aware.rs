@@ -26,7 +26,10 @@
 //! §13) or, as an option, the accumulated gradient `A` of the first thesis
 //! (METHOD §1): the two theses' importance measures side by side. Pruned
 //! weights keep their float `W` and their straight-through gradient, so an
-//! element can come back when its score rises.
+//! element can come back when its score rises; as an option
+//! ([`SparseBudget::freeze_after_ramp`], a decision beyond METHOD §13) the
+//! ranking is fixed at the first step at the target budget, so that the
+//! epochs after the ramp train one network instead of a churning mask.
 //!
 //! # Decisions
 //!
@@ -107,6 +110,12 @@ pub struct SparseBudget {
     pub ramp_epochs: f64,
     /// What ranks the elements that stay non-zero.
     pub importance: Importance,
+    /// Fix the set of kept elements once the ramp ends (the ranking of the
+    /// first step at the target budget): from then on only the kept
+    /// weights' values and codes change. Off by default, as METHOD §13
+    /// re-ranks at every step; a decision beyond it (see the module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_after_ramp: bool,
 }
 
 /// How the sparse quantizer ranks elements.
@@ -143,6 +152,7 @@ impl SparseBudget {
             ramp_epochs,
             importance,
             layers: BTreeMap::new(),
+            freeze_after_ramp: false,
         }
     }
 
@@ -229,6 +239,10 @@ pub struct LossAwareHook {
     /// The schedule time of the last training step (what the evaluation
     /// uses).
     last_time: Option<f64>,
+    /// With [`SparseBudget::freeze_after_ramp`], the ranking scores fixed at
+    /// the first step at the target budget (kept in memory: a resumed run
+    /// fixes them again at its first step past the ramp).
+    frozen_scores: HashMap<String, Vec<f32>>,
 }
 
 /// Where in the budget schedule a quantization happens.
@@ -281,6 +295,7 @@ impl LossAwareHook {
             steps_in_epoch: 0,
             step_epoch: state.epoch,
             last_time: None,
+            frozen_scores: HashMap::new(),
         })
     }
 
@@ -320,6 +335,65 @@ impl LossAwareHook {
         &self.options
     }
 
+    /// The ranking score of weight `name` (values `w`, curvature `d`).
+    fn score(
+        &self,
+        state: &TrainState,
+        name: &str,
+        w: &[f32],
+        d: Option<&[f32]>,
+        importance: Importance,
+    ) -> Result<Vec<f32>> {
+        match importance {
+            Importance::Curvature => qgrad_scaled::curvature_score(w, d),
+            Importance::AccumulatedGradient => {
+                let a = state.accum.get(name).ok_or_else(|| {
+                    ModelsError::Other(format!("no accumulated gradient of '{name}'"))
+                })?;
+                Ok(a.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+        .map_err(|e| ModelsError::Config(format!("{name}: {e}")))
+    }
+
+    /// Fixes every weight's ranking score now (the first step at the target
+    /// budget, with [`SparseBudget::freeze_after_ramp`]).
+    fn freeze_scores(&mut self, state: &TrainState) -> Result<()> {
+        let Some(budget) = &self.options.sparsity else {
+            return Ok(());
+        };
+        let importance = budget.importance;
+        let mut frozen = HashMap::with_capacity(self.names.len());
+        for name in &self.names {
+            let var = state
+                .network
+                .parameter(name)
+                .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}'")))?;
+            let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let d = self.curvature(state, name)?;
+            frozen.insert(
+                name.clone(),
+                self.score(state, name, &w, d.as_deref(), importance)?,
+            );
+        }
+        self.frozen_scores = frozen;
+        Ok(())
+    }
+
+    /// `D = sqrt(v) + ε` of weight `name` for the loss-aware quantizers,
+    /// `None` for the baselines.
+    fn curvature(&self, state: &TrainState, name: &str) -> Result<Option<Vec<f32>>> {
+        if !self.options.quantizer.loss_aware() {
+            return Ok(None);
+        }
+        let v = state
+            .optimizer
+            .state(name, qgrad_optim::adam::EXP_AVG_SQ)
+            .ok_or_else(|| ModelsError::Config("loss-aware quantizers need Adam".into()))?;
+        let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+        Ok(Some(v.iter().map(|v| v.sqrt() + CURVATURE_EPS).collect()))
+    }
+
     /// `Q(W)` of parameter `name` with the current curvature.
     fn quantize_one(
         &self,
@@ -335,16 +409,7 @@ impl LossAwareHook {
             .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}'")))?;
         let shape = var.dims().to_vec();
         let w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-        let d: Option<Vec<f32>> = if self.options.quantizer.loss_aware() {
-            let v = state
-                .optimizer
-                .state(name, qgrad_optim::adam::EXP_AVG_SQ)
-                .ok_or_else(|| ModelsError::Config("loss-aware quantizers need Adam".into()))?;
-            let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
-            Some(v.iter().map(|v| v.sqrt() + CURVATURE_EPS).collect())
-        } else {
-            None
-        };
+        let d = self.curvature(state, name)?;
         let groups = if self.options.per_channel {
             shape[0]
         } else {
@@ -352,16 +417,10 @@ impl LossAwareHook {
         };
         let quantized = match (kappa, &self.options.sparsity) {
             (Some(kappa), Some(budget)) => {
-                let score = match budget.importance {
-                    Importance::Curvature => qgrad_scaled::curvature_score(&w, d.as_deref()),
-                    Importance::AccumulatedGradient => {
-                        let a = state.accum.get(name).ok_or_else(|| {
-                            ModelsError::Other(format!("no accumulated gradient of '{name}'"))
-                        })?;
-                        Ok(a.flatten_all()?.to_vec1::<f32>()?)
-                    }
-                }
-                .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
+                let score = match self.frozen_scores.get(name) {
+                    Some(frozen) => frozen.clone(),
+                    None => self.score(state, name, &w, d.as_deref(), budget.importance)?,
+                };
                 let keep = qgrad_scaled::kept_count(kappa, w.len())
                     .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
                 qgrad_scaled::quantize_sparse(
@@ -434,6 +493,14 @@ impl TrainHook for LossAwareHook {
         let t = self.next_time(state);
         self.last_time = Some(t);
         let at = BudgetAt::Time(t);
+        let freeze_now = self
+            .options
+            .sparsity
+            .as_ref()
+            .is_some_and(|b| b.freeze_after_ramp && t >= b.ramp_epochs);
+        if freeze_now && self.frozen_scores.is_empty() {
+            self.freeze_scores(state)?;
+        }
         let mut weights = Vec::with_capacity(self.names.len());
         for name in &self.names {
             if self.options.quantizer != Method::TerConnect {
@@ -653,6 +720,58 @@ mod tests {
                 "{layer}"
             );
         }
+    }
+
+    #[test]
+    fn a_frozen_mask_keeps_the_ranking_of_the_ramp_end() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        let mut config = adam_config(arch, 3, 12);
+        config.weight_decay = 0.0;
+        let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+        let mut options = LossAwareOptions::new(Method::Laq {
+            bits: 3,
+            log: false,
+        });
+        let mut budget = SparseBudget::uniform(0.1, 1.0, Importance::Curvature);
+        budget.freeze_after_ramp = true;
+        options.sparsity = Some(budget);
+        let mut hook = LossAwareHook::new(options, &state).unwrap();
+        hook.set_steps_per_epoch(12);
+        train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+        assert_eq!(hook.frozen_scores.len(), hook.names.len());
+        let top = |score: &[f32], keep: usize| -> std::collections::HashSet<usize> {
+            let mut order: Vec<usize> = (0..score.len()).collect();
+            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+            order.into_iter().take(keep).collect()
+        };
+        let mut moved = false;
+        for q in hook.finish(&state).unwrap() {
+            let n = q.quantized.codes.len();
+            let keep = qgrad_scaled::kept_count(0.1, n).unwrap();
+            let frozen = top(&hook.frozen_scores[&q.name], keep);
+            // Every non-zero of the export lies in the set fixed at the ramp's end.
+            for (i, &c) in q.quantized.codes.iter().enumerate() {
+                assert!(c == 0 || frozen.contains(&i), "{} element {i}", q.name);
+            }
+            // Two epochs later the current ranking is another set: the
+            // freeze is what kept it.
+            let w: Vec<f32> = state
+                .network
+                .parameter(&q.name)
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = hook.curvature(&state, &q.name).unwrap();
+            let now = hook
+                .score(&state, &q.name, &w, d.as_deref(), Importance::Curvature)
+                .unwrap();
+            moved |= top(&now, keep) != frozen;
+        }
+        assert!(moved, "the ranking never changed after the ramp");
     }
 
     #[test]
