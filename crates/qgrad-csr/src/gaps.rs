@@ -387,6 +387,27 @@ mod tests {
     }
 
     #[test]
+    fn the_best_code_follows_the_gaps_tail() {
+        // Evenly spread gaps of about 30: Rice of order 4 or 5.
+        let even: Vec<u64> = (0..1000).map(|i| 20 + (i * 7919) % 21).collect();
+        assert!(matches!(
+            GapCode::best(&even, 1 << 20).0,
+            GapCode::Rice(4 | 5)
+        ));
+        // Mostly small gaps and a few across empty rows of 784: Exp-Golomb.
+        let tail: Vec<u64> = (0..1000)
+            .map(|i| if i % 50 == 0 { 5000 } else { i % 4 })
+            .collect();
+        let (code, bits) = GapCode::best(&tail, 1 << 20);
+        assert!(matches!(code, GapCode::ExpGolomb(_)), "{code:?}");
+        let rice = (0..=20)
+            .map(|k| GapCode::Rice(k).stream_bits(&tail))
+            .min()
+            .unwrap();
+        assert!(bits - 6 < rice, "{bits} against Rice {rice}");
+    }
+
+    #[test]
     fn corrupt_flat_streams_are_errors() {
         let read = |bytes: &[u8], nnz: u64, code: GapCode| {
             let (mut ptr, mut cols) = (Vec::new(), Vec::new());
