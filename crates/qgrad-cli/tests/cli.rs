@@ -52,6 +52,38 @@ fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
 }
 
+/// `qgrad repack FILE --out OUT EXTRA... --json`, which must succeed; its
+/// JSON document.
+fn repack_json(file: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "repack",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = qgrad(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `qgrad eval FILE` on the first 300 test images, which must succeed; its
+/// JSON document.
+fn eval_300(file: &Path, data: &str) -> serde_json::Value {
+    let o = qgrad(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--data",
+        data,
+        "--test-limit",
+        "300",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 /// `qgrad quantize post` at widths 8,4,0 with `--json` (plus `extra`),
 /// which must succeed; its JSON document.
 fn quantize_post_json(ck: &Path, data: &str, file: &Path, extra: &[&str]) -> serde_json::Value {
@@ -594,140 +626,56 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     // Repacking: the same tensors in another layout, and back.
     let plain = dir.path().join("plain.qgz");
     let back = dir.path().join("back.qgz");
-    let o = qgrad(&[
-        "repack",
-        file.to_str().unwrap(),
-        "--out",
-        plain.to_str().unwrap(),
-        "--layout",
-        "csr",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(
-        p["after"]["file_bytes"].as_u64() > p["before"]["file_bytes"].as_u64(),
-        "{p}"
-    );
-    let o = qgrad(&[
-        "repack",
-        plain.to_str().unwrap(),
-        "--out",
-        back.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let grows = |p: &serde_json::Value| {
+        assert!(
+            p["after"]["file_bytes"].as_u64() > p["before"]["file_bytes"].as_u64(),
+            "{p}"
+        )
+    };
+    grows(&repack_json(&file, &plain, &["--layout", "csr"]));
+    repack_json(&plain, &back, &[]);
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&file).unwrap());
-    let o = qgrad(&[
-        "eval",
-        plain.to_str().unwrap(),
-        "--data",
-        data,
-        "--test-limit",
-        "300",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(e["accuracy"], r["file_accuracy"]);
+    assert_eq!(eval_300(&plain, data)["accuracy"], r["file_accuracy"]);
     // Layout 3 (block-sparse rows, format version 4) on request: the same
     // model, run from the file to the same accuracy.
     let blocks = dir.path().join("blocks.qgz");
-    let o = qgrad(&[
-        "repack",
-        file.to_str().unwrap(),
-        "--out",
-        blocks.to_str().unwrap(),
-        "--layout",
-        "block",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    repack_json(&file, &blocks, &["--layout", "block"]);
     assert_eq!(&std::fs::read(&blocks).unwrap()[8..12], &4u32.to_le_bytes());
     let o = qgrad(&["inspect", blocks.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("\"Block\""));
-    let o = qgrad(&[
-        "eval",
-        blocks.to_str().unwrap(),
-        "--data",
-        data,
-        "--test-limit",
-        "300",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(e["accuracy"], r["file_accuracy"]);
+    assert_eq!(eval_300(&blocks, data)["accuracy"], r["file_accuracy"]);
     // The file is version 5 (layout 4 holds the sparse weights); held to
     // version 4 for an older reader it takes layout 2 instead, is larger,
     // and runs to the same accuracy.
     assert_eq!(&std::fs::read(&file).unwrap()[8..12], &5u32.to_le_bytes());
     let old = dir.path().join("v4.qgz");
-    let o = qgrad(&[
-        "repack",
-        file.to_str().unwrap(),
-        "--out",
-        old.to_str().unwrap(),
-        "--format-version",
-        "4",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(
-        p["after"]["file_bytes"].as_u64() > p["before"]["file_bytes"].as_u64(),
-        "{p}"
-    );
+    grows(&repack_json(&file, &old, &["--format-version", "4"]));
     let bytes = std::fs::read(&old).unwrap();
     assert!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()) <= 4);
-    let o = qgrad(&[
-        "eval",
-        old.to_str().unwrap(),
-        "--data",
-        data,
-        "--test-limit",
-        "300",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(e["accuracy"], r["file_accuracy"]);
-    for (version, layout, says) in [
-        ("1", "auto", "needs version 2"),
-        ("6", "auto", "does not exist"),
-        ("3", "flat-gaps", "needs version 5"),
-    ] {
-        assert_clean_failure(
-            &qgrad(&[
-                "repack",
-                file.to_str().unwrap(),
-                "--out",
-                back.to_str().unwrap(),
-                "--format-version",
-                version,
-                "--layout",
-                layout,
-            ]),
+    assert_eq!(eval_300(&old, data)["accuracy"], r["file_accuracy"]);
+    let (file_s, back_s) = (file.to_str().unwrap(), back.to_str().unwrap());
+    for (args, code, says) in [
+        (vec!["--format-version", "1"], 2, "needs version 2"),
+        (vec!["--format-version", "6"], 2, "does not exist"),
+        (
+            vec!["--format-version", "3", "--layout", "flat-gaps"],
             2,
-            says,
-        );
+            "needs version 5",
+        ),
+    ] {
+        let mut all = vec!["repack", file_s, "--out", back_s];
+        all.extend(args);
+        assert_clean_failure(&qgrad(&all), code, says);
     }
     assert_clean_failure(
-        &qgrad(&[
-            "repack",
-            file.to_str().unwrap(),
-            "--out",
-            file.to_str().unwrap(),
-        ]),
+        &qgrad(&["repack", file_s, "--out", file_s]),
         2,
         "input file",
     );
+    let missing = dir.path().join("missing.qgz");
     assert_clean_failure(
-        &qgrad(&[
-            "repack",
-            dir.path().join("missing.qgz").to_str().unwrap(),
-            "--out",
-            back.to_str().unwrap(),
-        ]),
+        &qgrad(&["repack", missing.to_str().unwrap(), "--out", back_s]),
         3,
         "missing.qgz",
     );

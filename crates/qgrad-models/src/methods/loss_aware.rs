@@ -577,6 +577,12 @@ mod tests {
         config
     }
 
+    /// The float values of parameter `name`.
+    fn values(state: &TrainState, name: &str) -> Vec<f32> {
+        let var = state.network.parameter(name).unwrap();
+        var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn mini() -> (crate::data::Dataset, crate::data::Dataset) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist-mini");
         let (train, test) = load_mnist(&dir).unwrap();
@@ -615,15 +621,7 @@ mod tests {
             let weights = hook.finish(&state).unwrap();
             assert_eq!(weights.len(), 3);
             for q in &weights {
-                let w: Vec<f32> = state
-                    .network
-                    .parameter(&q.name)
-                    .unwrap()
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let w = values(&state, &q.name);
                 assert!(w.iter().all(|x| x.abs() <= 1.0), "{method}");
                 let mut levels: Vec<u32> = q.quantized.values.iter().map(|v| v.to_bits()).collect();
                 levels.sort();
@@ -756,15 +754,7 @@ mod tests {
             }
             // Two epochs later the current ranking is another set: the
             // freeze is what kept it.
-            let w: Vec<f32> = state
-                .network
-                .parameter(&q.name)
-                .unwrap()
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let w = values(&state, &q.name);
             let d = hook.curvature(&state, &q.name).unwrap();
             let now = hook
                 .score(&state, &q.name, &w, d.as_deref(), Importance::Curvature)
