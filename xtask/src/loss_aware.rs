@@ -303,7 +303,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
                     ),
                     Method::Joint,
                     format!(
-                        "{q}, κ {}{} by {by}{}, {} epochs",
+                        "{q}, κ {}{} by {by}{}{}, {} epochs",
                         b.kappa,
                         b.layers
                             .iter()
@@ -313,6 +313,11 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
                             String::new()
                         } else {
                             format!(", {bias_bits}-bit biases")
+                        },
+                        if b.freeze_after_ramp {
+                            ", kept set frozen after the ramp"
+                        } else {
+                            ""
                         },
                         r.epochs
                     ),

@@ -233,9 +233,11 @@ pub fn render(record: &RunRecord, plots_rel: &str) -> String {
             "Every quantizer and the float network are trained by the same loop and budget \
              (Adam, straight-through gradient, weights clipped to [-1, 1]); the float column is \
              that float network. Weights are stored as scaled codes (1 bit binary, 2 bits \
-             ternary, m bits LAQ), biases and batch norm as f32; the ratio is the file's. \
-             Rows with a κ are joint quantization and sparsification (METHOD §13): at most a \
-             fraction κ of each weight tensor non-zero, stored in CSR.\n"
+             ternary, m bits LAQ), biases and batch norm as f32 unless a row says \
+             otherwise; the ratio is the file's. Rows with a κ are joint quantization and \
+             sparsification (METHOD §13): at most a fraction κ of each weight tensor \
+             non-zero, stored sparse (the smallest of CSR, CSR with Rice-coded column gaps \
+             and row-major gaps without row pointers, FORMAT.md layouts 0, 2 and 4).\n"
         );
         let _ = writeln!(
             s,
