@@ -44,7 +44,10 @@
 //!   previous codes; LAQ: the previous scale) and TerConnect's random stream
 //!   are kept in memory between steps. A resumed run restarts them from
 //!   their cold start, so its steps after a resume can differ from an
-//!   uninterrupted run's; the other methods resume bit for bit.
+//!   uninterrupted run's; so does a run with
+//!   [`SparseBudget::freeze_after_ramp`] resumed after its ramp, which fixes
+//!   its ranking again at its first step (the ranking is not checkpointed).
+//!   The other methods resume bit for bit.
 
 use std::collections::{BTreeMap, HashMap};
 
