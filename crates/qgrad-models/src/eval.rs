@@ -63,7 +63,7 @@ pub fn quantize_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
 /// Evaluates the quantized parameters `params` (values as stored in a
 /// [`QuantizedTensor`]) and `buffers` in candle, with the same activation
 /// quantization as the integer inference, linear and convolution layers in
-/// f64. Equals [`FileModel::evaluate`] of the exported file image for image.
+/// f64. Equals `qgrad_runtime::FileModel::evaluate` of the exported file image for image.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_candle(
     arch: Arch,

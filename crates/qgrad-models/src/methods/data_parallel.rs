@@ -1,7 +1,7 @@
 //! Data-parallel training with quantized gradients (METHOD §12), as a hook
 //! of the training loop: every rank holds the whole model and computes the
 //! gradient of its shard of each mini-batch (stage 0); the gradients go
-//! through [`qgrad_collective::exchange`] (stage 3: an f32 all-reduce, or
+//! through [`qgrad_collective::exchange`](fn@qgrad_collective::exchange) (stage 3: an f32 all-reduce, or
 //! stochastic m-bit codes per bucket through an all-gather), and every rank
 //! applies the same averaged gradient. The accumulated-gradient bookkeeping
 //! of METHOD §1 runs after stage 3, so `A` sums the averaged gradient; a

@@ -29,9 +29,9 @@
 //!   tensor) is computed once. For post-training it is taken over the trained
 //!   values. For in-training it is fixed at the first split that touches the
 //!   training run and never recomputed: values frozen with it must stay exactly
-//!   representable, so the post-training step of [`combined`] and the exporter
+//!   representable, so the post-training step of [`combined`](mod@combined) and the exporter
 //!   reuse it. A float remainder element that later grows beyond `2^e`
-//!   saturates at the range end when [`combined`] quantizes it (counted in
+//!   saturates at the range end when [`combined`](mod@combined) quantizes it (counted in
 //!   [`QuantizeSummary::saturated`]).
 //! * Per-layer scope groups the parameters of one layer (weight and bias, or a
 //!   batch norm's scale and shift): the layer of `fc1.weight` is `fc1`, of
