@@ -63,6 +63,9 @@ struct JointRun {
     /// Fix the kept set at the end of the budget ramp
     /// (`SparseBudget::freeze_after_ramp`).
     freeze: bool,
+    /// Its own epochs and budget ramp, in place of the recipe's epochs and
+    /// half of them.
+    schedule: Option<(usize, f64)>,
 }
 
 impl JointRun {
@@ -75,7 +78,13 @@ impl JointRun {
             layers: &[],
             bias_bits: 32,
             freeze: false,
+            schedule: None,
         }
+    }
+
+    /// Its epochs and budget ramp under a recipe of `epochs`.
+    fn epochs_and_ramp(&self, epochs: usize) -> (usize, f64) {
+        self.schedule.unwrap_or((epochs, epochs as f64 / 2.0))
     }
 
     /// The cache key's suffix for the per-layer budgets and bias width
@@ -90,6 +99,9 @@ impl JointRun {
         }
         if self.freeze {
             out.push_str("-frozen");
+        }
+        if let Some((epochs, ramp)) = self.schedule {
+            out.push_str(&format!("-e{epochs}r{ramp}"));
         }
         out
     }
@@ -175,11 +187,13 @@ fn recipe(scale: Scale, arch: Arch, methods: (bool, bool)) -> Option<LossAwareRe
                     ..JointRun::uniform(laq3, 0.08, curv)
                 },
                 // The same budgets at 4 bits with the kept set fixed after
-                // the ramp: 200x at <= 1 % error in format version 5.
+                // a 5-epoch ramp, then 10 epochs of the fixed sparse
+                // network: 200x at <= 1 % error in format version 5.
                 JointRun {
                     layers: &[("conv1", 0.5), ("fc1", 0.009)],
                     bias_bits: 6,
                     freeze: true,
+                    schedule: Some((15, 5.0)),
                     ..JointRun::uniform(laq4, 0.08, curv)
                 },
             ],
@@ -271,17 +285,19 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         .iter()
         .map(|&q| (q, None))
         .chain(r.joint.iter().map(|j| {
-            let mut budget = SparseBudget::uniform(j.kappa, r.epochs as f64 / 2.0, j.importance);
+            let (epochs, ramp) = j.epochs_and_ramp(r.epochs);
+            let mut budget = SparseBudget::uniform(j.kappa, ramp, j.importance);
             for &(layer, kappa) in j.layers {
                 budget.layers.insert(layer.to_string(), kappa);
             }
             budget.freeze_after_ramp = j.freeze;
-            (j.quantizer, Some((budget, j.bias_bits, j.suffix())))
+            (j.quantizer, Some((budget, j.bias_bits, j.suffix(), epochs)))
         }));
     for (q, joint) in runs {
-        let sparsity = joint.as_ref().map(|(b, _, _)| b.clone());
-        let bias_bits = joint.as_ref().map_or(32, |&(_, bits, _)| bits);
-        let suffix = joint.as_ref().map_or("", |(_, _, s)| s.as_str());
+        let epochs = joint.as_ref().map_or(r.epochs, |j| j.3);
+        let sparsity = joint.as_ref().map(|j| j.0.clone());
+        let bias_bits = joint.as_ref().map_or(32, |j| j.1);
+        let suffix = joint.as_ref().map_or("", |j| j.2.as_str());
         let (key, method, label) = match &sparsity {
             None => (
                 format!("la-{q}-{tag}"),
@@ -315,11 +331,11 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
                             format!(", {bias_bits}-bit biases")
                         },
                         if b.freeze_after_ramp {
-                            ", kept set frozen after the ramp"
+                            format!(", kept set frozen after a {}-epoch ramp", b.ramp_epochs)
                         } else {
-                            ""
+                            String::new()
                         },
-                        r.epochs
+                        epochs
                     ),
                 )
             }
@@ -330,6 +346,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         }
         let t0 = Instant::now();
         let mut run_config = config.clone();
+        run_config.epochs = epochs;
         run_config.checkpoint_dir = Some(ctx.cache.join("runs").join(&key));
         let mut options = LossAwareOptions::new(q);
         options.seed = ctx.opts.seed;
@@ -346,7 +363,7 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         let outcome = run_loss_aware(run, (train_set, &ctx.test), &mut [])?;
         let mut json = serde_json::json!({
             "quantizer": q.to_string(),
-            "epochs": r.epochs,
+            "epochs": epochs,
             "lr": r.lr,
             "batch_size": r.batch_size,
             "optimizer": "adam",
