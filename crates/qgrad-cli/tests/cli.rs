@@ -68,10 +68,10 @@ fn repack_json(file: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// `qgrad eval FILE` on the first 300 test images, which must succeed; its
-/// JSON document.
-fn eval_300(file: &Path, data: &str) -> serde_json::Value {
-    let o = qgrad(&[
+/// `qgrad eval FILE` on the first 300 test images (plus `extra`), which
+/// must succeed; its JSON document.
+fn eval_300(file: &Path, data: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "eval",
         file.to_str().unwrap(),
         "--data",
@@ -79,7 +79,9 @@ fn eval_300(file: &Path, data: &str) -> serde_json::Value {
         "--test-limit",
         "300",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = qgrad(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
@@ -265,18 +267,7 @@ fn train_quantize_eval_and_inspect_agree() {
     let ratio = q["ratio"].as_f64().unwrap();
     assert!((ratio - 32.0 * 266_610.0 / (8.0 * bytes as f64)).abs() < 1e-9);
 
-    let o = qgrad(&[
-        "eval",
-        file.to_str().unwrap(),
-        "--data",
-        data,
-        "--test-limit",
-        "300",
-        "--json",
-        "--compare-candle",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = eval_300(&file, data, &["--compare-candle"]);
     assert_eq!(e["accuracy"], q["file_accuracy"]);
     assert_eq!(e["mismatches"], 0);
 
@@ -635,7 +626,7 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     grows(&repack_json(&file, &plain, &["--layout", "csr"]));
     repack_json(&plain, &back, &[]);
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&file).unwrap());
-    assert_eq!(eval_300(&plain, data)["accuracy"], r["file_accuracy"]);
+    assert_eq!(eval_300(&plain, data, &[])["accuracy"], r["file_accuracy"]);
     // Layout 3 (block-sparse rows, format version 4) on request: the same
     // model, run from the file to the same accuracy.
     let blocks = dir.path().join("blocks.qgz");
@@ -644,7 +635,7 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     let o = qgrad(&["inspect", blocks.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("\"Block\""));
-    assert_eq!(eval_300(&blocks, data)["accuracy"], r["file_accuracy"]);
+    assert_eq!(eval_300(&blocks, data, &[])["accuracy"], r["file_accuracy"]);
     // The file is version 5 (layout 4 holds the sparse weights); held to
     // version 4 for an older reader it takes layout 2 instead, is larger,
     // and runs to the same accuracy.
@@ -653,7 +644,7 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     grows(&repack_json(&file, &old, &["--format-version", "4"]));
     let bytes = std::fs::read(&old).unwrap();
     assert!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()) <= 4);
-    assert_eq!(eval_300(&old, data)["accuracy"], r["file_accuracy"]);
+    assert_eq!(eval_300(&old, data, &[])["accuracy"], r["file_accuracy"]);
     let (file_s, back_s) = (file.to_str().unwrap(), back.to_str().unwrap());
     for (args, code, says) in [
         (vec!["--format-version", "1"], 2, "needs version 2"),

@@ -7,6 +7,9 @@
 //! again, and unbounded it writes version 5 (layout 4 for the sparse
 //! tensor), smaller, with the same tensors.
 
+mod common;
+
+use common::{fixture_fixed as fixed, fixture_ternary as ternary};
 use qgrad_csr::{
     encode_tensors, CompressedModel, EncodeOptions, Layout, LevelKind, ScaledTensorData,
     TensorData, TensorInput,
@@ -21,29 +24,8 @@ fn at_most(max_version: Option<u32>) -> EncodeOptions {
 
 const V3: &[u8] = include_bytes!("fixtures/v3.qgz");
 
-fn ternary() -> Vec<i8> {
-    (0..1200)
-        .map(|i| {
-            if i % 61 == 0 {
-                1
-            } else if i % 97 == 0 {
-                -1
-            } else {
-                0
-            }
-        })
-        .collect()
-}
-
 fn binary() -> Vec<i8> {
     (0..24).map(|i| if i % 3 == 0 { -1 } else { 1 }).collect()
-}
-
-fn fixed() -> (Vec<f32>, Vec<u8>) {
-    (
-        (0..12).map(|i| (i as f32 - 5.5) * 0.25).collect(),
-        (0..12).map(|i| [0u8, 4, 8][i % 3]).collect(),
-    )
 }
 
 #[test]

@@ -7,26 +7,15 @@
 //! write the same bytes again, and unbounded it writes version 5 with the
 //! same tensors.
 
+mod common;
+
+use common::{fixture_fixed as fixed, fixture_ternary as ternary};
 use qgrad_csr::{
     encode_tensors, CompressedModel, EncodeOptions, Layout, LevelKind, ScaledTensorData,
     TensorData, TensorInput,
 };
 
 const V4: &[u8] = include_bytes!("fixtures/v4.qgz");
-
-fn ternary() -> Vec<i8> {
-    (0..1200)
-        .map(|i| {
-            if i % 61 == 0 {
-                1
-            } else if i % 97 == 0 {
-                -1
-            } else {
-                0
-            }
-        })
-        .collect()
-}
 
 /// 8 × 16 codes: the 4 × 4 blocks with an even block-row plus block-column
 /// are kept, their codes cycling through ±1, ±2, ±3.
@@ -44,13 +33,6 @@ fn blocks() -> Vec<i8> {
 }
 
 const BLOCK_SCALES: [f32; 8] = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0];
-
-fn fixed() -> (Vec<f32>, Vec<u8>) {
-    (
-        (0..12).map(|i| (i as f32 - 5.5) * 0.25).collect(),
-        (0..12).map(|i| [0u8, 4, 8][i % 3]).collect(),
-    )
-}
 
 fn version(bytes: &[u8]) -> u32 {
     u32::from_le_bytes(bytes[8..12].try_into().unwrap())

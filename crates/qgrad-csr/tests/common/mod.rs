@@ -412,3 +412,29 @@ pub fn encode_scaled(tensors: &[OwnedScaled], layout: LayoutChoice) -> Vec<u8> {
     )
     .expect("valid input encodes")
 }
+
+/// The sparse ternary codes (6 × 200) of the compatibility fixtures
+/// (`fixtures/v3.qgz`, `fixtures/v4.qgz`): +1 every 61st element, -1 every
+/// 97th, else 0.
+pub fn fixture_ternary() -> Vec<i8> {
+    (0..1200)
+        .map(|i| {
+            if i % 61 == 0 {
+                1
+            } else if i % 97 == 0 {
+                -1
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// The fixed-point tensor (3 × 4 values and widths 0, 4, 8) of the
+/// compatibility fixtures.
+pub fn fixture_fixed() -> (Vec<f32>, Vec<u8>) {
+    (
+        (0..12).map(|i| (i as f32 - 5.5) * 0.25).collect(),
+        (0..12).map(|i| [0u8, 4, 8][i % 3]).collect(),
+    )
+}
