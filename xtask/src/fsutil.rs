@@ -25,14 +25,8 @@ pub fn write_atomic_with(path: &Path, produce: impl FnOnce(&Path) -> Result<()>)
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
     // The backends choose the image format by extension, so keep it last.
-    let mut builder = tempfile::Builder::new();
-    #[cfg(unix)]
-    {
-        // An output, not a private file: what `File::create` would give.
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let tmp = builder
+    // An output, not a private file: what `File::create` would give.
+    let tmp = qgrad_csr::output_temp_builder()
         .prefix(".tmp-")
         .suffix(&ext)
         .tempfile_in(dir)

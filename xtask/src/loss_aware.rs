@@ -82,6 +82,17 @@ impl JointRun {
         }
     }
 
+    /// Its non-zero budget under a recipe of `epochs`.
+    fn budget(&self, epochs: usize) -> SparseBudget {
+        let (_, ramp) = self.epochs_and_ramp(epochs);
+        let mut budget = SparseBudget::uniform(self.kappa, ramp, self.importance);
+        for &(layer, kappa) in self.layers {
+            budget.layers.insert(layer.to_string(), kappa);
+        }
+        budget.freeze_after_ramp = self.freeze;
+        budget
+    }
+
     /// Its epochs and budget ramp under a recipe of `epochs`.
     fn epochs_and_ramp(&self, epochs: usize) -> (usize, f64) {
         self.schedule.unwrap_or((epochs, epochs as f64 / 2.0))
@@ -284,20 +295,12 @@ pub(crate) fn points(ctx: &ModelContext, train_set: &Dataset) -> Result<Vec<Resu
         .quantizers
         .iter()
         .map(|&q| (q, None))
-        .chain(r.joint.iter().map(|j| {
-            let (epochs, ramp) = j.epochs_and_ramp(r.epochs);
-            let mut budget = SparseBudget::uniform(j.kappa, ramp, j.importance);
-            for &(layer, kappa) in j.layers {
-                budget.layers.insert(layer.to_string(), kappa);
-            }
-            budget.freeze_after_ramp = j.freeze;
-            (j.quantizer, Some((budget, j.bias_bits, j.suffix(), epochs)))
-        }));
+        .chain(r.joint.iter().map(|j| (j.quantizer, Some(j))));
     for (q, joint) in runs {
-        let epochs = joint.as_ref().map_or(r.epochs, |j| j.3);
-        let sparsity = joint.as_ref().map(|j| j.0.clone());
-        let bias_bits = joint.as_ref().map_or(32, |j| j.1);
-        let suffix = joint.as_ref().map_or("", |j| j.2.as_str());
+        let epochs = joint.map_or(r.epochs, |j| j.epochs_and_ramp(r.epochs).0);
+        let sparsity = joint.map(|j| j.budget(r.epochs));
+        let bias_bits = joint.map_or(32, |j| j.bias_bits);
+        let suffix = joint.map(JointRun::suffix).unwrap_or_default();
         let (key, method, label) = match &sparsity {
             None => (
                 format!("la-{q}-{tag}"),

@@ -462,7 +462,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     // An output, not a private file: the permissions `File::create` gives
-    // (0o666 less the umask), not tempfile's 0o600.
+    // (0o666 less the umask), not tempfile's 0o600. (qgrad-csr's
+    // `output_temp_builder` does the same; this crate does not depend on it.)
     let mut builder = tempfile::Builder::new();
     #[cfg(unix)]
     {

@@ -179,8 +179,8 @@ struct RepackArgs {
     out: PathBuf,
     /// Tensor layout: auto (the smallest per tensor), csr, csr-rice, dense,
     /// block (scaled tensors in block-sparse rows, format version 4) or
-    /// flat-gaps (row-major Rice-coded gaps without row pointers, format
-    /// version 5).
+    /// flat-gaps (row-major gaps, Rice or Exp-Golomb coded, without row
+    /// pointers, format version 5).
     #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block", "flat-gaps"])]
     layout: String,
     /// The newest format version the file may have, for readers built
@@ -511,8 +511,8 @@ struct OutputArgs {
     /// Tensor layout: auto (the smallest per tensor), csr (fixed-width
     /// column indices), csr-rice (Rice-coded column gaps, format version 3),
     /// dense, block (scaled tensors in block-sparse rows, format version 4;
-    /// others CSR) or flat-gaps (row-major Rice-coded gaps without row
-    /// pointers, format version 5).
+    /// others CSR) or flat-gaps (row-major gaps, Rice or Exp-Golomb coded,
+    /// without row pointers, format version 5).
     #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block", "flat-gaps"])]
     layout: String,
     /// Print one JSON document on stdout instead of the summary.

@@ -2,6 +2,7 @@
 //! tensor's codes), keep the non-zeros, choose CSR or dense per tensor, and
 //! bit-pack every field.
 
+use std::cell::OnceCell;
 use std::io::Write;
 use std::path::Path;
 
@@ -9,9 +10,9 @@ use qgrad_fixed::{FixedFormat, FLOAT, MAX_EXPONENT, MIN_EXPONENT, PRUNED};
 
 use crate::error::{CsrError, Result};
 use crate::format::{
-    choose_layout, csr_widths, dense_tag_bits, matrix_dims, Admissible, FileHeader, FileHeaderV1,
-    Layout, LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC,
-    MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+    choose_layout, csr_widths, dense_tag_bits, flat_rows_fit, matrix_dims, Admissible, FileHeader,
+    FileHeaderV1, Layout, LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION,
+    MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
 };
 use crate::gaps::{best_rice, column_gaps, flat_gaps, write_rice, GapCode, RICE_PARAM_BITS};
 use crate::model::CompressedModel;
@@ -125,17 +126,32 @@ struct QuantizedTensor {
     /// Number of non-zeros in each row.
     row_counts: Vec<u64>,
     has_zero: bool,
+    /// Layout 2's column gaps, their best Rice parameter and its bits, and
+    /// layout 4's row-major gaps, their best code and its bits: found once
+    /// per tensor, for every candidate's size and for the payload.
+    rice: OnceCell<(Vec<u64>, u32, u128)>,
+    flat: OnceCell<(Vec<u64>, GapCode, u128)>,
 }
 
 impl QuantizedTensor {
-    /// The column gaps of the non-zeros (layout 2).
-    fn gaps(&self) -> Vec<u64> {
-        column_gaps(self.cols, self.flat_of.iter().copied())
+    /// The column gaps of the non-zeros (layout 2), the best Rice parameter
+    /// and the bits it takes (its 5-bit field included).
+    fn rice(&self) -> &(Vec<u64>, u32, u128) {
+        self.rice.get_or_init(|| {
+            let gaps = column_gaps(self.cols, self.flat_of.iter().copied());
+            let (k, bits) = best_rice(&gaps, self.cols);
+            (gaps, k, bits)
+        })
     }
 
-    /// The row-major gaps of the non-zeros (layout 4).
-    fn flat_gaps(&self) -> Vec<u64> {
-        flat_gaps(self.flat_of.iter().copied())
+    /// The row-major gaps of the non-zeros (layout 4), the best code and
+    /// the bits it takes (its 6-bit field included).
+    fn flat(&self) -> &(Vec<u64>, GapCode, u128) {
+        self.flat.get_or_init(|| {
+            let gaps = flat_gaps(self.flat_of.iter().copied());
+            let (code, bits) = GapCode::best(&gaps, self.rows * self.cols);
+            (gaps, code, bits)
+        })
     }
 }
 
@@ -215,6 +231,8 @@ fn quantize_tensor(t: &TensorData) -> Result<QuantizedTensor> {
         raw_of: Vec::new(),
         row_counts: vec![0; rows as usize],
         has_zero: false,
+        rice: OnceCell::new(),
+        flat: OnceCell::new(),
     };
     for (i, (&v, &w)) in t.values.iter().zip(t.widths).enumerate() {
         let raw = match w {
@@ -257,16 +275,14 @@ fn payload_bits(q: &QuantizedTensor, table: &[u8], layout: Layout) -> u128 {
         }
         Layout::CsrRice => {
             let w = csr_widths(q.cols, nnz as u64, table.len());
-            let (_, column_bits) = best_rice(&q.gaps(), q.cols);
             (u128::from(q.rows) + 1) * u128::from(w.row_ptr)
-                + column_bits
+                + q.rice().2
                 + nnz * u128::from(w.tag)
                 + value_bits
         }
         Layout::FlatGaps => {
             let w = csr_widths(q.cols, nnz as u64, table.len());
-            let (_, gap_bits) = GapCode::best(&q.flat_gaps(), q.rows * q.cols);
-            gap_bits + nnz * u128::from(w.tag) + value_bits
+            q.flat().2 + nnz * u128::from(w.tag) + value_bits
         }
         // The fixed encoder never offers layout 3 (`Admissible::block` is false).
         Layout::Block => unreachable!("layout 3 holds scaled tensors only"),
@@ -298,15 +314,9 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
         Layout::Csr | Layout::CsrRice | Layout::FlatGaps => {
             let nnz = q.widths_of.len() as u64;
             let w = csr_widths(q.cols, nnz, table.len());
-            let gaps = match layout {
-                Layout::FlatGaps => q.flat_gaps(),
-                _ => q.gaps(),
-            };
-            let (k, _) = best_rice(&gaps, q.cols);
-            let (code, _) = GapCode::best(&gaps, q.rows * q.cols);
             match layout {
-                Layout::CsrRice => writer.write_bits(u64::from(k), RICE_PARAM_BITS),
-                Layout::FlatGaps => code.write_field(&mut writer),
+                Layout::CsrRice => writer.write_bits(u64::from(q.rice().1), RICE_PARAM_BITS),
+                Layout::FlatGaps => q.flat().1.write_field(&mut writer),
                 _ => {}
             }
             if layout != Layout::FlatGaps {
@@ -318,9 +328,11 @@ fn write_payload(q: &QuantizedTensor, table: &[u8], layout: Layout) -> Vec<u8> {
                 }
             }
             if layout == Layout::CsrRice {
-                write_rice(&mut writer, &gaps, k);
+                let (gaps, k, _) = q.rice();
+                write_rice(&mut writer, gaps, *k);
             } else if layout == Layout::FlatGaps {
-                code.write(&mut writer, &gaps);
+                let (gaps, code, _) = q.flat();
+                code.write(&mut writer, gaps);
             } else {
                 for &i in &q.flat_of {
                     writer.write_bits(i % q.cols, w.col_idx);
@@ -453,16 +465,14 @@ fn encode_all(
         // A dense tensor must spend at least one bit per element (FORMAT.md),
         // so a tensor without non-zeros is always CSR.
         let dense_ok = nnz > 0;
-        // Layout 4 only where the payload bounds the row count (FORMAT.md §5).
         let flat_bits = payload_bits(&q, &sorted_table(&q, false), Layout::FlatGaps);
-        let flat_ok = u128::from(q.rows) < 8 * flat_bits.div_ceil(8);
         let admissible = Admissible {
             csr: true,
             dense: dense_ok,
             rice: allowed.rice,
             // Layout 3 holds scaled tensors only (FORMAT.md §7.7).
             block: false,
-            flat: allowed.flat && flat_ok,
+            flat: allowed.flat && flat_rows_fit(q.rows, flat_bits),
         };
         let (header, _) = choose_layout(options.layout, admissible, candidate)?;
         let payload = write_payload(&q, &header.width_table, header.layout);
@@ -635,13 +645,20 @@ pub fn write_bytes_atomically(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()
 /// the `0o600` of a private temporary file: the result is the user's file,
 /// readable as any other they write.
 pub fn output_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    output_temp_builder().tempfile_in(dir)
+}
+
+/// The `tempfile::Builder` behind [`output_temp_file`], for a caller that
+/// also sets a prefix or suffix (a plot whose backend picks the format by
+/// extension).
+pub fn output_temp_builder<'a, 'b>() -> tempfile::Builder<'a, 'b> {
     let mut builder = tempfile::Builder::new();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    builder.tempfile_in(dir)
+    builder
 }
 
 /// Encodes fixed-point tensors and writes the file atomically: see

@@ -35,8 +35,8 @@ pub enum Layout {
     /// into `br × bc` blocks, one column index per kept block, then every
     /// code of the kept blocks (FORMAT.md §7.7).
     Block,
-    /// Row-major Rice-coded gaps over the whole tensor, without row
-    /// pointers (version 5, both kinds): a sparse tensor's row pointers
+    /// Row-major gaps over the whole tensor, Rice- or Exp-Golomb-coded,
+    /// without row pointers (version 5, both kinds): a sparse tensor's row pointers
     /// cost `bits(nnz)` bits per row, a tenth of a LeNet-5 at 200x; the gap
     /// that crosses a row boundary costs about what a row's first column
     /// does in layout 2, so this layout saves the row pointers whole.
@@ -84,7 +84,8 @@ pub enum LayoutChoice {
     /// Block-sparse (layout 3, version 4) for every scaled tensor with its
     /// smallest block shape; a fixed tensor gets CSR.
     Block,
-    /// Row-major Rice-coded gaps without row pointers (layout 4, version 5)
+    /// Row-major Rice- or Exp-Golomb-coded gaps without row pointers
+    /// (layout 4, version 5)
     /// wherever admissible (the row count at most the payload's bits), else
     /// layout 2.
     FlatGaps,
@@ -145,6 +146,15 @@ pub(crate) fn choose_layout<H, E>(
             Ok(best)
         }
     }
+}
+
+/// Whether a tensor of `rows` rows may be in layout 4 with a payload of
+/// `payload_bits` bits: it has no row pointers, so the reader's `rows + 1`
+/// in-memory pointers must be bounded by the payload's length as every
+/// other layout's are (`rows + 1 <= 8 · payload_bytes`, FORMAT.md §5). The
+/// decoders check the same bound.
+pub(crate) fn flat_rows_fit(rows: u64, payload_bits: u128) -> bool {
+    u128::from(rows) < 8 * payload_bits.div_ceil(8)
 }
 
 /// Which layouts can hold a tensor (and the file's version admits).

@@ -53,9 +53,13 @@ pub(crate) fn flat_gaps(flat: impl Iterator<Item = u64>) -> Vec<u64> {
 
 /// Bits of `gaps` Rice-coded with parameter `k`: `(g >> k) + 1 + k` each.
 fn rice_bits(gaps: &[u64], k: u32) -> u128 {
-    gaps.iter()
-        .map(|&g| u128::from(g >> k) + 1 + u128::from(k))
-        .sum()
+    GapCode::Rice(k).stream_bits(gaps)
+}
+
+/// The largest order a code of gaps below `span` is tried with:
+/// `bits(span - 1)`, at most 31 (what the 5-bit field holds).
+fn max_order(span: u64) -> u32 {
+    bits_for(span.saturating_sub(1)).min((1 << RICE_PARAM_BITS) - 1)
 }
 
 /// The parameter `k` in `0 ..= bits(span - 1)` (at most 31) whose code of
@@ -63,8 +67,7 @@ fn rice_bits(gaps: &[u64], k: u32) -> u128 {
 /// 5-bit parameter field included. `span` bounds a gap: the columns of a
 /// row (layout 2) or the elements of the tensor (layout 4).
 pub(crate) fn best_rice(gaps: &[u64], span: u64) -> (u32, u128) {
-    let max_k = bits_for(span.saturating_sub(1)).min((1 << RICE_PARAM_BITS) - 1);
-    (0..=max_k)
+    (0..=max_order(span))
         .map(|k| (k, rice_bits(gaps, k) + u128::from(RICE_PARAM_BITS)))
         .min_by_key(|&(k, bits)| (bits, k))
         .unwrap_or((0, u128::from(RICE_PARAM_BITS)))
@@ -172,7 +175,7 @@ impl GapCode {
     /// 31), the first of the shortest in that order; and its bits, the
     /// 6-bit code field included.
     pub(crate) fn best(gaps: &[u64], span: u64) -> (GapCode, u128) {
-        let max_k = bits_for(span.saturating_sub(1)).min((1 << RICE_PARAM_BITS) - 1);
+        let max_k = max_order(span);
         (0..=max_k)
             .map(GapCode::Rice)
             .chain((0..=max_k).map(GapCode::ExpGolomb))

@@ -156,8 +156,8 @@ mod report;
 mod scaled;
 
 pub use encode::{
-    encode, encode_tensors, output_temp_file, reencode, reencode_up_to, write_bytes_atomically,
-    write_file, write_file_tensors, EncodeOptions, TensorData, TensorInput,
+    encode, encode_tensors, output_temp_builder, output_temp_file, reencode, reencode_up_to,
+    write_bytes_atomically, write_file, write_file_tensors, EncodeOptions, TensorData, TensorInput,
 };
 pub use error::{CsrError, Result};
 pub use format::{

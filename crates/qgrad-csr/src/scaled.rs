@@ -14,9 +14,9 @@ use crate::block::{
 use crate::encode::Allowed;
 use crate::error::{CsrError, Result};
 use crate::format::{
-    bits_for, choose_layout, matrix_dims, scaled_dense_code_bits, scaled_nonzero_code_bits,
-    Admissible, Layout, LayoutChoice, LevelKind, ScaledHeader, TensorEntry, MAX_SCALED_CODE,
-    MAX_TENSOR_ELEMENTS,
+    bits_for, choose_layout, flat_rows_fit, matrix_dims, scaled_dense_code_bits,
+    scaled_nonzero_code_bits, Admissible, Layout, LayoutChoice, LevelKind, ScaledHeader,
+    TensorEntry, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
 };
 use crate::gaps::{
     best_rice, column_gaps, flat_gaps, write_rice, GapCode, GAP_CODE_BITS, RICE_PARAM_BITS,
@@ -151,8 +151,9 @@ fn max_code_ok(levels: LevelKind, max_code: u8) -> bool {
     }
 }
 
-/// Payload bits of a scaled tensor in `layout`; `rice_column_bits` are the
-/// bits of layout 2's Rice parameter and gaps (a lower bound when decoding).
+/// Payload bits of a scaled tensor in `layout`; `gap_bits` are the bits of
+/// the gaps and their code field, layout 2's or layout 4's (a lower bound
+/// when decoding).
 #[allow(clippy::too_many_arguments)]
 fn payload_bits(
     layout: Layout,
@@ -162,7 +163,7 @@ fn payload_bits(
     cols: u64,
     nnz: u64,
     scale_count: u64,
-    rice_column_bits: u128,
+    gap_bits: u128,
 ) -> u128 {
     let scale_bits = u128::from(scale_count) * 32;
     match layout {
@@ -182,15 +183,12 @@ fn payload_bits(
         }
         Layout::CsrRice => {
             (u128::from(rows) + 1) * u128::from(bits_for(nnz).max(1))
-                + rice_column_bits
+                + gap_bits
                 + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
                 + scale_bits
         }
-        // `rice_column_bits` are layout 4's row-major gaps here.
         Layout::FlatGaps => {
-            rice_column_bits
-                + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code))
-                + scale_bits
+            gap_bits + u128::from(nnz) * u128::from(scaled_nonzero_code_bits(max_code)) + scale_bits
         }
         // Sized by its block plan (`BlockPlan::bits`), not by these counts.
         Layout::Block => unreachable!("layout 3 is sized by its block plan"),
@@ -316,22 +314,16 @@ pub(crate) fn encode_scaled(
         });
     }
     let nnz = t.codes.iter().filter(|&&c| c != 0).count() as u64;
-    let gaps = column_gaps(
-        cols.max(1),
-        t.codes
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c != 0)
-            .map(|(i, _)| i as u64),
-    );
+    let nonzero: Vec<u64> = t
+        .codes
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c != 0)
+        .map(|(i, _)| i as u64)
+        .collect();
+    let gaps = column_gaps(cols.max(1), nonzero.iter().copied());
     let (rice_k, rice_bits) = best_rice(&gaps, cols);
-    let flat = flat_gaps(
-        t.codes
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c != 0)
-            .map(|(i, _)| i as u64),
-    );
+    let flat = flat_gaps(nonzero.iter().copied());
     let (flat_code, flat_bits) = GapCode::best(&flat, elements);
     let dense_code_bits = scaled_dense_code_bits(t.levels, n);
     // Blocks only where some element is zero (with none, dense is smaller).
@@ -405,9 +397,7 @@ pub(crate) fn encode_scaled(
         dense: binary_zero.is_none(),
         rice: allowed.rice,
         block: block_plan.is_some(),
-        flat: allowed.flat
-            && binary_zero.is_none()
-            && u128::from(rows) < 8 * flat_payload.div_ceil(8),
+        flat: allowed.flat && binary_zero.is_none() && flat_rows_fit(rows, flat_payload),
     };
     let (header, _) = choose_layout(choice, admissible, candidate)?;
     let mut w = qgrad_fixed::BitWriter::with_capacity_bits(8 * header.payload_bytes as usize);

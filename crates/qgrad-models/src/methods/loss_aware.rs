@@ -420,9 +420,12 @@ impl LossAwareHook {
         };
         let quantized = match (kappa, &self.options.sparsity) {
             (Some(kappa), Some(budget)) => {
-                let score = match self.frozen_scores.get(name) {
-                    Some(frozen) => frozen.clone(),
-                    None => self.score(state, name, &w, d.as_deref(), budget.importance)?,
+                // The frozen ranking is read in place, not copied every step.
+                let score: std::borrow::Cow<[f32]> = match self.frozen_scores.get(name) {
+                    Some(frozen) => frozen.into(),
+                    None => self
+                        .score(state, name, &w, d.as_deref(), budget.importance)?
+                        .into(),
                 };
                 let keep = qgrad_scaled::kept_count(kappa, w.len())
                     .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
