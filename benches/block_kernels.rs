@@ -8,6 +8,8 @@
 //!
 //! cargo bench --bench block_kernels -- --warm-up-time 1 --measurement-time 3
 
+mod common;
+
 use std::hint::black_box;
 
 use candle_core::{Device, Tensor};
@@ -69,20 +71,8 @@ fn model(codes: &[i8], layout: LayoutChoice) -> CompressedModel {
     CompressedModel::from_bytes(&bytes).expect("decode")
 }
 
-fn processor() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown processor".into())
-}
-
 fn kernels(c: &mut Criterion) {
-    eprintln!("processor: {}", processor());
+    eprintln!("processor: {}", common::processor());
     let device = Device::Cpu;
     let mut group = c.benchmark_group("block_kernels");
     for compression in [4usize, 8] {

@@ -1,8 +1,13 @@
 //! Sparse fixed-point kernels from a compressed file versus dense f32 candle
 //! matmul, on a LeNet-300-100 first layer (300×784) at 90 % and 97 %
-//! sparsity, for one sample (mat-vec) and a batch of 128 (mat-mat).
+//! sparsity, for one sample (mat-vec) and a batch of 128 (mat-mat), with
+//! 8-bit activations and with 16-bit ones.
 //!
 //! cargo bench --bench csr_kernels -- --warm-up-time 1 --measurement-time 3
+//!
+//! The processor model is printed first.
+
+mod common;
 
 use std::hint::black_box;
 
@@ -57,6 +62,7 @@ fn layer(sparsity: f64, seed: u64) -> (Vec<f32>, CompressedModel) {
 }
 
 fn kernels(c: &mut Criterion) {
+    eprintln!("processor: {}", common::processor());
     let device = Device::Cpu;
     let mut group = c.benchmark_group("csr_kernels");
     for sparsity in [0.90, 0.97] {
@@ -79,6 +85,14 @@ fn kernels(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new("sparse_fixed", &label), &xq, |b, xq| {
                 b.iter(|| black_box(w.matmul(black_box(xq)).expect("matmul")))
             });
+            // 16-bit activations, the CLI's default (`--act-bits 16`): the
+            // sums need f64 accumulators.
+            let xq16 = FixedActivations::quantize(&x, batch, COLS, 16).expect("quantize");
+            group.bench_with_input(
+                BenchmarkId::new("sparse_fixed_a16", &label),
+                &xq16,
+                |b, xq| b.iter(|| black_box(w.matmul(black_box(xq)).expect("matmul"))),
+            );
             group.bench_with_input(
                 BenchmarkId::new("sparse_fixed_incl_quantize", &label),
                 &x,

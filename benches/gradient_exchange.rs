@@ -6,6 +6,8 @@
 //!
 //! cargo bench --bench gradient_exchange -- --warm-up-time 1 --measurement-time 3
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -25,19 +27,8 @@ fn gradient(seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn cpu() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|i| {
-            i.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown processor".into())
-}
-
 fn codec(c: &mut Criterion) {
-    eprintln!("processor: {}", cpu());
+    eprintln!("processor: {}", common::processor());
     let g = gradient(1);
     let mut group = c.benchmark_group("gradient codec");
     group.throughput(Throughput::Elements(ELEMENTS as u64));

@@ -103,17 +103,24 @@
 //! # Parallelism
 //! Calls with fewer than `SERIAL_WORK` multiply-adds run serially (fork/join
 //! costs more than they do). A single sample (mat-vec) runs over weight rows
-//! with a gather from the activation row. A batch is transposed to `[cols][batch]` so that
-//! every non-zero weight updates a contiguous run of accumulators (a
-//! vectorisable axpy), in parallel over weight rows and in tiles of the batch.
-//! Convolution lowers the input with im2col straight into that transposed
-//! layout (`[c·k·k][oh·ow]`), so it runs on the same kernel.
+//! with a gather from the activation row. A batch of a fixed tensor whose
+//! sums are exact in `f64` (every file qgrad writes, at up to 16-bit
+//! activations) runs in slices of 16 samples, in parallel over the slices:
+//! each worker transposes its samples into an L1-sized `[cols][16]` block
+//! and multiplies every row into it in f32 or f64 (`sliced`). Other batches
+//! (scaled tensors, hand-built activations wider than 2^24) are transposed
+//! to `[cols][batch]` so that every non-zero weight updates a contiguous run
+//! of accumulators (a vectorisable axpy), in parallel over weight rows and
+//! in tiles of the batch. Convolution lowers the input with im2col straight
+//! into that transposed layout (`[c·k·k][oh·ow]`), so it runs on the
+//! transposed kernel.
 
 use rayon::prelude::*;
 
 mod block;
 mod conv;
 mod scaled;
+mod sliced;
 
 use qgrad_fixed::{FixedFormat, FLOAT};
 
@@ -162,14 +169,30 @@ impl FixedActivations {
         }
         let mut values = vec![0i32; n];
         let mut frac_bits = vec![0i32; rows];
-        for r in 0..rows {
+        let quantize_row = |(r, (q, f)): (usize, (&mut [i32], &mut i32))| -> Result<()> {
             let row = &x[r * cols..(r + 1) * cols];
             let e = qgrad_fixed::tensor_exponent(row)?;
             let format = FixedFormat::new(bits, e)?;
-            frac_bits[r] = format.frac_bits();
-            for (q, &v) in values[r * cols..(r + 1) * cols].iter_mut().zip(row) {
-                *q = format.quantize(v);
+            *f = format.frac_bits();
+            format.quantize_into(row, q);
+            Ok(())
+        };
+        if n < PARALLEL_QUANTIZE || cols == 0 {
+            for r in 0..rows {
+                let q = &mut values[r * cols..(r + 1) * cols];
+                quantize_row((r, (q, &mut frac_bits[r])))?;
             }
+        } else {
+            // Collected in row order, so the error reported is the first
+            // row's, as in the serial loop.
+            values
+                .par_chunks_mut(cols)
+                .zip(frac_bits.par_iter_mut())
+                .enumerate()
+                .map(quantize_row)
+                .collect::<Vec<Result<()>>>()
+                .into_iter()
+                .collect::<Result<()>>()?;
         }
         Ok(Self {
             values,
@@ -379,6 +402,11 @@ struct FixedKernel {
     row_ptr: Vec<u32>,
     col: Vec<u32>,
     val: Vec<i32>,
+    /// `val` as `f32` (exact: every `|v| < 2^15`), for the f32 kernels.
+    val_f32: Vec<f32>,
+    /// The largest index in `col` (0 when empty): what the sliced kernel's
+    /// unchecked loads rely on.
+    max_col: u32,
     max_abs_val: u64,
     max_row_nnz: u64,
     float_row_ptr: Vec<u32>,
@@ -425,8 +453,12 @@ enum AccWidth {
     I128,
 }
 
+/// Activations below which [`FixedActivations::quantize`] runs serially.
+const PARALLEL_QUANTIZE: usize = 1 << 15;
 /// Integers up to this magnitude are exactly representable in `f32`.
 const F32_EXACT_BOUND: u128 = 1 << 24;
+/// Integers up to this magnitude are exactly representable in `f64`.
+const F64_EXACT_BOUND: u128 = 1 << 53;
 /// Multiply-adds below which one call runs serially: rayon's fork/join costs
 /// more than the work (and waits on descheduled workers on a busy machine).
 const SERIAL_WORK: usize = 1 << 21;
@@ -509,6 +541,8 @@ impl FixedKernel {
             row_ptr: Vec::with_capacity(t.rows() + 1),
             col: Vec::new(),
             val: Vec::new(),
+            val_f32: Vec::new(),
+            max_col: 0,
             max_abs_val: 0,
             max_row_nnz: 0,
             float_row_ptr: Vec::with_capacity(t.rows() + 1),
@@ -528,6 +562,8 @@ impl FixedKernel {
                         k.max_abs_val = k.max_abs_val.max(u64::from(v.unsigned_abs()));
                         k.col.push(col_all[e]);
                         k.val.push(v);
+                        k.val_f32.push(v as f32);
+                        k.max_col = k.max_col.max(col_all[e]);
                     }
                     None => {
                         k.float_col.push(col_all[e]);
@@ -542,9 +578,13 @@ impl FixedKernel {
         k
     }
 
+    /// `max|w| · max|x| · max_row_nnz`: a bound on every partial sum.
+    fn acc_bound(&self, max_abs_x: u64) -> u128 {
+        u128::from(self.max_abs_val) * u128::from(max_abs_x) * u128::from(self.max_row_nnz)
+    }
+
     fn acc_width(&self, max_abs_x: u64) -> AccWidth {
-        let bound =
-            u128::from(self.max_abs_val) * u128::from(max_abs_x) * u128::from(self.max_row_nnz);
+        let bound = self.acc_bound(max_abs_x);
         if bound < F32_EXACT_BOUND {
             AccWidth::F32
         } else if bound < 1 << 31 {
@@ -573,21 +613,29 @@ impl FixedKernel {
             }
             return Ok(y);
         }
-        // Transpose to [cols][batch] so that each weight updates a contiguous
-        // run. The transposes are serial and blocked: they are cheap, and one
-        // parallel phase per call (the product) avoids waiting on descheduled
-        // workers more than once on a busy machine.
-        let mut yt = vec![0f32; self.rows * batch];
-        if width == AccWidth::F32 {
-            let mut xt = vec![0f32; x.values.len()];
-            transpose_with(&x.values, batch, self.cols, &mut xt, |v| v as f32);
-            self.spmm_f32(&xt, batch, &x.frac_bits, &mut yt);
-        } else {
-            let mut xt = vec![0i32; x.values.len()];
-            transpose(&x.values, batch, self.cols, &mut xt);
-            self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
-        }
         let mut y = vec![0f32; batch * self.rows];
+        // Every case qgrad writes (activations of up to 16 bits): slices of
+        // samples whose activations stay near L1 (see `sliced`), with f32
+        // accumulators for 8-bit-sized operands, f64 ones for 16-bit ones.
+        if max_abs_x <= 1 << 24 {
+            if width == AccWidth::F32 {
+                self.matmul_sliced::<f32>(x, &mut y);
+                return Ok(y);
+            }
+            if self.acc_bound(max_abs_x) < F64_EXACT_BOUND {
+                self.matmul_sliced::<f64>(x, &mut y);
+                return Ok(y);
+            }
+        }
+        // Wider integers (activations built by hand): transpose to [cols][batch] so that each weight
+        // updates a contiguous run. The transposes are serial and blocked:
+        // they are cheap next to integer products this wide, and one parallel
+        // phase per call (the product) avoids waiting on descheduled workers
+        // more than once on a busy machine.
+        let mut yt = vec![0f32; self.rows * batch];
+        let mut xt = vec![0i32; x.values.len()];
+        transpose(&x.values, batch, self.cols, &mut xt);
+        self.spmm_t(&xt, batch, &x.frac_bits, max_abs_x, &mut yt);
         transpose(&yt, self.rows, batch, &mut y);
         Ok(y)
     }

@@ -68,6 +68,44 @@ proptest! {
         }
     }
 
+    /// The batch kernels (slices of 16 samples for ≤ 8-bit-sized integers,
+    /// the transposed kernel for wider ones) give every sample the bits
+    /// that the one-sample kernel gives it: across slice boundaries, with
+    /// f32 weights, and at output scales outside f32's normal range (where
+    /// the sliced kernel falls back to f64 scaling).
+    #[test]
+    fn a_batch_equals_its_samples_one_by_one(
+        rows in 1usize..40,
+        cols in 1usize..120,
+        batch in 2usize..41,
+        seed in any::<u64>(),
+        mix in proptest::sample::subsequence(vec![0u8, 2, 4, 6, 8, 12, 16, 32], 1..=4),
+        (xs, bits) in activations(),
+        magnitude in prop_oneof![Just(1.0f32), Just(1e-30), Just(1e25), Just(3e-4)],
+    ) {
+        let t = sample_tensor("w", rows, cols, &mix, seed);
+        let m = decode(&encode(std::slice::from_ref(&t), LayoutChoice::Auto));
+        let w = &m.tensors[0];
+        let x: Vec<f32> = (0..batch * cols)
+            .map(|i| xs[i % xs.len()] * magnitude * if i % 7 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        let xa = FixedActivations::quantize(&x, batch, cols, bits).unwrap();
+        let y = w.matmul(&xa).unwrap();
+        for b in 0..batch {
+            let one = FixedActivations::quantize(&x[b * cols..(b + 1) * cols], 1, cols, bits).unwrap();
+            prop_assert_eq!(&one.values[..], &xa.values[b * cols..(b + 1) * cols]);
+            let y1 = w.matmul(&one).unwrap();
+            for r in 0..rows {
+                prop_assert_eq!(
+                    y[b * rows + r].to_bits(),
+                    y1[r].to_bits(),
+                    "sample {} row {}: {} against {}",
+                    b, r, y[b * rows + r], y1[r]
+                );
+            }
+        }
+    }
+
     #[test]
     fn conv2d_equals_the_direct_convolution(
         o in 1usize..5,

@@ -25,13 +25,26 @@ fn pow2(k: i32) -> f64 {
 /// is below `2^MIN_EXPONENT` gets `MIN_EXPONENT` (see the crate docs). A NaN or
 /// infinity is an error naming its index.
 pub fn tensor_exponent(values: &[f32]) -> Result<i32> {
-    let mut max_abs = 0.0f32;
-    for (index, &value) in values.iter().enumerate() {
-        if !value.is_finite() {
-            return Err(FixedError::NonFinite { index, value });
-        }
-        max_abs = max_abs.max(value.abs());
+    // On the bits of |x|: for non-negative floats the integer order is the
+    // numeric order, and every non-finite value is at or above the bits of
+    // +inf, so one integer maximum (which vectorises, unlike an early-exit
+    // loop or a float maximum) finds both the largest magnitude and whether
+    // any value is NaN or infinite.
+    let max_abs_bits = values
+        .iter()
+        .map(|v| v.to_bits() & 0x7fff_ffff)
+        .fold(0u32, u32::max);
+    if max_abs_bits >= f32::INFINITY.to_bits() {
+        let index = values
+            .iter()
+            .position(|v| !v.is_finite())
+            .expect("a non-finite value is there");
+        return Err(FixedError::NonFinite {
+            index,
+            value: values[index],
+        });
     }
+    let max_abs = f32::from_bits(max_abs_bits);
     if max_abs == 0.0 {
         return Ok(0);
     }
@@ -102,6 +115,22 @@ impl FixedFormat {
         round_half_away_saturating(scaled, self.min_int(), self.max_int())
     }
 
+    /// [`quantize`](Self::quantize) of every element of `src` into `dst`
+    /// (the shorter length), with the AVX2 units where the CPU has them: the
+    /// per-activation path of integer inference, 100 k values per batch of
+    /// 128 MNIST images.
+    pub fn quantize_into(self, src: &[f32], dst: &mut [i32]) {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                unsafe { quantize_into_avx2(self, src, dst) };
+                return;
+            }
+        }
+        quantize_into_body(self, src, dst);
+    }
+
     /// Unbiased stochastic rounding: `floor(x/step) + 1` with probability equal
     /// to the fractional part of `x/step`, else `floor(x/step)`; saturated like
     /// [`quantize`](Self::quantize). Its expectation is `x / step` for in-range
@@ -119,6 +148,39 @@ impl FixedFormat {
     #[inline]
     pub fn dequantize(self, q: i32) -> f32 {
         (f64::from(q) * pow2(-self.frac_bits())) as f32
+    }
+}
+
+/// [`quantize_into_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_into_avx2(format: FixedFormat, src: &[f32], dst: &mut [i32]) {
+    quantize_into_body(format, src, dst);
+}
+
+/// The element loop of [`FixedFormat::quantize_into`], with the scale and
+/// the bounds hoisted out of it.
+#[inline(always)]
+fn quantize_into_body(format: FixedFormat, src: &[f32], dst: &mut [i32]) {
+    let scale = pow2(format.frac_bits());
+    let (lo, hi) = (format.min_int(), format.max_int());
+    let (lo_f, hi_f) = (f64::from(lo) - 1.0, f64::from(hi) + 1.0);
+    for (q, &x) in dst.iter_mut().zip(src) {
+        // `round_half_away_saturating` in a form without the NaN and range
+        // checks of `as`, so that it vectorises: NaN becomes 0 first, and
+        // `max`/`min` of a non-NaN value bound it to one step outside
+        // `lo..=hi`.
+        let scaled = f64::from(x) * scale;
+        let y = if scaled.is_nan() { 0.0 } else { scaled };
+        let y = y.max(lo_f).min(hi_f);
+        // SAFETY: `y` is finite and `|y| + 0.5 <= 2^15 + 1.5`, well inside
+        // i32, so truncation toward zero is defined.
+        let magnitude = unsafe { (y.abs() + 0.5).to_int_unchecked::<i32>() };
+        let rounded = if y < 0.0 { -magnitude } else { magnitude };
+        *q = rounded.clamp(lo, hi);
     }
 }
 
