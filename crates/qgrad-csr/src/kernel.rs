@@ -103,12 +103,12 @@
 //! # Parallelism
 //! Calls with fewer than `SERIAL_WORK` multiply-adds run serially (fork/join
 //! costs more than they do). A single sample (mat-vec) runs over weight rows
-//! with a gather from the activation row. A batch of a fixed tensor whose
-//! sums are exact in `f64` (every file qgrad writes, at up to 16-bit
+//! with a gather from the activation row. A batch whose sums are exact in
+//! `f64` (every file qgrad writes, fixed or scaled, at up to 16-bit
 //! activations) runs in slices of 16 samples, in parallel over the slices:
 //! each worker transposes its samples into an L1-sized `[cols][16]` block
 //! and multiplies every row into it in f32 or f64 (`sliced`). Other batches
-//! (scaled tensors, hand-built activations wider than 2^24) are transposed
+//! (hand-built activations wider than 2^24, sums past 2^53) are transposed
 //! to `[cols][batch]` so that every non-zero weight updates a contiguous run
 //! of accumulators (a vectorisable axpy), in parallel over weight rows and
 //! in tiles of the batch. Convolution lowers the input with im2col straight

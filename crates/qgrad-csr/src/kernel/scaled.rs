@@ -8,12 +8,16 @@
 //! negative code of a one-sided tensor, subtracts) `L(|k|) · x` into an
 //! integer accumulator per segment — for binary and ternary codes `L = 1`,
 //! so the inner loop is a plain add or subtract — and multiplies by the
-//! scale once per segment and output.
+//! scale once per segment and output. A batch runs on the sliced kernel of
+//! the fixed tensors (`super::sliced`) where its sums are exact in f32 or
+//! f64: `P` and `N` of each segment for 16 samples at once, then the same
+//! f64 formula per output.
 
 use std::ops::{AddAssign, SubAssign};
 
 use rayon::prelude::*;
 
+use super::sliced::{dot_slice, gather_slice, scatter_slice, Lane, SLICE};
 use super::{max_abs, pow2, transpose, FixedActivations, SERIAL_WORK};
 use crate::format::LevelKind;
 use crate::model::CompressedTensor;
@@ -46,6 +50,12 @@ pub(super) struct ScaledKernel {
     col: Vec<u32>,
     /// `|k|` of each entry.
     mag: Vec<u8>,
+    /// `L(|k|)` of each entry as `f32` (exact wherever the sliced kernel
+    /// runs: its bound covers every level).
+    level_f32: Vec<f32>,
+    /// The largest index in `col` (0 when empty): what the sliced kernel's
+    /// unchecked loads rely on.
+    max_col: u32,
     /// `max_r Σ_{entries of row r} L(|k|)` (saturating): with `max |x|`
     /// it bounds every accumulator.
     max_row_weight: u128,
@@ -159,6 +169,16 @@ impl Level for Shift {
 /// Columns whose accumulators a block keeps in registers (4 AVX2 vectors of i32).
 const LANES: usize = 32;
 
+/// Per-worker buffers of the sliced product: the gathered activations
+/// `[cols][SLICE]`, the outputs `[rows][SLICE]` and a zero row for the lanes
+/// past the batch.
+#[derive(Default)]
+struct SliceBuffers {
+    xs: Vec<f32>,
+    out: Vec<f32>,
+    zeros: Vec<i32>,
+}
+
 impl ScaledKernel {
     pub(super) fn from_tensor(t: &CompressedTensor, info: ScaledInfo) -> Self {
         let (row_ptr, col_all) = t.csr_parts();
@@ -185,6 +205,8 @@ impl ScaledKernel {
             segments: Vec::new(),
             col: Vec::with_capacity(nnz),
             mag: Vec::with_capacity(nnz),
+            level_f32: Vec::with_capacity(nnz),
+            max_col: 0,
             max_row_weight: 0,
             block: super::block::BlockMatvec::from_tensor(t, info),
         };
@@ -210,6 +232,8 @@ impl ScaledKernel {
                             let mag = c.unsigned_abs() as u8;
                             k.col.push(column);
                             k.mag.push(mag);
+                            k.level_f32.push(info.integer_level(mag) as f32);
+                            k.max_col = k.max_col.max(column);
                             row_weight = row_weight.saturating_add(info.integer_level(mag));
                         }
                     }
@@ -282,6 +306,22 @@ impl ScaledKernel {
             }
             return y;
         }
+        // Slices of samples (see `sliced`) wherever the sums are exact in
+        // f32 or f64: every file qgrad writes, at up to 16-bit activations.
+        if max_abs_x <= 1 << 24 {
+            let bound = self
+                .max_row_weight
+                .saturating_mul(u128::from(max_abs_x.max(1)));
+            let mut y = vec![0f32; batch * self.rows];
+            if bound < 1 << 24 {
+                self.matmul_sliced::<f32>(x, &mut y);
+                return y;
+            }
+            if bound < 1 << 53 {
+                self.matmul_sliced::<f64>(x, &mut y);
+                return y;
+            }
+        }
         let mut xt = vec![0i32; x.values.len()];
         transpose(&x.values, batch, self.cols, &mut xt);
         let mut yt = vec![0f32; self.rows * batch];
@@ -289,6 +329,160 @@ impl ScaledKernel {
         let mut y = vec![0f32; batch * self.rows];
         transpose(&yt, self.rows, batch, &mut y);
         y
+    }
+
+    /// The batch product in slices of [`SLICE`] samples with exact sums in
+    /// `T` (the caller checked `max_row_weight · max|x|` against `T` and
+    /// `max|x| <= 2^24`): `P` and `N` of every segment by the shared
+    /// slice kernel, then the module's f64 formula per output, in the
+    /// scalar kernel's order, so the bits are the one-sample kernel's.
+    fn matmul_sliced<T: Lane>(&self, x: &FixedActivations, y: &mut [f32]) {
+        let rows = self.rows;
+        if rows == 0 || x.rows == 0 {
+            return;
+        }
+        let work = self.col.len().saturating_mul(x.rows);
+        let run = |bufs: &mut SliceBuffers, (s, ys): (usize, &mut [f32])| {
+            self.slice::<T>(x, s * SLICE, ys, bufs)
+        };
+        if work < SERIAL_WORK {
+            let mut bufs = SliceBuffers::default();
+            y.chunks_mut(SLICE * rows)
+                .enumerate()
+                .for_each(|item| run(&mut bufs, item));
+        } else {
+            y.par_chunks_mut(SLICE * rows)
+                .enumerate()
+                .for_each_init(SliceBuffers::default, run);
+        }
+    }
+
+    /// One slice: samples `b0 .. b0 + ys.len() / rows`.
+    fn slice<T: Lane>(
+        &self,
+        x: &FixedActivations,
+        b0: usize,
+        ys: &mut [f32],
+        bufs: &mut SliceBuffers,
+    ) {
+        let (rows, cols) = (self.rows, self.cols);
+        let lanes = ys.len() / rows;
+        bufs.xs.resize(cols * SLICE, 0.0);
+        bufs.out.resize(rows * SLICE, 0.0);
+        bufs.zeros.resize(cols, 0);
+        let sample: [&[i32]; SLICE] = std::array::from_fn(|l| {
+            if l < lanes {
+                &x.values[(b0 + l) * cols..(b0 + l + 1) * cols]
+            } else {
+                &bufs.zeros[..]
+            }
+        });
+        gather_slice(&sample, cols, &mut bufs.xs);
+        let x_scale: [f64; SLICE] = std::array::from_fn(|l| {
+            if l < lanes {
+                pow2(-i64::from(x.frac_bits[b0 + l]))
+            } else {
+                1.0
+            }
+        });
+        // What makes the unchecked loads of `dot_slice` sound: every column
+        // index of the kernel is at most `max_col`, fixed when it was built.
+        assert!(
+            self.col.is_empty() || (self.max_col as usize + 1) * SLICE <= bufs.xs.len(),
+            "activation slice shorter than the weight's columns"
+        );
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F, checked just above.
+                unsafe { self.slice_rows_avx512::<T>(&bufs.xs, &x_scale, &mut bufs.out) };
+                scatter_slice(&bufs.out, rows, ys);
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                unsafe { self.slice_rows_avx2_fma::<T>(&bufs.xs, &x_scale, &mut bufs.out) };
+                scatter_slice(&bufs.out, rows, ys);
+                return;
+            }
+        }
+        self.slice_rows::<T, false>(&bufs.xs, &x_scale, &mut bufs.out);
+        scatter_slice(&bufs.out, rows, ys);
+    }
+
+    /// [`Self::slice_rows`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn slice_rows_avx512<T: Lane>(
+        &self,
+        xs: &[f32],
+        x_scale: &[f64; SLICE],
+        out: &mut [f32],
+    ) {
+        self.slice_rows::<T, true>(xs, x_scale, out);
+    }
+
+    /// [`Self::slice_rows`] compiled for AVX2 with fused multiply-adds.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn slice_rows_avx2_fma<T: Lane>(
+        &self,
+        xs: &[f32],
+        x_scale: &[f64; SLICE],
+        out: &mut [f32],
+    ) {
+        self.slice_rows::<T, true>(xs, x_scale, out);
+    }
+
+    /// `out[r][l]` for every row: the segments' exact `P` and `N`, then
+    /// `t = t + s·(P - N)` (or `t = t + s⁺·P; t = t - s⁻·N`) over the
+    /// segments in order and `f32((t · 2^-f_b) / den)`, as in [`Self::row`].
+    /// The caller checked the columns against `xs`.
+    #[inline(always)]
+    fn slice_rows<T: Lane, const FUSED: bool>(
+        &self,
+        xs: &[f32],
+        x_scale: &[f64; SLICE],
+        out: &mut [f32],
+    ) {
+        for (r, o) in out.chunks_exact_mut(SLICE).enumerate() {
+            let mut total = [0f64; SLICE];
+            let segments = &self.segments[self.row_seg[r] as usize..self.row_seg[r + 1] as usize];
+            for seg in segments {
+                let (start, mid, end) = (seg.start as usize, seg.mid as usize, seg.end as usize);
+                // SAFETY: every column is at most `max_col`, which the
+                // caller checked against `xs`.
+                let (pos, neg) = unsafe {
+                    (
+                        dot_slice::<T, FUSED>(
+                            &self.col[start..mid],
+                            &self.level_f32[start..mid],
+                            xs,
+                        ),
+                        dot_slice::<T, FUSED>(&self.col[mid..end], &self.level_f32[mid..end], xs),
+                    )
+                };
+                for l in 0..SLICE {
+                    if self.two_sided {
+                        total[l] += seg.pos_scale * pos[l].to_f64();
+                        total[l] -= seg.neg_scale * neg[l].to_f64();
+                    } else {
+                        total[l] += seg.pos_scale * pos[l].sub(neg[l]).to_f64();
+                    }
+                }
+            }
+            for l in 0..SLICE {
+                o[l] = ((total[l] * x_scale[l]) / self.den) as f32;
+            }
+        }
     }
 
     /// `yt[r][j] = Σ_c W[r, c] · xt[c][j]` for `n` columns `j` with

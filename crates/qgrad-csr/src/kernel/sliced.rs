@@ -35,6 +35,7 @@ pub(super) trait Lane: Copy + Default + Send + Sync {
     /// `self + w · x` (fused where `FUSED`).
     fn madd<const FUSED: bool>(self, w: Self, x: f32) -> Self;
     fn add(self, other: Self) -> Self;
+    fn sub(self, other: Self) -> Self;
     fn mul(self, other: Self) -> Self;
     fn to_f64(self) -> f64;
     /// The output rounding, `self as f32`.
@@ -61,6 +62,10 @@ impl Lane for f32 {
     #[inline(always)]
     fn add(self, other: Self) -> Self {
         self + other
+    }
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        self - other
     }
     #[inline(always)]
     fn mul(self, other: Self) -> Self {
@@ -99,6 +104,10 @@ impl Lane for f64 {
     #[inline(always)]
     fn add(self, other: Self) -> Self {
         self + other
+    }
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        self - other
     }
     #[inline(always)]
     fn mul(self, other: Self) -> Self {
@@ -238,7 +247,7 @@ impl FixedKernel {
 /// transposition into a slice, with AVX2 8×8 block transposes where the CPU
 /// has AVX2 (about a third of the instructions of the element loop, which
 /// took a quarter of a batch-128 call).
-fn gather_slice(sample: &[&[i32]; SLICE], cols: usize, xs: &mut [f32]) {
+pub(super) fn gather_slice(sample: &[&[i32]; SLICE], cols: usize, xs: &mut [f32]) {
     assert!(sample.iter().all(|s| s.len() >= cols) && xs.len() >= cols * SLICE);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -325,7 +334,7 @@ fn transpose_8x8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m25
 
 /// `ys[l][r] = acc[r][l]` for the slice's `ys.len() / rows` lanes: the
 /// transposition out of a slice, by 8×8 blocks where the CPU has AVX2.
-fn scatter_slice(acc: &[f32], rows: usize, ys: &mut [f32]) {
+pub(super) fn scatter_slice(acc: &[f32], rows: usize, ys: &mut [f32]) {
     let lanes = ys.len() / rows;
     assert!(acc.len() >= rows * SLICE && lanes <= SLICE);
     let mut done = 0;
@@ -435,11 +444,8 @@ unsafe fn axpy_slice_avx512<T: Lane>(
     axpy_slice_body::<T, true>(k, xs, scale, acc);
 }
 
-/// [`UNROLL`] independent accumulators per row hide the multiply-add latency;
-/// `FUSED` picks `mul_add` (one instruction where FMA is enabled, a slow
-/// library call where it is not). The results are the same either way: see
-/// the module docs. The caller checked that every `col[k] · SLICE + SLICE
-/// <= xs.len()`.
+/// `acc[r][l] = scale[l] · Σ_k val[k] · xs[col[k]][l]` for every row. The
+/// caller checked that every `col[k] · SLICE + SLICE <= xs.len()`.
 #[inline(always)]
 fn axpy_slice_body<T: Lane, const FUSED: bool>(
     k: &FixedKernel,
@@ -447,35 +453,60 @@ fn axpy_slice_body<T: Lane, const FUSED: bool>(
     scale: &[T; SLICE],
     acc: &mut [T],
 ) {
+    for (r, out) in acc.chunks_exact_mut(SLICE).enumerate() {
+        let (lo, hi) = (k.row_ptr[r] as usize, k.row_ptr[r + 1] as usize);
+        // SAFETY: the caller's bound on every column of the kernel.
+        let sum = unsafe { dot_slice::<T, FUSED>(&k.col[lo..hi], &k.val_f32[lo..hi], xs) };
+        for ((o, s), &f) in out.iter_mut().zip(sum).zip(scale) {
+            *o = s.mul(f);
+        }
+    }
+}
+
+/// `Σ_k vals[k] · xs[cols[k]][l]` for the `SLICE` lanes `l`, with
+/// [`UNROLL`] independent accumulators to hide the multiply-add latency.
+/// `FUSED` picks `mul_add` (one instruction where FMA is enabled, a slow
+/// library call where it is not); the results are the same either way (see
+/// the module docs).
+///
+/// # Safety
+/// Every `cols[k] · SLICE + SLICE <= xs.len()`.
+#[inline(always)]
+pub(super) unsafe fn dot_slice<T: Lane, const FUSED: bool>(
+    cols: &[u32],
+    vals: &[f32],
+    xs: &[f32],
+) -> [T; SLICE] {
     #[inline(always)]
-    fn madd<T: Lane, const FUSED: bool>(a: &mut [T; SLICE], w: T, xs: &[f32], c: u32) {
+    unsafe fn madd<T: Lane, const FUSED: bool>(a: &mut [T; SLICE], w: T, xs: &[f32], c: u32) {
         let start = c as usize * SLICE;
         debug_assert!(start + SLICE <= xs.len());
-        // SAFETY: `start + SLICE <= xs.len()` (the caller's check on the
-        // kernel's largest column), so the SLICE floats from `start` are in
-        // bounds; `[f32; SLICE]` has the alignment of `f32`.
+        // SAFETY: `start + SLICE <= xs.len()` (the caller's bound), so the
+        // SLICE floats from `start` are in bounds; `[f32; SLICE]` has the
+        // alignment of `f32`.
         let x: &[f32; SLICE] = unsafe { &*xs.as_ptr().add(start).cast::<[f32; SLICE]>() };
         for (a, &x) in a.iter_mut().zip(x) {
             *a = a.madd::<FUSED>(w, x);
         }
     }
-    for (r, out) in acc.chunks_exact_mut(SLICE).enumerate() {
-        let (lo, hi) = (k.row_ptr[r] as usize, k.row_ptr[r + 1] as usize);
-        let (cols, vals) = (&k.col[lo..hi], &k.val_f32[lo..hi]);
-        let mut a = [[T::default(); SLICE]; UNROLL];
-        let mut cc = cols.chunks_exact(UNROLL);
-        let mut vv = vals.chunks_exact(UNROLL);
-        for (cu, vu) in (&mut cc).zip(&mut vv) {
-            for u in 0..UNROLL {
-                madd::<T, FUSED>(&mut a[u], T::from_f32(vu[u]), xs, cu[u]);
-            }
-        }
-        for (u, (&c, &v)) in cc.remainder().iter().zip(vv.remainder()).enumerate() {
-            madd::<T, FUSED>(&mut a[u], T::from_f32(v), xs, c);
-        }
-        for (l, o) in out.iter_mut().enumerate() {
-            let sum = a.iter().fold(T::default(), |s, a| s.add(a[l]));
-            *o = sum.mul(scale[l]);
+    let mut a = [[T::default(); SLICE]; UNROLL];
+    let mut cc = cols.chunks_exact(UNROLL);
+    let mut vv = vals.chunks_exact(UNROLL);
+    for (cu, vu) in (&mut cc).zip(&mut vv) {
+        for u in 0..UNROLL {
+            // SAFETY: the caller's bound.
+            unsafe { madd::<T, FUSED>(&mut a[u], T::from_f32(vu[u]), xs, cu[u]) };
         }
     }
+    for (u, (&c, &v)) in cc.remainder().iter().zip(vv.remainder()).enumerate() {
+        // SAFETY: the caller's bound.
+        unsafe { madd::<T, FUSED>(&mut a[u], T::from_f32(v), xs, c) };
+    }
+    let mut sum = [T::default(); SLICE];
+    for (l, s) in sum.iter_mut().enumerate() {
+        for acc in &a {
+            *s = s.add(acc[l]);
+        }
+    }
+    sum
 }
