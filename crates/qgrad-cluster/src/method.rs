@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use rayon::prelude::*;
 
-use crate::ckmeans::ckmeans_weighted;
+use crate::ckmeans::{optimal_starts, SegmentCost};
 use crate::sort::{par_sort_f32, to_key};
 use crate::{ClusterError, Result};
 
@@ -242,41 +242,148 @@ fn log_transform(sorted: &[f32]) -> impl Fn(f32) -> f64 {
 fn kmeans_groups(
     sorted: &[f32],
     widths: &[u8],
-    transform: &dyn Fn(f32) -> f64,
+    transform: &(dyn Fn(f32) -> f64 + Sync),
 ) -> Result<Vec<(f32, u8)>> {
-    // Merge equal (transformed) values into weighted points, remembering the
-    // smallest original value of each point.
-    let mut points: Vec<f64> = Vec::new();
-    let mut weights: Vec<f64> = Vec::new();
-    let mut lowest: Vec<f32> = Vec::new();
-    let mut previous: Option<f32> = None;
-    for &a in sorted {
-        if previous == Some(a) {
-            *weights.last_mut().expect("a point is open") += 1.0;
-            continue;
-        }
-        previous = Some(a);
-        let x = transform(a);
-        if points.last() == Some(&x) {
-            *weights.last_mut().expect("a point is open") += 1.0;
-        } else {
-            points.push(x);
-            weights.push(1.0);
-            lowest.push(a);
-        }
-    }
-    if points.len() == 1 {
+    let points = MergedRuns::of(sorted, transform);
+    let m = points.len();
+    if m == 1 {
         // Constant importance: nothing distinguishes the parameters.
-        return Ok(vec![(lowest[0], widths[0])]);
+        return Ok(vec![(points.lowest(0), widths[0])]);
     }
-    let clustering = ckmeans_weighted(&points, &weights, widths.len())?;
-    let clusters = clustering.starts.len();
-    Ok(clustering
-        .starts
+    if u32::try_from(m).is_err() {
+        return Err(ClusterError::TooLarge { distinct: m });
+    }
+    let k = widths.len().min(m);
+    // Shifting by the median keeps the sums small (SegmentCost::new).
+    let cost = SegmentCost::from_points(m, points.point(m / 2), points.iter());
+    let starts = optimal_starts(&cost, k, None);
+    Ok(starts
         .iter()
         .enumerate()
-        .map(|(c, &s)| (lowest[s], widths[clusters - 1 - c]))
+        .map(|(c, &s)| (points.lowest(s), widths[k - 1 - c]))
         .collect())
+}
+
+/// One chunk's sorted values merged into weighted points: each distinct
+/// transformed value, how many values map to it, and the smallest of them.
+struct WeightedRuns {
+    points: Vec<f64>,
+    weights: Vec<f64>,
+    lowest: Vec<f32>,
+}
+
+impl WeightedRuns {
+    /// Merges equal (transformed) values of `sorted` into weighted points,
+    /// remembering the smallest original value of each point.
+    fn of(sorted: &[f32], transform: &(dyn Fn(f32) -> f64 + Sync)) -> Self {
+        let (mut points, mut weights, mut lowest) = (Vec::new(), Vec::new(), Vec::new());
+        let mut previous: Option<f32> = None;
+        for &a in sorted {
+            if previous == Some(a) {
+                *weights.last_mut().expect("a point is open") += 1.0;
+                continue;
+            }
+            previous = Some(a);
+            let x = transform(a);
+            if points.last() == Some(&x) {
+                *weights.last_mut().expect("a point is open") += 1.0;
+            } else {
+                points.push(x);
+                weights.push(1.0);
+                lowest.push(a);
+            }
+        }
+        Self {
+            points,
+            weights,
+            lowest,
+        }
+    }
+}
+
+/// [`WeightedRuns::of`] the whole input, computed in parallel chunks and
+/// left in them (copying 15 M points into one vector costs as much as
+/// making them). The transform is monotone, so equal transformed values are
+/// contiguous: each chunk merges its own runs, and a run cut by a chunk
+/// boundary is joined after (its later part's weight moves to its first
+/// part, and the later chunk skips that point). Weights are counts, exact in
+/// f64, so the order of the additions does not matter: the points equal one
+/// sequential pass's.
+struct MergedRuns {
+    chunks: Vec<WeightedRuns>,
+    /// Points of each chunk that belong to an earlier chunk's run (0 or 1).
+    skip: Vec<usize>,
+    /// Index of each chunk's first own point; the last entry is the total.
+    offsets: Vec<usize>,
+}
+
+impl MergedRuns {
+    fn of(sorted: &[f32], transform: &(dyn Fn(f32) -> f64 + Sync)) -> Self {
+        let mut chunks: Vec<WeightedRuns> = sorted
+            .par_chunks(CHUNK)
+            .map(|chunk| WeightedRuns::of(chunk, transform))
+            .collect();
+        let mut skip = vec![0usize; chunks.len()];
+        // (chunk, index) of the last point so far.
+        let mut last: Option<(usize, usize)> = None;
+        for c in 0..chunks.len() {
+            if let Some((lc, li)) = last {
+                if chunks[lc].points[li] == chunks[c].points[0] {
+                    let w = chunks[c].weights[0];
+                    chunks[lc].weights[li] += w;
+                    skip[c] = 1;
+                }
+            }
+            if chunks[c].points.len() > skip[c] {
+                last = Some((c, chunks[c].points.len() - 1));
+            }
+        }
+        let mut offsets = Vec::with_capacity(chunks.len() + 1);
+        let mut total = 0;
+        for (chunk, &skip) in chunks.iter().zip(&skip) {
+            offsets.push(total);
+            total += chunk.points.len() - skip;
+        }
+        offsets.push(total);
+        Self {
+            chunks,
+            skip,
+            offsets,
+        }
+    }
+
+    fn len(&self) -> usize {
+        *self.offsets.last().expect("one offset at least")
+    }
+
+    /// (chunk, index in it) of point `p < len()`.
+    fn locate(&self, p: usize) -> (usize, usize) {
+        let c = self.offsets.partition_point(|&o| o <= p) - 1;
+        (c, p - self.offsets[c] + self.skip[c])
+    }
+
+    fn point(&self, p: usize) -> f64 {
+        let (c, i) = self.locate(p);
+        self.chunks[c].points[i]
+    }
+
+    fn lowest(&self, p: usize) -> f32 {
+        let (c, i) = self.locate(p);
+        self.chunks[c].lowest[i]
+    }
+
+    /// Every point with its weight, in order.
+    fn iter(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.chunks
+            .iter()
+            .zip(&self.skip)
+            .flat_map(|(chunk, &skip)| {
+                chunk.points[skip..]
+                    .iter()
+                    .copied()
+                    .zip(chunk.weights[skip..].iter().copied())
+            })
+    }
 }
 
 /// Groups of the given shares of the sorted values, boundaries moved to the
@@ -463,6 +570,33 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// The chunked merge of ties equals one sequential pass, with runs cut
+    /// by chunk boundaries and a transform that merges distinct values.
+    #[test]
+    fn parallel_merge_of_ties_equals_one_pass() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for distinct in [1u16, 3, 700, 60_000] {
+            let mut sorted: Vec<f32> = (0..5 * CHUNK + 123)
+                .map(|_| f32::from(rng.random_range(0..distinct)) * 0.5)
+                .collect();
+            sorted.sort_by(f32::total_cmp);
+            for transform in [&f64::from as &(dyn Fn(f32) -> f64 + Sync), &|a: f32| {
+                f64::from(a).floor()
+            }] {
+                let one = WeightedRuns::of(&sorted, transform);
+                let parallel = MergedRuns::of(&sorted, transform);
+                assert_eq!(parallel.len(), one.points.len(), "{distinct} distinct");
+                let (points, weights): (Vec<f64>, Vec<f64>) = parallel.iter().unzip();
+                assert_eq!(points, one.points);
+                assert_eq!(weights, one.weights);
+                for (p, &low) in one.lowest.iter().enumerate() {
+                    assert_eq!(parallel.lowest(p), low);
+                    assert_eq!(parallel.point(p), one.points[p]);
+                }
+            }
+        }
+    }
 
     /// The selection path gives exactly the groups of the sorting path, ties
     /// and all.

@@ -418,3 +418,29 @@ fn large_input_uses_radix_sort_and_parallel_dp() {
         }
     }
 }
+
+#[test]
+fn runs_of_ties_across_chunks_cluster_like_one_sequential_pass() {
+    // 300,000 values from 700 distinct ones: every run of ties crosses the
+    // 65,536-value chunks of the parallel merge somewhere. The widths must be
+    // those of `ckmeans_1d` on the whole sorted data (its own sequential
+    // merge of ties).
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let raw: Vec<f32> = (0..300_000)
+        .map(|_| f32::from(rng.random_range(0u16..700)).powi(2) * 0.25)
+        .collect();
+    let widths = [16u8, 8, 4, 2, 0];
+    let w = assign_widths(&raw, &widths, &ClusterMethod::KMeans).unwrap();
+    let mut sorted: Vec<f64> = raw.iter().map(|&x| f64::from(x)).collect();
+    sorted.sort_by(f64::total_cmp);
+    let c = ckmeans_1d(&sorted, 5).unwrap();
+    assert_eq!(c.starts.len(), 5);
+    for (i, &a) in raw.iter().enumerate() {
+        let cluster = c
+            .starts
+            .iter()
+            .rposition(|&s| sorted[s] <= f64::from(a))
+            .unwrap();
+        assert_eq!(w[i], widths[4 - cluster], "value {a}");
+    }
+}
