@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::{ClusterError, Result};
+use crate::{buffer, ClusterError, Result};
 
 /// Blocks of the divide and conquer with at least this stride split into
 /// halves solved in parallel (rayon).
@@ -131,13 +131,16 @@ pub(crate) fn optimal_starts(cost: &SegmentCost, k: usize, kernel: Option<Kernel
     let kernel = kernel.unwrap_or_else(Kernel::detect);
 
     // Layer 0: one cluster covering points 0..=i.
-    let mut prev: Vec<f64> = (0..m).into_par_iter().map(|i| cost.sse(0, i)).collect();
-    let mut cur = vec![0.0f64; m];
+    let mut prev: Vec<f64> = buffer::filled(m, 0.0);
+    prev.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, p)| *p = cost.sse(0, i));
+    let mut cur = buffer::filled(m, 0.0f64);
     // split[l][i]: first point of the last cluster in the best split of 0..=i
     // into l+1 clusters (layers 1..k-1; the last layer needs only i = m-1).
     let mut split: Vec<Vec<u32>> = Vec::with_capacity(k.saturating_sub(2));
     for layer in 1..k.saturating_sub(1) {
-        let mut arg = vec![0u32; m];
+        let mut arg = buffer::filled(m, 0u32);
         solve_layer(kernel, cost, &prev, &mut cur, &mut arg, layer);
         split.push(arg);
         std::mem::swap(&mut prev, &mut cur);
@@ -685,9 +688,9 @@ impl SegmentCost {
         points: impl Iterator<Item = (f64, f64)>,
     ) -> Self {
         let (mut weight, mut sum, mut sum_sq) = (
-            Vec::with_capacity(m + 1),
-            Vec::with_capacity(m + 1),
-            Vec::with_capacity(m + 1),
+            buffer::with_capacity(m + 1),
+            buffer::with_capacity(m + 1),
+            buffer::with_capacity(m + 1),
         );
         let (mut w_acc, mut s_acc, mut q_acc) = (0.0f64, 0.0f64, 0.0f64);
         weight.push(0.0);

@@ -78,6 +78,7 @@
 
 #![warn(missing_docs)]
 
+mod buffer;
 mod ckmeans;
 mod method;
 mod sort;

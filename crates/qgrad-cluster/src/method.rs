@@ -176,7 +176,8 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
             quantile_groups_select(importance, widths, fractions)
         }
         _ => {
-            let mut sorted = importance.to_vec();
+            let mut sorted = crate::buffer::with_capacity(importance.len());
+            sorted.extend_from_slice(importance);
             par_sort_f32(&mut sorted);
             match method {
                 ClusterMethod::KMeans => kmeans_groups(&sorted, widths, &f64::from),

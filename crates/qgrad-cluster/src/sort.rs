@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::buffer;
+
 /// Below this length a comparison sort is faster than setting up the radix
 /// passes.
 const RADIX_THRESHOLD: usize = 1 << 15;
@@ -48,37 +50,52 @@ pub fn par_sort_f32(values: &mut [f32]) {
         values.sort_unstable_by(f32::total_cmp);
         return;
     }
-    let mut keys: Vec<u32> = values.par_iter().map(|&v| to_key(v)).collect();
-    let counts = keys
+    let mut keys: Vec<u32> = buffer::filled(values.len(), 0);
+    keys.par_chunks_mut(HISTOGRAM_CHUNK)
+        .zip(values.par_chunks(HISTOGRAM_CHUNK))
+        .for_each(|(k, v)| k.iter_mut().zip(v).for_each(|(k, &v)| *k = to_key(v)));
+    // The most-significant-digit pass in parallel: a histogram per chunk,
+    // then each chunk scatters its keys to its own slots of every bucket
+    // (bucket-major, chunk-minor), all slots disjoint.
+    let histograms: Vec<Vec<usize>> = keys
         .par_chunks(HISTOGRAM_CHUNK)
-        .fold(
-            || vec![0usize; 1 << MSD_BITS],
-            |mut hist, chunk| {
-                for &k in chunk {
-                    hist[(k >> MSD_SHIFT) as usize] += 1;
-                }
-                hist
-            },
-        )
-        .reduce(
-            || vec![0usize; 1 << MSD_BITS],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
-    let mut offsets = Vec::with_capacity(counts.len());
+        .map(|chunk| {
+            let mut hist = vec![0usize; 1 << MSD_BITS];
+            for &k in chunk {
+                hist[(k >> MSD_SHIFT) as usize] += 1;
+            }
+            hist
+        })
+        .collect();
+    let mut counts = vec![0usize; 1 << MSD_BITS];
+    for hist in &histograms {
+        counts.iter_mut().zip(hist).for_each(|(c, h)| *c += h);
+    }
+    let mut starts: Vec<Vec<usize>> = vec![Vec::with_capacity(1 << MSD_BITS); histograms.len()];
     let mut total = 0usize;
-    for &c in &counts {
-        offsets.push(total);
-        total += c;
+    for digit in 0..1 << MSD_BITS {
+        for (start, hist) in starts.iter_mut().zip(&histograms) {
+            start.push(total);
+            total += hist[digit];
+        }
     }
-    let mut sorted = vec![0u32; keys.len()];
-    for &k in &keys {
-        let digit = (k >> MSD_SHIFT) as usize;
-        sorted[offsets[digit]] = k;
-        offsets[digit] += 1;
-    }
+    let mut sorted: Vec<u32> = buffer::filled(keys.len(), 0);
+    let out = SharedSlice(sorted.as_mut_ptr(), sorted.len());
+    keys.par_chunks(HISTOGRAM_CHUNK)
+        .zip(starts.into_par_iter())
+        .for_each(|(chunk, mut next)| {
+            for &k in chunk {
+                let digit = (k >> MSD_SHIFT) as usize;
+                // SAFETY: chunk c writes bucket d's slots
+                // starts[c][d]..starts[c][d] + histograms[c][d], one per key
+                // of digit d in the chunk; these ranges are disjoint across
+                // chunks and digits and lie inside `sorted` (they partition
+                // 0..len), and nothing reads `sorted` until every chunk is
+                // done.
+                unsafe { out.write(next[digit], k) };
+                next[digit] += 1;
+            }
+        });
 
     // Every bucket is now a contiguous range of `sorted`; `keys` is free to
     // serve as the scratch buffer of the same ranges.
@@ -100,6 +117,29 @@ pub fn par_sort_f32(values: &mut [f32]) {
         .par_iter_mut()
         .zip(sorted.par_iter())
         .for_each(|(v, &k)| *v = from_key(k));
+}
+
+/// A slice written from several threads at disjoint indices (the parallel
+/// scatter of [`par_sort_f32`]); every user states why its indices are
+/// disjoint.
+#[derive(Clone, Copy)]
+struct SharedSlice(*mut u32, usize);
+
+// SAFETY: the pointer is only written through `write`, whose callers
+// guarantee that no two threads touch the same index.
+unsafe impl Send for SharedSlice {}
+// SAFETY: as above.
+unsafe impl Sync for SharedSlice {}
+
+impl SharedSlice {
+    /// # Safety
+    /// No other thread may read or write index `i` concurrently.
+    #[inline(always)]
+    unsafe fn write(self, i: usize, value: u32) {
+        assert!(i < self.1, "scatter index {i} past {}", self.1);
+        // SAFETY: in bounds (checked); exclusive by the caller's promise.
+        unsafe { self.0.add(i).write(value) };
+    }
 }
 
 /// Sorts keys that share their top `MSD_BITS` bits by the low 21 bits, in

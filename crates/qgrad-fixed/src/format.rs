@@ -247,15 +247,22 @@ pub fn quantize_values(values: &[f32], widths: &[u8], exponent: i32) -> Result<V
     if let Some(index) = widths.iter().position(|&w| w == FLOAT) {
         return Err(FixedError::FloatHasNoInteger { index });
     }
+    // Per width: the scale and the integer range of `FixedFormat::quantize`,
+    // hoisted out of the element loop (`pow2` per element cost more than the
+    // rounding). Width 0 takes scale 0 and range 0..=0: the finite `x` (checked)
+    // then rounds to 0, the pruned integer, without a branch.
     let table = format_table(exponent);
+    let params: [(f64, i32, i32); 17] = std::array::from_fn(|w| match table[w] {
+        Some(format) => (pow2(format.frac_bits()), format.min_int(), format.max_int()),
+        None => (0.0, 0, 0),
+    });
     let mut out = vec![0i32; values.len()];
     out.par_chunks_mut(CHUNK)
         .zip(values.par_chunks(CHUNK).zip(widths.par_chunks(CHUNK)))
         .for_each(|(out, (values, widths))| {
             for ((o, &x), &w) in out.iter_mut().zip(values).zip(widths) {
-                if let Some(format) = table[usize::from(w)] {
-                    *o = format.quantize(x);
-                }
+                let (scale, lo, hi) = params[usize::from(w)];
+                *o = round_half_away_saturating(f64::from(x) * scale, lo, hi);
             }
         });
     Ok(out)

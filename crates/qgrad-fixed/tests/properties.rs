@@ -295,6 +295,24 @@ proptest! {
     }
 
     #[test]
+    fn quantize_values_equals_each_format_with_saturation(
+        pairs in prop::collection::vec((finite_f32(), any_width()), 0..64),
+        e in MIN_EXPONENT..=MAX_EXPONENT,
+    ) {
+        // Any exponent, so that large values saturate at every width.
+        let (values, widths): (Vec<f32>, Vec<u8>) = pairs.into_iter().unzip();
+        let widths: Vec<u8> = widths.iter().map(|&w| if w == FLOAT { 16 } else { w }).collect();
+        let q = quantize_values(&values, &widths, e).unwrap();
+        for i in 0..values.len() {
+            let expected = match widths[i] {
+                PRUNED => 0,
+                w => FixedFormat::new(w, e).unwrap().quantize(values[i]),
+            };
+            prop_assert_eq!(q[i], expected, "value {} width {}", values[i], widths[i]);
+        }
+    }
+
+    #[test]
     fn quantize_matches_f64_round_reference(x in finite_f32(), bits in fixed_bits(), e in MIN_EXPONENT..=MAX_EXPONENT) {
         let f = FixedFormat::new(bits, e).unwrap();
         let reference = (f64::from(x) * 2f64.powi(f.frac_bits()))
