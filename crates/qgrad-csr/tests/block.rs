@@ -236,7 +236,7 @@ struct Bits {
 impl Bits {
     fn put(&mut self, value: u64, bits: u32) -> &mut Self {
         for b in 0..bits {
-            if self.len % 8 == 0 {
+            if self.len.is_multiple_of(8) {
                 self.bytes.push(0);
             }
             if value >> b & 1 == 1 {

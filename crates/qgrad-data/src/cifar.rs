@@ -132,7 +132,7 @@ pub fn parse_batch(
     if bytes.is_empty() {
         return Err(DataError::format(path, "file is empty"));
     }
-    if bytes.len() % RECORD_BYTES != 0 {
+    if !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(DataError::format(
             path,
             format!(

@@ -356,7 +356,7 @@ pub fn quantize(
 
 /// `n` elements split into `groups` equal groups, or an error.
 pub(crate) fn check_groups(n: usize, groups: usize) -> Result<()> {
-    if groups == 0 || n % groups != 0 {
+    if groups == 0 || !n.is_multiple_of(groups) {
         return Err(ScaledError::Shape(format!(
             "{n} weights do not split into {groups} equal groups"
         )));

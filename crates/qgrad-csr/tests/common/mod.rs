@@ -252,7 +252,8 @@ impl OwnedScaled {
             Groups::Rows if e > 0 => rows,
             Groups::Rows => 1,
             Groups::Divisor(d) => {
-                let divisors: Vec<usize> = (1..=e.max(1)).filter(|g| e % g == 0).collect();
+                let divisors: Vec<usize> =
+                    (1..=e.max(1)).filter(|g| e.is_multiple_of(*g)).collect();
                 if e == 0 {
                     1
                 } else {

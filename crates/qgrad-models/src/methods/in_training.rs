@@ -232,7 +232,7 @@ impl InTrainingQuantizer {
     pub fn split_due(&self, epoch: usize) -> bool {
         let options = &self.state.options;
         epoch >= options.start_epoch
-            && (epoch - options.start_epoch) % options.split_every == 0
+            && (epoch - options.start_epoch).is_multiple_of(options.split_every)
             && options
                 .fraction
                 .fraction_for_split(self.state.splits)
