@@ -5,7 +5,8 @@
 //! of its rows and columns, so that a transposed operand is just a view with
 //! swapped strides and no copy. The wrapper checks that every element the
 //! product touches lies inside its slice before calling the unsafe kernel;
-//! this is the one place in the crate that uses `unsafe`.
+//! with `workers` (shared output buffers of a recurrence's team), this is
+//! one of the two places in the crate that use `unsafe`.
 
 use gemm::Parallelism;
 

@@ -86,6 +86,7 @@ mod lstm;
 mod pool;
 mod process;
 mod scratch;
+mod workers;
 
 pub use process::{
     keep_candle_single_threaded, prepare_cpu_training_process, retain_freed_memory, ProcessSetup,

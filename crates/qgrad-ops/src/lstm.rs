@@ -20,6 +20,26 @@
 //! `o`. `c_t = σ(f)⊙c_{t-1} + σ(i)⊙tanh(g)`, `h_t = σ(o)⊙tanh(c_t)`, with
 //! `[i f g o] = xproj[t] + N(h_{t-1}·W_hᵀ)`.
 //!
+//! Threads: a sequence runs on a team of workers ([`workers_for`]: one per
+//! thread of the rayon pool once a step's GEMM is large enough) that split
+//! the hidden **units**, each owning all four gates of its units. A worker
+//! then needs nothing of the others' within a step: its own rows of `W_h`
+//! (copied once per sequence) give its gate pre-activations, the gate math
+//! and the cell state of its units are its own, and batch norm's statistics
+//! are per column, so its own too. Only `h_{t-1}` is shared, so the team
+//! meets at one spin barrier per step (`crate::workers`); layer norm adds
+//! two, around its row statistics, which every worker computes for its share
+//! of the rows. Backward is split the same way: `dh_{t-1}[:, units] = da_t ·
+//! W_h[:, units]` needs all of `da_t`, one barrier per step. Against rayon's
+//! fork/join around every per-step product and pass, this took the 11 % of a
+//! hidden-256 training step that the scheduler had (futex and `sched_yield`)
+//! and, with the AVX2 gate kernels below, the step from 45-49k to 57-59k
+//! characters per second (`cargo xtask bench-train --nets lstm-256 --threads
+//! 2 --skip-torch`, AMD EPYC, 2 vCPUs). The result does not depend on which
+//! thread runs a worker: reruns give the same bits; with another number of
+//! workers the numbers agree within rounding (a worker's GEMMs are narrower,
+//! and gemm may sum them in another order).
+//!
 //! Normalisations `N` of the recurrent term (all with a gain `γ` of `[4H]`
 //! and no shift: the shift of the sum is the caller's bias):
 //! - layer norm: each row of `a` over its `4H` values;
@@ -27,18 +47,16 @@
 //!   step (the op reports the statistics for the caller's running averages);
 //! - batch norm, evaluation: fixed per-step (or shared) statistics.
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
+use gemm::Parallelism;
 
 use crate::custom::f32_values;
 use crate::gemm_f32::{matmul, parallelism_for, MatRef};
+use crate::workers::{run_team, share, Aborted, SharedBuf};
 use crate::OpsError;
-
-/// Rows × hidden units below which the element-wise passes stay on the
-/// calling thread (fork/join costs more than the work).
-const PARALLEL_MIN_ELEMENTS: usize = 1 << 14;
 
 /// Sizes of one recurrence: `steps` time steps, `batch` rows, `hidden` units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +183,8 @@ fn exp(x: f32) -> f32 {
     // SSE2 (`f32::round`/`floor` are libm calls without SSE4.1).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     // Cody–Waite: ln 2 in two parts, the first with few enough bits that
     // n · LN2_HI is exact, so that |n| up to 126 keeps r accurate.
     let r = (x - n * LN2_HI) - n * LN2_LO;
@@ -175,8 +194,16 @@ fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n ∈ [-126, 127]: a normal power of two.
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+    // n ∈ [-126, 127]: a normal power of two. `shifted` lies in [2^23,
+    // 2^24), where the float's step is 1, so its bits are ROUND's plus n:
+    // integer arithmetic on the bits gives 2^n without a float-to-int
+    // conversion, which Rust's saturating `as` would keep scalar (one
+    // `cvttss2si` per lane) and so keep the loops from vectorising.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    f32::from_bits(biased << 23) * p
 }
 
 /// The logistic function.
@@ -191,32 +218,219 @@ fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
-/// Row-parallel when the work is large enough.
-fn for_rows<F>(rows: usize, width: usize, f: F, bufs: &mut [&mut [f32]], widths: &[usize])
-where
-    F: Fn(usize, &mut [&mut [f32]]) + Sync,
-{
-    // Split every buffer into per-row chunks of its own width.
-    let mut per_row: Vec<Vec<&mut [f32]>> = (0..rows).map(|_| Vec::new()).collect();
-    for (buf, &w) in bufs.iter_mut().zip(widths) {
-        for (r, chunk) in buf.chunks_mut(w).enumerate().take(rows) {
-            per_row[r].push(chunk);
-        }
+// The element-wise kernels of a step, row by row. The crate is built for
+// the x86-64 baseline (SSE2), where the loops above vectorise four lanes
+// wide; each kernel below is also instantiated with AVX2 enabled and picked
+// at run time, which halved the gate pass of a hidden-256 step (12.7 → 6 ms
+// per sequence and worker). Rust never fuses a multiply and an add on its
+// own, so both instantiations compute the same bits.
+
+/// Whether the AVX2 instantiations can run here (std caches the answer).
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
     }
-    if rows * width >= PARALLEL_MIN_ELEMENTS && rayon::current_num_threads() > 1 {
-        per_row
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(r, chunks)| f(r, chunks));
-    } else {
-        for (r, chunks) in per_row.iter_mut().enumerate() {
-            f(r, chunks);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name(args)`, which runs `$body` compiled for AVX2 where the
+/// processor has it and for the baseline elsewhere.
+macro_rules! dispatched {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the processor has AVX2 (checked just above).
+                return unsafe { avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+dispatched! {
+    /// One row of a step: `z` holds the pre-activations of `nu` units as
+    /// four gate chunks `[i f g o]`; turns them into the activations in place
+    /// and writes the units' new cell and hidden state.
+    fn activate_row(z: &mut [f32], nu: usize, c_prev: &[f32], c_out: &mut [f32], h_out: &mut [f32]) {
+        let (ifg, o) = z.split_at_mut(3 * nu);
+        let (if_, g) = ifg.split_at_mut(2 * nu);
+        // One simple loop per non-linearity, so that each vectorises.
+        for v in if_.iter_mut() {
+            *v = sigmoid(*v);
+        }
+        for v in g.iter_mut() {
+            *v = tanh(*v);
+        }
+        for v in o.iter_mut() {
+            *v = sigmoid(*v);
+        }
+        let (i, f) = if_.split_at(nu);
+        let (i, f, g, o) = (&i[..nu], &f[..nu], &g[..nu], &o[..nu]);
+        let (c_prev, c_out, h_out) = (&c_prev[..nu], &mut c_out[..nu], &mut h_out[..nu]);
+        for k in 0..nu {
+            let c = f[k] * c_prev[k] + i[k] * g[k];
+            c_out[k] = c;
+            h_out[k] = o[k] * tanh(c);
         }
     }
 }
 
-/// Forward pass: `(hidden states [T, B, H], cache, stats)`.
+dispatched! {
+    /// The gate derivatives of one row's `nu` units: from the activations
+    /// `[i f g o]`, the cell states, the incoming `dh` (output gradient and
+    /// recurrent part) and `dc`; updates `dc` to the previous step's.
+    fn gate_grad_row(
+        gi: &[f32], gf: &[f32], gg: &[f32], go: &[f32],
+        ct: &[f32], cp: &[f32], gh: &[f32], dhn: &[f32], dcn: &mut [f32],
+        dz_i: &mut [f32], dz_f: &mut [f32], dz_g: &mut [f32], dz_o: &mut [f32],
+    ) {
+        let nu = dcn.len();
+        let (gi, gf, gg, go) = (&gi[..nu], &gf[..nu], &gg[..nu], &go[..nu]);
+        let (ct, cp, gh, dhn) = (&ct[..nu], &cp[..nu], &gh[..nu], &dhn[..nu]);
+        let (dz_i, dz_f, dz_g, dz_o) = (&mut dz_i[..nu], &mut dz_f[..nu], &mut dz_g[..nu], &mut dz_o[..nu]);
+        for k in 0..nu {
+            let (i, f, g, o) = (gi[k], gf[k], gg[k], go[k]);
+            let dh = gh[k] + dhn[k];
+            let tc = tanh(ct[k]);
+            let dc = dcn[k] + dh * o * (1.0 - tc * tc);
+            dz_i[k] = dc * g * i * (1.0 - i);
+            dz_f[k] = dc * cp[k] * f * (1.0 - f);
+            dz_g[k] = dc * i * (1.0 - g * g);
+            dz_o[k] = dh * tc * o * (1.0 - o);
+            dcn[k] = dc * f;
+        }
+    }
+}
+
+/// Partial sums per lane: a row's f64 sum in one accumulator is a chain of
+/// dependent adds (4H of them), eight lanes let them overlap and vectorise.
+const SUM_LANES: usize = 8;
+
+#[inline(always)]
+fn lane_total(lanes: [f64; SUM_LANES]) -> f64 {
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+dispatched! {
+    /// Mean and biased variance of a row, in f64 (layer norm's statistics).
+    fn row_mean_var(a: &[f32]) -> (f64, f64) {
+        let n = a.len() as f64;
+        let mut lanes = [0f64; SUM_LANES];
+        let chunks = a.chunks_exact(SUM_LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..SUM_LANES {
+                lanes[l] += f64::from(c[l]);
+            }
+        }
+        for (l, &x) in tail.iter().enumerate() {
+            lanes[l] += f64::from(x);
+        }
+        let mean = lane_total(lanes) / n;
+        let mut lanes = [0f64; SUM_LANES];
+        let chunks = a.chunks_exact(SUM_LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..SUM_LANES {
+                let d = f64::from(c[l]) - mean;
+                lanes[l] += d * d;
+            }
+        }
+        for (l, &x) in tail.iter().enumerate() {
+            let d = f64::from(x) - mean;
+            lanes[l] += d * d;
+        }
+        (mean, lane_total(lanes) / n)
+    }
+}
+
+dispatched! {
+    /// Layer norm's backward row sums, `(Σ dz·γ, Σ dz·γ·â)`, in f64.
+    fn row_grad_sums(dz: &[f32], gain: &[f32], n: &[f32]) -> (f64, f64) {
+        let len = dz.len();
+        let (gain, n) = (&gain[..len], &n[..len]);
+        let (mut s1, mut s2) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+        let whole = len / SUM_LANES * SUM_LANES;
+        for base in (0..whole).step_by(SUM_LANES) {
+            for l in 0..SUM_LANES {
+                let dn = f64::from(dz[base + l] * gain[base + l]);
+                s1[l] += dn;
+                s2[l] += dn * f64::from(n[base + l]);
+            }
+        }
+        for j in whole..len {
+            let dn = f64::from(dz[j] * gain[j]);
+            s1[j - whole] += dn;
+            s2[j - whole] += dn * f64::from(n[j]);
+        }
+        (lane_total(s1), lane_total(s2))
+    }
+}
+
+/// How many workers run one recurrence (module docs, "Threads"): one when
+/// a step's GEMM is too small to split (the same threshold as every other
+/// product in this crate) or the pool has one thread, else one per thread of
+/// the pool, at most one per hidden unit.
+pub(crate) fn workers_for(g: &LstmGeometry) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads <= 1
+        || matches!(
+            parallelism_for(g.batch, g.gates(), g.hidden),
+            Parallelism::None
+        )
+    {
+        1
+    } else {
+        threads.min(g.hidden)
+    }
+}
+
+/// The columns of a `[.., 4H]` row that a worker owning units `units`
+/// handles: four chunks of `units.len()`, one per gate, at `q·H + units`.
+fn gate_chunks(hidden: usize, units: &Range<usize>) -> [Range<usize>; 4] {
+    std::array::from_fn(|q| q * hidden + units.start..q * hidden + units.end)
+}
+
+fn aborted(_: Aborted) -> OpsError {
+    OpsError::Internal("an LSTM worker stopped after another one failed".into())
+}
+
+/// Forward pass: `(hidden states [T, B, H], cache, stats)` on
+/// [`workers_for`] workers.
 pub(crate) fn forward(
+    g: &LstmGeometry,
+    norm: &RecurrentNorm,
+    xproj: &[f32],
+    wh: &[f32],
+    gain: Option<&[f32]>,
+    h0: &[f32],
+    c0: &[f32],
+) -> std::result::Result<(Vec<f32>, LstmCache, StepStats), OpsError> {
+    forward_on(workers_for(g), g, norm, xproj, wh, gain, h0, c0)
+}
+
+/// [`forward`] on exactly `workers` workers (at most one per unit).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_on(
+    workers: usize,
     g: &LstmGeometry,
     norm: &RecurrentNorm,
     xproj: &[f32],
@@ -234,11 +448,20 @@ pub(crate) fn forward(
             c0.len()
         )));
     }
-    if norm.has_gain() && gain.map(<[f32]>::len) != Some(g4) {
-        return Err(OpsError::Shape(format!(
-            "the recurrent normalisation's gain must be [{g4}]"
-        )));
+    if xproj.len() != t_n * b_n * g4 || wh.len() != g4 * h_n {
+        return Err(OpsError::Internal(
+            "LSTM forward: input projection or recurrent weight has the wrong size".into(),
+        ));
     }
+    let gain = match (norm.has_gain(), gain) {
+        (false, _) => None,
+        (true, Some(gain)) if gain.len() == g4 => Some(gain),
+        (true, _) => {
+            return Err(OpsError::Shape(format!(
+                "the recurrent normalisation's gain must be [{g4}]"
+            )))
+        }
+    };
     if let RecurrentNorm::BatchEval { mean, var, .. } = norm {
         if mean.is_empty() || mean.len() % g4 != 0 || var.len() != mean.len() {
             return Err(OpsError::Shape(format!(
@@ -248,12 +471,11 @@ pub(crate) fn forward(
             )));
         }
     }
-    let mut hs_buf = vec![0f32; t_n * state];
-    let mut cs_buf = vec![0f32; t_n * state];
-    let (hs, cs) = (&mut hs_buf[..], &mut cs_buf[..]);
+    let workers = workers.clamp(1, h_n);
+    let mut hs = vec![0f32; t_n * state];
+    let mut cs = vec![0f32; t_n * state];
     let mut gates = vec![0f32; t_n * b_n * g4];
-    let normalised_len = if norm.has_gain() { t_n * b_n * g4 } else { 0 };
-    let mut normalised = vec![0f32; normalised_len];
+    let mut normalised = vec![0f32; if gain.is_some() { t_n * b_n * g4 } else { 0 }];
     let mut inv_std = match norm {
         RecurrentNorm::None => Vec::new(),
         RecurrentNorm::Layer { .. } => vec![0f32; t_n * b_n],
@@ -264,177 +486,211 @@ pub(crate) fn forward(
         stats.mean = vec![0f32; t_n * g4];
         stats.var = vec![0f32; t_n * g4];
     }
-    let whv = MatRef::row_major(wh, g4, h_n).t();
-    let mut a = vec![0f32; b_n * g4];
-    let par = parallelism_for(b_n, g4, h_n);
-    for t in 0..t_n {
-        let h_prev: &[f32] = if t == 0 {
-            h0
-        } else {
-            &hs[(t - 1) * state..t * state]
-        };
-        let tg = t * b_n * g4..(t + 1) * b_n * g4;
-        if matches!(norm, RecurrentNorm::None) {
-            // z = xproj + a straight from the GEMM: no pass over `a`.
-            let gates_t = &mut gates[tg.clone()];
-            gates_t.copy_from_slice(&xproj[tg.clone()]);
-            matmul(gates_t, MatRef::row_major(h_prev, b_n, h_n), whv, true, par)?;
-        } else {
-            matmul(&mut a, MatRef::row_major(h_prev, b_n, h_n), whv, false, par)?;
-        }
-        // Column statistics of batch norm, before the row pass.
-        if let RecurrentNorm::BatchTrain { eps } | RecurrentNorm::BatchEval { eps, .. } = norm {
-            let inv = &mut inv_std[t * g4..(t + 1) * g4];
-            let mut mean_t = vec![0f32; g4];
-            match norm {
-                RecurrentNorm::BatchTrain { .. } => {
-                    let mut sum = vec![0f64; g4];
-                    for row in a.chunks(g4) {
-                        for (s, &x) in sum.iter_mut().zip(row) {
-                            *s += f64::from(x);
+    let layer_eps = match norm {
+        RecurrentNorm::Layer { eps } => Some(*eps),
+        _ => None,
+    };
+    // Layer norm's row statistics need every column of a row: the workers
+    // put their columns of `a` here, and each computes its share of rows.
+    let mut a_rows = vec![0f32; if layer_eps.is_some() { b_n * g4 } else { 0 }];
+    let mut row_mean = vec![0f32; if layer_eps.is_some() { b_n } else { 0 }];
+    {
+        let hs_s = SharedBuf::new(&mut hs);
+        let cs_s = SharedBuf::new(&mut cs);
+        let gates_s = SharedBuf::new(&mut gates);
+        let norm_s = SharedBuf::new(&mut normalised);
+        let inv_s = SharedBuf::new(&mut inv_std);
+        let mean_s = SharedBuf::new(&mut stats.mean);
+        let var_s = SharedBuf::new(&mut stats.var);
+        let a_rows_s = SharedBuf::new(&mut a_rows);
+        let row_mean_s = SharedBuf::new(&mut row_mean);
+        run_team(workers, |me, barrier| {
+            let units = share(h_n, workers, me);
+            let nu = units.len();
+            let gp = 4 * nu;
+            let chunks = gate_chunks(h_n, &units);
+            let my_rows = share(b_n, workers, me);
+            // This worker's rows of W_h (its units of the four gates), copied
+            // once per sequence: gemm reads them every step without the
+            // other workers' rows in its caches.
+            let mut w_mine = Vec::with_capacity(gp * h_n);
+            for c in &chunks {
+                w_mine.extend_from_slice(&wh[c.start * h_n..c.end * h_n]);
+            }
+            let w_mine = MatRef::row_major(&w_mine, gp, h_n).t();
+            let my_gain: Vec<f32> = match gain {
+                Some(gain) => chunks
+                    .iter()
+                    .flat_map(|c| gain[c.clone()].iter().copied())
+                    .collect(),
+                None => Vec::new(),
+            };
+            let mut z = vec![0f32; b_n * gp];
+            let (mut col_sum, mut col_sq) = (Vec::new(), Vec::new());
+            let (mut mean_t, mut inv_t) = (vec![0f32; gp], vec![0f32; gp]);
+            for t in 0..t_n {
+                // SAFETY (every shared access below): step t reads h_{t-1}
+                // and c_{t-1} (written before the last barrier of step t−1)
+                // and writes only this worker's columns of step t; the row
+                // buffers of layer norm are written and read between
+                // barriers as commented there.
+                let h_prev = if t == 0 {
+                    h0
+                } else {
+                    unsafe { hs_s.read((t - 1) * state, state) }
+                };
+                matmul(
+                    &mut z,
+                    MatRef::row_major(h_prev, b_n, h_n),
+                    w_mine,
+                    false,
+                    Parallelism::None,
+                )?;
+                let row0 = t * b_n;
+                // z ← xproj + N(a), with the normalisation's statistics.
+                match norm {
+                    RecurrentNorm::None => {
+                        for r in 0..b_n {
+                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let zr = &mut z[r * gp..(r + 1) * gp];
+                            for (q, c) in chunks.iter().enumerate() {
+                                for (zv, &xv) in
+                                    zr[q * nu..(q + 1) * nu].iter_mut().zip(&x[c.clone()])
+                                {
+                                    *zv += xv;
+                                }
+                            }
                         }
                     }
-                    let mean: Vec<f64> = sum.iter().map(|s| s / b_n as f64).collect();
-                    let mut sq = vec![0f64; g4];
-                    for row in a.chunks(g4) {
-                        for ((s, &x), m) in sq.iter_mut().zip(row).zip(&mean) {
-                            let d = f64::from(x) - m;
-                            *s += d * d;
+                    RecurrentNorm::Layer { .. } => {
+                        let eps = layer_eps.unwrap_or_default();
+                        for r in 0..b_n {
+                            let row = unsafe { a_rows_s.write(r * g4, g4) };
+                            for (q, c) in chunks.iter().enumerate() {
+                                row[c.clone()]
+                                    .copy_from_slice(&z[r * gp + q * nu..r * gp + (q + 1) * nu]);
+                            }
+                        }
+                        barrier.wait().map_err(aborted)?;
+                        // Every column of a is in: this worker's rows' statistics.
+                        for r in my_rows.clone() {
+                            let a_row = unsafe { a_rows_s.read(r * g4, g4) };
+                            let (mean, var) = row_mean_var(a_row);
+                            unsafe {
+                                inv_s.write(row0 + r, 1)[0] =
+                                    (1.0 / (var + f64::from(eps)).sqrt()) as f32;
+                                row_mean_s.write(r, 1)[0] = mean as f32;
+                            }
+                        }
+                        barrier.wait().map_err(aborted)?;
+                        let inv_rows = unsafe { inv_s.read(row0, b_n) };
+                        let means = unsafe { row_mean_s.read(0, b_n) };
+                        for r in 0..b_n {
+                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let zr = &mut z[r * gp..(r + 1) * gp];
+                            let (mean, inv) = (means[r], inv_rows[r]);
+                            for (q, c) in chunks.iter().enumerate() {
+                                let n_out = unsafe { norm_s.write((row0 + r) * g4 + c.start, nu) };
+                                let gq = &my_gain[q * nu..(q + 1) * nu];
+                                let zq = &mut zr[q * nu..(q + 1) * nu];
+                                for k in 0..nu {
+                                    let n = (zq[k] - mean) * inv;
+                                    n_out[k] = n;
+                                    zq[k] = x[c.start + k] + gq[k] * n;
+                                }
+                            }
                         }
                     }
-                    for j in 0..g4 {
-                        let var = sq[j] / b_n as f64;
-                        mean_t[j] = mean[j] as f32;
-                        inv[j] = (1.0 / (var + f64::from(*eps)).sqrt()) as f32;
-                        stats.mean[t * g4 + j] = mean[j] as f32;
-                        stats.var[t * g4 + j] = var as f32;
+                    RecurrentNorm::BatchTrain { eps } | RecurrentNorm::BatchEval { eps, .. } => {
+                        if let RecurrentNorm::BatchEval { mean, var, .. } = norm {
+                            let s = t.min(mean.len() / g4 - 1) * g4;
+                            for (q, c) in chunks.iter().enumerate() {
+                                for k in 0..nu {
+                                    let j = s + c.start + k;
+                                    mean_t[q * nu + k] = mean[j];
+                                    inv_t[q * nu + k] = 1.0 / (var[j] + eps).sqrt();
+                                }
+                            }
+                        } else {
+                            // Column statistics over the batch: local to the
+                            // worker, whose columns they are.
+                            col_sum.clear();
+                            col_sum.resize(gp, 0f64);
+                            for zr in z.chunks(gp) {
+                                for (s, &x) in col_sum.iter_mut().zip(zr) {
+                                    *s += f64::from(x);
+                                }
+                            }
+                            for s in col_sum.iter_mut() {
+                                *s /= b_n as f64;
+                            }
+                            col_sq.clear();
+                            col_sq.resize(gp, 0f64);
+                            for zr in z.chunks(gp) {
+                                for ((s, &x), m) in col_sq.iter_mut().zip(zr).zip(&col_sum) {
+                                    let d = f64::from(x) - m;
+                                    *s += d * d;
+                                }
+                            }
+                            for (q, c) in chunks.iter().enumerate() {
+                                let means = unsafe { mean_s.write(t * g4 + c.start, nu) };
+                                let vars = unsafe { var_s.write(t * g4 + c.start, nu) };
+                                for k in 0..nu {
+                                    let l = q * nu + k;
+                                    let var = col_sq[l] / b_n as f64;
+                                    mean_t[l] = col_sum[l] as f32;
+                                    inv_t[l] = (1.0 / (var + f64::from(*eps)).sqrt()) as f32;
+                                    means[k] = col_sum[l] as f32;
+                                    vars[k] = var as f32;
+                                }
+                            }
+                        }
+                        for (q, c) in chunks.iter().enumerate() {
+                            unsafe { inv_s.write(t * g4 + c.start, nu) }
+                                .copy_from_slice(&inv_t[q * nu..(q + 1) * nu]);
+                        }
+                        for r in 0..b_n {
+                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let zr = &mut z[r * gp..(r + 1) * gp];
+                            for (q, c) in chunks.iter().enumerate() {
+                                let n_out = unsafe { norm_s.write((row0 + r) * g4 + c.start, nu) };
+                                for k in 0..nu {
+                                    let l = q * nu + k;
+                                    let n = (zr[l] - mean_t[l]) * inv_t[l];
+                                    n_out[k] = n;
+                                    zr[l] = x[c.start + k] + my_gain[l] * n;
+                                }
+                            }
+                        }
                     }
                 }
-                RecurrentNorm::BatchEval { mean, var, .. } => {
-                    let s = (t.min(mean.len() / g4 - 1)) * g4;
-                    for j in 0..g4 {
-                        mean_t[j] = mean[s + j];
-                        inv[j] = 1.0 / (var[s + j] + eps).sqrt();
+                // Activations and the new state of this worker's units.
+                for r in 0..b_n {
+                    let zr = &mut z[r * gp..(r + 1) * gp];
+                    let at = (row0 + r) * h_n + units.start;
+                    let c_prev = if t == 0 {
+                        &c0[r * h_n + units.start..][..nu]
+                    } else {
+                        unsafe { cs_s.read(at - state, nu) }
+                    };
+                    let c_row = unsafe { cs_s.write(at, nu) };
+                    let h_row = unsafe { hs_s.write(at, nu) };
+                    activate_row(zr, nu, c_prev, c_row, h_row);
+                    for (q, c) in chunks.iter().enumerate() {
+                        unsafe { gates_s.write((row0 + r) * g4 + c.start, nu) }
+                            .copy_from_slice(&zr[q * nu..(q + 1) * nu]);
                     }
                 }
-                _ => unreachable!("matched batch norm above"),
+                // h_t complete before anyone's next GEMM reads it.
+                barrier.wait().map_err(aborted)?;
             }
-            let inv = &inv[..];
-            for (row, nrow) in a.chunks(g4).zip(normalised[tg.clone()].chunks_mut(g4)) {
-                for j in 0..g4 {
-                    nrow[j] = (row[j] - mean_t[j]) * inv[j];
-                }
-            }
-        }
-        let layer_eps = match norm {
-            RecurrentNorm::Layer { eps } => Some(*eps),
-            _ => None,
-        };
-        let xp = &xproj[tg.clone()];
-        let a_ref = &a;
-        let step_rows = |r: usize, bufs: &mut [&mut [f32]]| {
-            let (gate_row, rest) = bufs.split_at_mut(1);
-            let gate_row = &mut *gate_row[0];
-            let a_row = &a_ref[r * g4..(r + 1) * g4];
-            let x_row = &xp[r * g4..(r + 1) * g4];
-            // z = xproj + N(a), into the gate row.
-            match (layer_eps, gain) {
-                (Some(eps), Some(gain)) => {
-                    let (nrow, rest2) = rest.split_at_mut(1);
-                    let nrow = &mut *nrow[0];
-                    let mean = a_row.iter().map(|&x| f64::from(x)).sum::<f64>() / g4 as f64;
-                    let var = a_row
-                        .iter()
-                        .map(|&x| (f64::from(x) - mean).powi(2))
-                        .sum::<f64>()
-                        / g4 as f64;
-                    let inv = (1.0 / (var + f64::from(eps)).sqrt()) as f32;
-                    rest2[0][0] = inv;
-                    let mean = mean as f32;
-                    for j in 0..g4 {
-                        nrow[j] = (a_row[j] - mean) * inv;
-                        gate_row[j] = x_row[j] + gain[j] * nrow[j];
-                    }
-                }
-                (None, Some(gain)) => {
-                    let nrow = &*rest[0];
-                    for j in 0..g4 {
-                        gate_row[j] = x_row[j] + gain[j] * nrow[j];
-                    }
-                }
-                // The plain recurrence never gets here: its GEMM adds the
-                // input term itself.
-                _ => unreachable!("pass 1 runs only for normalised recurrences"),
-            }
-        };
-        // Pass 1: pre-activations (and layer norm), row by row.
-        {
-            let gates_t = &mut gates[tg.clone()];
-            match norm {
-                RecurrentNorm::Layer { .. } => {
-                    let norm_t = &mut normalised[tg.clone()];
-                    let inv_t = &mut inv_std[t * b_n..(t + 1) * b_n];
-                    for_rows(
-                        b_n,
-                        g4,
-                        step_rows,
-                        &mut [gates_t, norm_t, inv_t],
-                        &[g4, g4, 1],
-                    );
-                }
-                RecurrentNorm::None => {}
-                _ => {
-                    let norm_t = &mut normalised[tg.clone()];
-                    for_rows(b_n, g4, step_rows, &mut [gates_t, norm_t], &[g4, g4]);
-                }
-            }
-        }
-        // Pass 2: activations and the new state.
-        let h_t = &mut hs[t * state..(t + 1) * state];
-        let (c_before, c_rest) = cs.split_at_mut(t * state);
-        let c_t = &mut c_rest[..state];
-        let c_prev: &[f32] = if t == 0 {
-            c0
-        } else {
-            &c_before[(t - 1) * state..]
-        };
-        let gates_t = &mut gates[tg];
-        for_rows(
-            b_n,
-            g4,
-            |r, bufs| {
-                let (gate_row, rest) = bufs.split_at_mut(1);
-                let gate_row = &mut *gate_row[0];
-                let (h_row, c_row) = rest.split_at_mut(1);
-                let (h_row, c_row) = (&mut *h_row[0], &mut *c_row[0]);
-                let cp = &c_prev[r * h_n..(r + 1) * h_n];
-                // One simple loop per non-linearity, so that each vectorises.
-                let (ifg, o) = gate_row.split_at_mut(3 * h_n);
-                let (if_, g) = ifg.split_at_mut(2 * h_n);
-                for z in if_.iter_mut() {
-                    *z = sigmoid(*z);
-                }
-                for z in g.iter_mut() {
-                    *z = tanh(*z);
-                }
-                for z in o.iter_mut() {
-                    *z = sigmoid(*z);
-                }
-                let (i, f) = if_.split_at(h_n);
-                for k in 0..h_n {
-                    let c = f[k] * cp[k] + i[k] * g[k];
-                    c_row[k] = c;
-                    h_row[k] = o[k] * tanh(c);
-                }
-            },
-            &mut [gates_t, h_t, c_t],
-            &[g4, h_n, h_n],
-        );
+            Ok(())
+        })?;
     }
     Ok((
-        hs_buf,
+        hs,
         LstmCache {
-            cells: cs_buf,
+            cells: cs,
             gates,
             normalised,
             inv_std,
@@ -447,7 +703,7 @@ pub(crate) fn forward(
 type LstmGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// The gradients of the op's arguments from
-/// the gradient of the hidden states `[T, B, H]`.
+/// the gradient of the hidden states `[T, B, H]`, on [`workers_for`] workers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     g: &LstmGeometry,
@@ -460,141 +716,233 @@ pub(crate) fn backward(
     h0: &[f32],
     c0: &[f32],
 ) -> std::result::Result<LstmGrads, OpsError> {
+    backward_on(workers_for(g), g, norm, cache, hs, grad_h, wh, gain, h0, c0)
+}
+
+/// [`backward`] on exactly `workers` workers (at most one per unit).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_on(
+    workers: usize,
+    g: &LstmGeometry,
+    norm: &RecurrentNorm,
+    cache: &LstmCache,
+    hs: &[f32],
+    grad_h: &[f32],
+    wh: &[f32],
+    gain: Option<&[f32]>,
+    h0: &[f32],
+    c0: &[f32],
+) -> std::result::Result<LstmGrads, OpsError> {
     let (t_n, b_n, h_n, g4) = (g.steps, g.batch, g.hidden, g.gates());
     let state = b_n * h_n;
-    if hs.len() != t_n * state || grad_h.len() != hs.len() || cache.cells.len() != hs.len() {
+    if hs.len() != t_n * state
+        || grad_h.len() != hs.len()
+        || cache.cells.len() != hs.len()
+        || cache.gates.len() != t_n * b_n * g4
+        || wh.len() != g4 * h_n
+        || h0.len() != state
+        || c0.len() != state
+    {
         return Err(OpsError::Internal(
             "LSTM backward: output or its gradient has the wrong size".into(),
         ));
     }
-    let (cs, ghs) = (&cache.cells[..], grad_h);
-    let mut dz_all = vec![0f32; t_n * b_n * g4];
     let normalised_mode = norm.has_gain();
-    let mut da_all = if normalised_mode {
-        vec![0f32; t_n * b_n * g4]
-    } else {
-        Vec::new()
+    let gain = match (normalised_mode, gain) {
+        (false, _) => None,
+        (true, Some(gain)) if gain.len() == g4 && cache.normalised.len() == t_n * b_n * g4 => {
+            Some(gain)
+        }
+        (true, _) => {
+            return Err(OpsError::Internal(
+                "LSTM backward: the normalisation's gain or cache has the wrong size".into(),
+            ))
+        }
     };
-    let mut dgain = vec![0f64; if normalised_mode { g4 } else { 0 }];
-    let mut dh_next = vec![0f32; state];
-    let mut dc_next = vec![0f32; state];
-    let par = parallelism_for(b_n, h_n, g4);
-    for t in (0..t_n).rev() {
-        let tg = t * b_n * g4..(t + 1) * b_n * g4;
-        let c_prev = if t == 0 {
-            c0
-        } else {
-            &cs[(t - 1) * state..t * state]
-        };
-        let c_t = &cs[t * state..(t + 1) * state];
-        let gates_t = &cache.gates[tg.clone()];
-        let gh_t = &ghs[t * state..(t + 1) * state];
-        let dh_in = &dh_next;
-        {
-            let dz_t = &mut dz_all[tg.clone()];
-            for_rows(
-                b_n,
-                g4,
-                |r, bufs| {
-                    let (dz_row, rest) = bufs.split_at_mut(1);
-                    let dz_row = &mut *dz_row[0];
-                    let dc_row = &mut *rest[0];
-                    let hr = r * h_n..(r + 1) * h_n;
-                    let gr = &gates_t[r * g4..(r + 1) * g4];
-                    let (ct, cp) = (&c_t[hr.clone()], &c_prev[hr.clone()]);
-                    let (gh, dhn) = (&gh_t[hr.clone()], &dh_in[hr]);
-                    for k in 0..h_n {
-                        let (i, f, gg, o) = (gr[k], gr[h_n + k], gr[2 * h_n + k], gr[3 * h_n + k]);
-                        let dh = gh[k] + dhn[k];
-                        let tc = tanh(ct[k]);
-                        let dc = dc_row[k] + dh * o * (1.0 - tc * tc);
-                        dz_row[k] = dc * gg * i * (1.0 - i);
-                        dz_row[h_n + k] = dc * cp[k] * f * (1.0 - f);
-                        dz_row[2 * h_n + k] = dc * i * (1.0 - gg * gg);
-                        dz_row[3 * h_n + k] = dh * tc * o * (1.0 - o);
-                        dc_row[k] = dc * f;
-                    }
-                },
-                &mut [dz_t, &mut dc_next],
-                &[g4, h_n],
-            );
-        }
-        // The normalisation's backward: da_t from dz_t.
-        if let Some(gain) = gain.filter(|_| normalised_mode) {
-            let dz_t = &dz_all[tg.clone()];
-            let n_t = &cache.normalised[tg.clone()];
-            for (dzr, nr) in dz_t.chunks(g4).zip(n_t.chunks(g4)) {
-                for j in 0..g4 {
-                    dgain[j] += f64::from(dzr[j]) * f64::from(nr[j]);
-                }
+    let workers = workers.clamp(1, h_n);
+    let (cs, gates) = (&cache.cells[..], &cache.gates[..]);
+    let mut dz_all = vec![0f32; t_n * b_n * g4];
+    let mut da_all = vec![0f32; if normalised_mode { t_n * b_n * g4 } else { 0 }];
+    let mut dgain = vec![0f32; if normalised_mode { g4 } else { 0 }];
+    // Layer norm: the row sums of dz·γ and dz·γ·â, one pair per row.
+    let is_layer = matches!(norm, RecurrentNorm::Layer { .. });
+    let mut row_m = vec![0f32; if is_layer { 2 * b_n } else { 0 }];
+    {
+        let dz_s = SharedBuf::new(&mut dz_all);
+        let da_s = SharedBuf::new(&mut da_all);
+        let dgain_s = SharedBuf::new(&mut dgain);
+        let row_m_s = SharedBuf::new(&mut row_m);
+        // The recurrent gradient flows through `da` (normalised) or `dz`.
+        let dflow_s = if normalised_mode { da_s } else { dz_s };
+        run_team(workers, |me, barrier| {
+            let units = share(h_n, workers, me);
+            let nu = units.len();
+            let gp = 4 * nu;
+            let chunks = gate_chunks(h_n, &units);
+            let my_rows = share(b_n, workers, me);
+            // W_h's columns of this worker's units, `[4H, nu]`, for
+            // dh_{t-1}[:, units] = da_t · W_h[:, units].
+            let mut w_cols = Vec::with_capacity(g4 * nu);
+            for row in wh.chunks(h_n) {
+                w_cols.extend_from_slice(&row[units.clone()]);
             }
-            let da_t = &mut da_all[tg.clone()];
-            match norm {
-                RecurrentNorm::Layer { .. } => {
-                    let inv_t = &cache.inv_std[t * b_n..(t + 1) * b_n];
-                    let row = |r: usize, bufs: &mut [&mut [f32]]| {
-                        let da = &mut *bufs[0];
-                        let (dzr, nr) = (&dz_t[r * g4..(r + 1) * g4], &n_t[r * g4..(r + 1) * g4]);
-                        let (mut m1, mut m2) = (0f64, 0f64);
-                        for j in 0..g4 {
-                            let dn = f64::from(dzr[j] * gain[j]);
-                            m1 += dn;
-                            m2 += dn * f64::from(nr[j]);
-                        }
-                        let (m1, m2) = ((m1 / g4 as f64) as f32, (m2 / g4 as f64) as f32);
-                        let inv = inv_t[r];
-                        for j in 0..g4 {
-                            da[j] = inv * (dzr[j] * gain[j] - m1 - nr[j] * m2);
-                        }
-                    };
-                    for_rows(b_n, g4, row, &mut [da_t], &[g4]);
-                }
-                RecurrentNorm::BatchTrain { .. } => {
-                    let inv = &cache.inv_std[t * g4..(t + 1) * g4];
-                    let (mut m1, mut m2) = (vec![0f64; g4], vec![0f64; g4]);
-                    for (dzr, nr) in dz_t.chunks(g4).zip(n_t.chunks(g4)) {
-                        for j in 0..g4 {
-                            let dn = f64::from(dzr[j] * gain[j]);
-                            m1[j] += dn;
-                            m2[j] += dn * f64::from(nr[j]);
-                        }
-                    }
-                    let m1: Vec<f32> = m1.iter().map(|s| (s / b_n as f64) as f32).collect();
-                    let m2: Vec<f32> = m2.iter().map(|s| (s / b_n as f64) as f32).collect();
-                    for ((da, dzr), nr) in
-                        da_t.chunks_mut(g4).zip(dz_t.chunks(g4)).zip(n_t.chunks(g4))
-                    {
-                        for j in 0..g4 {
-                            da[j] = inv[j] * (dzr[j] * gain[j] - m1[j] - nr[j] * m2[j]);
-                        }
-                    }
-                }
-                RecurrentNorm::BatchEval { .. } => {
-                    let inv = &cache.inv_std[t * g4..(t + 1) * g4];
-                    for (da, dzr) in da_t.chunks_mut(g4).zip(dz_t.chunks(g4)) {
-                        for j in 0..g4 {
-                            da[j] = dzr[j] * gain[j] * inv[j];
-                        }
-                    }
-                }
-                RecurrentNorm::None => unreachable!("normalised mode"),
-            }
-        }
-        // dh_{t-1} = da_t · W_h.
-        if t > 0 {
-            let da_t = if normalised_mode {
-                &da_all[tg]
-            } else {
-                &dz_all[tg]
+            let my_gain: Vec<f32> = match gain {
+                Some(gain) => chunks
+                    .iter()
+                    .flat_map(|c| gain[c.clone()].iter().copied())
+                    .collect(),
+                None => Vec::new(),
             };
-            matmul(
-                &mut dh_next,
-                MatRef::row_major(da_t, b_n, g4),
-                MatRef::row_major(wh, g4, h_n),
-                false,
-                par,
-            )?;
-        }
+            let mut dh_next = vec![0f32; b_n * nu];
+            let mut dc_next = vec![0f32; b_n * nu];
+            let mut my_dgain = vec![0f64; if gain.is_some() { gp } else { 0 }];
+            let (mut m1, mut m2) = (vec![0f64; gp], vec![0f64; gp]);
+            let (mut m1f, mut m2f) = (vec![0f32; gp], vec![0f32; gp]);
+            for t in (0..t_n).rev() {
+                let row0 = t * b_n;
+                // SAFETY (every shared access below): step t writes only this
+                // worker's columns of dz_t and da_t, reads all of da_t only
+                // after the barrier that ends its writes, and the row sums of
+                // layer norm are written and read between barriers as
+                // commented there; step t−1 writes other rows of the buffers.
+                for r in 0..b_n {
+                    let hr = (row0 + r) * h_n + units.start;
+                    let gr = &gates[(row0 + r) * g4..(row0 + r + 1) * g4];
+                    let ct = &cs[hr..hr + nu];
+                    let cp = if t == 0 {
+                        &c0[r * h_n + units.start..][..nu]
+                    } else {
+                        &cs[hr - state..hr - state + nu]
+                    };
+                    let gh = &grad_h[hr..hr + nu];
+                    let dhn = &dh_next[r * nu..(r + 1) * nu];
+                    let dcn = &mut dc_next[r * nu..(r + 1) * nu];
+                    let (gi, gf) = (&gr[chunks[0].clone()], &gr[chunks[1].clone()]);
+                    let (gg, go) = (&gr[chunks[2].clone()], &gr[chunks[3].clone()]);
+                    let at = (row0 + r) * g4;
+                    let [dz_i, dz_f, dz_g, dz_o] = chunks
+                        .clone()
+                        .map(|c| unsafe { dz_s.write(at + c.start, nu) });
+                    gate_grad_row(gi, gf, gg, go, ct, cp, gh, dhn, dcn, dz_i, dz_f, dz_g, dz_o);
+                }
+                // The normalisation's backward: da_t from dz_t.
+                if let Some(gain) = gain {
+                    // γ's gradient, per column over (t descending, rows).
+                    for r in 0..b_n {
+                        let at = (row0 + r) * g4;
+                        for (q, c) in chunks.iter().enumerate() {
+                            let dz = unsafe { dz_s.read(at + c.start, nu) };
+                            let n = &cache.normalised[at + c.start..at + c.end];
+                            for k in 0..nu {
+                                my_dgain[q * nu + k] += f64::from(dz[k]) * f64::from(n[k]);
+                            }
+                        }
+                    }
+                    match norm {
+                        RecurrentNorm::Layer { .. } => {
+                            // Row sums need every column of dz_t.
+                            barrier.wait().map_err(aborted)?;
+                            for r in my_rows.clone() {
+                                let at = (row0 + r) * g4;
+                                let dz = unsafe { dz_s.read(at, g4) };
+                                let n = &cache.normalised[at..at + g4];
+                                let (s1, s2) = row_grad_sums(dz, gain, n);
+                                let sums = unsafe { row_m_s.write(2 * r, 2) };
+                                sums[0] = (s1 / g4 as f64) as f32;
+                                sums[1] = (s2 / g4 as f64) as f32;
+                            }
+                            barrier.wait().map_err(aborted)?;
+                            let inv_t = &cache.inv_std[row0..row0 + b_n];
+                            for (r, &inv) in inv_t.iter().enumerate() {
+                                let at = (row0 + r) * g4;
+                                let sums = unsafe { row_m_s.read(2 * r, 2) };
+                                let (s1, s2) = (sums[0], sums[1]);
+                                for (q, c) in chunks.iter().enumerate() {
+                                    let dz = unsafe { dz_s.read(at + c.start, nu) };
+                                    let n = &cache.normalised[at + c.start..at + c.end];
+                                    let da = unsafe { da_s.write(at + c.start, nu) };
+                                    let gq = &my_gain[q * nu..(q + 1) * nu];
+                                    for k in 0..nu {
+                                        da[k] = inv * (dz[k] * gq[k] - s1 - n[k] * s2);
+                                    }
+                                }
+                            }
+                        }
+                        RecurrentNorm::BatchTrain { .. } => {
+                            m1.iter_mut().for_each(|v| *v = 0.0);
+                            m2.iter_mut().for_each(|v| *v = 0.0);
+                            for r in 0..b_n {
+                                let at = (row0 + r) * g4;
+                                for (q, c) in chunks.iter().enumerate() {
+                                    let dz = unsafe { dz_s.read(at + c.start, nu) };
+                                    let n = &cache.normalised[at + c.start..at + c.end];
+                                    for k in 0..nu {
+                                        let l = q * nu + k;
+                                        let dn = f64::from(dz[k] * my_gain[l]);
+                                        m1[l] += dn;
+                                        m2[l] += dn * f64::from(n[k]);
+                                    }
+                                }
+                            }
+                            for l in 0..gp {
+                                m1f[l] = (m1[l] / b_n as f64) as f32;
+                                m2f[l] = (m2[l] / b_n as f64) as f32;
+                            }
+                            let inv = &cache.inv_std[t * g4..(t + 1) * g4];
+                            for r in 0..b_n {
+                                let at = (row0 + r) * g4;
+                                for (q, c) in chunks.iter().enumerate() {
+                                    let dz = unsafe { dz_s.read(at + c.start, nu) };
+                                    let n = &cache.normalised[at + c.start..at + c.end];
+                                    let da = unsafe { da_s.write(at + c.start, nu) };
+                                    for k in 0..nu {
+                                        let l = q * nu + k;
+                                        da[k] = inv[c.start + k]
+                                            * (dz[k] * my_gain[l] - m1f[l] - n[k] * m2f[l]);
+                                    }
+                                }
+                            }
+                        }
+                        RecurrentNorm::BatchEval { .. } => {
+                            let inv = &cache.inv_std[t * g4..(t + 1) * g4];
+                            for r in 0..b_n {
+                                let at = (row0 + r) * g4;
+                                for (q, c) in chunks.iter().enumerate() {
+                                    let dz = unsafe { dz_s.read(at + c.start, nu) };
+                                    let da = unsafe { da_s.write(at + c.start, nu) };
+                                    for k in 0..nu {
+                                        da[k] = dz[k] * my_gain[q * nu + k] * inv[c.start + k];
+                                    }
+                                }
+                            }
+                        }
+                        RecurrentNorm::None => unreachable!("a gain means a normalisation"),
+                    }
+                }
+                // da_t complete before anyone reads all of it.
+                barrier.wait().map_err(aborted)?;
+                // dh_{t-1}[:, units] = da_t · W_h[:, units].
+                if t > 0 {
+                    let da_t = unsafe { dflow_s.read(row0 * g4, b_n * g4) };
+                    matmul(
+                        &mut dh_next,
+                        MatRef::row_major(da_t, b_n, g4),
+                        MatRef::row_major(&w_cols, g4, nu),
+                        false,
+                        Parallelism::None,
+                    )?;
+                }
+            }
+            if gain.is_some() {
+                for (q, c) in chunks.iter().enumerate() {
+                    let out = unsafe { dgain_s.write(c.start, nu) };
+                    for k in 0..nu {
+                        out[k] = my_dgain[q * nu + k] as f32;
+                    }
+                }
+            }
+            Ok(())
+        })?;
     }
     // dW_h = Σ_t da_tᵀ · h_{t-1}: step 0 against h0, the rest against hs.
     let da_all = if normalised_mode { &da_all } else { &dz_all };
@@ -617,7 +965,7 @@ pub(crate) fn backward(
             parallelism_for(g4, h_n, rows),
         )?;
     }
-    Ok((dz_all, dwh, dgain.iter().map(|&s| s as f32).collect()))
+    Ok((dz_all, dwh, dgain))
 }
 
 /// A contiguous CPU f32 tensor's values, without a copy.
@@ -806,5 +1154,131 @@ mod tests {
         assert!((0.0..1e-37).contains(&sigmoid(-1e9)));
         assert!(exp(1e9).is_finite() && exp(-1e9) >= 0.0);
         assert!(tanh(f32::NAN).is_nan() && sigmoid(f32::NAN).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::*;
+
+    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    }
+
+    fn modes(g4: usize) -> Vec<RecurrentNorm> {
+        vec![
+            RecurrentNorm::None,
+            RecurrentNorm::Layer { eps: 1e-5 },
+            RecurrentNorm::BatchTrain { eps: 1e-5 },
+            RecurrentNorm::BatchEval {
+                mean: values(7, 2 * g4, 0.3),
+                var: values(8, 2 * g4, 1.0)
+                    .iter()
+                    .map(|v| v.abs() + 0.5)
+                    .collect(),
+                eps: 1e-5,
+            },
+        ]
+    }
+
+    /// Every output of forward and backward on `workers` workers.
+    fn run(workers: usize, g: &LstmGeometry, norm: &RecurrentNorm, seed: u64) -> Vec<Vec<f32>> {
+        let (t, b, h) = (g.steps, g.batch, g.hidden);
+        let g4 = 4 * h;
+        let xproj = values(seed, t * b * g4, 1.0);
+        let wh = values(seed + 1, g4 * h, 0.6);
+        let gain: Vec<f32> = values(seed + 2, g4, 0.5).iter().map(|v| v + 1.0).collect();
+        let (h0, c0) = (values(seed + 3, b * h, 0.5), values(seed + 4, b * h, 0.5));
+        let grad_h = values(seed + 5, t * b * h, 1.0);
+        let gain = norm.has_gain().then_some(&gain[..]);
+        let (hs, cache, stats) = forward_on(workers, g, norm, &xproj, &wh, gain, &h0, &c0).unwrap();
+        let (dx, dwh, dgain) =
+            backward_on(workers, g, norm, &cache, &hs, &grad_h, &wh, gain, &h0, &c0).unwrap();
+        vec![
+            hs,
+            cache.cells,
+            cache.gates,
+            cache.normalised,
+            cache.inv_std,
+            stats.mean,
+            stats.var,
+            dx,
+            dwh,
+            dgain,
+        ]
+    }
+
+    /// Within rounding, not bit for bit: a worker's GEMMs have fewer columns,
+    /// and gemm sums a one-column product (one unit per worker) in another
+    /// order than a wide one.
+    #[test]
+    fn any_number_of_workers_gives_the_one_worker_numbers() {
+        // Uneven unit shares (7 units on 3 or 4 workers), a unit per worker,
+        // one row, more workers than units (clamped).
+        for &(t, b, h) in &[(3, 4, 7), (2, 3, 2), (4, 1, 5), (2, 5, 3)] {
+            let g = LstmGeometry {
+                steps: t,
+                batch: b,
+                hidden: h,
+            };
+            for norm in modes(4 * h) {
+                if matches!(norm, RecurrentNorm::BatchTrain { .. }) && b == 1 {
+                    continue;
+                }
+                let one = run(1, &g, &norm, 40 + h as u64);
+                for workers in 2..=4 {
+                    let many = run(workers, &g, &norm, 40 + h as u64);
+                    for (i, (a, m)) in one.iter().zip(&many).enumerate() {
+                        let close = a.len() == m.len()
+                            && a.iter()
+                                .zip(m)
+                                .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs().max(y.abs())));
+                        assert!(
+                            close,
+                            "{norm:?}, {t}x{b}x{h}, {workers} workers: output {i} differs"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reruns_on_two_workers_are_bit_identical() {
+        let g = LstmGeometry {
+            steps: 5,
+            batch: 6,
+            hidden: 9,
+        };
+        for norm in modes(36) {
+            let a = run(2, &g, &norm, 3);
+            let b = run(2, &g, &norm, 3);
+            assert!(a.iter().zip(&b).all(|(x, y)| {
+                x.iter()
+                    .map(|v| v.to_bits())
+                    .eq(y.iter().map(|v| v.to_bits()))
+            }));
+        }
+    }
+
+    #[test]
+    fn a_bad_gain_is_an_error_not_a_hang() {
+        let g = LstmGeometry {
+            steps: 2,
+            batch: 2,
+            hidden: 3,
+        };
+        let (x, w, z) = (vec![0f32; 2 * 2 * 12], vec![0f32; 36], vec![0f32; 6]);
+        let norm = RecurrentNorm::Layer { eps: 1e-5 };
+        assert!(forward_on(2, &g, &norm, &x, &w, Some(&[1.0; 5]), &z, &z).is_err());
+        assert!(forward_on(2, &g, &norm, &x, &w, None, &z, &z).is_err());
     }
 }
