@@ -5,7 +5,9 @@
 //! the input projection of a whole sequence is a row gather from the
 //! `[V, 4H]` table `W_xᵀ + b`; layer norm of that term is a function of the
 //! row alone and is applied to the `V` table rows before the gather. The
-//! recurrence is qgrad-ops' fused [`qgrad_ops::lstm_sequence`].
+//! recurrence is qgrad-ops' fused [`qgrad_ops::lstm_sequence_gathered`] (or
+//! [`qgrad_ops::lstm_sequence`] where batch norm of the input term needs the
+//! gathered rows).
 //!
 //! # Decisions
 //!
@@ -32,7 +34,7 @@
 //!   `seq_len` characters, also when the hidden state carries over.
 
 use candle_core::{DType, Device, Tensor, Var};
-use qgrad_ops::{lstm_sequence, LstmState, RecurrentNorm};
+use qgrad_ops::{lstm_sequence, lstm_sequence_gathered, LstmState, RecurrentNorm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -123,6 +125,14 @@ pub enum Mode {
         /// Step index of the first input.
         start_step: usize,
     },
+}
+
+/// The input term handed to the recurrence (see `CharLstm::forward`).
+enum Input {
+    /// `[V, 4H]`, gathered by the op.
+    Table(Tensor),
+    /// `[T, B, 4H]`.
+    Projected(Tensor),
 }
 
 /// What [`CharLstm::forward`] returns.
@@ -324,16 +334,21 @@ impl CharLstm {
             (true, Mode::Eval { start_step }) => Some(self.running_rows(start_step, steps)?),
             _ => None,
         };
-        let xproj = match self.config.norm {
+        // The input term: a row of a `[V, 4H]` table per character. Where the
+        // table is the same for every step (no, weight or layer norm of the
+        // input term), the fused op gathers its rows itself; batch norm of
+        // the input term normalises the gathered rows per step, so those
+        // are built here.
+        let input = match self.config.norm {
             Normalisation::Layer => {
                 let mean = table.mean_keepdim(1)?;
                 let centered = table.broadcast_sub(&mean)?;
                 let var = centered.sqr()?.mean_keepdim(1)?;
                 let n = centered.broadcast_div(&(var + LN_EPS)?.sqrt()?)?;
-                n.broadcast_mul(self.param(X_GAIN)?.as_tensor())?
-                    .broadcast_add(bias)?
-                    .index_select(tokens, 0)?
-                    .reshape((steps, batch, g4))?
+                Input::Table(
+                    n.broadcast_mul(self.param(X_GAIN)?.as_tensor())?
+                        .broadcast_add(bias)?,
+                )
             }
             Normalisation::BatchPerStep | Normalisation::BatchShared => {
                 let raw = table.index_select(tokens, 0)?.reshape((steps, batch, g4))?;
@@ -354,12 +369,9 @@ impl CharLstm {
                         raw.broadcast_sub(&xm.unsqueeze(1)?)?.broadcast_mul(&inv)?
                     }
                 };
-                n.broadcast_mul(gain)?.broadcast_add(bias)?
+                Input::Projected(n.broadcast_mul(gain)?.broadcast_add(bias)?)
             }
-            Normalisation::None | Normalisation::Weight => table
-                .broadcast_add(bias)?
-                .index_select(tokens, 0)?
-                .reshape((steps, batch, g4))?,
+            Normalisation::None | Normalisation::Weight => Input::Table(table.broadcast_add(bias)?),
         };
         let h_gain = match self.config.norm {
             Normalisation::Layer | Normalisation::BatchPerStep | Normalisation::BatchShared => {
@@ -378,7 +390,10 @@ impl CharLstm {
             },
             _ => RecurrentNorm::None,
         };
-        let seq = lstm_sequence(&xproj, &w.wh, state, norm)?;
+        let seq = match &input {
+            Input::Table(t) => lstm_sequence_gathered(t, tokens, steps, batch, &w.wh, state, norm)?,
+            Input::Projected(x) => lstm_sequence(x, &w.wh, state, norm)?,
+        };
         let hidden = seq.hidden.reshape((steps * batch, h))?;
         let logits = qgrad_ops::linear(
             &hidden,

@@ -341,7 +341,77 @@ pub fn lstm_sequence(
     init: Option<&LstmState>,
     norm: RecurrentNorm<'_>,
 ) -> Result<LstmSequence> {
-    let g = lstm::LstmGeometry::new(xproj.dims(), wh.dims())?;
+    lstm_sequence_from(LstmInput::Projected(xproj), wh, init, norm)
+}
+
+/// [`lstm_sequence`] over `xproj = table.index_select(tokens, 0)` reshaped to
+/// `[steps, batch, 4H]`, without building it: `table: [V, 4H]` (for one-hot
+/// characters `W_xᵀ + b`), `tokens: [steps · batch]` time-major `u32` row
+/// indices. The op reads each step's rows from the table, which stays in
+/// cache, and returns the table's gradient directly (the gradient of the
+/// gathered tensor, tens of MiB, is never built); the numbers are those of
+/// the composed `index_select` and [`lstm_sequence`] (tested). A token
+/// outside the table is an error.
+pub fn lstm_sequence_gathered(
+    table: &Tensor,
+    tokens: &Tensor,
+    steps: usize,
+    batch: usize,
+    wh: &Tensor,
+    init: Option<&LstmState>,
+    norm: RecurrentNorm<'_>,
+) -> Result<LstmSequence> {
+    if tokens.dims() != [steps * batch] {
+        return Err(OpsError::Shape(format!(
+            "{steps} steps of {batch} rows need [{}] tokens, got {:?}",
+            steps * batch,
+            tokens.dims()
+        ))
+        .into());
+    }
+    lstm_sequence_from(
+        LstmInput::Gathered {
+            table,
+            tokens,
+            steps,
+            batch,
+        },
+        wh,
+        init,
+        norm,
+    )
+}
+
+/// The input term of [`lstm_sequence_from`].
+#[derive(Clone, Copy)]
+enum LstmInput<'a> {
+    Projected(&'a Tensor),
+    Gathered {
+        table: &'a Tensor,
+        tokens: &'a Tensor,
+        steps: usize,
+        batch: usize,
+    },
+}
+
+fn lstm_sequence_from(
+    input: LstmInput<'_>,
+    wh: &Tensor,
+    init: Option<&LstmState>,
+    norm: RecurrentNorm<'_>,
+) -> Result<LstmSequence> {
+    let (xproj, g) = match input {
+        LstmInput::Projected(x) => (x, lstm::LstmGeometry::new(x.dims(), wh.dims())?),
+        LstmInput::Gathered {
+            table,
+            steps,
+            batch,
+            ..
+        } => (
+            table,
+            lstm::LstmGeometry::gathered(table.dims(), steps, batch, wh.dims())?,
+        ),
+    };
     let state_dims = [g.batch, g.hidden];
     if let Some(s) = init {
         for (name, t) in [("h", &s.h), ("c", &s.c)] {
@@ -378,9 +448,37 @@ pub fn lstm_sequence(
     if let RecurrentNorm::BatchEval { mean, var, .. } = norm {
         all.extend([mean, var]);
     }
-    if !fast_path(&all) {
-        return reference::lstm_sequence(xproj, wh, init, norm);
+    let gathered = match input {
+        LstmInput::Gathered { tokens, .. }
+            if tokens.dtype() == DType::U32 && matches!(tokens.device(), Device::Cpu) =>
+        {
+            Some(tokens)
+        }
+        _ => None,
+    };
+    let gathered_input = matches!(input, LstmInput::Gathered { .. });
+    if !fast_path(&all) || (gathered_input && gathered.is_none()) {
+        let xproj = match input {
+            LstmInput::Projected(x) => x.clone(),
+            LstmInput::Gathered {
+                table,
+                tokens,
+                steps,
+                batch,
+            } => table
+                .index_select(tokens, 0)?
+                .reshape((steps, batch, 4 * g.hidden))?,
+        };
+        return reference::lstm_sequence(&xproj, wh, init, norm);
     }
+    let gathered = match gathered {
+        Some(tokens) => Some(lstm::GatherSpec {
+            tokens: tokens.to_vec1::<u32>()?,
+            steps: g.steps,
+            batch: g.batch,
+        }),
+        None => None,
+    };
     let (h0, c0) = match init {
         Some(s) => (
             s.h.flatten_all()?.to_vec1::<f32>()?,
@@ -407,6 +505,7 @@ pub fn lstm_sequence(
     let cache = Arc::new(OnceLock::new());
     let op = lstm::LstmOp {
         norm: op_norm,
+        gathered,
         h0,
         c0,
         cache: Arc::clone(&cache),

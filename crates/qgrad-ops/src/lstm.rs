@@ -104,8 +104,83 @@ impl LstmGeometry {
         })
     }
 
+    /// From a gathered input's table `[V, 4H]`, `steps × batch` tokens
+    /// and `wh: [4H, H]`.
+    pub fn gathered(
+        table: &[usize],
+        steps: usize,
+        batch: usize,
+        wh: &[usize],
+    ) -> std::result::Result<Self, OpsError> {
+        match table {
+            [v, g] if *v > 0 => Self::new(&[steps, batch, *g], wh),
+            d => Err(OpsError::Shape(format!(
+                "the LSTM input table must be [vocabulary, 4·hidden], got {d:?}"
+            ))),
+        }
+    }
+
     fn gates(&self) -> usize {
         4 * self.hidden
+    }
+}
+
+/// Where step `t`, row `r`'s input term `xproj[t, r]` (`4H` values) comes
+/// from: a `[T, B, 4H]` tensor, or row `tokens[t·B + r]` of a `[V, 4H]`
+/// table (one-hot characters: the table is `W_xᵀ + b`, a few hundred KiB
+/// that stay in cache, where the gathered `[T, B, 4H]` would be tens of MiB
+/// written once and read once).
+#[derive(Clone, Copy)]
+pub(crate) enum XSource<'a> {
+    Rows(&'a [f32]),
+    Gather { table: &'a [f32], tokens: &'a [u32] },
+}
+
+impl<'a> XSource<'a> {
+    /// Checks the sizes against the geometry (and every token against the
+    /// table), so that [`XSource::row`] cannot go out of bounds.
+    fn check(&self, g: &LstmGeometry) -> std::result::Result<(), OpsError> {
+        let g4 = g.gates();
+        match *self {
+            XSource::Rows(x) if x.len() == g.steps * g.batch * g4 => Ok(()),
+            XSource::Rows(x) => Err(OpsError::Internal(format!(
+                "LSTM input projection holds {} values, not {} x {} x {g4}",
+                x.len(),
+                g.steps,
+                g.batch
+            ))),
+            XSource::Gather { table, tokens } => {
+                if table.len() % g4 != 0 || tokens.len() != g.steps * g.batch {
+                    return Err(OpsError::Shape(format!(
+                        "an LSTM input table of {} values and {} tokens do not make \
+                         [V, {g4}] and {} x {} steps",
+                        table.len(),
+                        tokens.len(),
+                        g.steps,
+                        g.batch
+                    )));
+                }
+                let vocab = table.len() / g4;
+                match tokens.iter().find(|&&t| t as usize >= vocab) {
+                    Some(t) => Err(OpsError::Shape(format!(
+                        "token {t} is outside the LSTM input table of {vocab} rows"
+                    ))),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// `xproj` of row `i = t·B + r`.
+    #[inline]
+    fn row(&self, i: usize, g4: usize) -> &'a [f32] {
+        match *self {
+            XSource::Rows(x) => &x[i * g4..(i + 1) * g4],
+            XSource::Gather { table, tokens } => {
+                let v = tokens[i] as usize;
+                &table[v * g4..(v + 1) * g4]
+            }
+        }
     }
 }
 
@@ -154,10 +229,13 @@ pub(crate) struct StepStats {
     pub var: Vec<f32>,
 }
 
-/// The fused recurrence; args `(xproj, wh)` or `(xproj, wh, gain)`. Output
-/// `[T, B, H]`: the hidden states (the cell states stay in the cache).
+/// The fused recurrence; args `(xproj, wh)` or `(xproj, wh, gain)`, with
+/// `xproj` a `[T, B, 4H]` tensor or, when `gathered` is set, the `[V, 4H]`
+/// table its rows come from. Output `[T, B, H]`: the hidden states (the cell
+/// states stay in the cache).
 pub(crate) struct LstmOp {
     pub norm: RecurrentNorm,
+    pub gathered: Option<GatherSpec>,
     /// Initial hidden and cell state, `[B, H]` each (constants).
     pub h0: Vec<f32>,
     pub c0: Vec<f32>,
@@ -418,13 +496,13 @@ fn aborted(_: Aborted) -> OpsError {
 pub(crate) fn forward(
     g: &LstmGeometry,
     norm: &RecurrentNorm,
-    xproj: &[f32],
+    x: XSource<'_>,
     wh: &[f32],
     gain: Option<&[f32]>,
     h0: &[f32],
     c0: &[f32],
 ) -> std::result::Result<(Vec<f32>, LstmCache, StepStats), OpsError> {
-    forward_on(workers_for(g), g, norm, xproj, wh, gain, h0, c0)
+    forward_on(workers_for(g), g, norm, x, wh, gain, h0, c0)
 }
 
 /// [`forward`] on exactly `workers` workers (at most one per unit).
@@ -433,7 +511,7 @@ pub(crate) fn forward_on(
     workers: usize,
     g: &LstmGeometry,
     norm: &RecurrentNorm,
-    xproj: &[f32],
+    x: XSource<'_>,
     wh: &[f32],
     gain: Option<&[f32]>,
     h0: &[f32],
@@ -448,9 +526,10 @@ pub(crate) fn forward_on(
             c0.len()
         )));
     }
-    if xproj.len() != t_n * b_n * g4 || wh.len() != g4 * h_n {
+    x.check(g)?;
+    if wh.len() != g4 * h_n {
         return Err(OpsError::Internal(
-            "LSTM forward: input projection or recurrent weight has the wrong size".into(),
+            "LSTM forward: the recurrent weight has the wrong size".into(),
         ));
     }
     let gain = match (norm.has_gain(), gain) {
@@ -551,11 +630,11 @@ pub(crate) fn forward_on(
                 match norm {
                     RecurrentNorm::None => {
                         for r in 0..b_n {
-                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let x_row = x.row(row0 + r, g4);
                             let zr = &mut z[r * gp..(r + 1) * gp];
                             for (q, c) in chunks.iter().enumerate() {
                                 for (zv, &xv) in
-                                    zr[q * nu..(q + 1) * nu].iter_mut().zip(&x[c.clone()])
+                                    zr[q * nu..(q + 1) * nu].iter_mut().zip(&x_row[c.clone()])
                                 {
                                     *zv += xv;
                                 }
@@ -586,7 +665,7 @@ pub(crate) fn forward_on(
                         let inv_rows = unsafe { inv_s.read(row0, b_n) };
                         let means = unsafe { row_mean_s.read(0, b_n) };
                         for r in 0..b_n {
-                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let x_row = x.row(row0 + r, g4);
                             let zr = &mut z[r * gp..(r + 1) * gp];
                             let (mean, inv) = (means[r], inv_rows[r]);
                             for (q, c) in chunks.iter().enumerate() {
@@ -596,7 +675,7 @@ pub(crate) fn forward_on(
                                 for k in 0..nu {
                                     let n = (zq[k] - mean) * inv;
                                     n_out[k] = n;
-                                    zq[k] = x[c.start + k] + gq[k] * n;
+                                    zq[k] = x_row[c.start + k] + gq[k] * n;
                                 }
                             }
                         }
@@ -650,7 +729,7 @@ pub(crate) fn forward_on(
                                 .copy_from_slice(&inv_t[q * nu..(q + 1) * nu]);
                         }
                         for r in 0..b_n {
-                            let x = &xproj[(row0 + r) * g4..(row0 + r + 1) * g4];
+                            let x_row = x.row(row0 + r, g4);
                             let zr = &mut z[r * gp..(r + 1) * gp];
                             for (q, c) in chunks.iter().enumerate() {
                                 let n_out = unsafe { norm_s.write((row0 + r) * g4 + c.start, nu) };
@@ -658,7 +737,7 @@ pub(crate) fn forward_on(
                                     let l = q * nu + k;
                                     let n = (zr[l] - mean_t[l]) * inv_t[l];
                                     n_out[k] = n;
-                                    zr[l] = x[c.start + k] + my_gain[l] * n;
+                                    zr[l] = x_row[c.start + k] + my_gain[l] * n;
                                 }
                             }
                         }
@@ -699,7 +778,8 @@ pub(crate) fn forward_on(
     ))
 }
 
-/// `(dxproj [T, B, 4H], dwh [4H, H], dgain [4H] or empty)`.
+/// `(dx, dwh [4H, H], dgain [4H] or empty)`, `dx` the gradient of the
+/// input: `[T, B, 4H]`, or `[V, 4H]` for a gathered table.
 type LstmGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// The gradients of the op's arguments from
@@ -715,8 +795,29 @@ pub(crate) fn backward(
     gain: Option<&[f32]>,
     h0: &[f32],
     c0: &[f32],
+    gather: Option<Gathered<'_>>,
 ) -> std::result::Result<LstmGrads, OpsError> {
-    backward_on(workers_for(g), g, norm, cache, hs, grad_h, wh, gain, h0, c0)
+    backward_on(
+        workers_for(g),
+        g,
+        norm,
+        cache,
+        hs,
+        grad_h,
+        wh,
+        gain,
+        h0,
+        c0,
+        gather,
+    )
+}
+
+/// The input of a gathered forward pass ([`XSource::Gather`]): its tokens
+/// and the table's row count.
+#[derive(Clone, Copy)]
+pub(crate) struct Gathered<'a> {
+    pub tokens: &'a [u32],
+    pub vocab: usize,
 }
 
 /// [`backward`] on exactly `workers` workers (at most one per unit).
@@ -732,8 +833,16 @@ pub(crate) fn backward_on(
     gain: Option<&[f32]>,
     h0: &[f32],
     c0: &[f32],
+    gather: Option<Gathered<'_>>,
 ) -> std::result::Result<LstmGrads, OpsError> {
     let (t_n, b_n, h_n, g4) = (g.steps, g.batch, g.hidden, g.gates());
+    if let Some(gt) = gather {
+        if gt.tokens.len() != t_n * b_n || gt.tokens.iter().any(|&v| v as usize >= gt.vocab) {
+            return Err(OpsError::Internal(
+                "LSTM backward: the gathered tokens do not fit the table".into(),
+            ));
+        }
+    }
     let state = b_n * h_n;
     if hs.len() != t_n * state
         || grad_h.len() != hs.len()
@@ -767,7 +876,12 @@ pub(crate) fn backward_on(
     // Layer norm: the row sums of dz·γ and dz·γ·â, one pair per row.
     let is_layer = matches!(norm, RecurrentNorm::Layer { .. });
     let mut row_m = vec![0f32; if is_layer { 2 * b_n } else { 0 }];
+    // A gathered input's gradient: row v of the table sums dz of every
+    // (t, r) that read it. Each worker adds its own columns, in the order
+    // t descending, r ascending, while dz_t is in its cache.
+    let mut d_table = vec![0f32; gather.map_or(0, |gt| gt.vocab * g4)];
     {
+        let d_table_s = SharedBuf::new(&mut d_table);
         let dz_s = SharedBuf::new(&mut dz_all);
         let da_s = SharedBuf::new(&mut da_all);
         let dgain_s = SharedBuf::new(&mut dgain);
@@ -805,6 +919,8 @@ pub(crate) fn backward_on(
                 // after the barrier that ends its writes, and the row sums of
                 // layer norm are written and read between barriers as
                 // commented there; step t−1 writes other rows of the buffers.
+                // The table's gradient is only ever touched in this worker's
+                // columns.
                 for r in 0..b_n {
                     let hr = (row0 + r) * h_n + units.start;
                     let gr = &gates[(row0 + r) * g4..(row0 + r + 1) * g4];
@@ -824,6 +940,15 @@ pub(crate) fn backward_on(
                         .clone()
                         .map(|c| unsafe { dz_s.write(at + c.start, nu) });
                     gate_grad_row(gi, gf, gg, go, ct, cp, gh, dhn, dcn, dz_i, dz_f, dz_g, dz_o);
+                    if let Some(gt) = gather {
+                        let v = gt.tokens[row0 + r] as usize;
+                        for (c, dz) in chunks.iter().zip([&*dz_i, &*dz_f, &*dz_g, &*dz_o]) {
+                            let acc = unsafe { d_table_s.write(v * g4 + c.start, nu) };
+                            for (a, &d) in acc.iter_mut().zip(dz) {
+                                *a += d;
+                            }
+                        }
+                    }
                 }
                 // The normalisation's backward: da_t from dz_t.
                 if let Some(gain) = gain {
@@ -965,7 +1090,8 @@ pub(crate) fn backward_on(
             parallelism_for(g4, h_n, rows),
         )?;
     }
-    Ok((dz_all, dwh, dgain))
+    let dx = if gather.is_some() { d_table } else { dz_all };
+    Ok((dx, dwh, dgain))
 }
 
 /// A contiguous CPU f32 tensor's values, without a copy.
@@ -985,7 +1111,21 @@ fn with_values<R>(
     Ok(f(&values[start..end])?)
 }
 
+/// A gathered input's tokens, `[T·B]` time-major.
+pub(crate) struct GatherSpec {
+    pub tokens: Vec<u32>,
+    pub steps: usize,
+    pub batch: usize,
+}
+
 impl LstmOp {
+    fn geometry(&self, x: &[usize], wh: &[usize]) -> std::result::Result<LstmGeometry, OpsError> {
+        match &self.gathered {
+            Some(gs) => LstmGeometry::gathered(x, gs.steps, gs.batch, wh),
+            None => LstmGeometry::new(x, wh),
+        }
+    }
+
     fn run_forward(
         &self,
         xs: &CpuStorage,
@@ -994,14 +1134,21 @@ impl LstmOp {
         wl: &Layout,
         gain: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = LstmGeometry::new(xl.dims(), wl.dims())?;
+        let g = self.geometry(xl.dims(), wl.dims())?;
         let xproj = f32_values("LSTM input projection", xs, xl)?;
+        let x = match &self.gathered {
+            Some(gs) => XSource::Gather {
+                table: xproj,
+                tokens: &gs.tokens,
+            },
+            None => XSource::Rows(xproj),
+        };
         let wh = f32_values("LSTM recurrent weight", ws, wl)?;
         let gain = match gain {
             Some((s, l)) => Some(f32_values("LSTM normalisation gain", s, l)?),
             None => None,
         };
-        let (out, cache, stats) = forward(&g, &self.norm, xproj, wh, gain, &self.h0, &self.c0)?;
+        let (out, cache, stats) = forward(&g, &self.norm, x, wh, gain, &self.h0, &self.c0)?;
         self.cache
             .set(cache)
             .map_err(|_| OpsError::Internal("LSTM op applied twice".into()))?;
@@ -1020,7 +1167,11 @@ impl LstmOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = LstmGeometry::new(xproj.dims(), wh.dims())?;
+        let g = self.geometry(xproj.dims(), wh.dims())?;
+        let gather = self.gathered.as_ref().map(|gs| Gathered {
+            tokens: &gs.tokens,
+            vocab: xproj.dims()[0],
+        });
         let cache = self
             .cache
             .get()
@@ -1045,6 +1196,7 @@ impl LstmOp {
                         gain_values.as_deref(),
                         &self.h0,
                         &self.c0,
+                        gather,
                     )
                 })
                 .map_err(|e| OpsError::Internal(e.to_string()))
@@ -1199,9 +1351,12 @@ mod worker_tests {
         let (h0, c0) = (values(seed + 3, b * h, 0.5), values(seed + 4, b * h, 0.5));
         let grad_h = values(seed + 5, t * b * h, 1.0);
         let gain = norm.has_gain().then_some(&gain[..]);
-        let (hs, cache, stats) = forward_on(workers, g, norm, &xproj, &wh, gain, &h0, &c0).unwrap();
-        let (dx, dwh, dgain) =
-            backward_on(workers, g, norm, &cache, &hs, &grad_h, &wh, gain, &h0, &c0).unwrap();
+        let x = XSource::Rows(&xproj);
+        let (hs, cache, stats) = forward_on(workers, g, norm, x, &wh, gain, &h0, &c0).unwrap();
+        let (dx, dwh, dgain) = backward_on(
+            workers, g, norm, &cache, &hs, &grad_h, &wh, gain, &h0, &c0, None,
+        )
+        .unwrap();
         vec![
             hs,
             cache.cells,
@@ -1278,7 +1433,8 @@ mod worker_tests {
         };
         let (x, w, z) = (vec![0f32; 2 * 2 * 12], vec![0f32; 36], vec![0f32; 6]);
         let norm = RecurrentNorm::Layer { eps: 1e-5 };
-        assert!(forward_on(2, &g, &norm, &x, &w, Some(&[1.0; 5]), &z, &z).is_err());
-        assert!(forward_on(2, &g, &norm, &x, &w, None, &z, &z).is_err());
+        let x = XSource::Rows(&x);
+        assert!(forward_on(2, &g, &norm, x, &w, Some(&[1.0; 5]), &z, &z).is_err());
+        assert!(forward_on(2, &g, &norm, x, &w, None, &z, &z).is_err());
     }
 }

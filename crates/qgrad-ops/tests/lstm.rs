@@ -2,11 +2,12 @@
 //! ops (`qgrad_ops::reference::lstm_sequence`): hidden states, final state,
 //! batch statistics and every gradient, for every normalisation of the
 //! recurrent term, on random sizes that include one hidden unit, one step
-//! and one row; plus the shape errors.
+//! and one row; the gathered input (`lstm_sequence_gathered`) against
+//! `index_select` followed by the op; plus the shape errors.
 
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
-use qgrad_ops::{lstm_sequence, reference, LstmState, RecurrentNorm};
+use qgrad_ops::{lstm_sequence, lstm_sequence_gathered, reference, LstmState, RecurrentNorm};
 
 /// Deterministic values in [-1, 1) (splitmix64).
 fn values(seed: u64, len: usize) -> Vec<f32> {
@@ -249,6 +250,136 @@ proptest! {
                     Mode::BatchEvalShared][mode];
         check(steps, batch, hidden, mode, with_init, seed);
     }
+}
+
+/// The gathered op against `index_select` then the projected op, both
+/// fused: outputs bit for bit (the same rows enter the same arithmetic), the
+/// table's, `W_h`'s and the gain's gradients within f32 rounding (the
+/// table's rows are summed in another order than candle's `index_add`).
+fn check_gathered(steps: usize, batch: usize, hidden: usize, vocab: usize, mode: Mode, seed: u64) {
+    let inputs = Inputs::new(
+        (steps, batch, hidden),
+        mode,
+        seed % 2 == 0,
+        seed,
+        DType::F32,
+    );
+    let table = Var::from_tensor(&tensor(seed + 11, &[vocab, 4 * hidden], 1.5)).unwrap();
+    // Repeated tokens, and every row of the table used where there are enough.
+    let tokens: Vec<u32> = (0..steps * batch)
+        .map(|i| ((i * 7 + seed as usize) % vocab) as u32)
+        .collect();
+    let tokens = Tensor::from_vec(tokens, steps * batch, &Device::Cpu).unwrap();
+    let run = |gathered: bool| {
+        let out = if gathered {
+            lstm_sequence_gathered(
+                table.as_tensor(),
+                &tokens,
+                steps,
+                batch,
+                inputs.wh.as_tensor(),
+                inputs.init.as_ref(),
+                inputs.norm(mode),
+            )
+        } else {
+            let xproj = table
+                .as_tensor()
+                .index_select(&tokens, 0)
+                .unwrap()
+                .reshape((steps, batch, 4 * hidden))
+                .unwrap();
+            lstm_sequence(
+                &xproj,
+                inputs.wh.as_tensor(),
+                inputs.init.as_ref(),
+                inputs.norm(mode),
+            )
+        }
+        .unwrap();
+        let grads = (&out.hidden * &inputs.r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<Option<Tensor>> = [&table, &inputs.wh, &inputs.gain]
+            .map(|v| grads.get(v).cloned())
+            .to_vec();
+        (out, g)
+    };
+    let ((fast, gf), (slow, gs)) = (run(true), run(false));
+    let bits = |t: &Tensor| as_f64(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&fast.hidden), bits(&slow.hidden), "hidden states");
+    assert_eq!(bits(&fast.last.c), bits(&slow.last.c), "last cell state");
+    for (i, name) in ["dtable", "dwh", "dgain"].iter().enumerate() {
+        match (&gf[i], &gs[i]) {
+            (Some(f), Some(s)) => {
+                assert_eq!(f.dims(), s.dims(), "{name}");
+                let scale = as_f64(s).iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                assert!(max_diff(f, s) <= 1e-5 * scale, "{name}: {}", max_diff(f, s));
+            }
+            (None, None) => {}
+            _ => panic!("{name}: one path has a gradient, the other not"),
+        }
+    }
+}
+
+#[test]
+fn a_gathered_input_equals_index_select_then_the_op() {
+    for mode in [
+        Mode::None,
+        Mode::Layer,
+        Mode::BatchTrain,
+        Mode::BatchEvalPerStep,
+    ] {
+        check_gathered(4, 3, 5, 6, mode, 31);
+        check_gathered(2, 5, 1, 2, mode, 32);
+        // 64 rows × 4·96 gates: two workers where the pool has two threads.
+        check_gathered(3, 64, 96, 83, mode, 33);
+    }
+}
+
+#[test]
+fn bad_tokens_are_errors_not_panics() {
+    let dev = Device::Cpu;
+    let table = Tensor::zeros((5, 8), DType::F32, &dev).unwrap();
+    let wh = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
+    let tokens = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
+    // A token past the table's 5 rows.
+    let err = lstm_sequence_gathered(
+        &table,
+        &tokens(vec![0, 5, 1, 2]),
+        2,
+        2,
+        &wh,
+        None,
+        RecurrentNorm::None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("token 5"), "{err}");
+    // Too few tokens for 2 steps of 2 rows; a table of the wrong width.
+    assert!(lstm_sequence_gathered(
+        &table,
+        &tokens(vec![0, 1, 2]),
+        2,
+        2,
+        &wh,
+        None,
+        RecurrentNorm::None
+    )
+    .is_err());
+    let narrow = Tensor::zeros((5, 6), DType::F32, &dev).unwrap();
+    assert!(lstm_sequence_gathered(
+        &narrow,
+        &tokens(vec![0; 4]),
+        2,
+        2,
+        &wh,
+        None,
+        RecurrentNorm::None
+    )
+    .is_err());
 }
 
 #[test]
