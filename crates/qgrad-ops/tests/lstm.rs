@@ -260,7 +260,7 @@ fn check_gathered(steps: usize, batch: usize, hidden: usize, vocab: usize, mode:
     let inputs = Inputs::new(
         (steps, batch, hidden),
         mode,
-        seed % 2 == 0,
+        seed.is_multiple_of(2),
         seed,
         DType::F32,
     );
