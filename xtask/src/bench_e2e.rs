@@ -27,8 +27,16 @@
 //!   the same recipe, so they should agree within noise), and the peak RSS
 //!   of the process (`wait4`'s `ru_maxrss`).
 //!
-//! MNIST networks only (LeNet-300-100, LeNet-5): the CIFAR networks' crop and
-//! flip augmentation has no PyTorch twin in the script yet.
+//! Character LSTMs `lstm-<H>` run the same way: `qgrad train-lstm --text T
+//! --hidden H --epochs E --json` against `bench_train_torch_lstm_e2e.py`
+//! (the corpus split as qgrad-data lays it out, nn.LSTM over one-hot
+//! characters, Adam at 0.002, the gradient norm clipped at 5, the state
+//! carried, the validation bits per character and an atomic checkpoint after
+//! every epoch); the rate is characters per second and the result the test
+//! bits per character.
+//!
+//! Of the image networks, MNIST's only (LeNet-300-100, LeNet-5): the CIFAR
+//! networks' crop and flip augmentation has no PyTorch twin in the script yet.
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -39,19 +47,50 @@ use anyhow::{bail, ensure, Context, Result};
 use qgrad_models::Arch;
 use serde::Serialize;
 
-/// Default epochs of the timed run (the issue's LeNet-300-100 measurement
-/// used 5, LeNet-5's 2).
-fn default_epochs(arch: Arch) -> usize {
-    match arch {
-        Arch::Lenet5 => 2,
-        _ => 5,
+/// A network of the end-to-end mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E2eNet {
+    /// An MNIST network, trained by `qgrad train`.
+    Mnist(Arch),
+    /// A character LSTM of this many hidden units, by `qgrad train-lstm`.
+    Lstm(usize),
+}
+
+impl E2eNet {
+    fn name(self) -> String {
+        match self {
+            E2eNet::Mnist(a) => a.name(),
+            E2eNet::Lstm(h) => format!("lstm-{h}"),
+        }
+    }
+
+    /// Default epochs of the timed run (the issue's LeNet-300-100
+    /// measurement used 5, LeNet-5's 2; an LSTM epoch over War and Peace is
+    /// 2.6 M characters, tens of seconds to minutes).
+    fn default_epochs(self) -> usize {
+        match self {
+            E2eNet::Mnist(Arch::Lenet5) => 2,
+            E2eNet::Mnist(_) => 5,
+            E2eNet::Lstm(_) => 1,
+        }
+    }
+
+    /// The key of the result in each side's JSON, and how it is shown.
+    fn metric(self) -> (&'static str, &'static str) {
+        match self {
+            E2eNet::Mnist(_) => ("test_accuracy", "test accuracy"),
+            E2eNet::Lstm(_) => ("test_bpc", "test bits per character"),
+        }
     }
 }
 
 /// The options of the end-to-end mode.
 pub struct EndToEndOptions<'a> {
-    pub nets: &'a [Arch],
+    pub nets: &'a [E2eNet],
+    /// The MNIST folder.
     pub data: &'a Path,
+    /// The LSTMs' corpus.
+    pub text: &'a Path,
     pub epochs: Option<usize>,
     pub threads: usize,
     pub repeats: usize,
@@ -68,7 +107,8 @@ struct ProcessRun {
     /// From the side's `training …` line to its last `epoch …` line.
     loop_seconds: f64,
     peak_rss_kib: u64,
-    test_accuracy: f64,
+    /// The test accuracy (MNIST) or test bits per character (LSTM).
+    metric: f64,
 }
 
 /// One side of one network.
@@ -77,8 +117,9 @@ struct SideSummary {
     /// The median run (by its epoch time).
     process_seconds: f64,
     seconds_per_epoch: f64,
-    images_per_second: f64,
-    test_accuracy: f64,
+    /// Images (MNIST) or characters (LSTM) per second.
+    items_per_second: f64,
+    metric: f64,
     peak_rss_kib: u64,
     /// Every run, in the order measured.
     runs: Vec<ProcessRun>,
@@ -88,7 +129,10 @@ struct SideSummary {
 struct EndToEndRow {
     net: String,
     epochs: usize,
-    train_images: usize,
+    /// Training images (or characters) per epoch.
+    train_items: usize,
+    /// What `metric` is.
+    metric: &'static str,
     qgrad: SideSummary,
     pytorch: SideSummary,
     /// PyTorch's seconds per epoch over qgrad's (> 1: qgrad is faster).
@@ -97,67 +141,120 @@ struct EndToEndRow {
 
 /// Runs the comparison and prints its table.
 pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
-    for &arch in opts.nets {
-        ensure!(
-            matches!(arch, Arch::Lenet300100 | Arch::Lenet5),
-            "--end-to-end covers the MNIST networks (lenet-300-100, lenet-5); {} trains with \
-             augmentation that the PyTorch script does not have",
-            arch.name()
-        );
+    for &net in opts.nets {
+        if let E2eNet::Mnist(arch) = net {
+            ensure!(
+                matches!(arch, Arch::Lenet300100 | Arch::Lenet5),
+                "--end-to-end covers the MNIST networks (lenet-300-100, lenet-5) and character \
+                 LSTMs (lstm-<hidden>); {} trains with augmentation that the PyTorch script \
+                 does not have",
+                arch.name()
+            );
+        }
     }
-    let (train, _) = qgrad_data::mnist::load_mnist(opts.data)
-        .with_context(|| format!("--end-to-end needs full MNIST in {}", opts.data.display()))?;
-    let train_images = train.len();
+    let mnist_images = if opts.nets.iter().any(|n| matches!(n, E2eNet::Mnist(_))) {
+        let (train, _) = qgrad_data::mnist::load_mnist(opts.data)
+            .with_context(|| format!("--end-to-end needs full MNIST in {}", opts.data.display()))?;
+        train.len()
+    } else {
+        0
+    };
+    let corpus_chars = if opts.nets.iter().any(|n| matches!(n, E2eNet::Lstm(_))) {
+        let corpus = qgrad_data::text::TextCorpus::load(opts.text).with_context(|| {
+            format!("--end-to-end needs the LSTM corpus {}", opts.text.display())
+        })?;
+        let split = corpus
+            .split(LSTM_BATCH, LSTM_SEQ_LEN)
+            .with_context(|| format!("splitting {}", opts.text.display()))?;
+        split.train.len() * LSTM_BATCH * LSTM_SEQ_LEN
+    } else {
+        0
+    };
     let qgrad = match opts.qgrad {
         Some(p) => p.to_path_buf(),
         None => sibling_qgrad()?,
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench_train_torch_e2e.py");
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let scratch = tempfile::tempdir().context("creating a scratch folder for checkpoints")?;
     let mut rows = Vec::new();
-    for &arch in opts.nets {
-        let epochs = opts.epochs.unwrap_or_else(|| default_epochs(arch));
+    for &net in opts.nets {
+        let epochs = opts.epochs.unwrap_or_else(|| net.default_epochs());
         ensure!(epochs >= 1, "--epochs must be at least 1");
+        let (metric_key, metric_name) = net.metric();
         let mut sides: [Vec<ProcessRun>; 2] = [Vec::new(), Vec::new()];
         for repeat in 1..=opts.repeats {
             for (s, side) in ["qgrad", "PyTorch"].iter().enumerate() {
                 eprintln!(
                     "{}: {side}, {epochs} epoch(s) on {} threads (run {repeat}/{})",
-                    arch.name(),
+                    net.name(),
                     opts.threads,
                     opts.repeats
                 );
                 let out = scratch
                     .path()
-                    .join(format!("{}-{side}-{repeat}", arch.name()));
+                    .join(format!("{}-{side}-{repeat}", net.name()));
                 let e = epochs.to_string();
-                let mut cmd = if s == 0 {
-                    let mut c = Command::new(&qgrad);
-                    c.args(["train", "--model", &arch.name(), "--data"])
-                        .arg(opts.data)
-                        .args(["--epochs", &e, "--batch-size", "128"])
-                        .args(["--json", "--no-progress", "--out"])
-                        .arg(&out);
-                    c
-                } else {
-                    let mut c = Command::new(opts.python);
-                    c.arg(&script)
-                        .args(["--net", &arch.name(), "--data"])
-                        .arg(opts.data)
-                        .args(["--epochs", &e, "--batch", "128"])
-                        .args(["--threads", &opts.threads.to_string(), "--out"])
-                        .arg(&out);
-                    c
+                let threads = opts.threads.to_string();
+                let mut cmd = match (net, s) {
+                    (E2eNet::Mnist(arch), 0) => {
+                        let mut c = Command::new(&qgrad);
+                        c.args(["train", "--model", &arch.name(), "--data"])
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch-size", "128"])
+                            .args(["--json", "--no-progress", "--out"])
+                            .arg(&out);
+                        c
+                    }
+                    (E2eNet::Mnist(arch), _) => {
+                        let mut c = Command::new(opts.python);
+                        c.arg(here.join("bench_train_torch_e2e.py"))
+                            .args(["--net", &arch.name(), "--data"])
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch", "128"])
+                            .args(["--threads", &threads, "--out"])
+                            .arg(&out);
+                        c
+                    }
+                    (E2eNet::Lstm(h), 0) => {
+                        let mut c = Command::new(&qgrad);
+                        c.args(["train-lstm", "--text"])
+                            .arg(opts.text)
+                            .args(["--hidden", &h.to_string(), "--epochs", &e, "--json"])
+                            .arg("--checkpoint")
+                            .arg(&out);
+                        c
+                    }
+                    (E2eNet::Lstm(h), _) => {
+                        let mut c = Command::new(opts.python);
+                        c.arg(here.join("bench_train_torch_lstm_e2e.py"))
+                            .arg("--text")
+                            .arg(opts.text)
+                            .args(["--hidden", &h.to_string(), "--epochs", &e])
+                            .args(["--threads", &threads, "--out"])
+                            .arg(&out);
+                        c
+                    }
                 };
-                sides[s].push(run_process(&mut cmd, opts.threads, side, epochs)?);
+                sides[s].push(run_process(
+                    &mut cmd,
+                    opts.threads,
+                    side,
+                    epochs,
+                    metric_key,
+                )?);
             }
         }
-        let [q, t] = sides.map(|runs| summarise(runs, train_images));
+        let train_items = match net {
+            E2eNet::Mnist(_) => mnist_images,
+            E2eNet::Lstm(_) => corpus_chars,
+        };
+        let [q, t] = sides.map(|runs| summarise(runs, train_items));
         let speed_ratio = t.seconds_per_epoch / q.seconds_per_epoch;
         rows.push(EndToEndRow {
-            net: arch.name(),
+            net: net.name(),
             epochs,
-            train_images,
+            train_items,
+            metric: metric_name,
             qgrad: q,
             pytorch: t,
             speed_ratio,
@@ -169,6 +266,11 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The LSTMs' batch and sequence length: `qgrad train-lstm`'s defaults,
+/// which the script shares.
+const LSTM_BATCH: usize = 64;
+const LSTM_SEQ_LEN: usize = 100;
 
 /// The `qgrad` binary next to this one (both are built into the same
 /// `target/<profile>/`).
@@ -184,7 +286,7 @@ fn sibling_qgrad() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn summarise(mut runs: Vec<ProcessRun>, images: usize) -> SideSummary {
+fn summarise(mut runs: Vec<ProcessRun>, items: usize) -> SideSummary {
     let all = runs.clone();
     runs.sort_by(|a, b| a.loop_seconds.total_cmp(&b.loop_seconds));
     let median = &runs[runs.len() / 2];
@@ -192,16 +294,22 @@ fn summarise(mut runs: Vec<ProcessRun>, images: usize) -> SideSummary {
     SideSummary {
         process_seconds: median.seconds,
         seconds_per_epoch,
-        images_per_second: images as f64 / seconds_per_epoch,
-        test_accuracy: median.test_accuracy,
+        items_per_second: items as f64 / seconds_per_epoch,
+        metric: median.metric,
         peak_rss_kib: median.peak_rss_kib,
         runs: all,
     }
 }
 
 /// Runs `cmd` to completion with the thread count in its environment; its
-/// wall time, its own peak RSS and the test accuracy of its JSON output.
-fn run_process(cmd: &mut Command, threads: usize, side: &str, epochs: usize) -> Result<ProcessRun> {
+/// wall time, its own peak RSS and `metric` of its JSON output.
+fn run_process(
+    cmd: &mut Command,
+    threads: usize,
+    side: &str,
+    epochs: usize,
+    metric: &str,
+) -> Result<ProcessRun> {
     let t = threads.to_string();
     cmd.env("RAYON_NUM_THREADS", &t)
         .env("OMP_NUM_THREADS", &t)
@@ -246,15 +354,15 @@ fn run_process(cmd: &mut Command, threads: usize, side: &str, epochs: usize) -> 
     })?;
     let json = parse_last_json(&out)
         .with_context(|| format!("the {side} side printed no JSON result:\n{out}\n{err}"))?;
-    let test_accuracy = json["test_accuracy"]
+    let metric = json[metric]
         .as_f64()
-        .with_context(|| format!("no test_accuracy in the {side} side's result"))?;
+        .with_context(|| format!("no {metric} in the {side} side's result"))?;
     Ok(ProcessRun {
         epochs,
         seconds,
         loop_seconds: done - ready,
         peak_rss_kib,
-        test_accuracy,
+        metric,
     })
 }
 
@@ -296,13 +404,14 @@ fn wait_with_rusage(child: &mut std::process::Child) -> Result<(std::process::Ex
 
 fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
     println!(
-        "\nend to end on full MNIST, {threads} thread(s), batch 128, SGD momentum 0.9 + wd 5e-4, \
-         cosine; seconds per epoch from each side's `training` line to its last `epoch` line, over E; median of \
-         {repeats} alternating run(s) per side; processor: {}",
+        "\nend to end, {threads} thread(s); MNIST: full MNIST, batch 128, SGD momentum 0.9 + wd 5e-4, \
+         cosine; LSTM: batch 64 x 100 characters, Adam 0.002, clip 5; seconds per epoch from each \
+         side's `training` line to its last `epoch` line, over E; images or characters per \
+         second; median of {repeats} alternating run(s) per side; processor: {}",
         xtask::cpu_model()
     );
     println!(
-        "{:<14} {:>3} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "{:<14} {:>3} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
         "net",
         "E",
         "qgrad s",
@@ -310,16 +419,23 @@ fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
         "qgrad s/ep",
         "torch s/ep",
         "ratio",
-        "qgrad i/s",
-        "torch i/s",
-        "qgrad %",
-        "torch %",
+        "qgrad /s",
+        "torch /s",
+        "qgrad test",
+        "torch test",
         "qgrad MiB",
         "torch MiB"
     );
+    let shown = |r: &EndToEndRow, v: f64| {
+        if r.metric == "test accuracy" {
+            format!("{:.2} %", 100.0 * v)
+        } else {
+            format!("{v:.3} bpc")
+        }
+    };
     for r in rows {
         println!(
-            "{:<14} {:>3} {:>10.2} {:>10.2} {:>10.3} {:>10.3} {:>6.2}x {:>9.0} {:>9.0} {:>8.2} {:>8.2} {:>9.0} {:>9.0}",
+            "{:<14} {:>3} {:>10.2} {:>10.2} {:>10.3} {:>10.3} {:>6.2}x {:>9.0} {:>9.0} {:>10} {:>10} {:>9.0} {:>9.0}",
             r.net,
             r.epochs,
             r.qgrad.process_seconds,
@@ -327,10 +443,10 @@ fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
             r.qgrad.seconds_per_epoch,
             r.pytorch.seconds_per_epoch,
             r.speed_ratio,
-            r.qgrad.images_per_second,
-            r.pytorch.images_per_second,
-            100.0 * r.qgrad.test_accuracy,
-            100.0 * r.pytorch.test_accuracy,
+            r.qgrad.items_per_second,
+            r.pytorch.items_per_second,
+            shown(r, r.qgrad.metric),
+            shown(r, r.pytorch.metric),
             r.qgrad.peak_rss_kib as f64 / 1024.0,
             r.pytorch.peak_rss_kib as f64 / 1024.0,
         );
@@ -351,19 +467,31 @@ mod tests {
     }
 
     #[test]
+    fn lstm_rows_read_bits_per_character_over_one_epoch() {
+        let net = E2eNet::Lstm(256);
+        assert_eq!(net.name(), "lstm-256");
+        assert_eq!(net.default_epochs(), 1);
+        assert_eq!(net.metric().0, "test_bpc");
+        let mnist = E2eNet::Mnist(Arch::Lenet5);
+        assert_eq!((mnist.default_epochs(), mnist.metric().0), (2, "test_accuracy"));
+        let line = "{\"side\": \"pytorch\", \"test_bpc\": 1.75}\n";
+        assert_eq!(parse_last_json(line).unwrap()[net.metric().0], 1.75);
+    }
+
+    #[test]
     fn per_epoch_time_is_the_median_loop_over_epochs() {
         let run = |seconds, loop_seconds| ProcessRun {
             epochs: 5,
             seconds,
             loop_seconds,
             peak_rss_kib: 1,
-            test_accuracy: 0.9,
+            metric: 0.9,
         };
         let s = summarise(vec![run(9.0, 7.5), run(7.0, 5.0), run(11.0, 10.0)], 60_000);
         // Loops of 7.5, 5.0 and 10.0 s: the median is the first run's.
         assert_eq!(s.seconds_per_epoch, 1.5);
         assert_eq!(s.process_seconds, 9.0);
-        assert_eq!(s.images_per_second, 40_000.0);
+        assert_eq!(s.items_per_second, 40_000.0);
         assert_eq!(s.runs.len(), 3);
     }
 }

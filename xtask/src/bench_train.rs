@@ -73,14 +73,23 @@ pub struct BenchTrainArgs {
     /// Time the user's path instead of the step: `qgrad train` on full MNIST
     /// for whole epochs (batch assembly, gradient bookkeeping, evaluation,
     /// checkpoints) against the same loop in PyTorch
-    /// (`xtask/bench_train_torch_e2e.py`); LeNet-300-100 and LeNet-5.
+    /// (`xtask/bench_train_torch_e2e.py`), LeNet-300-100 and LeNet-5; and
+    /// `qgrad train-lstm` on --text against `bench_train_torch_lstm_e2e.py`,
+    /// lstm-<hidden>.
     #[arg(long)]
     end_to_end: bool,
     /// --end-to-end: the MNIST folder.
     #[arg(long, default_value = "datasets/mnist")]
     data: PathBuf,
+    /// --end-to-end: the character LSTMs' corpus.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "datasets/war-and-peace/input.txt"
+    )]
+    text: PathBuf,
     /// --end-to-end: epochs of the timed run [default: 5 for LeNet-300-100,
-    /// 2 for LeNet-5].
+    /// 2 for LeNet-5, 1 for an LSTM].
     #[arg(long)]
     epochs: Option<usize>,
     /// --end-to-end: the qgrad binary [default: the one beside this xtask].
@@ -263,16 +272,17 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         if args.skip_torch {
             bail!("--end-to-end compares with PyTorch; --skip-torch does not apply");
         }
-        let nets = archs
+        let nets: Vec<_> = archs
             .iter()
-            .map(|n| match n {
-                BenchNet::Image(a) => Ok(*a),
-                BenchNet::Lstm(_) => bail!("--end-to-end covers lenet-300-100 and lenet-5"),
+            .map(|n| match *n {
+                BenchNet::Image(a) => crate::bench_e2e::E2eNet::Mnist(a),
+                BenchNet::Lstm(h) => crate::bench_e2e::E2eNet::Lstm(h),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         return crate::bench_e2e::run(crate::bench_e2e::EndToEndOptions {
             nets: &nets,
             data: &args.data,
+            text: &args.text,
             epochs: args.epochs,
             threads,
             repeats: args.repeats,

@@ -140,20 +140,24 @@ pub fn train_lstm(args: TrainLstmArgs) -> CliResult<()> {
         checkpoint: args.checkpoint.clone(),
         progress: !args.json,
     };
-    run.train(&split, &options).runtime("training failed")?;
+    // Progress on stderr as it happens, as `qgrad train` reports it: the
+    // data and model are ready, then each epoch once evaluated and saved.
+    let batches = config
+        .train_chunks
+        .map_or(split.train.len(), |n| n.min(split.train.len()));
+    eprintln!(
+        "training char-lstm ({}) for {} epochs: {batches} batches of {} x {} characters an epoch (seed {})",
+        config.label(),
+        config.epochs,
+        config.batch,
+        config.seq_len,
+        config.seed
+    );
+    run.train_observed(&split, &options, &mut |r| eprintln!("{}", epoch_line(r)))
+        .runtime("training failed")?;
     if !args.json {
         for r in &run.records {
-            println!(
-                "epoch {:>3}  lr {:.5}  train {:.3} bpc  valid {:.3} bpc  grad norm {:.2} (max {:.2}, {:.0} % clipped)  {:.0} chars/s",
-                r.epoch + 1,
-                r.lr,
-                r.train_bpc,
-                r.valid_bpc,
-                r.grad_norm_mean,
-                r.grad_norm_max,
-                100.0 * r.clipped,
-                r.chars_per_second
-            );
+            println!("{}", epoch_line(r));
         }
     }
     let test_bpc = run.bpc(&split.test).runtime("evaluation failed")?;
@@ -189,6 +193,21 @@ pub fn train_lstm(args: TrainLstmArgs) -> CliResult<()> {
         );
     }
     Ok(())
+}
+
+/// One epoch's summary line.
+fn epoch_line(r: &qgrad_lstm::EpochRecord) -> String {
+    format!(
+        "epoch {:>3}  lr {:.5}  train {:.3} bpc  valid {:.3} bpc  grad norm {:.2} (max {:.2}, {:.0} % clipped)  {:.0} chars/s",
+        r.epoch + 1,
+        r.lr,
+        r.train_bpc,
+        r.valid_bpc,
+        r.grad_norm_mean,
+        r.grad_norm_max,
+        100.0 * r.clipped,
+        r.chars_per_second
+    )
 }
 
 pub fn generate(args: GenerateArgs) -> CliResult<()> {

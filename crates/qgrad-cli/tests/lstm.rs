@@ -1,6 +1,7 @@
 //! `qgrad train-lstm`, `qgrad eval` and `qgrad generate` on the shipped War
-//! and Peace slice: the file's test BPC equals the training run's, sampling
-//! is deterministic for a seed, and bad input exits with a clear error.
+//! and Peace slice: the file's test BPC equals the training run's, progress
+//! goes to stderr epoch by epoch, sampling is deterministic for a seed, and
+//! bad input exits with a clear error.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -30,7 +31,7 @@ fn train_eval_generate() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ternary.qgrad");
     let text = mini();
-    let trained = json(&qgrad(&[
+    let out = qgrad(&[
         "train-lstm",
         "--text",
         text.to_str().unwrap(),
@@ -39,7 +40,7 @@ fn train_eval_generate() {
         "--batch",
         "16",
         "--epochs",
-        "1",
+        "2",
         "--train-batches",
         "8",
         "--norm",
@@ -49,7 +50,25 @@ fn train_eval_generate() {
         "--out",
         file.to_str().unwrap(),
         "--json",
-    ]));
+    ]);
+    let trained = json(&out);
+    // Progress on stderr as it happens, even with --json: a start line, then
+    // one line per epoch with that epoch's validation BPC.
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines[0].starts_with("training char-lstm (twn-weight) for 2 epochs: 8 batches of 16 x 100"),
+        "{log}"
+    );
+    for (e, record) in trained["records"].as_array().unwrap().iter().enumerate() {
+        let valid = format!("valid {:.3} bpc", record["valid_bpc"].as_f64().unwrap());
+        let line = lines[1 + e];
+        assert!(
+            line.starts_with(&format!("epoch {:>3}", e + 1)) && line.contains(&valid),
+            "{log}"
+        );
+    }
+    assert_eq!(lines.len(), 3, "{log}");
     let bpc = trained["test_bpc"].as_f64().unwrap();
     assert_eq!(trained["file"]["test_bpc"].as_f64().unwrap(), bpc);
     let eval = json(&qgrad(&[

@@ -19,7 +19,7 @@
 //!   estimator and Adam's curvature;
 //! * [`train`]: truncated backpropagation through time, evaluation in bits
 //!   per character, resumable checkpoints;
-//! * [`generate`]: seeded sampling; [`spectral`]: spectral norms.
+//! * [`generate()`]: seeded sampling; [`spectral`]: spectral norms.
 //!
 //! # Example
 //!

@@ -223,6 +223,18 @@ impl LstmRun {
     /// Trains from the first epoch not yet done up to the configured count,
     /// checkpointing after each. Returns the records of the epochs run now.
     pub fn train(&mut self, split: &TextSplit, options: &TrainOptions) -> Result<&[EpochRecord]> {
+        self.train_observed(split, options, &mut |_| {})
+    }
+
+    /// [`LstmRun::train`], calling `on_epoch` with each epoch's record once
+    /// it is done (after the validation pass and the checkpoint), so that a
+    /// caller can report progress as it happens.
+    pub fn train_observed(
+        &mut self,
+        split: &TextSplit,
+        options: &TrainOptions,
+        on_epoch: &mut dyn FnMut(&EpochRecord),
+    ) -> Result<&[EpochRecord]> {
         let c = self.config().clone();
         if split.train.batch != c.batch || split.train.seq_len != c.seq_len {
             return Err(LstmError::Config(format!(
@@ -236,6 +248,9 @@ impl LstmRun {
             self.records.push(record);
             if let Some(path) = &options.checkpoint {
                 self.save(path)?;
+            }
+            if let Some(record) = self.records.last() {
+                on_epoch(record);
             }
         }
         Ok(&self.records[first.min(self.records.len())..])
