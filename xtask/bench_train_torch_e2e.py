@@ -11,6 +11,17 @@ backward pass, the whole test set evaluated after every epoch (batches of
 1000), and a checkpoint (weights, optimizer state, accumulated gradients)
 written atomically after every epoch. Prints one JSON line.
 
+With --quantizer lab it is the loss-aware binary loop of METHOD.md section
+10 instead, as `qgrad quantize loss-aware --quantizer lab` runs it (with
+--optimizer adam --lr 0.005 --weight-decay 0 --batch 100): every weight
+tensor (the parameters of two or more dimensions; biases stay float) is
+replaced for the forward and backward pass by alpha * sign(W), sign(0) = +1,
+alpha = sum(D |W|) / sum(D) with D = sqrt(v) + 1e-8 and v Adam's second
+moment without bias correction (zero before the first step, so the first
+step is BWN's); the gradient of the binary weights updates the float W
+(straight through), W is clipped to [-1, 1] after each update, and the test
+set is evaluated with the binary weights.
+
 PyTorch is a measurement tool only, never a dependency of qgrad (see
 bench_train_torch.py for how to point bench-train at an interpreter).
 """
@@ -52,6 +63,9 @@ def main():
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--quantizer", choices=["none", "lab"], default="none")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", required=True)
@@ -67,8 +81,31 @@ def main():
     test_x = read_idx(torch, args.data, "t10k-images-idx3-ubyte")
     test_y = read_idx(torch, args.data, "t10k-labels-idx1-ubyte").long()
     model, _ = build(args.net, nn)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
+                                     weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
+                                    weight_decay=args.weight_decay)
     accgrad = [torch.zeros_like(p) for p in model.parameters()]
+    binary = [p for p in model.parameters() if p.dim() > 1] if args.quantizer == "lab" else []
+
+    def binarize():
+        """LAB: the float weights saved, alpha * sign(W) in their place."""
+        saved = []
+        with torch.no_grad():
+            for p in binary:
+                saved.append(p.detach().clone())
+                v = optimizer.state.get(p, {}).get("exp_avg_sq")
+                d = v.sqrt() + 1e-8 if v is not None else torch.full_like(p, 1e-8)
+                alpha = (d * p.abs()).sum() / d.sum()
+                p.copy_(torch.where(p >= 0, alpha, -alpha))
+        return saved
+
+    def restore(saved):
+        with torch.no_grad():
+            for p, w in zip(binary, saved):
+                p.copy_(w)
     generator = torch.Generator().manual_seed(args.seed)
     ready = time.perf_counter()
     # bench-train times the loop from this line on, as it does qgrad train's.
@@ -90,20 +127,28 @@ def main():
         for start in range(0, len(order), args.batch):
             idx = order[start:start + args.batch]
             x, y = images(train_x[idx]), train_y[idx]
+            saved = binarize()
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            restore(saved)
             with torch.no_grad():
                 for a, p in zip(accgrad, model.parameters()):
                     a.add_(p.grad.abs())
             optimizer.step()
+            if binary:
+                with torch.no_grad():
+                    for p in binary:
+                        p.clamp_(-1.0, 1.0)
             loss_sum += loss.detach() * len(idx)
         model.eval()
         correct = 0
+        saved = binarize()
         with torch.no_grad():
             for start in range(0, test_x.shape[0], 1000):
                 logits = model(images(test_x[start:start + 1000]))
                 correct += int((logits.argmax(1) == test_y[start:start + 1000]).sum())
+        restore(saved)
         tmp = args.out + ".tmp"
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "accgrad": accgrad, "epoch": epoch + 1}, tmp)

@@ -35,6 +35,12 @@
 //! every epoch); the rate is characters per second and the result the test
 //! bits per character.
 //!
+//! With `--quantizer lab` the MNIST networks train with loss-aware binary
+//! weights instead (METHOD §10): `qgrad quantize loss-aware --quantizer lab`
+//! with Adam (lr 0.005, cosine, batch 100, no weight decay) against the same
+//! loop in the script (`--quantizer lab`), the result being the binary
+//! network's test accuracy (qgrad's from its file).
+//!
 //! Of the image networks, MNIST's only (LeNet-300-100, LeNet-5): the CIFAR
 //! networks' crop and flip augmentation has no PyTorch twin in the script yet.
 
@@ -52,6 +58,9 @@ use serde::Serialize;
 pub enum E2eNet {
     /// An MNIST network, trained by `qgrad train`.
     Mnist(Arch),
+    /// An MNIST network with loss-aware binary weights (LAB, METHOD §10),
+    /// trained by `qgrad quantize loss-aware --quantizer lab` with Adam.
+    MnistLab(Arch),
     /// A character LSTM of this many hidden units, by `qgrad train-lstm`.
     Lstm(usize),
 }
@@ -60,6 +69,7 @@ impl E2eNet {
     fn name(self) -> String {
         match self {
             E2eNet::Mnist(a) => a.name(),
+            E2eNet::MnistLab(a) => format!("{} lab", a.name()),
             E2eNet::Lstm(h) => format!("lstm-{h}"),
         }
     }
@@ -69,17 +79,29 @@ impl E2eNet {
     /// 2.6 M characters, tens of seconds to minutes).
     fn default_epochs(self) -> usize {
         match self {
-            E2eNet::Mnist(Arch::Lenet5) => 2,
-            E2eNet::Mnist(_) => 5,
+            E2eNet::Mnist(Arch::Lenet5) | E2eNet::MnistLab(Arch::Lenet5) => 2,
+            E2eNet::Mnist(_) | E2eNet::MnistLab(_) => 5,
             E2eNet::Lstm(_) => 1,
         }
     }
 
-    /// The key of the result in each side's JSON, and how it is shown.
-    fn metric(self) -> (&'static str, &'static str) {
+    /// The key of the result in qgrad's and in the script's JSON, and what
+    /// it is.
+    fn metric(self) -> [&'static str; 3] {
         match self {
-            E2eNet::Mnist(_) => ("test_accuracy", "test accuracy"),
-            E2eNet::Lstm(_) => ("test_bpc", "test bits per character"),
+            E2eNet::Mnist(_) => ["test_accuracy", "test_accuracy", "test accuracy"],
+            // The binary network's accuracy: from the file (the integer
+            // kernels, equal to candle's evaluation) against PyTorch's
+            // evaluation with the binary weights.
+            E2eNet::MnistLab(_) => ["file_accuracy", "test_accuracy", "test accuracy"],
+            E2eNet::Lstm(_) => ["test_bpc", "test_bpc", "test bits per character"],
+        }
+    }
+
+    fn arch(self) -> Option<Arch> {
+        match self {
+            E2eNet::Mnist(a) | E2eNet::MnistLab(a) => Some(a),
+            E2eNet::Lstm(_) => None,
         }
     }
 }
@@ -142,7 +164,7 @@ struct EndToEndRow {
 /// Runs the comparison and prints its table.
 pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
     for &net in opts.nets {
-        if let E2eNet::Mnist(arch) = net {
+        if let Some(arch) = net.arch() {
             ensure!(
                 matches!(arch, Arch::Lenet300100 | Arch::Lenet5),
                 "--end-to-end covers the MNIST networks (lenet-300-100, lenet-5) and character \
@@ -152,7 +174,7 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
             );
         }
     }
-    let mnist_images = if opts.nets.iter().any(|n| matches!(n, E2eNet::Mnist(_))) {
+    let mnist_images = if opts.nets.iter().any(|n| n.arch().is_some()) {
         let (train, _) = qgrad_data::mnist::load_mnist(opts.data)
             .with_context(|| format!("--end-to-end needs full MNIST in {}", opts.data.display()))?;
         train.len()
@@ -180,7 +202,7 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
     for &net in opts.nets {
         let epochs = opts.epochs.unwrap_or_else(|| net.default_epochs());
         ensure!(epochs >= 1, "--epochs must be at least 1");
-        let (metric_key, metric_name) = net.metric();
+        let [qgrad_key, torch_key, metric_name] = net.metric();
         let mut sides: [Vec<ProcessRun>; 2] = [Vec::new(), Vec::new()];
         for repeat in 1..=opts.repeats {
             for (s, side) in ["qgrad", "PyTorch"].iter().enumerate() {
@@ -215,6 +237,28 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                             .arg(&out);
                         c
                     }
+                    (E2eNet::MnistLab(arch), 0) => {
+                        let mut c = Command::new(&qgrad);
+                        c.args(["quantize", "loss-aware", "--quantizer", "lab", "--model"])
+                            .arg(arch.name())
+                            .arg("--data")
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch-size", "100", "--lr", "0.005"])
+                            .args(["--weight-decay", "0", "--json", "--no-progress", "--out"])
+                            .arg(&out);
+                        c
+                    }
+                    (E2eNet::MnistLab(arch), _) => {
+                        let mut c = Command::new(opts.python);
+                        c.arg(here.join("bench_train_torch_e2e.py"))
+                            .args(["--net", &arch.name(), "--data"])
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch", "100", "--lr", "0.005"])
+                            .args(["--optimizer", "adam", "--weight-decay", "0"])
+                            .args(["--quantizer", "lab", "--threads", &threads, "--out"])
+                            .arg(&out);
+                        c
+                    }
                     (E2eNet::Lstm(h), 0) => {
                         let mut c = Command::new(&qgrad);
                         c.args(["train-lstm", "--text"])
@@ -235,17 +279,12 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                         c
                     }
                 };
-                sides[s].push(run_process(
-                    &mut cmd,
-                    opts.threads,
-                    side,
-                    epochs,
-                    metric_key,
-                )?);
+                let key = if s == 0 { qgrad_key } else { torch_key };
+                sides[s].push(run_process(&mut cmd, opts.threads, side, epochs, key)?);
             }
         }
         let train_items = match net {
-            E2eNet::Mnist(_) => mnist_images,
+            E2eNet::Mnist(_) | E2eNet::MnistLab(_) => mnist_images,
             E2eNet::Lstm(_) => corpus_chars,
         };
         let [q, t] = sides.map(|runs| summarise(runs, train_items));
@@ -405,7 +444,7 @@ fn wait_with_rusage(child: &mut std::process::Child) -> Result<(std::process::Ex
 fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
     println!(
         "\nend to end, {threads} thread(s); MNIST: full MNIST, batch 128, SGD momentum 0.9 + wd 5e-4, \
-         cosine; LSTM: batch 64 x 100 characters, Adam 0.002, clip 5; seconds per epoch from each \
+         cosine (lab: binary weights, batch 100, Adam 0.005, cosine); LSTM: batch 64 x 100 characters, Adam 0.002, clip 5; seconds per epoch from each \
          side's `training` line to its last `epoch` line, over E; images or characters per \
          second; median of {repeats} alternating run(s) per side; processor: {}",
         xtask::cpu_model()
@@ -471,11 +510,20 @@ mod tests {
         let net = E2eNet::Lstm(256);
         assert_eq!(net.name(), "lstm-256");
         assert_eq!(net.default_epochs(), 1);
-        assert_eq!(net.metric().0, "test_bpc");
+        assert_eq!(net.metric()[0], "test_bpc");
         let mnist = E2eNet::Mnist(Arch::Lenet5);
-        assert_eq!((mnist.default_epochs(), mnist.metric().0), (2, "test_accuracy"));
+        assert_eq!(
+            (mnist.default_epochs(), mnist.metric()[0]),
+            (2, "test_accuracy")
+        );
+        // The binary network's qgrad result is the file's accuracy.
+        let lab = E2eNet::MnistLab(Arch::Lenet300100);
+        assert_eq!(
+            (lab.name().as_str(), lab.metric()[0]),
+            ("lenet-300-100 lab", "file_accuracy")
+        );
         let line = "{\"side\": \"pytorch\", \"test_bpc\": 1.75}\n";
-        assert_eq!(parse_last_json(line).unwrap()[net.metric().0], 1.75);
+        assert_eq!(parse_last_json(line).unwrap()[net.metric()[1]], 1.75);
     }
 
     #[test]

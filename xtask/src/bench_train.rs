@@ -81,6 +81,11 @@ pub struct BenchTrainArgs {
     /// --end-to-end: the MNIST folder.
     #[arg(long, default_value = "datasets/mnist")]
     data: PathBuf,
+    /// --end-to-end: train the MNIST networks with this loss-aware weight
+    /// quantizer (`qgrad quantize loss-aware`, Adam) against the same loop in
+    /// PyTorch; the script has `lab` (loss-aware binary weights).
+    #[arg(long)]
+    quantizer: Option<String>,
     /// --end-to-end: the character LSTMs' corpus.
     #[arg(
         long,
@@ -272,9 +277,17 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         if args.skip_torch {
             bail!("--end-to-end compares with PyTorch; --skip-torch does not apply");
         }
+        let lab = match args.quantizer.as_deref() {
+            None => false,
+            Some("lab") => true,
+            Some(q) => bail!(
+                "--quantizer {q}: the PyTorch side implements lab (loss-aware binary weights) only"
+            ),
+        };
         let nets: Vec<_> = archs
             .iter()
             .map(|n| match *n {
+                BenchNet::Image(a) if lab => crate::bench_e2e::E2eNet::MnistLab(a),
                 BenchNet::Image(a) => crate::bench_e2e::E2eNet::Mnist(a),
                 BenchNet::Lstm(h) => crate::bench_e2e::E2eNet::Lstm(h),
             })

@@ -183,13 +183,17 @@ impl InplaceOp3 for AdamDescend {
         if theta.len() != m.len() || theta.len() != v.len() {
             candle_core::bail!("qgrad-adam-descend: length mismatch");
         }
-        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
-            let denom = v.sqrt() / self.sqrt_c2 + self.eps;
-            *t = if m != 0.0 {
-                *t - self.step_size * (m / denom)
-            } else {
-                *t
-            };
+        // The step is computed for every element and kept where m ≠ 0 (a
+        // select, not a branch), so that the loop vectorises: written as a
+        // branch it compiled to scalar `sqrtss`/`divss`, about 1 ms a step
+        // for LeNet-300-100's 266k parameters (13 % of a loss-aware epoch).
+        // The same IEEE operations either way, so the same bits.
+        let n = theta.len();
+        let (m, v) = (&m[..n], &v[..n]);
+        for i in 0..n {
+            let denom = v[i].sqrt() / self.sqrt_c2 + self.eps;
+            let stepped = theta[i] - self.step_size * (m[i] / denom);
+            theta[i] = if m[i] != 0.0 { stepped } else { theta[i] };
         }
         Ok(())
     }

@@ -309,7 +309,7 @@ pub fn quantize(
     warm: Option<&Quantized>,
 ) -> Result<Quantized> {
     method.validate()?;
-    if w.iter().any(|x| !x.is_finite()) {
+    if !all_finite(w) {
         return Err(ScaledError::NotFinite("the weights"));
     }
     if let Some(d) = d {
@@ -320,7 +320,7 @@ pub fn quantize(
                 w.len()
             )));
         }
-        if d.iter().any(|x| !x.is_finite() || *x < 0.0) {
+        if !all_finite_non_negative(d) {
             return Err(ScaledError::NotFinite("the curvature"));
         }
     }
@@ -340,18 +340,49 @@ pub fn quantize(
         let dg = d.map_or(ones.as_slice(), |d| &d[range.clone()]);
         let warm_g = warm.map(|q| (&q.codes[range.clone()], &q.scales[g * spg..(g + 1) * spg]));
         let (codes, scales) = solvers::solve(method, wg, dg, warm_g);
-        for &c in &codes {
-            let scale = if spg == 2 && c < 0 {
-                scales[1]
-            } else {
-                scales[0]
-            };
-            out.values.push(scale * method.level(c));
-        }
+        // `scale · level(code)` of every possible code, once per group: the
+        // same products as per element, without a `match` per element.
+        let value_of: Vec<f32> = (i8::MIN..=i8::MAX)
+            .map(|c| {
+                let scale = if spg == 2 && c < 0 {
+                    scales[1]
+                } else {
+                    scales[0]
+                };
+                scale * method.level(c)
+            })
+            .collect();
+        out.values.extend(
+            codes
+                .iter()
+                .map(|&c| value_of[(i16::from(c) - i16::from(i8::MIN)) as usize]),
+        );
         out.codes.extend(codes);
         out.scales.extend(scales);
     }
     Ok(out)
+}
+
+// The input checks of `quantize` run every training step over every
+// weight and its curvature. As `any` with an early exit they compiled to a
+// scalar loop, two thirds of `quantize`'s time for LAB on LeNet-300-100
+// (`perf annotate`); as an integer max over the bit patterns (an exponent of
+// all ones is infinite or NaN) they vectorise and answer the same question.
+
+/// Whether every value is finite.
+fn all_finite(v: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    v.iter().fold(0u32, |m, x| m.max(x.to_bits() & EXPONENT)) < EXPONENT
+}
+
+/// Whether every value is finite and ≥ 0 (−0 included, as `x < 0.0` says).
+fn all_finite_non_negative(v: &[f32]) -> bool {
+    const NEGATIVE_ZERO: u32 = 0x8000_0000;
+    // As unsigned bits, a finite value ≥ 0 is below +∞'s; −0 is mapped to 0.
+    v.iter().fold(0u32, |m, x| {
+        let b = x.to_bits();
+        m.max(if b == NEGATIVE_ZERO { 0 } else { b })
+    }) < f32::INFINITY.to_bits()
 }
 
 /// `n` elements split into `groups` equal groups, or an error.

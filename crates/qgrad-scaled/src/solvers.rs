@@ -14,9 +14,7 @@ pub(crate) fn solve(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8
         Method::BinaryConnect => (signs(w), vec![1.0]),
         Method::Bwn => (signs(w), vec![mean_abs(w) as f32]),
         Method::Lab => {
-            let (num, den) = w.iter().zip(d).fold((0f64, 0f64), |(n, s), (&w, &d)| {
-                (n + d as f64 * (w as f64).abs(), s + d as f64)
-            });
+            let (num, den) = curvature_weighted_abs(w, d);
             let alpha = if den > 0.0 { num / den } else { mean_abs(w) };
             (signs(w), vec![alpha as f32])
         }
@@ -84,6 +82,32 @@ fn sign(x: f32) -> i8 {
     } else {
         1
     }
+}
+
+/// `(Σ D_i |W_i|, Σ D_i)` in f64, over eight partial sums: one accumulator
+/// is a chain of dependent adds as long as the tensor (a third of a
+/// millisecond per step for LeNet-300-100's 266k weights), eight overlap.
+/// The scale is rounded to f32 afterwards, where the order of an f64 sum of
+/// this length does not show.
+fn curvature_weighted_abs(w: &[f32], d: &[f32]) -> (f64, f64) {
+    const LANES: usize = 8;
+    let n = w.len().min(d.len());
+    let (w, d) = (&w[..n], &d[..n]);
+    let (mut num, mut den) = ([0f64; LANES], [0f64; LANES]);
+    let whole = n / LANES * LANES;
+    for base in (0..whole).step_by(LANES) {
+        for l in 0..LANES {
+            let dl = f64::from(d[base + l]);
+            num[l] += dl * f64::from(w[base + l]).abs();
+            den[l] += dl;
+        }
+    }
+    for i in whole..n {
+        let dl = f64::from(d[i]);
+        num[i - whole] += dl * f64::from(w[i]).abs();
+        den[i - whole] += dl;
+    }
+    (num.iter().sum(), den.iter().sum())
 }
 
 fn signs(w: &[f32]) -> Vec<i8> {

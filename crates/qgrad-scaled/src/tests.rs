@@ -390,3 +390,38 @@ fn uniform_names_and_widths() {
     assert_eq!(q.codes, vec![1, 0, -1, 0]);
     assert!(quantize_masked(Method::Bwn, &[1.0], None, 1, &[true, false], None).is_err());
 }
+
+#[test]
+fn the_vectorised_input_checks_say_what_the_direct_ones_say() {
+    let edge = [
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ];
+    for &x in &edge {
+        for &y in &edge {
+            let v = [0.5, x, 2.0, y, 0.25];
+            assert_eq!(
+                super::all_finite(&v),
+                v.iter().all(|x| x.is_finite()),
+                "{x} {y}"
+            );
+            assert_eq!(
+                super::all_finite_non_negative(&v),
+                v.iter().all(|x| x.is_finite() && *x >= 0.0),
+                "{x} {y}"
+            );
+        }
+    }
+    assert!(super::all_finite(&[]) && super::all_finite_non_negative(&[]));
+}
