@@ -4,9 +4,9 @@
 use gemm::Parallelism;
 
 use super::kernels::{gate_grad_row, row_grad_sums};
-use super::{aborted, gate_chunks, workers_for, LstmCache, LstmGeometry, RecurrentNorm};
+use super::{aborted, workers_for, LstmCache, LstmGeometry, RecurrentNorm, WorkerShare};
 use crate::gemm_f32::{matmul, parallelism_for, MatRef};
-use crate::workers::{run_team, share, SharedBuf};
+use crate::workers::{run_team, SharedBuf};
 use crate::OpsError;
 
 /// `(dx, dwh [4H, H], dgain [4H] or empty)`, `dx` the gradient of the
@@ -120,24 +120,20 @@ pub(crate) fn backward_on(
         // The recurrent gradient flows through `da` (normalised) or `dz`.
         let dflow_s = if normalised_mode { da_s } else { dz_s };
         run_team(workers, |me, barrier| {
-            let units = share(h_n, workers, me);
-            let nu = units.len();
+            let WorkerShare {
+                units,
+                nu,
+                chunks,
+                rows: my_rows,
+                gain: my_gain,
+            } = WorkerShare::new(me, workers, g, gain);
             let gp = 4 * nu;
-            let chunks = gate_chunks(h_n, &units);
-            let my_rows = share(b_n, workers, me);
             // W_h's columns of this worker's units, `[4H, nu]`, for
             // dh_{t-1}[:, units] = da_t · W_h[:, units].
             let mut w_cols = Vec::with_capacity(g4 * nu);
             for row in wh.chunks(h_n) {
                 w_cols.extend_from_slice(&row[units.clone()]);
             }
-            let my_gain: Vec<f32> = match gain {
-                Some(gain) => chunks
-                    .iter()
-                    .flat_map(|c| gain[c.clone()].iter().copied())
-                    .collect(),
-                None => Vec::new(),
-            };
             let mut dh_next = vec![0f32; b_n * nu];
             let mut dc_next = vec![0f32; b_n * nu];
             let mut my_dgain = vec![0f64; if gain.is_some() { gp } else { 0 }];

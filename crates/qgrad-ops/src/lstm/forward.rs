@@ -5,10 +5,10 @@ use gemm::Parallelism;
 
 use super::kernels::{activate_row, row_mean_var};
 use super::{
-    aborted, gate_chunks, workers_for, LstmCache, LstmGeometry, RecurrentNorm, StepStats, XSource,
+    aborted, workers_for, LstmCache, LstmGeometry, RecurrentNorm, StepStats, WorkerShare, XSource,
 };
 use crate::gemm_f32::{matmul, MatRef};
-use crate::workers::{run_team, share, SharedBuf};
+use crate::workers::{run_team, SharedBuf};
 use crate::OpsError;
 
 /// Forward pass: `(hidden states [T, B, H], cache, stats)` on
@@ -104,11 +104,14 @@ pub(crate) fn forward_on(
         let a_rows_s = SharedBuf::new(&mut a_rows);
         let row_mean_s = SharedBuf::new(&mut row_mean);
         run_team(workers, |me, barrier| {
-            let units = share(h_n, workers, me);
-            let nu = units.len();
+            let WorkerShare {
+                units,
+                nu,
+                chunks,
+                rows: my_rows,
+                gain: my_gain,
+            } = WorkerShare::new(me, workers, g, gain);
             let gp = 4 * nu;
-            let chunks = gate_chunks(h_n, &units);
-            let my_rows = share(b_n, workers, me);
             // This worker's rows of W_h (its units of the four gates), copied
             // once per sequence: gemm reads them every step without the
             // other workers' rows in its caches.
@@ -117,13 +120,6 @@ pub(crate) fn forward_on(
                 w_mine.extend_from_slice(&wh[c.start * h_n..c.end * h_n]);
             }
             let w_mine = MatRef::row_major(&w_mine, gp, h_n).t();
-            let my_gain: Vec<f32> = match gain {
-                Some(gain) => chunks
-                    .iter()
-                    .flat_map(|c| gain[c.clone()].iter().copied())
-                    .collect(),
-                None => Vec::new(),
-            };
             let mut z = vec![0f32; b_n * gp];
             let (mut col_sum, mut col_sq) = (Vec::new(), Vec::new());
             let (mut mean_t, mut inv_t) = (vec![0f32; gp], vec![0f32; gp]);

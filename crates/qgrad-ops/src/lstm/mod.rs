@@ -68,7 +68,7 @@ pub(crate) use forward::forward_on;
 
 use crate::custom::f32_values;
 use crate::gemm_f32::parallelism_for;
-use crate::workers::Aborted;
+use crate::workers::{share, Aborted};
 use crate::OpsError;
 
 /// Sizes of one recurrence: `steps` time steps, `batch` rows, `hidden` units.
@@ -274,10 +274,42 @@ pub(crate) fn workers_for(g: &LstmGeometry) -> usize {
     }
 }
 
-/// The columns of a `[.., 4H]` row that a worker owning units `units`
-/// handles: four chunks of `units.len()`, one per gate, at `q·H + units`.
-fn gate_chunks(hidden: usize, units: &Range<usize>) -> [Range<usize>; 4] {
-    std::array::from_fn(|q| q * hidden + units.start..q * hidden + units.end)
+/// What worker `me` of a team of `workers` owns (module docs, "Threads").
+struct WorkerShare {
+    /// Its hidden units.
+    units: Range<usize>,
+    /// `units.len()`.
+    nu: usize,
+    /// Its columns of a `[.., 4H]` row: four chunks of `nu`, one per gate,
+    /// at `q·H + units`.
+    chunks: [Range<usize>; 4],
+    /// Its share of the batch rows (layer norm's row statistics).
+    rows: Range<usize>,
+    /// The normalisation's gain at its columns, chunk after chunk (empty
+    /// without a gain).
+    gain: Vec<f32>,
+}
+
+impl WorkerShare {
+    fn new(me: usize, workers: usize, g: &LstmGeometry, gain: Option<&[f32]>) -> Self {
+        let units = share(g.hidden, workers, me);
+        let chunks: [Range<usize>; 4] =
+            std::array::from_fn(|q| q * g.hidden + units.start..q * g.hidden + units.end);
+        let gain = match gain {
+            Some(gain) => chunks
+                .iter()
+                .flat_map(|c| gain[c.clone()].iter().copied())
+                .collect(),
+            None => Vec::new(),
+        };
+        WorkerShare {
+            nu: units.len(),
+            units,
+            chunks,
+            rows: share(g.batch, workers, me),
+            gain,
+        }
+    }
 }
 
 fn aborted(_: Aborted) -> OpsError {
