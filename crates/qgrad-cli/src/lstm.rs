@@ -142,9 +142,7 @@ pub fn train_lstm(args: TrainLstmArgs) -> CliResult<()> {
     };
     // Progress on stderr as it happens, as `qgrad train` reports it: the
     // data and model are ready, then each epoch once evaluated and saved.
-    let batches = config
-        .train_chunks
-        .map_or(split.train.len(), |n| n.min(split.train.len()));
+    let batches = config.batches_per_epoch(split.train.len());
     eprintln!(
         "training char-lstm ({}) for {} epochs: {batches} batches of {} x {} characters an epoch (seed {})",
         config.label(),

@@ -173,6 +173,12 @@ impl LstmConfig {
         .lr_at(self.lr, epoch, self.epochs)
     }
 
+    /// Training batches per epoch out of `available` chunks: all of them,
+    /// or at most `train_chunks`.
+    pub fn batches_per_epoch(&self, available: usize) -> usize {
+        self.train_chunks.map_or(available, |n| n.min(available))
+    }
+
     /// A short name: `<weights>-<norm>`, e.g. `binary-connect-layer`.
     pub fn label(&self) -> String {
         let w = self.weights.map_or("float".to_string(), |m| m.to_string());

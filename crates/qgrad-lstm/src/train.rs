@@ -266,7 +266,7 @@ impl LstmRun {
         let c = self.config().clone();
         let (steps, batch) = (c.seq_len, c.batch);
         let lr = c.lr_at(epoch);
-        let n = c.train_chunks.map_or(train.len(), |b| b.min(train.len()));
+        let n = c.batches_per_epoch(train.len());
         if let Some(q) = self.quantizer.as_mut() {
             q.start_epoch(epoch);
         }

@@ -448,30 +448,26 @@ fn lstm_sequence_from(
     if let RecurrentNorm::BatchEval { mean, var, .. } = norm {
         all.extend([mean, var]);
     }
-    let gathered = match input {
-        LstmInput::Gathered { tokens, .. }
-            if tokens.dtype() == DType::U32 && matches!(tokens.device(), Device::Cpu) =>
-        {
-            Some(tokens)
-        }
-        _ => None,
+    // The op gathers u32 tokens on the CPU; anything else takes the
+    // composition (`index_select`, then the reference recurrence).
+    let gather_tokens = match input {
+        LstmInput::Gathered { tokens, .. } => Some(tokens),
+        LstmInput::Projected(_) => None,
     };
-    let gathered_input = matches!(input, LstmInput::Gathered { .. });
-    if !fast_path(&all) || (gathered_input && gathered.is_none()) {
-        let xproj = match input {
-            LstmInput::Projected(x) => x.clone(),
-            LstmInput::Gathered {
-                table,
-                tokens,
-                steps,
-                batch,
-            } => table
-                .index_select(tokens, 0)?
-                .reshape((steps, batch, 4 * g.hidden))?,
+    let tokens_fit =
+        gather_tokens.is_none_or(|t| t.dtype() == DType::U32 && matches!(t.device(), Device::Cpu));
+    if !(fast_path(&all) && tokens_fit) {
+        let xproj = match gather_tokens {
+            None => xproj.clone(),
+            Some(tokens) => {
+                xproj
+                    .index_select(tokens, 0)?
+                    .reshape((g.steps, g.batch, 4 * g.hidden))?
+            }
         };
         return reference::lstm_sequence(&xproj, wh, init, norm);
     }
-    let gathered = match gathered {
+    let gathered = match gather_tokens {
         Some(tokens) => Some(lstm::GatherSpec {
             tokens: tokens.to_vec1::<u32>()?,
             steps: g.steps,

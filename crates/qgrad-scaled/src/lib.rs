@@ -340,9 +340,11 @@ pub fn quantize(
         let dg = d.map_or(ones.as_slice(), |d| &d[range.clone()]);
         let warm_g = warm.map(|q| (&q.codes[range.clone()], &q.scales[g * spg..(g + 1) * spg]));
         let (codes, scales) = solvers::solve(method, wg, dg, warm_g);
-        // `scale · level(code)` of every possible code, once per group: the
-        // same products as per element, without a `match` per element.
-        let value_of: Vec<f32> = (i8::MIN..=i8::MAX)
+        // `scale · level(code)` of each of the method's codes, once per
+        // group: the same products as per element, without a `match` per
+        // element; `value_of[c + max]` is code `c`'s.
+        let max = method.max_code();
+        let value_of: Vec<f32> = (-max..=max)
             .map(|c| {
                 let scale = if spg == 2 && c < 0 {
                     scales[1]
@@ -355,7 +357,7 @@ pub fn quantize(
         out.values.extend(
             codes
                 .iter()
-                .map(|&c| value_of[(i16::from(c) - i16::from(i8::MIN)) as usize]),
+                .map(|&c| value_of[(i16::from(c) + i16::from(max)) as usize]),
         );
         out.codes.extend(codes);
         out.scales.extend(scales);

@@ -4,7 +4,7 @@
 use gemm::Parallelism;
 
 use super::kernels::{gate_grad_row, row_grad_sums};
-use super::{aborted, workers_for, LstmCache, LstmGeometry, RecurrentNorm, WorkerShare};
+use super::{aborted, LstmCache, LstmGeometry, RecurrentNorm, WorkerShare};
 use crate::gemm_f32::{matmul, parallelism_for, MatRef};
 use crate::workers::{run_team, SharedBuf};
 use crate::OpsError;
@@ -12,36 +12,6 @@ use crate::OpsError;
 /// `(dx, dwh [4H, H], dgain [4H] or empty)`, `dx` the gradient of the
 /// input: `[T, B, 4H]`, or `[V, 4H]` for a gathered table.
 type LstmGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
-
-/// The gradients of the op's arguments from
-/// the gradient of the hidden states `[T, B, H]`, on [`workers_for`] workers.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
-    g: &LstmGeometry,
-    norm: &RecurrentNorm,
-    cache: &LstmCache,
-    hs: &[f32],
-    grad_h: &[f32],
-    wh: &[f32],
-    gain: Option<&[f32]>,
-    h0: &[f32],
-    c0: &[f32],
-    gather: Option<Gathered<'_>>,
-) -> std::result::Result<LstmGrads, OpsError> {
-    backward_on(
-        workers_for(g),
-        g,
-        norm,
-        cache,
-        hs,
-        grad_h,
-        wh,
-        gain,
-        h0,
-        c0,
-        gather,
-    )
-}
 
 /// The input of a gathered forward pass ([`XSource::Gather`]): its tokens
 /// and the table's row count.
@@ -51,9 +21,11 @@ pub(crate) struct Gathered<'a> {
     pub vocab: usize,
 }
 
-/// [`backward`] on exactly `workers` workers (at most one per unit).
+/// The gradients of the op's arguments from the gradient of the hidden
+/// states `[T, B, H]`, on `workers` workers (at most one per unit; the op
+/// uses [`workers_for`](super::workers_for)).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_on(
+pub(crate) fn backward(
     workers: usize,
     g: &LstmGeometry,
     norm: &RecurrentNorm,
@@ -122,11 +94,11 @@ pub(crate) fn backward_on(
         run_team(workers, |me, barrier| {
             let WorkerShare {
                 units,
-                nu,
                 chunks,
                 rows: my_rows,
                 gain: my_gain,
             } = WorkerShare::new(me, workers, g, gain);
+            let nu = units.len();
             let gp = 4 * nu;
             // W_h's columns of this worker's units, `[4H, nu]`, for
             // dh_{t-1}[:, units] = da_t · W_h[:, units].

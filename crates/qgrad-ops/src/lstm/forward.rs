@@ -4,30 +4,16 @@
 use gemm::Parallelism;
 
 use super::kernels::{activate_row, row_mean_var};
-use super::{
-    aborted, workers_for, LstmCache, LstmGeometry, RecurrentNorm, StepStats, WorkerShare, XSource,
-};
+use super::{aborted, LstmCache, LstmGeometry, RecurrentNorm, StepStats, WorkerShare, XSource};
 use crate::gemm_f32::{matmul, MatRef};
 use crate::workers::{run_team, SharedBuf};
 use crate::OpsError;
 
-/// Forward pass: `(hidden states [T, B, H], cache, stats)` on
-/// [`workers_for`] workers.
-pub(crate) fn forward(
-    g: &LstmGeometry,
-    norm: &RecurrentNorm,
-    x: XSource<'_>,
-    wh: &[f32],
-    gain: Option<&[f32]>,
-    h0: &[f32],
-    c0: &[f32],
-) -> std::result::Result<(Vec<f32>, LstmCache, StepStats), OpsError> {
-    forward_on(workers_for(g), g, norm, x, wh, gain, h0, c0)
-}
-
-/// [`forward`] on exactly `workers` workers (at most one per unit).
+/// Forward pass on `workers` workers (at most one per unit; the op uses
+/// [`workers_for`](super::workers_for)): `(hidden states [T, B, H], cache,
+/// stats)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_on(
+pub(crate) fn forward(
     workers: usize,
     g: &LstmGeometry,
     norm: &RecurrentNorm,
@@ -106,11 +92,11 @@ pub(crate) fn forward_on(
         run_team(workers, |me, barrier| {
             let WorkerShare {
                 units,
-                nu,
                 chunks,
                 rows: my_rows,
                 gain: my_gain,
             } = WorkerShare::new(me, workers, g, gain);
+            let nu = units.len();
             let gp = 4 * nu;
             // This worker's rows of W_h (its units of the four gates), copied
             // once per sequence: gemm reads them every step without the

@@ -59,12 +59,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 
-#[cfg(test)]
-pub(crate) use backward::backward_on;
 pub(crate) use backward::{backward, Gathered};
 pub(crate) use forward::forward;
-#[cfg(test)]
-pub(crate) use forward::forward_on;
 
 use crate::custom::f32_values;
 use crate::gemm_f32::parallelism_for;
@@ -278,8 +274,6 @@ pub(crate) fn workers_for(g: &LstmGeometry) -> usize {
 struct WorkerShare {
     /// Its hidden units.
     units: Range<usize>,
-    /// `units.len()`.
-    nu: usize,
     /// Its columns of a `[.., 4H]` row: four chunks of `nu`, one per gate,
     /// at `q·H + units`.
     chunks: [Range<usize>; 4],
@@ -303,7 +297,6 @@ impl WorkerShare {
             None => Vec::new(),
         };
         WorkerShare {
-            nu: units.len(),
             units,
             chunks,
             rows: share(g.batch, workers, me),
@@ -370,7 +363,9 @@ impl LstmOp {
             Some((s, l)) => Some(f32_values("LSTM normalisation gain", s, l)?),
             None => None,
         };
-        let (out, cache, stats) = forward(&g, &self.norm, x, wh, gain, &self.h0, &self.c0)?;
+        let workers = workers_for(&g);
+        let (out, cache, stats) =
+            forward(workers, &g, &self.norm, x, wh, gain, &self.h0, &self.c0)?;
         self.cache
             .set(cache)
             .map_err(|_| OpsError::Internal("LSTM op applied twice".into()))?;
@@ -409,6 +404,7 @@ impl LstmOp {
             with_values("LSTM output gradient", &grad, |gout| {
                 with_values("LSTM recurrent weight", wh, |w| {
                     backward(
+                        workers_for(&g),
                         &g,
                         &self.norm,
                         cache,

@@ -2,7 +2,6 @@
 //! errors that must not leave a team waiting.
 
 use super::*;
-use super::{backward_on, forward_on};
 
 fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -43,8 +42,8 @@ fn run(workers: usize, g: &LstmGeometry, norm: &RecurrentNorm, seed: u64) -> Vec
     let grad_h = values(seed + 5, t * b * h, 1.0);
     let gain = norm.has_gain().then_some(&gain[..]);
     let x = XSource::Rows(&xproj);
-    let (hs, cache, stats) = forward_on(workers, g, norm, x, &wh, gain, &h0, &c0).unwrap();
-    let (dx, dwh, dgain) = backward_on(
+    let (hs, cache, stats) = forward(workers, g, norm, x, &wh, gain, &h0, &c0).unwrap();
+    let (dx, dwh, dgain) = backward(
         workers, g, norm, &cache, &hs, &grad_h, &wh, gain, &h0, &c0, None,
     )
     .unwrap();
@@ -125,6 +124,6 @@ fn a_bad_gain_is_an_error_not_a_hang() {
     let (x, w, z) = (vec![0f32; 2 * 2 * 12], vec![0f32; 36], vec![0f32; 6]);
     let norm = RecurrentNorm::Layer { eps: 1e-5 };
     let x = XSource::Rows(&x);
-    assert!(forward_on(2, &g, &norm, x, &w, Some(&[1.0; 5]), &z, &z).is_err());
-    assert!(forward_on(2, &g, &norm, x, &w, None, &z, &z).is_err());
+    assert!(forward(2, &g, &norm, x, &w, Some(&[1.0; 5]), &z, &z).is_err());
+    assert!(forward(2, &g, &norm, x, &w, None, &z, &z).is_err());
 }
