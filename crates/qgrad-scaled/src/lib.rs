@@ -333,11 +333,21 @@ pub fn quantize(
         codes: Vec::with_capacity(w.len()),
         scales: Vec::with_capacity(groups * spg),
     };
-    let ones = vec![1f32; per];
+    // Constant curvature for a loss-aware method called without `D`; the
+    // other methods never read it (an empty slice: no per-call allocation
+    // and fill of a weight-sized buffer, every training step).
+    let ones = if d.is_none() && method.loss_aware() {
+        vec![1f32; per]
+    } else {
+        Vec::new()
+    };
     for g in 0..groups {
         let range = g * per..(g + 1) * per;
         let wg = &w[range.clone()];
-        let dg = d.map_or(ones.as_slice(), |d| &d[range.clone()]);
+        let dg = match d {
+            Some(d) => &d[range.clone()],
+            None => ones.as_slice(),
+        };
         let warm_g = warm.map(|q| (&q.codes[range.clone()], &q.scales[g * spg..(g + 1) * spg]));
         let (codes, scales) = solvers::solve(method, wg, dg, warm_g);
         // `scale · level(code)` of each of the method's codes, once per

@@ -40,26 +40,9 @@ pub(crate) fn solve(method: Method, w: &[f32], d: &[f32], warm: Warm) -> (Vec<i8
         }
         Method::Lat2Approx | Method::Lat2Exact => two_sided(method, w, d, warm),
         Method::Uniform { .. } => {
-            let alpha = w.iter().fold(0f32, |m, &x| m.max(x.abs()));
-            // The nearest level directly (ties to the smaller magnitude):
-            // no search over up to 255 levels per weight, every step.
-            let n = f64::from(method.max_code());
+            let alpha = max_abs(w);
             let codes = if alpha > 0.0 {
-                w.iter()
-                    .map(|&x| {
-                        let t = ((x as f64).abs() / alpha as f64).min(1.0) * n;
-                        let mut k = t.floor();
-                        if t - k > 0.5 {
-                            k += 1.0;
-                        }
-                        let k = k as i8;
-                        if x < 0.0 {
-                            -k
-                        } else {
-                            k
-                        }
-                    })
-                    .collect()
+                uniform_codes(w, alpha, method.max_code())
             } else {
                 vec![0; w.len()]
             };
@@ -446,5 +429,125 @@ mod nearest_tests {
             };
             assert_eq!(got, want, "{method:?}");
         }
+    }
+}
+
+/// `max |x|` of finite values (`quantize` rejects others), as an integer
+/// maximum over the magnitude bits: for finite floats their order is the
+/// numeric one, and unlike a float `max` fold (whose NaN rule keeps it one
+/// dependent chain) it vectorises.
+fn max_abs(w: &[f32]) -> f32 {
+    f32::from_bits(w.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)))
+}
+
+/// The codes of [`Method::Uniform`] with `n = max_code`: the nearest level
+/// `k/n` of `t = min(|x|/α, 1)·n` (in f64), ties to the smaller magnitude,
+/// signed like `x`. No search over up to 255 levels per weight, every step.
+fn uniform_codes(w: &[f32], alpha: f32, n: i8) -> Vec<i8> {
+    match n {
+        1 => uniform_codes_counted::<1>(w, alpha),
+        3 => uniform_codes_counted::<3>(w, alpha),
+        7 => uniform_codes_counted::<7>(w, alpha),
+        _ => {
+            let (alpha, n) = (f64::from(alpha), f64::from(n));
+            w.iter()
+                .map(|&x| {
+                    let t = (f64::from(x).abs() / alpha).min(1.0) * n;
+                    let mut k = t.floor();
+                    if t - k > 0.5 {
+                        k += 1.0;
+                    }
+                    signed_code(k as i8, x)
+                })
+                .collect()
+        }
+    }
+}
+
+/// [`uniform_codes`] for `N` = 1, 3 or 7 (2, 3 and 4 bits) as a count of
+/// the midpoints below `t`: `floor(t) + [t − floor(t) > 0.5]` is the number
+/// of `j` in `1..=N` with `t > j − 0.5` (both sides are exact in f64:
+/// `t − floor(t)` by Sterbenz's lemma, `j − 0.5` and `floor(t) + 0.5` as
+/// small halves), so the codes are the same, without `floor` (a libm call
+/// on baseline x86-64) and with a loop the compiler vectorises.
+fn uniform_codes_counted<const N: usize>(w: &[f32], alpha: f32) -> Vec<i8> {
+    let midpoints: [f64; N] = std::array::from_fn(|j| j as f64 + 0.5);
+    let (alpha, n) = (f64::from(alpha), N as f64);
+    w.iter()
+        .map(|&x| {
+            let t = (f64::from(x).abs() / alpha).min(1.0) * n;
+            let k = midpoints.iter().map(|&m| i8::from(t > m)).sum::<i8>();
+            signed_code(k, x)
+        })
+        .collect()
+}
+
+fn signed_code(k: i8, x: f32) -> i8 {
+    if x < 0.0 {
+        -k
+    } else {
+        k
+    }
+}
+
+#[cfg(test)]
+mod uniform_tests {
+    use super::{signed_code, uniform_codes, uniform_codes_counted};
+
+    /// The rule as first written: the floor, then up past the midpoint.
+    fn by_floor(w: &[f32], alpha: f32, n: i8) -> Vec<i8> {
+        let (a, nf) = (f64::from(alpha), f64::from(n));
+        w.iter()
+            .map(|&x| {
+                let t = (f64::from(x).abs() / a).min(1.0) * nf;
+                let mut k = t.floor();
+                if t - k > 0.5 {
+                    k += 1.0;
+                }
+                signed_code(k as i8, x)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn counted_midpoints_give_the_floor_rules_codes() {
+        for alpha in [1.0f32, 0.37, 3.0e-3] {
+            for n in [1i8, 3, 7] {
+                // Every level and midpoint times α (exact ties where the
+                // arithmetic allows), a hair either side, zeros of both
+                // signs, α itself and values past it.
+                let mut w = vec![0.0f32, -0.0, alpha, -alpha, 2.0 * alpha, -5.0 * alpha];
+                for half in 0..=2 * i32::from(n) {
+                    let x = (f64::from(half) / 2.0 / f64::from(n) * f64::from(alpha)) as f32;
+                    for y in [
+                        x,
+                        f32::from_bits(x.to_bits() + 1),
+                        f32::from_bits(x.to_bits().max(1) - 1),
+                    ] {
+                        w.extend([y, -y]);
+                    }
+                }
+                let mut state = 11u64;
+                w.extend((0..3000).map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.5 * alpha
+                }));
+                let want = by_floor(&w, alpha, n);
+                let got = match n {
+                    1 => uniform_codes_counted::<1>(&w, alpha),
+                    3 => uniform_codes_counted::<3>(&w, alpha),
+                    _ => uniform_codes_counted::<7>(&w, alpha),
+                };
+                assert_eq!(got, want, "n {n}, alpha {alpha}");
+                assert_eq!(uniform_codes(&w, alpha, n), want);
+            }
+        }
+        // An exact midpoint rounds down (ties to the smaller magnitude).
+        assert_eq!(uniform_codes(&[0.5, -0.5, 0.75], 1.0, 1), vec![0, 0, 1]);
+        // The wide widths keep the floor rule.
+        let w = [0.3f32, -0.71, 0.5 / 127.0];
+        assert_eq!(uniform_codes(&w, 1.0, 127), by_floor(&w, 1.0, 127));
     }
 }
