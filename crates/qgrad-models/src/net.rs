@@ -615,23 +615,12 @@ impl Network {
 
 /// PACT's forward (see [`PactConfig`]): `y = min(max(x, 0), β)`, written as
 /// `relu(x) − relu(x − β)` so that `β` gets gradient 1 where `x ≥ β`, then
-/// `round(y · L/β) · β/L` with a straight-through gradient to `y`.
+/// `round(y · L/β) · β/L` with a straight-through gradient to `y`; `β` is
+/// used as `max(β, MIN_CLIP)`. One op on the CPU ([`qgrad_ops::pact`], equal
+/// to its candle composition value for value).
 pub fn pact(x: &Tensor, beta: &Tensor, bits: u8) -> Result<Tensor> {
-    let mut shape = vec![1usize; x.rank()];
-    if shape.is_empty() {
-        shape.push(1);
-    }
-    let beta = beta.maximum(MIN_CLIP)?.reshape(shape.as_slice())?;
-    let y = (x.relu()? - x.broadcast_sub(&beta)?.relu()?)?;
-    let levels = f64::from((1u32 << bits) - 1);
-    let (yd, bd) = (y.detach(), beta.detach());
-    let q = yd
-        .broadcast_div(&bd)?
-        .affine(levels, 0.0)?
-        .round()?
-        .affine(1.0 / levels, 0.0)?
-        .broadcast_mul(&bd)?;
-    Ok((q + (&y - yd)?)?)
+    let beta = beta.maximum(MIN_CLIP)?;
+    Ok(qgrad_ops::pact(x, &beta, bits)?)
 }
 
 fn check_shape(name: &str, expected: &[usize], got: &[usize]) -> Result<()> {

@@ -81,6 +81,7 @@ mod batch_norm;
 mod conv;
 mod custom;
 mod dense;
+mod fake_quant;
 mod gemm_f32;
 mod lstm;
 mod pool;
@@ -107,6 +108,9 @@ pub enum OpsError {
     /// candle before this can happen).
     #[error("unsupported dtype: {0}")]
     DType(String),
+    /// An argument outside what the op defines (a width, a length).
+    #[error("invalid argument: {0}")]
+    Argument(String),
     /// A broken internal invariant (a bug in this crate, never a user error).
     #[error("qgrad-ops internal error: {0}")]
     Internal(String),
@@ -263,6 +267,52 @@ pub fn batch_norm_eval(
     };
     x.contiguous()?
         .apply_op3(&scale.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// The straight-through weight of quantization-aware training: `values`
+/// (the quantized weight, as many as `w` has) in the forward pass, with the
+/// gradient passed to `w` unchanged. The same values and gradient as
+/// candle's `ŵ + (w − w.detach())` ([`reference::straight_through`]), as one
+/// op on the CPU instead of three passes over the weight.
+pub fn straight_through(w: &Tensor, values: Vec<f32>) -> Result<Tensor> {
+    if values.len() != w.elem_count() {
+        return Err(OpsError::Shape(format!(
+            "{} straight-through values for a weight of shape {:?}",
+            values.len(),
+            w.dims()
+        ))
+        .into());
+    }
+    if !fast_path(&[w]) {
+        return reference::straight_through(w, values);
+    }
+    w.apply_op1(fake_quant::StraightThroughOp {
+        values: std::sync::Mutex::new(Some(values)),
+    })
+}
+
+/// PACT's activation quantizer (Choi et al. 2018; METHOD §9): `x` clipped to
+/// `[0, β]` as `relu(x) − relu(x − β)` and rounded to `2^bits − 1` uniform
+/// steps of `β / (2^bits − 1)`, with a straight-through gradient to `x`
+/// (where `0 ≤ x < β`) and the clip's gradient (the sum of `dy` where
+/// `x ≥ β`). `clip` is `[1]` and positive (callers keep it above a floor).
+/// The same values and gradients as [`reference::pact`], candle's
+/// composition, in one pass forward and one backward on the CPU (module
+/// docs of `fake_quant.rs`).
+pub fn pact(x: &Tensor, clip: &Tensor, bits: u8) -> Result<Tensor> {
+    if !(1..=16).contains(&bits) {
+        return Err(OpsError::Argument(format!("PACT width {bits} is outside 1..=16")).into());
+    }
+    if clip.dims() != [1] {
+        return Err(
+            OpsError::Shape(format!("the PACT clip must be [1], got {:?}", clip.dims())).into(),
+        );
+    }
+    if !fast_path(&[x, clip]) {
+        return reference::pact(x, clip, bits);
+    }
+    x.contiguous()?
+        .apply_op2(&clip.contiguous()?, fake_quant::PactOp { bits })
 }
 
 /// The state an LSTM carries from one sequence to the next: hidden `h` and
@@ -572,6 +622,31 @@ pub mod reference {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// `ŵ + (w − w.detach())`; see [`crate::straight_through`].
+    pub fn straight_through(w: &Tensor, values: Vec<f32>) -> Result<Tensor> {
+        let hat = Tensor::from_vec(values, w.shape(), w.device())?;
+        hat + (w - w.detach())?
+    }
+
+    /// PACT composed of candle ops; see [`crate::pact`].
+    pub fn pact(x: &Tensor, clip: &Tensor, bits: u8) -> Result<Tensor> {
+        let mut shape = vec![1usize; x.rank()];
+        if shape.is_empty() {
+            shape.push(1);
+        }
+        let beta = clip.reshape(shape.as_slice())?;
+        let y = (x.relu()? - x.broadcast_sub(&beta)?.relu()?)?;
+        let levels = f64::from((1u32 << bits) - 1);
+        let (yd, bd) = (y.detach(), beta.detach());
+        let q = yd
+            .broadcast_div(&bd)?
+            .affine(levels, 0.0)?
+            .round()?
+            .affine(1.0 / levels, 0.0)?
+            .broadcast_mul(&bd)?;
+        q + (&y - yd)?
     }
 
     /// candle's `max_pool2d` (kernel == stride); see [`crate::max_pool2d`].

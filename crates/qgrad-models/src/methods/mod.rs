@@ -110,10 +110,9 @@ pub(crate) fn straight_through(
             .network
             .parameter(&q.name)
             .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
-        let w = var.as_tensor();
-        let hat =
-            candle_core::Tensor::from_slice(&q.quantized.values, q.shape.as_slice(), w.device())?;
-        out.insert(q.name.clone(), (hat + (w - w.detach())?)?);
+        // `ŵ + (w − w̄)` as one op (the same values and gradient).
+        let hat = qgrad_ops::straight_through(var.as_tensor(), q.quantized.values.clone())?;
+        out.insert(q.name.clone(), hat);
     }
     Ok(())
 }

@@ -175,7 +175,11 @@ impl StructuredHook {
                     _ => quantize(method, &w, None, 1, warm.get(name)),
                 }
                 .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
-                warm.insert(name.clone(), quantized.clone());
+                // Only the least-squares scale starts from the last step's
+                // result; the others would pay a copy of every code and value.
+                if matches!(method, Method::Laq { .. }) {
+                    warm.insert(name.clone(), quantized.clone());
+                }
                 Ok(ScaledWeight {
                     name: name.clone(),
                     method,
