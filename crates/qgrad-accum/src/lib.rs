@@ -511,8 +511,25 @@ impl InplaceOp2 for AddAbsAssign {
         };
         let dst = &mut dst[d0..d1];
         if let Some((s0, s1)) = src_layout.contiguous_offsets() {
-            for (a, g) in dst.iter_mut().zip(&src[s0..s1]) {
-                *a += g.abs();
+            let src = &src[s0..s1];
+            if src.len() != dst.len() {
+                candle_core::bail!("qgrad-add-abs-assign: length mismatch");
+            }
+            // Element-wise, so splitting it over rayon's threads changes no
+            // bit; below two chunks fork and join would cost more.
+            const CHUNK: usize = 1 << 15;
+            let add = |dst: &mut [f32], src: &[f32]| {
+                for (a, g) in dst.iter_mut().zip(src) {
+                    *a += g.abs();
+                }
+            };
+            if dst.len() < 2 * CHUNK {
+                add(dst, src);
+            } else {
+                use rayon::prelude::*;
+                dst.par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(d, s)| add(d, s));
             }
         } else {
             // Strided source (e.g. the transposed gradient of a linear weight):

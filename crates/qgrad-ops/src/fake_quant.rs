@@ -73,6 +73,25 @@ fn clip_value(s: &CpuStorage, l: &Layout) -> Result<f32> {
     }
 }
 
+/// `v.round()` (half away from zero) for a PACT step index, which is ≥ 0
+/// and at most 2^16 − 1: an exact truncation and the half test, where the
+/// libm call (baseline x86-64 has no rounding instruction) cost more than
+/// the rest of the pass. Other values (NaN) go to `round`.
+#[inline(always)]
+fn round_step(v: f32) -> f32 {
+    if (0.0..8_388_608.0).contains(&v) {
+        // Below 2^23 the truncation and `v − t` are exact.
+        let t = (v as i32) as f32;
+        if v - t >= 0.5 {
+            t + 1.0
+        } else {
+            t
+        }
+    } else {
+        v.round()
+    }
+}
+
 /// The composition's `y = relu(x) − relu(x − β)`, value for value.
 #[inline(always)]
 fn clipped(x: f32, beta: f32) -> f32 {
@@ -101,7 +120,7 @@ impl CustomOp2 for PactOp {
             .iter()
             .map(|&v| {
                 let y = clipped(v, beta);
-                let r = ((y / beta) * levels + 0.0).round();
+                let r = round_step((y / beta) * levels + 0.0);
                 // `q + (y − ȳ)` of the composition: `+ 0.0`.
                 (r * inverse + 0.0) * beta + 0.0
             })
@@ -196,5 +215,37 @@ impl CustomOp3 for PactGrad {
                 .map(|(&g, &v)| if v - beta >= 0.0 { g } else { 0.0 }),
         );
         Ok((CpuStorage::F32(out), Shape::from_dims(&[2 * x.len()])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_step;
+
+    #[test]
+    fn round_step_is_round_for_step_indices() {
+        let mut v = vec![
+            0.0f32,
+            0.5,
+            1.5,
+            2.5,
+            0.49999997,
+            1.4999999,
+            65534.5,
+            65535.0,
+            8_388_607.5,
+        ];
+        v.extend((0..20_000).map(|i| i as f32 * 3.3));
+        for x in v {
+            for y in [
+                x,
+                f32::from_bits(x.to_bits() + 1),
+                f32::from_bits(x.to_bits().max(1) - 1),
+            ] {
+                assert_eq!(round_step(y), y.round(), "{y}");
+            }
+        }
+        assert!(round_step(f32::NAN).is_nan());
+        assert_eq!(round_step(-2.5), -3.0);
     }
 }

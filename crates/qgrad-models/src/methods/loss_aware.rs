@@ -553,7 +553,7 @@ impl TrainHook for LossAwareHook {
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
         let at = self.last_time.map_or(BudgetAt::Target, BudgetAt::Time);
         let weights = self.quantized_weights(state, at)?;
-        super::straight_through(state, &weights, overrides)
+        super::straight_through_owned(state, weights, overrides)
     }
 }
 

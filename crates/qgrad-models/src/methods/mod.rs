@@ -99,21 +99,46 @@ pub fn weight_names(arch: crate::Arch) -> Vec<String> {
 }
 
 /// The forward weights of a straight-through quantizer: `Ŵ + (W − W̄)` per
-/// weight, whose value is `Ŵ` exactly and whose gradient reaches `W`.
+/// weight, whose value is `Ŵ` exactly and whose gradient reaches `W` (one
+/// op, [`qgrad_ops::straight_through`]).
 pub(crate) fn straight_through(
     state: &TrainState,
     weights: &[ScaledWeight],
     out: &mut crate::net::WeightOverrides,
 ) -> Result<()> {
     for q in weights {
-        let var = state
-            .network
-            .parameter(&q.name)
-            .ok_or_else(|| ModelsError::Other(format!("no parameter '{}'", q.name)))?;
-        // `ŵ + (w − w̄)` as one op (the same values and gradient).
-        let hat = qgrad_ops::straight_through(var.as_tensor(), q.quantized.values.clone())?;
-        out.insert(q.name.clone(), hat);
+        insert_straight_through(state, &q.name, q.quantized.values.clone(), out)?;
     }
+    Ok(())
+}
+
+/// [`straight_through`] of weights the caller no longer needs: their values
+/// move into the forward tensors instead of being copied.
+pub(crate) fn straight_through_owned(
+    state: &TrainState,
+    weights: Vec<ScaledWeight>,
+    out: &mut crate::net::WeightOverrides,
+) -> Result<()> {
+    for q in weights {
+        insert_straight_through(state, &q.name, q.quantized.values, out)?;
+    }
+    Ok(())
+}
+
+fn insert_straight_through(
+    state: &TrainState,
+    name: &str,
+    values: Vec<f32>,
+    out: &mut crate::net::WeightOverrides,
+) -> Result<()> {
+    let var = state
+        .network
+        .parameter(name)
+        .ok_or_else(|| ModelsError::Other(format!("no parameter '{name}'")))?;
+    out.insert(
+        name.to_string(),
+        qgrad_ops::straight_through(var.as_tensor(), values)?,
+    );
     Ok(())
 }
 

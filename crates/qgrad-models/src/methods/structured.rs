@@ -228,7 +228,9 @@ impl StructuredHook {
 
     fn overrides(&self, state: &TrainState, out: &mut WeightOverrides) -> Result<()> {
         match self.options.quantizer() {
-            Some(method) => super::straight_through(state, &self.quantized(state, method)?, out),
+            Some(method) => {
+                super::straight_through_owned(state, self.quantized(state, method)?, out)
+            }
             None => Ok(()),
         }
     }
