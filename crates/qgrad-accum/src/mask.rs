@@ -1,6 +1,6 @@
 //! Per-element freeze masks (METHOD.md §4): 1.0 = trainable, 0.0 = frozen.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
 
 use crate::{AccumError, Result};
 
@@ -90,6 +90,29 @@ impl FreezeMask {
         })
     }
 
+    /// Sets the frozen elements of `var` to +0.0 (a select, not a product:
+    /// a frozen negative weight becomes +0.0, not −0.0). In place on a
+    /// contiguous f32 CPU tensor, one pass and no allocation; elsewhere
+    /// `var` gets a new tensor.
+    pub fn zero_frozen(&self, var: &Var) -> Result<()> {
+        let w = var.as_tensor();
+        if w.dims() != self.dims() {
+            return Err(AccumError::ShapeMismatch {
+                name: "<freeze mask>".to_string(),
+                expected: self.dims().to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        if w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous() {
+            w.inplace_op2(&self.mask, &ZeroFrozen)?;
+        } else {
+            let w = w.detach();
+            let keep = self.mask.ne(0f32)?;
+            var.set(&keep.where_cond(&w, &w.zeros_like()?)?)?;
+        }
+        Ok(())
+    }
+
     /// `t · mask`: zeroes the frozen elements of `t`.
     pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
         if t.dims() != self.dims() {
@@ -103,9 +126,73 @@ impl FreezeMask {
     }
 }
 
+/// In place: `w = mask ≠ 0 ? w : +0.0`.
+struct ZeroFrozen;
+
+impl InplaceOp2 for ZeroFrozen {
+    fn name(&self) -> &'static str {
+        "qgrad-zero-frozen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_layout: &Layout,
+        mask: &CpuStorage,
+        mask_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(dst), CpuStorage::F32(mask)) = (dst, mask) else {
+            candle_core::bail!("qgrad-zero-frozen: f32 tensors required");
+        };
+        let (Some((d0, d1)), Some((m0, m1))) = (
+            dst_layout.contiguous_offsets(),
+            mask_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("qgrad-zero-frozen: contiguous tensors required");
+        };
+        let (dst, mask) = (&mut dst[d0..d1], &mask[m0..m1]);
+        if dst.len() != mask.len() {
+            candle_core::bail!("qgrad-zero-frozen: length mismatch");
+        }
+        for (w, &m) in dst.iter_mut().zip(mask) {
+            *w = if m != 0.0 { *w } else { 0.0 };
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_frozen_selects_in_place() {
+        let dev = Device::Cpu;
+        let m = FreezeMask::from_frozen(&[2, 2], &[true, false, true, false], &dev).unwrap();
+        let var = Var::new(&[[-1f32, -2.], [3., 4.]], &dev).unwrap();
+        m.zero_frozen(&var).unwrap();
+        let got: Vec<u32> = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        // +0.0 for the frozen negative weight, not −0.0.
+        assert_eq!(got, [0f32, -2., 0., 4.].map(f32::to_bits));
+        let wrong = Var::new(&[1f32, 2.], &dev).unwrap();
+        assert!(m.zero_frozen(&wrong).is_err());
+        // Not f32: the select path, the same rule.
+        let var64 = Var::new(&[[-1f64, -2.], [3., 4.]], &dev).unwrap();
+        let mask64 = FreezeMask::from_frozen(&[2, 2], &[true, false, true, false], &dev).unwrap();
+        mask64.zero_frozen(&var64).unwrap();
+        assert_eq!(
+            var64.as_tensor().to_vec2::<f64>().unwrap(),
+            vec![vec![0.0, -2.0], vec![0.0, 4.0]]
+        );
+    }
 
     #[test]
     fn freeze_and_apply() {

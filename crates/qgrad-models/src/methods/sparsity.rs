@@ -185,29 +185,26 @@ fn mask_from_scores(
 #[derive(Debug)]
 pub struct BlockSparsityHook {
     masks: Vec<BlockMask>,
-    /// One `u8` keep tensor per mask on the weights' device, made once (the
-    /// after-update stage runs every step).
-    keep: Vec<candle_core::Tensor>,
+    /// The freeze mask of each block mask, on the weights' device, made once
+    /// (the after-update stage runs every step).
+    frozen: Vec<FreezeMask>,
 }
 
 impl BlockSparsityHook {
     /// Applies `masks` to `state` (zeroes and freezes the masked weights).
     pub fn new(masks: Vec<BlockMask>, state: &mut TrainState) -> Result<Self> {
         let device = state.network.device().clone();
-        let keep = masks
+        let frozen = masks
             .iter()
             .map(|m| {
-                let keep: Vec<u8> = m.keep.iter().map(|&k| u8::from(k)).collect();
-                candle_core::Tensor::from_vec(keep, m.shape.as_slice(), &device)
+                let frozen: Vec<bool> = m.keep.iter().map(|k| !k).collect();
+                FreezeMask::from_frozen(&m.shape, &frozen, &device)
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let hook = BlockSparsityHook { masks, keep };
-        for m in &hook.masks {
-            let frozen: Vec<bool> = m.keep.iter().map(|k| !k).collect();
-            let device = state.network.device().clone();
-            let mask = FreezeMask::from_frozen(&m.shape, &frozen, &device)?;
-            state.set_mask(&m.name, mask)?;
+            .collect::<qgrad_accum::Result<Vec<_>>>()?;
+        for (m, mask) in masks.iter().zip(&frozen) {
+            state.set_mask(&m.name, mask.clone())?;
         }
+        let hook = BlockSparsityHook { masks, frozen };
         hook.apply(state)?;
         Ok(hook)
     }
@@ -218,15 +215,14 @@ impl BlockSparsityHook {
     }
 
     fn apply(&self, state: &mut TrainState) -> Result<()> {
-        for (m, keep) in self.masks.iter().zip(&self.keep) {
+        for (m, frozen) in self.masks.iter().zip(&self.frozen) {
             let var = state
                 .network
                 .parameter(&m.name)
                 .ok_or_else(|| invalid(format!("no parameter '{}'", m.name)))?;
             // A select, not a product: a masked negative weight becomes +0.0,
-            // not −0.0.
-            let w = var.as_tensor().detach();
-            var.set(&keep.where_cond(&w, &w.zeros_like()?)?)?;
+            // not −0.0 (in place on the CPU).
+            frozen.zero_frozen(var)?;
         }
         Ok(())
     }
