@@ -364,15 +364,49 @@ pub fn quantize(
                 scale * method.level(c)
             })
             .collect();
-        out.values.extend(
-            codes
-                .iter()
-                .map(|&c| value_of[(i16::from(c) + i16::from(max)) as usize]),
-        );
+        if groups == 1 {
+            out.values = par_map(&codes, |c| {
+                value_of[(i16::from(c) + i16::from(max)) as usize]
+            });
+        } else {
+            out.values.extend(
+                codes
+                    .iter()
+                    .map(|&c| value_of[(i16::from(c) + i16::from(max)) as usize]),
+            );
+        }
         out.codes.extend(codes);
         out.scales.extend(scales);
     }
     Ok(out)
+}
+
+/// Elements per parallel chunk of [`par_map`].
+const PAR_CHUNK: usize = 1 << 15;
+
+/// `v.iter().map(f).collect()`, in chunks on rayon's threads when there are
+/// at least two: the element passes of `quantize` run every training step
+/// over every weight, beside GEMMs that use every core. Element-wise, so the
+/// result is the same whatever the split.
+pub(crate) fn par_map<T, U, F>(v: &[T], f: F) -> Vec<U>
+where
+    T: Copy + Sync,
+    U: Copy + Default + Send + Sync,
+    F: Fn(T) -> U + Sync,
+{
+    use rayon::prelude::*;
+    if v.len() < 2 * PAR_CHUNK {
+        return v.iter().map(|&x| f(x)).collect();
+    }
+    let mut out = vec![U::default(); v.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks(PAR_CHUNK))
+        .for_each(|(out, v)| {
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o = f(x);
+            }
+        });
+    out
 }
 
 // The input checks of `quantize` run every training step over every

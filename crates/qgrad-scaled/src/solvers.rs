@@ -473,13 +473,12 @@ fn uniform_codes(w: &[f32], alpha: f32, n: i8) -> Vec<i8> {
 fn uniform_codes_counted<const N: usize>(w: &[f32], alpha: f32) -> Vec<i8> {
     let midpoints: [f64; N] = std::array::from_fn(|j| j as f64 + 0.5);
     let (alpha, n) = (f64::from(alpha), N as f64);
-    w.iter()
-        .map(|&x| {
-            let t = (f64::from(x).abs() / alpha).min(1.0) * n;
-            let k = midpoints.iter().map(|&m| i8::from(t > m)).sum::<i8>();
-            signed_code(k, x)
-        })
-        .collect()
+    let code = |x: f32| {
+        let t = (f64::from(x).abs() / alpha).min(1.0) * n;
+        let k = midpoints.iter().map(|&m| i8::from(t > m)).sum::<i8>();
+        signed_code(k, x)
+    };
+    crate::par_map(w, code)
 }
 
 fn signed_code(k: i8, x: f32) -> i8 {
@@ -544,6 +543,11 @@ mod uniform_tests {
                 assert_eq!(uniform_codes(&w, alpha, n), want);
             }
         }
+        // Long enough for the parallel chunks: the same codes.
+        let long: Vec<f32> = (0..200_003)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        assert_eq!(uniform_codes(&long, 0.9, 3), by_floor(&long, 0.9, 3));
         // An exact midpoint rounds down (ties to the smaller magnitude).
         assert_eq!(uniform_codes(&[0.5, -0.5, 0.75], 1.0, 1), vec![0, 0, 1]);
         // The wide widths keep the floor rule.
