@@ -36,6 +36,24 @@ fn invalid(message: impl Into<String>) -> ModelsError {
 /// per sample, exactly as `FixedActivations::quantize`, and returns the
 /// dequantized values as f64 (exact).
 pub fn quantize_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(x.elem_count());
+    quantized_activation_values(x, bits, |v| out.push(v))?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// [`quantize_activations`] as f32, for the training forward pass: the same
+/// values (each is an integer of at most 16 bits times a power of two, so
+/// the f32 is exact), with zeros as `+0.0`, which is what the
+/// straight-through `q + (x − x̄)` made of them; one pass and one f32 buffer
+/// where the f64 tensor and its conversion were two more.
+pub fn quantize_activations_f32(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(x.elem_count());
+    quantized_activation_values(x, bits, |v| out.push(v as f32 + 0.0))?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// The dequantized values of [`quantize_activations`], in order, to `push`.
+fn quantized_activation_values(x: &Tensor, bits: u8, mut push: impl FnMut(f64)) -> Result<()> {
     let n = x.dim(0)?;
     // One host pass per sample (exponent, scale, round, clamp) instead of
     // five candle ops each allocating a full f64 tensor; the arithmetic is
@@ -44,20 +62,17 @@ pub fn quantize_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
     let per_sample = values.len().checked_div(n).unwrap_or(0);
     let lo = -(2f64.powi(bits as i32 - 1));
     let hi = 2f64.powi(bits as i32 - 1) - 1.0;
-    let mut out = Vec::with_capacity(values.len());
     for sample in values.chunks(per_sample.max(1)) {
         let m = sample.iter().fold(0f32, |m, v| m.max(v.abs()));
         let e = qgrad_fixed::tensor_exponent(&[m])?;
         let f = bits as i32 - 1 - e;
         let up = (f as f64).exp2();
         let down = 1.0 / up;
-        out.extend(
-            sample
-                .iter()
-                .map(|&v| round_half_away((v as f64) * up).clamp(lo, hi) * down),
-        );
+        for &v in sample {
+            push(round_half_away((v as f64) * up).clamp(lo, hi) * down);
+        }
     }
-    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+    Ok(())
 }
 
 /// `v.round()` (half away from zero, the sign of zero kept) without the libm

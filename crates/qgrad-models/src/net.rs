@@ -451,19 +451,13 @@ impl Network {
             let clip = format!("{layer}.{}", qgrad_runtime::ACT_CLIP);
             return match self.parameter(&clip) {
                 Some(beta) => pact(x, beta.as_tensor(), config.bits),
-                None => {
-                    let q = crate::eval::quantize_activations(&x.detach(), config.input_bits)?
-                        .to_dtype(DType::F32)?;
-                    Ok((q + (x - x.detach())?)?)
-                }
+                None => straight_through_activations(x, config.input_bits),
             };
         }
         let Some(bits) = self.act_bits else {
             return Ok(x.clone());
         };
-        let q = crate::eval::quantize_activations(&x.detach(), bits)?.to_dtype(DType::F32)?;
-        // q + (x − x̄) is q exactly (x − x̄ = 0) and has x's gradient.
-        Ok((q + (x - x.detach())?)?)
+        straight_through_activations(x, bits)
     }
 
     /// The clip `β` of every PACT layer as used (`max(β, MIN_CLIP)`), by
@@ -611,6 +605,18 @@ impl Network {
     pub fn evaluate(&self, data: &Dataset, norm: &Normalization, batch: usize) -> Result<f64> {
         Ok(self.evaluate_with_loss(data, norm, batch)?.0)
     }
+}
+
+/// `x` at `bits` with one exponent per sample, straight through:
+/// `q + (x − x̄)` is `q` exactly (with `+0.0` for zeros) and has `x`'s
+/// gradient. An input without a gradient (the image batch of the first
+/// layer) gets `q` itself: the same values, two tensor passes fewer.
+fn straight_through_activations(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let q = crate::eval::quantize_activations_f32(&x.detach(), bits)?;
+    if !x.track_op() {
+        return Ok(q);
+    }
+    Ok((q + (x - x.detach())?)?)
 }
 
 /// PACT's forward (see [`PactConfig`]): `y = min(max(x, 0), β)`, written as
