@@ -465,20 +465,48 @@ fn uniform_codes(w: &[f32], alpha: f32, n: i8) -> Vec<i8> {
 }
 
 /// [`uniform_codes`] for `N` = 1, 3 or 7 (2, 3 and 4 bits) as a count of
-/// the midpoints below `t`: `floor(t) + [t − floor(t) > 0.5]` is the number
-/// of `j` in `1..=N` with `t > j − 0.5` (both sides are exact in f64:
-/// `t − floor(t)` by Sterbenz's lemma, `j − 0.5` and `floor(t) + 0.5` as
-/// small halves), so the codes are the same, without `floor` (a libm call
-/// on baseline x86-64) and with a loop the compiler vectorises.
+/// thresholds: the code's magnitude is the number of midpoints `j − 0.5`
+/// (`j` in `1..=N`) below `t`, since `floor(t) + [t − floor(t) > 0.5]`
+/// counts exactly those (`t − floor(t)` is exact by Sterbenz's lemma, and
+/// `floor(t) + 0.5` is exact). And `t` is a non-decreasing function of `|x|`
+/// (a rounded division and product by positive constants, and a `min`), so
+/// `t > j − 0.5` holds exactly from some `|x| = T_j` on: found once per
+/// tensor by bisection over the f32 bit patterns, the thresholds turn every
+/// element into `N` f32 comparisons — the same codes as the f64 rule,
+/// without its division per weight, and in a loop that vectorises.
 fn uniform_codes_counted<const N: usize>(w: &[f32], alpha: f32) -> Vec<i8> {
-    let midpoints: [f64; N] = std::array::from_fn(|j| j as f64 + 0.5);
-    let (alpha, n) = (f64::from(alpha), N as f64);
+    let (alpha64, n) = (f64::from(alpha), N as f64);
+    let t = |a: f32| (f64::from(a) / alpha64).min(1.0) * n;
+    let thresholds: [f32; N] = std::array::from_fn(|j| {
+        let midpoint = j as f64 + 0.5;
+        first_true(|a| t(a) > midpoint)
+    });
     let code = |x: f32| {
-        let t = (f64::from(x).abs() / alpha).min(1.0) * n;
-        let k = midpoints.iter().map(|&m| i8::from(t > m)).sum::<i8>();
+        let a = x.abs();
+        let k = thresholds.iter().map(|&m| i8::from(a >= m)).sum::<i8>();
         signed_code(k, x)
     };
     crate::par_map(w, code)
+}
+
+/// The smallest non-negative f32 at which `holds` is true, for a predicate
+/// that is false and then true as its argument grows and that holds at +∞
+/// (bisection over the bit patterns, whose order is the values' order).
+fn first_true(holds: impl Fn(f32) -> bool) -> f32 {
+    if holds(0.0) {
+        return 0.0;
+    }
+    // holds(lo) is false, holds(hi) true.
+    let (mut lo, mut hi) = (0u32, f32::INFINITY.to_bits());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if holds(f32::from_bits(mid)) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    f32::from_bits(hi)
 }
 
 fn signed_code(k: i8, x: f32) -> i8 {
@@ -510,7 +538,7 @@ mod uniform_tests {
 
     #[test]
     fn counted_midpoints_give_the_floor_rules_codes() {
-        for alpha in [1.0f32, 0.37, 3.0e-3] {
+        for alpha in [1.0f32, 0.37, 3.0e-3, 1.0e-40, 3.0e38, 0.1] {
             for n in [1i8, 3, 7] {
                 // Every level and midpoint times α (exact ties where the
                 // arithmetic allows), a hair either side, zeros of both
