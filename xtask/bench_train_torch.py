@@ -60,6 +60,40 @@ def build(net, nn):
         layers += [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(),
                    nn.Dropout(0.5), nn.Linear(512, 10)]
         return nn.Sequential(*layers), (3, 32, 32)
+    if net.startswith("mlp-"):
+        # qgrad's mlp-<width>x<depth>[-bn]: depth hidden layers of width
+        # units with ReLU, then 10 outputs; -bn puts batch norm after every
+        # linear layer, the output layer's included.
+        spec = net[4:]
+        bn = spec.endswith("-bn")
+        width, depth = (int(v) for v in spec.removesuffix("-bn").split("x"))
+        layers, inputs = [nn.Flatten()], 784
+        for i in range(depth + 1):
+            outputs = 10 if i == depth else width
+            layers.append(nn.Linear(inputs, outputs))
+            if bn:
+                layers.append(nn.BatchNorm1d(outputs))
+            if i < depth:
+                layers.append(nn.ReLU())
+            inputs = outputs
+        return nn.Sequential(*layers), (1, 28, 28)
+    if net.startswith("cnn-"):
+        # qgrad's cnn-<c>: 2xcC3-MP2-2x2cC3-MP2-2x4cC3-MP2-8c-8c-10, batch
+        # norm after every layer but the last.
+        c = int(net[4:])
+        layers, channels = [], 3
+        for width in [c, c, 0, 2 * c, 2 * c, 0, 4 * c, 4 * c, 0]:
+            if width == 0:
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(channels, width, 3, padding=1),
+                       nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        layers += [nn.Flatten(),
+                   nn.Linear(4 * c * 16, 8 * c), nn.BatchNorm1d(8 * c), nn.ReLU(),
+                   nn.Linear(8 * c, 8 * c), nn.BatchNorm1d(8 * c), nn.ReLU(),
+                   nn.Linear(8 * c, 10)]
+        return nn.Sequential(*layers), (3, 32, 32)
     raise SystemExit(f"unknown network {net!r}")
 
 

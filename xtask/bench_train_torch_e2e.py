@@ -22,6 +22,23 @@ step is BWN's); the gradient of the binary weights updates the float W
 (straight through), W is clipped to [-1, 1] after each update, and the test
 set is evaluated with the binary weights.
 
+With --quantizer structured it is the loop of METHOD.md section 9 instead,
+as `qgrad quantize structured` runs it for an MLP (Linear, ReLU and batch-norm
+layers; with --optimizer adam --lr 0.002 --weight-decay 0 --batch 100):
+every weight matrix gets a random block mask (--block ROWSxCOLS blocks,
+ceil(block columns / --compression) of them kept in every block row) that
+zeroes it once and then again after every update, with the masked gradients
+zeroed before the optimizer (no momentum on them); the forward pass uses the
+weights at --weight-bits (2..8: symmetric uniform levels alpha * k / n with
+n = 2^(bits-1) - 1, alpha = max |W|, nearest level with ties to the smaller
+magnitude; 1: alpha * sign(W) on the kept weights with alpha their mean |W|;
+32: float) with a straight-through gradient; the input of every linear layer
+but the first goes through PACT at --pact-bits (clipped to [0, beta] and
+rounded to 2^bits - 1 steps, beta a learned parameter per layer starting at
+2.0, used as max(beta, 1e-3)); the image is rounded to 8-bit fixed point
+with one power-of-two exponent per image. The test set is evaluated the same
+way (the quantized network).
+
 PyTorch is a measurement tool only, never a dependency of qgrad (see
 bench_train_torch.py for how to point bench-train at an interpreter).
 """
@@ -55,6 +72,87 @@ def read_idx(torch, folder, stem):
     raise SystemExit(f"no {stem}[.gz] in {folder}")
 
 
+class Structured:
+    """The structured loop's layers (module docstring): block masks, k_w-bit
+    weights, PACT activations and the 8-bit input, around an MLP."""
+
+    def __init__(self, args, model, torch, nn):
+        self.args, self.torch, self.F, self.Linear = args, torch, nn.functional, nn.Linear
+        self.layers = list(model)
+        self.linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        unsupported = [m for m in self.layers
+                       if not isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU, nn.BatchNorm1d))]
+        if unsupported:
+            raise SystemExit(f"--quantizer structured covers MLPs; {args.net} has {unsupported[0]}")
+        rows, cols = (int(v) for v in args.block.split("x"))
+        generator = torch.Generator().manual_seed(args.seed)
+        self.masks = [self.block_mask(m.weight, rows, cols, generator) for m in self.linears]
+        self.apply_masks()
+        self.clips = [nn.Parameter(torch.full((1,), 2.0)) for _ in self.linears[1:]]
+
+    def block_mask(self, weight, br, bc, generator):
+        """ceil(block columns / c) random blocks kept in every block row."""
+        torch = self.torch
+        rows, cols = weight.shape
+        brows, bcols = -(-rows // br), -(-cols // bc)
+        keep = -(-bcols // self.args.compression)
+        chosen = torch.rand(brows, bcols, generator=generator).topk(keep, dim=1).indices
+        blocks = torch.zeros(brows, bcols).scatter_(1, chosen, 1.0)
+        return blocks.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols].contiguous()
+
+    def apply_masks(self):
+        with self.torch.no_grad():
+            for m, mask in zip(self.linears, self.masks):
+                m.weight.mul_(mask)
+
+    def mask_gradients(self):
+        for m, mask in zip(self.linears, self.masks):
+            m.weight.grad.mul_(mask)
+
+    def weights(self, w, mask):
+        """The k_w-bit weights, straight through to w."""
+        bits, torch = self.args.weight_bits, self.torch
+        if bits == 32:
+            return w
+        with torch.no_grad():
+            if bits == 1:
+                alpha = (w.abs() * mask).sum() / mask.sum()
+                q = torch.where(w >= 0, alpha, -alpha) * mask
+            else:
+                n = 2 ** (bits - 1) - 1
+                step = w.abs().max() / n
+                q = torch.ceil(w.abs() / step - 0.5).clamp_(0, n).mul_(step).mul_(w.sign())
+        return w + (q - w).detach()
+
+    def pact(self, x, beta):
+        b = beta.clamp_min(1e-3)
+        y = self.F.relu(x) - self.F.relu(x - b)
+        levels = 2 ** self.args.pact_bits - 1
+        with self.torch.no_grad():
+            q = self.torch.round(y / b * levels) / levels * b
+        return y + (q - y).detach()
+
+    def image(self, x, bits=8):
+        """8-bit fixed point, one power-of-two exponent per image."""
+        torch = self.torch
+        flat = x.flatten(1)
+        top = flat.abs().amax(1, keepdim=True)
+        e = torch.where(top > 0, torch.ceil(torch.log2(top)), torch.zeros_like(top))
+        up = torch.exp2(bits - 1 - e)
+        return (flat * up).round_().clamp_(-2 ** (bits - 1), 2 ** (bits - 1) - 1).div_(up)
+
+    def forward(self, x):
+        h, index = x, 0
+        for m in self.layers:
+            if isinstance(m, self.Linear):
+                h = self.image(h) if index == 0 else self.pact(h, self.clips[index - 1])
+                h = self.F.linear(h, self.weights(m.weight, self.masks[index]), m.bias)
+                index += 1
+            else:
+                h = m(h)
+        return h
+
+
 def main():
     started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,7 +163,11 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--quantizer", choices=["none", "lab"], default="none")
+    parser.add_argument("--quantizer", choices=["none", "lab", "structured"], default="none")
+    parser.add_argument("--weight-bits", type=int, choices=[1, 2, 3, 4, 8, 32], default=2)
+    parser.add_argument("--pact-bits", type=int, choices=[2, 3, 4, 8], default=2)
+    parser.add_argument("--compression", type=int, default=4)
+    parser.add_argument("--block", default="16x16")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", required=True)
@@ -81,13 +183,15 @@ def main():
     test_x = read_idx(torch, args.data, "t10k-images-idx3-ubyte")
     test_y = read_idx(torch, args.data, "t10k-labels-idx1-ubyte").long()
     model, _ = build(args.net, nn)
+    structured = Structured(args, model, torch, nn) if args.quantizer == "structured" else None
+    params = list(model.parameters()) + (structured.clips if structured else [])
     if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
-                                     weight_decay=args.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9,
                                     weight_decay=args.weight_decay)
-    accgrad = [torch.zeros_like(p) for p in model.parameters()]
+    forward = structured.forward if structured else model
+    accgrad = [torch.zeros_like(p) for p in params]
     binary = [p for p in model.parameters() if p.dim() > 1] if args.quantizer == "lab" else []
 
     def binarize():
@@ -128,14 +232,18 @@ def main():
             idx = order[start:start + args.batch]
             x, y = images(train_x[idx]), train_y[idx]
             saved = binarize()
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(forward(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             restore(saved)
             with torch.no_grad():
-                for a, p in zip(accgrad, model.parameters()):
+                if structured:
+                    structured.mask_gradients()
+                for a, p in zip(accgrad, params):
                     a.add_(p.grad.abs())
             optimizer.step()
+            if structured:
+                structured.apply_masks()
             if binary:
                 with torch.no_grad():
                     for p in binary:
@@ -146,12 +254,14 @@ def main():
         saved = binarize()
         with torch.no_grad():
             for start in range(0, test_x.shape[0], 1000):
-                logits = model(images(test_x[start:start + 1000]))
+                logits = forward(images(test_x[start:start + 1000]))
                 correct += int((logits.argmax(1) == test_y[start:start + 1000]).sum())
         restore(saved)
         tmp = args.out + ".tmp"
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "accgrad": accgrad, "epoch": epoch + 1}, tmp)
+                    "accgrad": accgrad, "epoch": epoch + 1,
+                    "clips": structured.clips if structured else [],
+                    "masks": structured.masks if structured else []}, tmp)
         os.replace(tmp, args.out)
         epochs.append({"epoch": epoch, "seconds": time.perf_counter() - t0,
                        "train_loss": float(loss_sum) / train_x.shape[0],

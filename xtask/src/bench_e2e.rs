@@ -41,8 +41,19 @@
 //! loop in the script (`--quantizer lab`), the result being the binary
 //! network's test accuracy (qgrad's from its file).
 //!
-//! Of the image networks, MNIST's only (LeNet-300-100, LeNet-5): the CIFAR
-//! networks' crop and flip augmentation has no PyTorch twin in the script yet.
+//! With `--quantizer structured` an MNIST MLP (LeNet-300-100 or
+//! `mlp-<w>x<d>`) trains under structured sparsity with low-bit weights and
+//! activations instead (METHOD §9): `qgrad quantize structured` at its
+//! defaults (2-bit weights, 2-bit PACT activations, 16×16 blocks at 4x
+//! compression drawn at random, `α = max |W|`) with Adam (lr 0.002, cosine,
+//! batch 100, no weight decay) against the script's `--quantizer structured`
+//! (the same masks rule, quantizers and PACT clips as PyTorch modules), the
+//! result being the quantized network's test accuracy (qgrad's from its
+//! file).
+//!
+//! Of the image networks, MNIST's only (LeNet-300-100, LeNet-5, the MLPs):
+//! the CIFAR networks' crop and flip augmentation has no PyTorch twin in the
+//! script yet.
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -61,6 +72,9 @@ pub enum E2eNet {
     /// An MNIST network with loss-aware binary weights (LAB, METHOD §10),
     /// trained by `qgrad quantize loss-aware --quantizer lab` with Adam.
     MnistLab(Arch),
+    /// An MNIST MLP with block-sparse 2-bit weights and 2-bit activations
+    /// (METHOD §9), trained by `qgrad quantize structured` with Adam.
+    MnistStructured(Arch),
     /// A character LSTM of this many hidden units, by `qgrad train-lstm`.
     Lstm(usize),
 }
@@ -70,6 +84,7 @@ impl E2eNet {
         match self {
             E2eNet::Mnist(a) => a.name(),
             E2eNet::MnistLab(a) => format!("{} lab", a.name()),
+            E2eNet::MnistStructured(a) => format!("{} struct", a.name()),
             E2eNet::Lstm(h) => format!("lstm-{h}"),
         }
     }
@@ -80,7 +95,7 @@ impl E2eNet {
     fn default_epochs(self) -> usize {
         match self {
             E2eNet::Mnist(Arch::Lenet5) | E2eNet::MnistLab(Arch::Lenet5) => 2,
-            E2eNet::Mnist(_) | E2eNet::MnistLab(_) => 5,
+            E2eNet::Mnist(_) | E2eNet::MnistLab(_) | E2eNet::MnistStructured(_) => 5,
             E2eNet::Lstm(_) => 1,
         }
     }
@@ -93,14 +108,39 @@ impl E2eNet {
             // The binary network's accuracy: from the file (the integer
             // kernels, equal to candle's evaluation) against PyTorch's
             // evaluation with the binary weights.
-            E2eNet::MnistLab(_) => ["file_accuracy", "test_accuracy", "test accuracy"],
+            E2eNet::MnistLab(_) | E2eNet::MnistStructured(_) => {
+                ["file_accuracy", "test_accuracy", "test accuracy"]
+            }
             E2eNet::Lstm(_) => ["test_bpc", "test_bpc", "test bits per character"],
+        }
+    }
+
+    /// Refuses what the PyTorch scripts have no twin of.
+    fn check(self) -> Result<()> {
+        match self {
+            E2eNet::MnistStructured(Arch::Lenet300100 | Arch::Mlp { .. }) => Ok(()),
+            E2eNet::MnistStructured(a) => bail!(
+                "--quantizer structured covers the MNIST MLPs (lenet-300-100, \
+                 mlp-<width>x<depth>[-bn]); the PyTorch script has no {} twin",
+                a.name()
+            ),
+            E2eNet::Mnist(a) | E2eNet::MnistLab(a)
+                if !matches!(a, Arch::Lenet300100 | Arch::Lenet5 | Arch::Mlp { .. }) =>
+            {
+                bail!(
+                    "--end-to-end covers the MNIST networks (lenet-300-100, lenet-5, \
+                     mlp-<width>x<depth>[-bn]) and character LSTMs (lstm-<hidden>); {} trains \
+                     with augmentation that the PyTorch script does not have",
+                    a.name()
+                )
+            }
+            _ => Ok(()),
         }
     }
 
     fn arch(self) -> Option<Arch> {
         match self {
-            E2eNet::Mnist(a) | E2eNet::MnistLab(a) => Some(a),
+            E2eNet::Mnist(a) | E2eNet::MnistLab(a) | E2eNet::MnistStructured(a) => Some(a),
             E2eNet::Lstm(_) => None,
         }
     }
@@ -164,15 +204,7 @@ struct EndToEndRow {
 /// Runs the comparison and prints its table.
 pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
     for &net in opts.nets {
-        if let Some(arch) = net.arch() {
-            ensure!(
-                matches!(arch, Arch::Lenet300100 | Arch::Lenet5),
-                "--end-to-end covers the MNIST networks (lenet-300-100, lenet-5) and character \
-                 LSTMs (lstm-<hidden>); {} trains with augmentation that the PyTorch script \
-                 does not have",
-                arch.name()
-            );
-        }
+        net.check()?;
     }
     let mnist_images = if opts.nets.iter().any(|n| n.arch().is_some()) {
         let (train, _) = qgrad_data::mnist::load_mnist(opts.data)
@@ -259,6 +291,29 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                             .arg(&out);
                         c
                     }
+                    (E2eNet::MnistStructured(arch), 0) => {
+                        let mut c = Command::new(&qgrad);
+                        c.args(["quantize", "structured", "--model"])
+                            .arg(arch.name())
+                            .arg("--data")
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch-size", "100", "--lr", "0.002"])
+                            .args(["--optimizer", "adam", "--weight-decay", "0"])
+                            .args(["--json", "--no-progress", "--out"])
+                            .arg(&out);
+                        c
+                    }
+                    (E2eNet::MnistStructured(arch), _) => {
+                        let mut c = Command::new(opts.python);
+                        c.arg(here.join("bench_train_torch_e2e.py"))
+                            .args(["--net", &arch.name(), "--data"])
+                            .arg(opts.data)
+                            .args(["--epochs", &e, "--batch", "100", "--lr", "0.002"])
+                            .args(["--optimizer", "adam", "--weight-decay", "0"])
+                            .args(["--quantizer", "structured", "--threads", &threads, "--out"])
+                            .arg(&out);
+                        c
+                    }
                     (E2eNet::Lstm(h), 0) => {
                         let mut c = Command::new(&qgrad);
                         c.args(["train-lstm", "--text"])
@@ -284,7 +339,7 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
             }
         }
         let train_items = match net {
-            E2eNet::Mnist(_) | E2eNet::MnistLab(_) => mnist_images,
+            E2eNet::Mnist(_) | E2eNet::MnistLab(_) | E2eNet::MnistStructured(_) => mnist_images,
             E2eNet::Lstm(_) => corpus_chars,
         };
         let [q, t] = sides.map(|runs| summarise(runs, train_items));
@@ -444,13 +499,14 @@ fn wait_with_rusage(child: &mut std::process::Child) -> Result<(std::process::Ex
 fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
     println!(
         "\nend to end, {threads} thread(s); MNIST: full MNIST, batch 128, SGD momentum 0.9 + wd 5e-4, \
-         cosine (lab: binary weights, batch 100, Adam 0.005, cosine); LSTM: batch 64 x 100 characters, Adam 0.002, clip 5; seconds per epoch from each \
+         cosine (lab: binary weights, batch 100, Adam 0.005, cosine; struct: 2-bit weights and \
+         activations, 16x16 blocks at 4x, batch 100, Adam 0.002, cosine); LSTM: batch 64 x 100 characters, Adam 0.002, clip 5; seconds per epoch from each \
          side's `training` line to its last `epoch` line, over E; images or characters per \
          second; median of {repeats} alternating run(s) per side; processor: {}",
         xtask::cpu_model()
     );
     println!(
-        "{:<14} {:>3} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "{:<20} {:>3} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
         "net",
         "E",
         "qgrad s",
@@ -474,7 +530,7 @@ fn print_table(rows: &[EndToEndRow], threads: usize, repeats: usize) {
     };
     for r in rows {
         println!(
-            "{:<14} {:>3} {:>10.2} {:>10.2} {:>10.3} {:>10.3} {:>6.2}x {:>9.0} {:>9.0} {:>10} {:>10} {:>9.0} {:>9.0}",
+            "{:<20} {:>3} {:>10.2} {:>10.2} {:>10.3} {:>10.3} {:>6.2}x {:>9.0} {:>9.0} {:>10} {:>10} {:>9.0} {:>9.0}",
             r.net,
             r.epochs,
             r.qgrad.process_seconds,
@@ -524,6 +580,23 @@ mod tests {
         );
         let line = "{\"side\": \"pytorch\", \"test_bpc\": 1.75}\n";
         assert_eq!(parse_last_json(line).unwrap()[net.metric()[1]], 1.75);
+    }
+
+    #[test]
+    fn structured_rows_cover_the_mlps_only() {
+        let mlp: Arch = "mlp-512x2".parse().unwrap();
+        let net = E2eNet::MnistStructured(mlp);
+        assert_eq!(net.name(), "mlp-512x2 struct");
+        assert_eq!(net.metric()[0], "file_accuracy");
+        assert!(net.check().is_ok());
+        assert!(E2eNet::MnistStructured(Arch::Lenet300100).check().is_ok());
+        // The script's structured twin is an MLP; LeNet-5 has convolutions.
+        let err = E2eNet::MnistStructured(Arch::Lenet5).check().unwrap_err();
+        assert!(err.to_string().contains("MLPs"), "{err}");
+        // CIFAR networks train with augmentation the script lacks.
+        assert!(E2eNet::Mnist(Arch::AlexNet).check().is_err());
+        assert!(E2eNet::MnistLab(Arch::Vgg16).check().is_err());
+        assert!(E2eNet::Mnist(mlp).check().is_ok());
     }
 
     #[test]

@@ -34,8 +34,9 @@ use serde::{Deserialize, Serialize};
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
     /// Networks to train (comma separated): lenet-300-100, lenet-5, alexnet,
-    /// vgg-16, and character LSTMs lstm-<hidden> (e.g. lstm-256) [default:
-    /// all of these with lstm-256 and lstm-512; with --end-to-end
+    /// vgg-16, the MLPs mlp-<width>x<depth>[-bn] and CNNs cnn-<channels>, and
+    /// character LSTMs lstm-<hidden> (e.g. lstm-256) [default: the four
+    /// networks with lstm-256 and lstm-512; with --end-to-end
     /// lenet-300-100,lenet-5].
     #[arg(long, value_delimiter = ',')]
     nets: Option<Vec<String>>,
@@ -81,9 +82,10 @@ pub struct BenchTrainArgs {
     /// --end-to-end: the MNIST folder.
     #[arg(long, default_value = "datasets/mnist")]
     data: PathBuf,
-    /// --end-to-end: train the MNIST networks with this loss-aware weight
-    /// quantizer (`qgrad quantize loss-aware`, Adam) against the same loop in
-    /// PyTorch; the script has `lab` (loss-aware binary weights).
+    /// --end-to-end: train the MNIST networks with this quantizer against the
+    /// same loop in PyTorch: `lab` (loss-aware binary weights, `qgrad
+    /// quantize loss-aware`, Adam) or `structured` (MLPs: block-sparse 2-bit
+    /// weights and 2-bit PACT activations, `qgrad quantize structured`).
     #[arg(long)]
     quantizer: Option<String>,
     /// --end-to-end: the character LSTMs' corpus.
@@ -208,13 +210,13 @@ impl BenchNet {
 }
 
 fn parse_arch(name: &str) -> Result<Arch> {
-    Arch::ALL
-        .into_iter()
-        .find(|a| a.name() == name)
-        .with_context(|| {
-            let known: Vec<_> = Arch::ALL.iter().map(|a| a.name()).collect();
-            format!("unknown network '{name}' (known: {})", known.join(", "))
-        })
+    name.parse::<Arch>().ok().with_context(|| {
+        let known: Vec<_> = Arch::ALL.iter().map(|a| a.name()).collect();
+        format!(
+            "unknown network '{name}' (known: {}, mlp-<width>x<depth>[-bn], cnn-<channels>)",
+            known.join(", ")
+        )
+    })
 }
 
 /// The Python interpreter with PyTorch when `--python` is not given.
@@ -277,19 +279,21 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         if args.skip_torch {
             bail!("--end-to-end compares with PyTorch; --skip-torch does not apply");
         }
-        let lab = match args.quantizer.as_deref() {
-            None => false,
-            Some("lab") => true,
+        use crate::bench_e2e::E2eNet;
+        let image_net: fn(Arch) -> E2eNet = match args.quantizer.as_deref() {
+            None => E2eNet::Mnist,
+            Some("lab") => E2eNet::MnistLab,
+            Some("structured") => E2eNet::MnistStructured,
             Some(q) => bail!(
-                "--quantizer {q}: the PyTorch side implements lab (loss-aware binary weights) only"
+                "--quantizer {q}: the PyTorch side implements lab (loss-aware binary weights) \
+                 and structured (block-sparse 2-bit weights, 2-bit activations) only"
             ),
         };
         let nets: Vec<_> = archs
             .iter()
             .map(|n| match *n {
-                BenchNet::Image(a) if lab => crate::bench_e2e::E2eNet::MnistLab(a),
-                BenchNet::Image(a) => crate::bench_e2e::E2eNet::Mnist(a),
-                BenchNet::Lstm(h) => crate::bench_e2e::E2eNet::Lstm(h),
+                BenchNet::Image(a) => image_net(a),
+                BenchNet::Lstm(h) => E2eNet::Lstm(h),
             })
             .collect();
         return crate::bench_e2e::run(crate::bench_e2e::EndToEndOptions {
