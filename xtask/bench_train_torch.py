@@ -20,6 +20,20 @@ import sys
 import time
 
 
+def conv_bn_relu_stack(widths, nn):
+    """3x3 convolutions (padding 1) with batch norm and ReLU from 3 input
+    channels; a width of 0 is a 2x2 max pool (qgrad's conv_bn_relu_stack)."""
+    layers, channels = [], 3
+    for width in widths:
+        if width == 0:
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(channels, width, 3, padding=1),
+                   nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    return layers
+
+
 def build(net, nn):
     if net == "lenet-300-100":
         return nn.Sequential(
@@ -48,15 +62,8 @@ def build(net, nn):
             nn.Linear(256, 10),
         ), (3, 32, 32)
     if net == "vgg-16":
-        layers, channels = [], 3
-        for width in [64, 64, 0, 128, 128, 0, 256, 256, 256, 0,
-                      512, 512, 512, 0, 512, 512, 512, 0]:
-            if width == 0:
-                layers.append(nn.MaxPool2d(2))
-                continue
-            layers += [nn.Conv2d(channels, width, 3, padding=1),
-                       nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
+        layers = conv_bn_relu_stack([64, 64, 0, 128, 128, 0, 256, 256, 256, 0,
+                                     512, 512, 512, 0, 512, 512, 512, 0], nn)
         layers += [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(),
                    nn.Dropout(0.5), nn.Linear(512, 10)]
         return nn.Sequential(*layers), (3, 32, 32)
@@ -81,14 +88,7 @@ def build(net, nn):
         # qgrad's cnn-<c>: 2xcC3-MP2-2x2cC3-MP2-2x4cC3-MP2-8c-8c-10, batch
         # norm after every layer but the last.
         c = int(net[4:])
-        layers, channels = [], 3
-        for width in [c, c, 0, 2 * c, 2 * c, 0, 4 * c, 4 * c, 0]:
-            if width == 0:
-                layers.append(nn.MaxPool2d(2))
-                continue
-            layers += [nn.Conv2d(channels, width, 3, padding=1),
-                       nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
+        layers = conv_bn_relu_stack([c, c, 0, 2 * c, 2 * c, 0, 4 * c, 4 * c, 0], nn)
         layers += [nn.Flatten(),
                    nn.Linear(4 * c * 16, 8 * c), nn.BatchNorm1d(8 * c), nn.ReLU(),
                    nn.Linear(8 * c, 8 * c), nn.BatchNorm1d(8 * c), nn.ReLU(),

@@ -3,6 +3,7 @@
 //! within a tolerance, on random shapes (dimensions of 1 included), widths,
 //! clips and inputs that sit on the clip, on 0 and on the rounding steps.
 
+mod common;
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
 use qgrad_ops::reference;
@@ -13,11 +14,7 @@ fn inputs(seed: u64, len: usize, beta: f32, levels: u32) -> Vec<f32> {
     let mut state = seed;
     (0..len)
         .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = common::splitmix64(&mut state);
             let u = (z >> 40) as f32 / (1u64 << 24) as f32;
             match z % 8 {
                 0 => 0.0,

@@ -5,24 +5,11 @@
 //! and one row; the gathered input (`lstm_sequence_gathered`) against
 //! `index_select` followed by the op; plus the shape errors.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::values;
 use proptest::prelude::*;
 use qgrad_ops::{lstm_sequence, lstm_sequence_gathered, reference, LstmState, RecurrentNorm};
-
-/// Deterministic values in [-1, 1) (splitmix64).
-fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn tensor(seed: u64, dims: &[usize], scale: f32) -> Tensor {
     let len = dims.iter().product();
