@@ -115,6 +115,39 @@ impl E2eNet {
         }
     }
 
+    /// The MNIST script's options that make its loop this net's recipe
+    /// (the qgrad side's flags, as the script spells them).
+    fn torch_recipe(self) -> &'static [&'static str] {
+        match self {
+            E2eNet::Mnist(_) => &["--batch", "128"],
+            E2eNet::MnistLab(_) => &[
+                "--batch",
+                "100",
+                "--lr",
+                "0.005",
+                "--optimizer",
+                "adam",
+                "--weight-decay",
+                "0",
+                "--quantizer",
+                "lab",
+            ],
+            E2eNet::MnistStructured(_) => &[
+                "--batch",
+                "100",
+                "--lr",
+                "0.002",
+                "--optimizer",
+                "adam",
+                "--weight-decay",
+                "0",
+                "--quantizer",
+                "structured",
+            ],
+            E2eNet::Lstm(_) => &[],
+        }
+    }
+
     /// Refuses what the PyTorch scripts have no twin of.
     fn check(self) -> Result<()> {
         match self {
@@ -259,16 +292,6 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                             .arg(&out);
                         c
                     }
-                    (E2eNet::Mnist(arch), _) => {
-                        let mut c = Command::new(opts.python);
-                        c.arg(here.join("bench_train_torch_e2e.py"))
-                            .args(["--net", &arch.name(), "--data"])
-                            .arg(opts.data)
-                            .args(["--epochs", &e, "--batch", "128"])
-                            .args(["--threads", &threads, "--out"])
-                            .arg(&out);
-                        c
-                    }
                     (E2eNet::MnistLab(arch), 0) => {
                         let mut c = Command::new(&qgrad);
                         c.args(["quantize", "loss-aware", "--quantizer", "lab", "--model"])
@@ -277,17 +300,6 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                             .arg(opts.data)
                             .args(["--epochs", &e, "--batch-size", "100", "--lr", "0.005"])
                             .args(["--weight-decay", "0", "--json", "--no-progress", "--out"])
-                            .arg(&out);
-                        c
-                    }
-                    (E2eNet::MnistLab(arch), _) => {
-                        let mut c = Command::new(opts.python);
-                        c.arg(here.join("bench_train_torch_e2e.py"))
-                            .args(["--net", &arch.name(), "--data"])
-                            .arg(opts.data)
-                            .args(["--epochs", &e, "--batch", "100", "--lr", "0.005"])
-                            .args(["--optimizer", "adam", "--weight-decay", "0"])
-                            .args(["--quantizer", "lab", "--threads", &threads, "--out"])
                             .arg(&out);
                         c
                     }
@@ -303,14 +315,19 @@ pub fn run(opts: EndToEndOptions<'_>) -> Result<()> {
                             .arg(&out);
                         c
                     }
-                    (E2eNet::MnistStructured(arch), _) => {
+                    (
+                        E2eNet::Mnist(arch)
+                        | E2eNet::MnistLab(arch)
+                        | E2eNet::MnistStructured(arch),
+                        _,
+                    ) => {
                         let mut c = Command::new(opts.python);
                         c.arg(here.join("bench_train_torch_e2e.py"))
                             .args(["--net", &arch.name(), "--data"])
                             .arg(opts.data)
-                            .args(["--epochs", &e, "--batch", "100", "--lr", "0.002"])
-                            .args(["--optimizer", "adam", "--weight-decay", "0"])
-                            .args(["--quantizer", "structured", "--threads", &threads, "--out"])
+                            .args(["--epochs", &e])
+                            .args(net.torch_recipe())
+                            .args(["--threads", &threads, "--out"])
                             .arg(&out);
                         c
                     }

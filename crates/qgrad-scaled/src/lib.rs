@@ -364,16 +364,14 @@ pub fn quantize(
                 scale * method.level(c)
             })
             .collect();
-        if groups == 1 {
-            out.values = par_map(&codes, |c| {
-                value_of[(i16::from(c) + i16::from(max)) as usize]
-            });
+        let values = par_map(&codes, |c| {
+            value_of[(i16::from(c) + i16::from(max)) as usize]
+        });
+        // One group (the common case) moves in without a copy.
+        if out.values.is_empty() {
+            out.values = values;
         } else {
-            out.values.extend(
-                codes
-                    .iter()
-                    .map(|&c| value_of[(i16::from(c) + i16::from(max)) as usize]),
-            );
+            out.values.extend(values);
         }
         out.codes.extend(codes);
         out.scales.extend(scales);
