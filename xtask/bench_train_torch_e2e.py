@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """PyTorch side of `cargo xtask bench-train --end-to-end`.
 
-Trains an MNIST network of METHOD.md section 7 on the real data set for whole
-epochs the way `qgrad train` does, as a plain PyTorch user writes it: the four
-IDX files loaded once as uint8, each batch gathered and normalised (mean
-0.1307, std 0.3081) from a seeded permutation, SGD with momentum 0.9 and
+Trains an MNIST or CIFAR-10 network of METHOD.md section 7 on the real data
+set for whole epochs the way `qgrad train` does, as a plain PyTorch user writes
+it: the four IDX files (MNIST) or the six binary batches (CIFAR-10) loaded once
+as uint8, each batch gathered and normalised from a seeded permutation (MNIST:
+mean 0.1307, std 0.3081; CIFAR-10: the training set's per-channel mean and
+standard deviation, as qgrad computes them, after zero padding by 4 pixels, a
+random 32x32 crop and a horizontal flip with probability 1/2 per image, drawn
+per batch in one indexing operation), SGD with momentum 0.9 and
 weight decay 5e-4, the learning rate on a per-epoch cosine from --lr to 0, the
 accumulated |gradient| of every parameter (METHOD section 1) added after every
 backward pass, the whole test set evaluated after every epoch (batches of
@@ -70,6 +74,72 @@ def read_idx(torch, folder, stem):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8,
                                     offset=4 + 4 * dims).reshape(shape)
     raise SystemExit(f"no {stem}[.gz] in {folder}")
+
+
+def is_cifar(net):
+    """The networks of METHOD.md section 7 that train on CIFAR-10."""
+    return net in ("alexnet", "vgg-16") or net.startswith("cnn-")
+
+
+def read_cifar(torch, root):
+    """The five training batches and the test batch of the binary CIFAR-10
+    (records of a label byte and 3x32x32 pixels), from the folder itself or
+    its cifar-10-batches-bin/ or cifar10/cifar-10-batches-bin/, as qgrad
+    looks for them; uint8 images and int64 labels."""
+    for folder in (root, os.path.join(root, "cifar-10-batches-bin"),
+                   os.path.join(root, "cifar10", "cifar-10-batches-bin")):
+        if os.path.exists(os.path.join(folder, "test_batch.bin")):
+            break
+    else:
+        raise SystemExit(f"no cifar-10-batches-bin/test_batch.bin in {root}")
+
+    def load(names):
+        raw = bytearray()
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                raw += f.read()
+        if len(raw) % 3073:
+            raise SystemExit(f"{folder}: {len(raw)} bytes is not whole 3073-byte records")
+        records = torch.frombuffer(raw, dtype=torch.uint8).reshape(-1, 3073)
+        return records[:, 1:].reshape(-1, 3, 32, 32).contiguous(), records[:, 0].long()
+
+    train = load([f"data_batch_{i}.bin" for i in range(1, 6)])
+    return train + load(["test_batch.bin"])
+
+
+def channel_statistics(torch, images):
+    """Per-channel mean and standard deviation of pixel / 255 over the
+    training images (qgrad-data's channel_statistics: f64 sums, the
+    variance floored at 1e-12, both rounded to f32), from a histogram of
+    each channel's bytes."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean, std = [], []
+    for ch in range(images.shape[1]):
+        hist = torch.bincount(images[:, ch].flatten(), minlength=256).double()
+        m = float((hist * values).sum()) / count
+        sq = float((hist * values * values).sum()) / count
+        mean.append(m)
+        std.append(math.sqrt(max(sq - m * m, 1e-12)))
+    return (torch.tensor(mean, dtype=torch.float32),
+            torch.tensor(std, dtype=torch.float32))
+
+
+def crop_flip(torch, batch, pad, generator):
+    """qgrad's Augment::CropFlip: every image shifted by (dy, dx) drawn
+    uniformly from [-pad, pad], its columns mirrored with probability 1/2,
+    zeros (black, before normalisation) where the shift leaves the image."""
+    n, _, h, w = batch.shape
+    padded = torch.nn.functional.pad(batch, (pad, pad, pad, pad))
+    dy = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(-pad, pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    ys, xs = torch.arange(h).unsqueeze(0), torch.arange(w).unsqueeze(0)
+    rows = ys + dy + pad
+    cols = torch.where(flip, w - 1 - xs, xs) + dx + pad
+    return padded[torch.arange(n)[:, None, None, None],
+                  torch.arange(batch.shape[1])[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class Structured:
@@ -168,6 +238,8 @@ def main():
     parser.add_argument("--pact-bits", type=int, choices=[2, 3, 4, 8], default=2)
     parser.add_argument("--compression", type=int, default=4)
     parser.add_argument("--block", default="16x16")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="stop each epoch after this many batches (qgrad's --max-batches)")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", required=True)
@@ -178,10 +250,16 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_x = read_idx(torch, args.data, "train-images-idx3-ubyte")
-    train_y = read_idx(torch, args.data, "train-labels-idx1-ubyte").long()
-    test_x = read_idx(torch, args.data, "t10k-images-idx3-ubyte")
-    test_y = read_idx(torch, args.data, "t10k-labels-idx1-ubyte").long()
+    cifar = is_cifar(args.net)
+    if cifar and args.quantizer != "none":
+        raise SystemExit(f"--quantizer {args.quantizer} covers the MNIST networks")
+    if cifar:
+        train_x, train_y, test_x, test_y = read_cifar(torch, args.data)
+    else:
+        train_x = read_idx(torch, args.data, "train-images-idx3-ubyte")
+        train_y = read_idx(torch, args.data, "train-labels-idx1-ubyte").long()
+        test_x = read_idx(torch, args.data, "t10k-images-idx3-ubyte")
+        test_y = read_idx(torch, args.data, "t10k-labels-idx1-ubyte").long()
     model, _ = build(args.net, nn)
     structured = Structured(args, model, torch, nn) if args.quantizer == "structured" else None
     params = list(model.parameters()) + (structured.clips if structured else [])
@@ -216,8 +294,20 @@ def main():
     print(f"training {args.net} for {args.epochs} epochs on {train_x.shape[0]} images",
           file=sys.stderr, flush=True)
 
-    def images(x):
-        return x.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
+    if cifar:
+        # After the `training` line, as qgrad train computes them.
+        mean, std = channel_statistics(torch, train_x)
+        scale = (1.0 / (255.0 * std)).reshape(1, -1, 1, 1)
+        shift = (mean / std).reshape(1, -1, 1, 1)
+        augment = torch.Generator().manual_seed(args.seed + 1)
+
+        def images(x, train=False):
+            if train:
+                x = crop_flip(torch, x, 4, augment)
+            return x.float().mul_(scale).sub_(shift)
+    else:
+        def images(x, train=False):
+            return x.unsqueeze(1).float().div_(255.0).sub_(MEAN).div_(STD)
 
     epochs = []
     for epoch in range(args.epochs):
@@ -228,9 +318,10 @@ def main():
         t0 = time.perf_counter()
         order = torch.randperm(train_x.shape[0], generator=generator)
         loss_sum = torch.zeros(())
-        for start in range(0, len(order), args.batch):
+        seen = 0
+        for start in range(0, len(order), args.batch)[:args.max_batches]:
             idx = order[start:start + args.batch]
-            x, y = images(train_x[idx]), train_y[idx]
+            x, y = images(train_x[idx], train=True), train_y[idx]
             saved = binarize()
             loss = nn.functional.cross_entropy(forward(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -249,6 +340,7 @@ def main():
                     for p in binary:
                         p.clamp_(-1.0, 1.0)
             loss_sum += loss.detach() * len(idx)
+            seen += len(idx)
         model.eval()
         correct = 0
         saved = binarize()
@@ -264,7 +356,7 @@ def main():
                     "masks": structured.masks if structured else []}, tmp)
         os.replace(tmp, args.out)
         epochs.append({"epoch": epoch, "seconds": time.perf_counter() - t0,
-                       "train_loss": float(loss_sum) / train_x.shape[0],
+                       "train_loss": float(loss_sum) / max(seen, 1),
                        "test_accuracy": correct / test_x.shape[0]})
         # As qgrad train's epoch line: after the evaluation and the checkpoint.
         print(f"epoch {epoch + 1:3}: loss {epochs[-1]['train_loss']:.4f}  "

@@ -74,7 +74,8 @@ pub struct BenchTrainArgs {
     /// Time the user's path instead of the step: `qgrad train` on full MNIST
     /// for whole epochs (batch assembly, gradient bookkeeping, evaluation,
     /// checkpoints) against the same loop in PyTorch
-    /// (`xtask/bench_train_torch_e2e.py`), LeNet-300-100 and LeNet-5; and
+    /// (`xtask/bench_train_torch_e2e.py`), LeNet-300-100 and LeNet-5 by
+    /// default, the CIFAR-10 networks with crop and flip; and
     /// `qgrad train-lstm` on --text against `bench_train_torch_lstm_e2e.py`,
     /// lstm-<hidden>.
     #[arg(long)]
@@ -82,6 +83,13 @@ pub struct BenchTrainArgs {
     /// --end-to-end: the MNIST folder.
     #[arg(long, default_value = "datasets/mnist")]
     data: PathBuf,
+    /// --end-to-end: the CIFAR-10 folder (AlexNet, VGG-16, cnn-<c>).
+    #[arg(long, default_value = "datasets/cifar10")]
+    cifar: PathBuf,
+    /// --end-to-end: stop every epoch of both sides after N batches (a VGG-16
+    /// epoch takes minutes); the evaluation and checkpoint still run.
+    #[arg(long, value_name = "N")]
+    max_batches: Option<usize>,
     /// --end-to-end: train the MNIST networks with this quantizer against the
     /// same loop in PyTorch: `lab` (loss-aware binary weights, `qgrad
     /// quantize loss-aware`, Adam) or `structured` (MLPs: block-sparse 2-bit
@@ -281,7 +289,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         }
         use crate::bench_e2e::E2eNet;
         let image_net: fn(Arch) -> E2eNet = match args.quantizer.as_deref() {
-            None => E2eNet::Mnist,
+            None => E2eNet::Image,
             Some("lab") => E2eNet::MnistLab,
             Some("structured") => E2eNet::MnistStructured,
             Some(q) => bail!(
@@ -299,6 +307,8 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         return crate::bench_e2e::run(crate::bench_e2e::EndToEndOptions {
             nets: &nets,
             data: &args.data,
+            cifar: &args.cifar,
+            max_batches: args.max_batches,
             text: &args.text,
             epochs: args.epochs,
             threads,
