@@ -11,6 +11,13 @@
 //! sample has only 2×2 outputs (late VGG layers), yet there are at least as
 //! many chunks as threads; the chunks then run in parallel with
 //! single-threaded GEMMs, which on 2 cores beats splitting every small GEMM.
+//!
+//! Where the zero padding is a quarter or more of the windows (AlexNet's
+//! late layers, VGG-16's 4×4 and 2×2 maps), [`tap_classes`] replaces this
+//! path: classes of output positions that read the same kernel taps, each
+//! unfolded with its own taps only.
+
+mod tap_classes;
 
 use rayon::prelude::*;
 
@@ -367,6 +374,9 @@ pub(crate) fn forward(
     if let Some(bias) = bias {
         check_len("bias", bias, g.out_channels)?;
     }
+    if let Some(classes) = g.tap_classes() {
+        return tap_classes::forward(g, &classes, x, weight, bias);
+    }
     let (o, ckk, p) = (g.out_channels, g.patch_len(), g.positions());
     let mut y = vec![0.0f32; g.batch * g.output_sample_len()];
     if y.is_empty() {
@@ -443,6 +453,9 @@ pub(crate) fn input_grad(
 ) -> Result<Vec<f32>, OpsError> {
     check_len("output gradient", dy, g.batch * g.output_sample_len())?;
     check_len("weight", weight, g.weight_len())?;
+    if let Some(classes) = g.tap_classes() {
+        return tap_classes::input_grad(g, &classes, dy, weight);
+    }
     let (o, ckk, p) = (g.out_channels, g.patch_len(), g.positions());
     let mut dx = vec![0.0f32; g.batch * g.input_sample_len()];
     if dx.is_empty() {
@@ -484,6 +497,9 @@ pub(crate) fn input_grad(
 pub(crate) fn weight_grad(g: &ConvGeometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>, OpsError> {
     check_len("input", x, g.batch * g.input_sample_len())?;
     check_len("output gradient", dy, g.batch * g.output_sample_len())?;
+    if let Some(classes) = g.tap_classes() {
+        return tap_classes::weight_grad(g, &classes, x, dy);
+    }
     let (o, ckk, p) = (g.out_channels, g.patch_len(), g.positions());
     let chunk = g.chunk_samples();
     let chunks = g.chunk_count();
