@@ -381,6 +381,20 @@ impl Network {
         train: bool,
         overrides: &WeightOverrides,
     ) -> Result<Tensor> {
+        self.forward_layers(x, train, overrides, true)
+    }
+
+    /// The forward pass; without `track`, every layer's output is detached,
+    /// so that no graph keeps the activations of earlier layers alive (an
+    /// evaluation batch of 1,000 CIFAR-10 images through VGG-16 held about
+    /// 2 GB of them).
+    fn forward_layers(
+        &self,
+        x: &Tensor,
+        train: bool,
+        overrides: &WeightOverrides,
+        track: bool,
+    ) -> Result<Tensor> {
         let [c, h, w] = self.arch.input_shape();
         let dims = x.dims();
         if dims.len() != 4 || dims[1..] != [c, h, w] {
@@ -420,6 +434,9 @@ impl Network {
                 }
                 LayerSpec::Flatten => x.flatten_from(1)?,
             };
+            if !track {
+                x = x.detach();
+            }
         }
         Ok(x)
     }
@@ -585,7 +602,7 @@ impl Network {
             let [c, h, w] = data.shape;
             let x = Tensor::from_slice(&buf, (idx.len(), c, h, w), &self.device)?;
             let y = Tensor::from_vec(labels, idx.len(), &self.device)?;
-            let logits = self.forward_with(&x, false, overrides)?;
+            let logits = self.forward_layers(&x, false, overrides, false)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
             let pred = logits.argmax(D::Minus1)?;
