@@ -532,6 +532,10 @@ fn conv2d_edge_cases() {
         (3, 2, 3, (9, 9), (2, 2), 4, 0),
         (2, 2, 3, (6, 6), (1, 1), 2, 1),
         (17, 8, 16, (2, 2), (3, 3), 1, 1),
+        // AlexNet's second layer: a 5×5 kernel with padding 2 on a 4×4 map
+        // (by classes of taps, each larger than the map's half).
+        (9, 6, 7, (4, 4), (5, 5), 1, 2),
+        (3, 2, 3, (5, 3), (5, 3), 2, 2),
         (5, 3, 4, (24, 24), (1, 1), 1, 0),
         (3, 3, 4, (32, 32), (11, 11), 4, 5),
     ];
