@@ -227,15 +227,15 @@ impl ConvGeometry {
     }
 }
 
-/// `src [rows, cols]` transposed into `[cols, rows]`, in parallel over tiles.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// `src [rows, cols]` transposed into `dst [cols, rows]`, in parallel over
+/// tiles.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const TILE: usize = 32;
-    let mut out = vec![0.0f32; rows * cols];
     if rows == 0 || cols == 0 {
-        return out;
+        return;
     }
     // Each task writes TILE output rows (TILE input columns), all of them.
-    out.par_chunks_mut(TILE * rows)
+    dst.par_chunks_mut(TILE * rows)
         .enumerate()
         .for_each(|(block, dst)| {
             let j0 = block * TILE;
@@ -249,6 +249,23 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
                 }
             }
         });
+}
+
+/// [`transpose_into`] a fresh vector (an op's result).
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * cols];
+    transpose_into(src, rows, cols, &mut out);
+    out
+}
+
+/// `buffer` cut into consecutive slices of `sizes` (one per class).
+fn split_sizes<'a>(mut buffer: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        let (head, tail) = std::mem::take(&mut buffer).split_at_mut(size);
+        out.push(head);
+        buffer = tail;
+    }
     out
 }
 
@@ -265,7 +282,9 @@ fn class_parallelism(classes: &[TapClass], m: usize, n: usize, k: usize) -> Para
 /// [`super::forward`] by classes: the input made sample-minor once, each
 /// class's product over the whole batch (one GEMM with `positions · n`
 /// columns, so that packing the weight pays), the classes in parallel, the
-/// outputs put in place sample-minor and transposed back.
+/// outputs put in place sample-minor and transposed back. The temporaries
+/// live in the calling thread's scratch (no zero-filled fresh pages per
+/// call).
 pub(crate) fn forward(
     g: &ConvGeometry,
     classes: &[TapClass],
@@ -273,52 +292,58 @@ pub(crate) fn forward(
     weight: &[f32],
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>, OpsError> {
-    let (o, n, p) = (g.out_channels, g.batch, g.positions());
+    let (o, n, p, isl) = (g.out_channels, g.batch, g.positions(), g.input_sample_len());
     if n * g.output_sample_len() == 0 {
         return Ok(Vec::new());
     }
     let tap_major = g.tap_major(weight);
-    let x_t = transpose(x, n, g.input_sample_len());
-    let products: Vec<Vec<f32>> = classes
-        .par_iter()
-        .map(|class| {
-            let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
-            let w = g.class_weight(class, &tap_major);
-            let mut product = vec![0.0f32; o * cols];
-            with_scratch(k * cols, |col| {
-                g.class_im2col(&g.class_offsets(class), &x_t, col);
-                matmul(
-                    &mut product,
-                    MatRef::row_major(&w, o, k),
-                    MatRef::row_major(col, k, cols),
-                    false,
-                    class_parallelism(classes, o, cols, k),
-                )
+    let sizes: Vec<usize> = classes.iter().map(|c| o * n * c.positions()).collect();
+    let y_len = o * p * n;
+    with_scratch(n * isl + 2 * y_len, |buffer| {
+        let (x_t, rest) = buffer.split_at_mut(n * isl);
+        let (all_products, y_t) = rest.split_at_mut(y_len);
+        transpose_into(x, n, isl, x_t);
+        let x_t = &*x_t;
+        let mut products = split_sizes(all_products, &sizes);
+        products
+            .par_iter_mut()
+            .zip(classes.par_iter())
+            .try_for_each(|(product, class)| {
+                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                let w = g.class_weight(class, &tap_major);
+                with_scratch(k * cols, |col| {
+                    g.class_im2col(&g.class_offsets(class), x_t, col);
+                    matmul(
+                        product,
+                        MatRef::row_major(&w, o, k),
+                        MatRef::row_major(col, k, cols),
+                        false,
+                        class_parallelism(classes, o, cols, k),
+                    )
+                })
             })?;
-            Ok(product)
-        })
-        .collect::<Result<_, OpsError>>()?;
-    // y_t [o·p, n]: row (oc, position) from its class's product.
-    let mut row_source = vec![(0usize, 0usize); p];
-    for (c, class) in classes.iter().enumerate() {
-        for (pi, pos) in g.class_positions(class).into_iter().enumerate() {
-            row_source[pos] = (c, pi);
-        }
-    }
-    let mut y_t = vec![0.0f32; o * p * n];
-    y_t.par_chunks_mut(p * n)
-        .enumerate()
-        .for_each(|(oc, rows)| {
-            let b = bias.map_or(0.0, |bias| bias[oc]);
-            for (dst, &(c, pi)) in rows.chunks_exact_mut(n).zip(&row_source) {
-                let cols = n * classes[c].positions();
-                let src = &products[c][oc * cols + pi * n..oc * cols + (pi + 1) * n];
-                for (d, v) in dst.iter_mut().zip(src) {
-                    *d = v + b;
-                }
+        // y_t [o·p, n]: row (oc, position) from its class's product.
+        let mut row_source = vec![(0usize, 0usize); p];
+        for (c, class) in classes.iter().enumerate() {
+            for (pi, pos) in g.class_positions(class).into_iter().enumerate() {
+                row_source[pos] = (c, pi);
             }
-        });
-    Ok(transpose(&y_t, o * p, n))
+        }
+        let products: Vec<&[f32]> = products.into_iter().map(|p| &*p).collect();
+        y_t.par_chunks_mut(p * n)
+            .enumerate()
+            .for_each(|(oc, rows)| {
+                let b = bias.map_or(0.0, |bias| bias[oc]);
+                for (dst, &(c, pi)) in rows.chunks_exact_mut(n).zip(&row_source) {
+                    let cols = n * classes[c].positions();
+                    let src = &products[c][oc * cols + pi * n..oc * cols + (pi + 1) * n];
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d = v + b;
+                    }
+                }
+            });
+        Ok(transpose(y_t, o * p, n))
+    })
 }
 
 /// [`super::input_grad`] by classes: the output gradient made
@@ -332,73 +357,84 @@ pub(crate) fn input_grad(
     weight: &[f32],
 ) -> Result<Vec<f32>, OpsError> {
     let (o, n, ckk, isl) = (g.out_channels, g.batch, g.patch_len(), g.input_sample_len());
+    let osl = g.output_sample_len();
     if n * isl == 0 {
         return Ok(vec![0.0; n * isl]);
     }
     let tap_major = g.tap_major(weight);
-    let dy_t = transpose(dy, n, g.output_sample_len());
-    let dcols: Vec<Vec<f32>> = classes
-        .par_iter()
-        .map(|class| {
-            let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
-            let mut dcol = vec![0.0f32; k * cols];
-            if k == 0 || cols == 0 {
-                return Ok(dcol);
-            }
-            with_scratch(o * cols, |dy_class| {
-                g.class_output_grad(&g.class_positions(class), &dy_t, dy_class);
-                let mut rows = dcol.chunks_mut(class.kj.len() * g.in_channels * cols);
-                for ki in class.ki.clone() {
-                    let (start, len) = g.tap_run(class, ki);
-                    let w = MatRef {
-                        data: &tap_major[start..],
-                        rows: o,
-                        cols: len,
-                        row_stride: ckk,
-                        col_stride: 1,
-                    };
-                    let dst = rows.next().ok_or_else(|| {
-                        OpsError::Internal("conv2d class gradient rows run short".into())
-                    })?;
-                    matmul(
-                        dst,
-                        w.t(),
-                        MatRef::row_major(dy_class, o, cols),
-                        false,
-                        class_parallelism(classes, len, cols, o),
-                    )?;
+    let sizes: Vec<usize> = classes
+        .iter()
+        .map(|c| g.in_channels * c.taps() * n * c.positions())
+        .collect();
+    let dcols_len: usize = sizes.iter().sum();
+    with_scratch(n * osl + dcols_len + isl * n, |buffer| {
+        let (dy_t, rest) = buffer.split_at_mut(n * osl);
+        let (all_dcols, dx_t) = rest.split_at_mut(dcols_len);
+        transpose_into(dy, n, osl, dy_t);
+        let dy_t = &*dy_t;
+        let mut dcols = split_sizes(all_dcols, &sizes);
+        dcols
+            .par_iter_mut()
+            .zip(classes.par_iter())
+            .try_for_each(|(dcol, class)| {
+                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                if k == 0 || cols == 0 {
+                    return Ok(());
                 }
-                Ok::<(), OpsError>(())
+                with_scratch(o * cols, |dy_class| {
+                    g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
+                    let mut rows = dcol.chunks_mut(class.kj.len() * g.in_channels * cols);
+                    for ki in class.ki.clone() {
+                        let (start, len) = g.tap_run(class, ki);
+                        let w = MatRef {
+                            data: &tap_major[start..],
+                            rows: o,
+                            cols: len,
+                            row_stride: ckk,
+                            col_stride: 1,
+                        };
+                        let dst = rows.next().ok_or_else(|| {
+                            OpsError::Internal("conv2d class gradient rows run short".into())
+                        })?;
+                        matmul(
+                            dst,
+                            w.t(),
+                            MatRef::row_major(dy_class, o, cols),
+                            false,
+                            class_parallelism(classes, len, cols, o),
+                        )?;
+                    }
+                    Ok::<(), OpsError>(())
+                })
             })?;
-            Ok(dcol)
-        })
-        .collect::<Result<_, OpsError>>()?;
-    // dx_t [c·h·w, n], in parallel over input channels (the classes' runs of
-    // one channel land in that channel's rows only).
-    let plane = g.height * g.width;
-    let offsets: Vec<Vec<usize>> = classes.iter().map(|c| g.class_offsets(c)).collect();
-    let mut dx_t = vec![0.0f32; isl * n];
-    if plane > 0 {
-        dx_t.par_chunks_mut(plane * n)
-            .enumerate()
-            .for_each(|(ci, rows)| {
-                for ((class, offsets), dcol) in classes.iter().zip(&offsets).zip(&dcols) {
-                    let run = class.positions();
-                    // Rows (ki, kj, ci): this channel's rows are every c-th.
-                    let rows_of_all = offsets.chunks_exact(run).enumerate();
-                    for (t, offsets) in rows_of_all.skip(ci).step_by(g.in_channels) {
-                        for (pi, &offset) in offsets.iter().enumerate() {
-                            let at = (offset - ci * plane) * n;
-                            let src = &dcol[(t * run + pi) * n..(t * run + pi + 1) * n];
-                            for (d, v) in rows[at..at + n].iter_mut().zip(src) {
-                                *d += v;
+        // dx_t [c·h·w, n], in parallel over input channels (the classes' runs
+        // of one channel land in that channel's rows only).
+        let plane = g.height * g.width;
+        let offsets: Vec<Vec<usize>> = classes.iter().map(|c| g.class_offsets(c)).collect();
+        let dcols: Vec<&[f32]> = dcols.into_iter().map(|d| &*d).collect();
+        if plane > 0 {
+            dx_t.par_chunks_mut(plane * n)
+                .enumerate()
+                .for_each(|(ci, rows)| {
+                    rows.fill(0.0);
+                    for ((class, offsets), dcol) in classes.iter().zip(&offsets).zip(&dcols) {
+                        let run = class.positions();
+                        // Rows (ki, kj, ci): this channel's rows are every c-th.
+                        let rows_of_all = offsets.chunks_exact(run).enumerate();
+                        for (t, offsets) in rows_of_all.skip(ci).step_by(g.in_channels) {
+                            for (pi, &offset) in offsets.iter().enumerate() {
+                                let at = (offset - ci * plane) * n;
+                                let src = &dcol[(t * run + pi) * n..(t * run + pi + 1) * n];
+                                for (d, v) in rows[at..at + n].iter_mut().zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
-                }
-            });
-    }
-    Ok(transpose(&dx_t, isl, n))
+                });
+        }
+        Ok(transpose(dx_t, isl, n))
+    })
 }
 
 /// [`super::weight_grad`] by classes: input and output gradient made
@@ -410,55 +446,73 @@ pub(crate) fn weight_grad(
     x: &[f32],
     dy: &[f32],
 ) -> Result<Vec<f32>, OpsError> {
-    let (o, n) = (g.out_channels, g.batch);
-    let x_t = transpose(x, n, g.input_sample_len());
-    let dy_t = transpose(dy, n, g.output_sample_len());
-    let grads: Vec<Vec<f32>> = classes
-        .par_iter()
-        .map(|class| {
-            let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
-            let mut grad = vec![0.0f32; o * k];
-            with_scratch(k * cols + o * cols, |scratch| {
-                let (col, dy_class) = scratch.split_at_mut(k * cols);
-                g.class_im2col(&g.class_offsets(class), &x_t, col);
-                g.class_output_grad(&g.class_positions(class), &dy_t, dy_class);
-                matmul(
-                    &mut grad,
-                    MatRef::row_major(dy_class, o, cols),
-                    MatRef::row_major(col, k, cols).t(),
-                    false,
-                    class_parallelism(classes, o, k, cols),
-                )
+    let (o, n, isl, osl) = (
+        g.out_channels,
+        g.batch,
+        g.input_sample_len(),
+        g.output_sample_len(),
+    );
+    let sizes: Vec<usize> = classes
+        .iter()
+        .map(|c| o * g.in_channels * c.taps())
+        .collect();
+    let grads_len: usize = sizes.iter().sum();
+    let weight_len = g.weight_len();
+    let tap_major = with_scratch(n * isl + n * osl + grads_len + weight_len, |buffer| {
+        let (x_t, rest) = buffer.split_at_mut(n * isl);
+        let (dy_t, rest) = rest.split_at_mut(n * osl);
+        let (all_grads, tap_major) = rest.split_at_mut(grads_len);
+        transpose_into(x, n, isl, x_t);
+        transpose_into(dy, n, osl, dy_t);
+        let (x_t, dy_t) = (&*x_t, &*dy_t);
+        let mut grads = split_sizes(all_grads, &sizes);
+        grads
+            .par_iter_mut()
+            .zip(classes.par_iter())
+            .try_for_each(|(grad, class)| {
+                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                with_scratch(k * cols + o * cols, |scratch| {
+                    let (col, dy_class) = scratch.split_at_mut(k * cols);
+                    g.class_im2col(&g.class_offsets(class), x_t, col);
+                    g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
+                    matmul(
+                        grad,
+                        MatRef::row_major(dy_class, o, cols),
+                        MatRef::row_major(col, k, cols).t(),
+                        false,
+                        class_parallelism(classes, o, k, cols),
+                    )
+                })
             })?;
-            Ok(grad)
-        })
-        .collect::<Result<_, OpsError>>()?;
-    let mut tap_major = vec![0.0f32; g.weight_len()];
-    if g.patch_len() > 0 {
-        tap_major
-            .par_chunks_mut(g.patch_len())
-            .enumerate()
-            .for_each(|(oc, filter)| {
-                for (class, grad) in classes.iter().zip(&grads) {
-                    let k = g.in_channels * class.taps();
-                    if k == 0 {
-                        continue;
-                    }
-                    let mut src = grad[oc * k..(oc + 1) * k].chunks(class.kj.len() * g.in_channels);
-                    for ki in class.ki.clone() {
-                        let (start, len) = g.tap_run(class, ki);
-                        if let Some(src) = src.next() {
-                            for (d, v) in filter[start..start + len].iter_mut().zip(src) {
-                                *d += v;
+        let grads: Vec<&[f32]> = grads.into_iter().map(|g| &*g).collect();
+        if g.patch_len() > 0 {
+            tap_major
+                .par_chunks_mut(g.patch_len())
+                .enumerate()
+                .for_each(|(oc, filter)| {
+                    filter.fill(0.0);
+                    for (class, grad) in classes.iter().zip(&grads) {
+                        let k = g.in_channels * class.taps();
+                        if k == 0 {
+                            continue;
+                        }
+                        let mut src =
+                            grad[oc * k..(oc + 1) * k].chunks(class.kj.len() * g.in_channels);
+                        for ki in class.ki.clone() {
+                            let (start, len) = g.tap_run(class, ki);
+                            if let Some(src) = src.next() {
+                                for (d, v) in filter[start..start + len].iter_mut().zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
-                }
-            });
-    }
-    let dw = g.channel_major(&tap_major);
-    check_len("weight gradient", &dw, g.weight_len())?;
-    Ok(dw)
+                });
+        }
+        Ok::<_, OpsError>(g.channel_major(tap_major))
+    })?;
+    check_len("weight gradient", &tap_major, weight_len)?;
+    Ok(tap_major)
 }
 
 #[cfg(test)]
