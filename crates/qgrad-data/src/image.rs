@@ -88,8 +88,8 @@ impl Dataset {
         let mut sum_sq = vec![0u64; c];
         for image in self.images.chunks_exact(self.image_size()) {
             for ch in 0..c {
-                // At most 255² · plane per image: u32 for planes up to 66,000
-                // pixels, summed per image into u64.
+                // u64 sums are exact: 255² per pixel leaves room for 2^47
+                // pixels.
                 let (s, q) =
                     image[ch * plane..(ch + 1) * plane]
                         .iter()

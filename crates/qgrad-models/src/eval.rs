@@ -68,16 +68,7 @@ pub fn quantize_activations_f32(x: &Tensor, bits: u8) -> Result<Tensor> {
         for v in sample.iter_mut() {
             // |t| ≤ 2^15: the truncation through i32 and `t − i` are exact.
             let t = ((*v as f64) * up).clamp(lo, hi);
-            let i = t as i32 as f64;
-            let d = t - i;
-            let r = if d >= 0.5 {
-                i + 1.0
-            } else if d <= -0.5 {
-                i - 1.0
-            } else {
-                i
-            };
-            *v = (r * down) as f32 + 0.0;
+            *v = (round_from_truncation(t, t as i32 as f64) * down) as f32 + 0.0;
         }
     }
     Ok(Tensor::from_vec(values, x.shape(), x.device())?)
@@ -122,17 +113,23 @@ fn quantized_activation_values(x: &Tensor, bits: u8, mut push: impl FnMut(f64)) 
 #[inline(always)]
 fn round_half_away(v: f64) -> f64 {
     if v.abs() < 4_503_599_627_370_496.0 {
-        let t = (v as i64 as f64).copysign(v);
-        let d = v - t;
-        if d >= 0.5 {
-            t + 1.0
-        } else if d <= -0.5 {
-            t - 1.0
-        } else {
-            t
-        }
+        round_from_truncation(v, (v as i64 as f64).copysign(v))
     } else {
         v.round()
+    }
+}
+
+/// `v` rounded half away from zero, given its truncation `t` (exact, so
+/// that `v − t` is too).
+#[inline(always)]
+fn round_from_truncation(v: f64, t: f64) -> f64 {
+    let d = v - t;
+    if d >= 0.5 {
+        t + 1.0
+    } else if d <= -0.5 {
+        t - 1.0
+    } else {
+        t
     }
 }
 

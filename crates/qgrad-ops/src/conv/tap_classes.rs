@@ -107,6 +107,15 @@ impl ConvGeometry {
         (work * MAX_WORK_DENOMINATOR <= full * MAX_WORK_NUMERATOR).then_some(classes)
     }
 
+    /// Rows (`taps · c`) and columns (`positions · n`) of `class`'s
+    /// unfolded matrix.
+    fn class_dims(&self, class: &TapClass) -> (usize, usize) {
+        (
+            self.in_channels * class.taps(),
+            self.batch * class.positions(),
+        )
+    }
+
     /// The weight in tap-major order, `[o, kh, kw, c]`, so that a class's
     /// weight columns are runs of `kj.len() · c` floats (see [`TapClass`]'s
     /// row order).
@@ -309,7 +318,7 @@ pub(crate) fn forward(
             .par_iter_mut()
             .zip(classes.par_iter())
             .try_for_each(|(product, class)| {
-                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                let (k, cols) = g.class_dims(class);
                 let w = g.class_weight(class, &tap_major);
                 with_scratch(k * cols, |col| {
                     g.class_im2col(&g.class_offsets(class), x_t, col);
@@ -364,7 +373,10 @@ pub(crate) fn input_grad(
     let tap_major = g.tap_major(weight);
     let sizes: Vec<usize> = classes
         .iter()
-        .map(|c| g.in_channels * c.taps() * n * c.positions())
+        .map(|c| {
+            let (k, cols) = g.class_dims(c);
+            k * cols
+        })
         .collect();
     let dcols_len: usize = sizes.iter().sum();
     with_scratch(n * osl + dcols_len + isl * n, |buffer| {
@@ -377,7 +389,7 @@ pub(crate) fn input_grad(
             .par_iter_mut()
             .zip(classes.par_iter())
             .try_for_each(|(dcol, class)| {
-                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                let (k, cols) = g.class_dims(class);
                 if k == 0 || cols == 0 {
                     return Ok(());
                 }
@@ -470,7 +482,7 @@ pub(crate) fn weight_grad(
             .par_iter_mut()
             .zip(classes.par_iter())
             .try_for_each(|(grad, class)| {
-                let (k, cols) = (g.in_channels * class.taps(), n * class.positions());
+                let (k, cols) = g.class_dims(class);
                 with_scratch(k * cols + o * cols, |scratch| {
                     let (col, dy_class) = scratch.split_at_mut(k * cols);
                     g.class_im2col(&g.class_offsets(class), x_t, col);
