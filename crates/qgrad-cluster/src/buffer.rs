@@ -28,6 +28,36 @@ pub(crate) fn with_capacity<T>(capacity: usize) -> Vec<T> {
     v
 }
 
+/// `len` zeros, in a buffer advised to huge pages when large, whose pages
+/// are not touched until written.
+///
+/// `vec![0; len]` allocates through `alloc_zeroed`: a large block comes
+/// straight from the kernel's zero pages, so only the pages a caller writes
+/// are faulted in and cleared (the k-means solves each layer only on the
+/// suffix a later layer reads). The advice comes before any touch.
+pub(crate) fn zeroed<T: Zeroable>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = vec![T::ZERO; len];
+    advise_huge_pages(
+        v.as_mut_ptr().cast::<u8>(),
+        v.capacity() * std::mem::size_of::<T>(),
+    );
+    v
+}
+
+/// Element types whose zero is all-zero bytes, so that `vec![ZERO; n]`
+/// takes the standard library's zeroed-allocation path.
+pub(crate) trait Zeroable: Copy {
+    const ZERO: Self;
+}
+
+impl Zeroable for f64 {
+    const ZERO: Self = 0.0;
+}
+
+impl Zeroable for u32 {
+    const ZERO: Self = 0;
+}
+
 /// `len` copies of `value`, in a buffer advised to huge pages when large.
 pub(crate) fn filled<T: Copy>(len: usize, value: T) -> Vec<T> {
     let mut v = with_capacity(len);
@@ -67,6 +97,8 @@ mod tests {
             assert!(v.iter().all(|&x| x == 7));
             let w: Vec<f64> = super::with_capacity(len);
             assert!(w.is_empty() && w.capacity() >= len);
+            let z: Vec<f64> = super::zeroed(len);
+            assert!(z.len() == len && z.iter().all(|&x| x.to_bits() == 0));
         }
     }
 }

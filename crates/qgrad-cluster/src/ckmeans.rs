@@ -125,37 +125,94 @@ pub(crate) fn ckmeans_weighted_with(
 /// Index of each cluster's first point in an optimal clustering of the
 /// points behind `cost` into `k` clusters (`1 <= k <= cost.points()`), with
 /// `kernel` or the fastest one this CPU has.
+///
+/// Layer `l` of the programme holds, for every end point `i`, the cost of
+/// the best split of points `0..=i` into `l + 1` clusters and the first
+/// point `J_l(i)` of its last cluster (the leftmost optimum). Two facts of
+/// 1-D k-means (Wang & Song's Ckmeans.1d.dp uses both) bound where a layer
+/// must be solved and where each cell searches:
+///
+/// * `J_l(i) >= J_{l-1}(i)`: with one more cluster the last one starts no
+///   earlier. So `J_l(i) >= J_1(i)`, the best split into two, which costs
+///   one scan of the closed-form first layer.
+/// * `J_l(i) <= J_l(i + 1)`: the divide and conquer's bound.
+///
+/// The last layer is needed only at `m - 1`, so it reads layer `k - 2` only
+/// from `J_1(m - 1) - 1` on; that layer's cells from there on read layer
+/// `k - 3` only from `J_1` of its first cell, and so on down: each layer is
+/// solved on a suffix, whose length the data decide (with heavy-tailed
+/// importances the high clusters are small, and so are the suffixes of the
+/// high layers). Within a layer each cell also starts its search at the
+/// layer below's `J_{l-1}(i)`. Both bounds hold for the leftmost optimum in
+/// exact arithmetic (checked against the full programme in exact rationals
+/// while this was written, and against the full `O(k m²)` programme in the
+/// tests below); a bound is clamped into the cell's range, so rounding can
+/// never make a range empty.
 pub(crate) fn optimal_starts(cost: &SegmentCost, k: usize, kernel: Option<Kernel>) -> Vec<usize> {
     let m = cost.points();
     debug_assert!(k >= 1 && k <= m && u32::try_from(m).is_ok());
     let kernel = kernel.unwrap_or_else(Kernel::detect);
+    if k == 1 {
+        return vec![0];
+    }
 
-    // Layer 0: one cluster covering points 0..=i.
-    let mut prev: Vec<f64> = buffer::filled(m, 0.0);
+    // Layer 0: one cluster covering points 0..=i (closed form, everywhere).
+    let mut prev: Vec<f64> = buffer::zeroed(m);
     prev.par_iter_mut()
         .enumerate()
         .for_each(|(i, p)| *p = cost.sse(0, i));
-    let mut cur = buffer::filled(m, 0.0f64);
-    // split[l][i]: first point of the last cluster in the best split of 0..=i
-    // into l+1 clusters (layers 1..k-1; the last layer needs only i = m-1).
-    let mut split: Vec<Vec<u32>> = Vec::with_capacity(k.saturating_sub(2));
-    for layer in 1..k.saturating_sub(1) {
-        let mut arg = buffer::filled(m, 0u32);
-        solve_layer(kernel, cost, &prev, &mut cur, &mut arg, layer);
+    // `J_1(i)`, the lower bound of every layer's split at `i`.
+    let two_way = |i: usize| -> usize {
+        if i == 0 {
+            0
+        } else {
+            kernel.best_split(cost, &prev, i, 1, i).1
+        }
+    };
+
+    // From the top down, first[l]: the first cell of layer l that a later
+    // layer reads (the last layer needs only m - 1), and bound[l]: J_1 at
+    // that cell, where every search of layer l may start.
+    let last = k - 1;
+    let mut first = vec![0usize; k];
+    let mut bound = vec![0usize; k];
+    first[last] = m - 1;
+    for layer in (1..=last).rev() {
+        bound[layer] = two_way(first[layer]).max(layer);
+        // Layer's candidates j >= bound[layer] read the layer below at j - 1.
+        first[layer - 1] = bound[layer] - 1;
+    }
+
+    // split[l - 1][i]: J_l(i) for the cells of layers 1..k-1 that were
+    // solved (the rest of each table stays zero and is never read).
+    let mut cur: Vec<f64> = buffer::zeroed(m);
+    let mut split: Vec<Vec<u32>> = Vec::with_capacity(last.saturating_sub(1));
+    for layer in 1..last {
+        let mut arg = buffer::zeroed(m);
+        let lower = layer.checked_sub(2).map(|l| split[l].as_slice());
+        let cells = Layer {
+            cost,
+            prev: &prev,
+            layer,
+            first: first[layer],
+            lower,
+        };
+        solve_layer(kernel, &cells, &mut cur, &mut arg, bound[layer]);
         split.push(arg);
         std::mem::swap(&mut prev, &mut cur);
     }
 
     let mut starts = vec![0usize; k];
-    if k > 1 {
-        let last = k - 1;
-        let (_, j) = kernel.best_split(cost, &prev, m - 1, last, m - 1);
-        starts[last] = j;
-        for layer in (1..last).rev() {
-            starts[layer] = split[layer - 1][starts[layer + 1] - 1] as usize;
-        }
+    let mut lo = bound[last];
+    if let Some(below) = split.last() {
+        lo = lo.max(below[m - 1] as usize);
     }
-
+    let (_, j) = kernel.best_split(cost, &prev, m - 1, lo.min(m - 1), m - 1);
+    starts[last] = j;
+    for layer in (1..last).rev() {
+        debug_assert!(starts[layer + 1] > first[layer], "read a cell never solved");
+        starts[layer] = split[layer - 1][starts[layer + 1] - 1] as usize;
+    }
     starts
 }
 
@@ -279,12 +336,30 @@ fn best_split_scalar(
 
 /// What every cell of a layer shares.
 ///
-/// The layer's cells are the end points `i = layer + p - 1` for positions
-/// `p = 1..=n` (`n = m - layer`); its candidates are `layer..=i`.
+/// The layer's cells are the end points `i = first + p - 1` for positions
+/// `p = 1..=n` (`n = m - first`, `first >= layer`); its candidates are
+/// `layer..=i`, from `lower[i]` on where the layer below's splits are given
+/// (see [`optimal_starts`]).
 struct Layer<'a> {
     cost: &'a SegmentCost,
     prev: &'a [f64],
     layer: usize,
+    first: usize,
+    lower: Option<&'a [u32]>,
+}
+
+impl Layer<'_> {
+    /// The search range of cell `i` within the bounds `lo..=hi` of its
+    /// neighbours: raised to the layer below's split, and kept non-empty
+    /// (the bounds are exact facts, but the costs are rounded).
+    #[inline(always)]
+    fn range(&self, i: usize, lo: usize, hi: usize) -> (usize, usize) {
+        let lo = match self.lower {
+            Some(lower) => lo.max(lower[i] as usize),
+            None => lo,
+        };
+        (lo.min(hi.min(i)), hi)
+    }
 }
 
 /// The cells strictly between two solved positions `start` and
@@ -328,7 +403,8 @@ fn fill_block_cells(
             } else {
                 block.hi
             };
-            let i = layer.layer + block.start + q;
+            let i = layer.first + block.start + q;
+            let (lo, hi) = layer.range(i, lo, hi);
             // What makes the unchecked loads of the vector kernels sound.
             assert!(
                 lo >= 1
@@ -350,31 +426,26 @@ fn fill_block_cells(
     }
 }
 
-/// Fills `cur[i]`, `arg[i]` for `i` in `layer..m` (the rest is untouched).
-fn solve_layer(
-    kernel: Kernel,
-    cost: &SegmentCost,
-    prev: &[f64],
-    cur: &mut [f64],
-    arg: &mut [u32],
-    layer: usize,
-) {
-    let m = prev.len();
-    if layer >= m {
+/// Fills `cur[i]`, `arg[i]` for the layer's cells `i` in `first..m` (the
+/// rest is untouched), every search starting at `lo` or later
+/// (`layer <= lo <= first`).
+fn solve_layer(kernel: Kernel, layer: &Layer, cur: &mut [f64], arg: &mut [u32], lo: usize) {
+    let m = layer.prev.len();
+    let first = layer.first;
+    if first >= m {
         return;
     }
-    let n = m - layer;
+    let n = m - first;
     let top = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let layer_cells = Layer { cost, prev, layer };
     solve_block(
         kernel,
-        &layer_cells,
-        &mut cur[layer..],
-        &mut arg[layer..],
+        layer,
+        &mut cur[first..],
+        &mut arg[first..],
         Block {
             start: 0,
             stride: top,
-            lo: layer,
+            lo: lo.clamp(layer.layer, first),
             hi: m - 1,
         },
     );
@@ -408,8 +479,9 @@ fn solve_block(kernel: Kernel, layer: &Layer, cur: &mut [f64], arg: &mut [u32], 
             },
         );
     }
-    let i = layer.layer + block.start + mid;
-    let (v, j) = kernel.best_split(layer.cost, layer.prev, i, block.lo, block.hi);
+    let i = layer.first + block.start + mid;
+    let (lo, hi) = layer.range(i, block.lo, block.hi);
+    let (v, j) = kernel.best_split(layer.cost, layer.prev, i, lo, hi);
     cur[mid] = v;
     // `m` fits in u32 (checked by the caller), so does `j < m`.
     arg[mid] = j as u32;
@@ -852,7 +924,14 @@ mod tests {
             let mut prev: Vec<f64> = (0..m).map(|i| cost.sse(0, i)).collect();
             for layer in 1..m.min(5) {
                 let (mut cur, mut arg) = (vec![0.0; m], vec![0u32; m]);
-                solve_layer(Kernel::detect(), &cost, &prev, &mut cur, &mut arg, layer);
+                let cells = Layer {
+                    cost: &cost,
+                    prev: &prev,
+                    layer,
+                    first: layer,
+                    lower: None,
+                };
+                solve_layer(Kernel::detect(), &cells, &mut cur, &mut arg, layer);
                 for (i, &got) in cur.iter().enumerate().skip(layer) {
                     let (v, _) = best_split_scalar(&cost, &prev, i, layer, i);
                     assert!(
@@ -863,5 +942,64 @@ mod tests {
                 prev = cur;
             }
         }
+    }
+
+    /// The plain `O(k m²)` programme over every cell with leftmost optima,
+    /// backtracked: what [`optimal_starts`] must return.
+    fn full_programme_starts(cost: &SegmentCost, k: usize) -> Vec<usize> {
+        let m = cost.points();
+        let mut prev: Vec<f64> = (0..m).map(|i| cost.sse(0, i)).collect();
+        let mut split = Vec::new();
+        for layer in 1..k {
+            let mut cur = vec![f64::INFINITY; m];
+            let mut arg = vec![0usize; m];
+            for i in layer..m {
+                (cur[i], arg[i]) = best_split_scalar(cost, &prev, i, layer, i);
+            }
+            split.push(arg);
+            prev = cur;
+        }
+        let mut starts = vec![0usize; k];
+        if k > 1 {
+            starts[k - 1] = split[k - 2][m - 1];
+            for layer in (1..k - 1).rev() {
+                starts[layer] = split[layer - 1][starts[layer + 1] - 1];
+            }
+        }
+        starts
+    }
+
+    #[test]
+    fn bounded_suffixes_equal_the_full_programme() {
+        // Small integers with weights tie often (equal costs, where the
+        // leftmost optimum matters); reals and heavy tails (small high
+        // clusters, so short suffixes) do not.
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut cases = 0;
+        for trial in 0..240 {
+            let n = [5usize, 40, 300, 1500][trial % 4];
+            let mut points: Vec<f64> = (0..n)
+                .map(|_| match trial % 3 {
+                    0 => f64::from(rng.random_range(0u32..60)),
+                    1 => rng.random::<f64>() * 100.0,
+                    _ => (rng.random::<f64>() * 12.0).exp(),
+                })
+                .collect();
+            points.sort_by(f64::total_cmp);
+            points.dedup();
+            let weights: Vec<f64> = (0..points.len())
+                .map(|_| f64::from(rng.random_range(1u8..4)))
+                .collect();
+            let cost = SegmentCost::new(&points, &weights);
+            for k in 1..=points.len().min(9) {
+                let want = full_programme_starts(&cost, k);
+                for kernel in Kernel::available() {
+                    let got = optimal_starts(&cost, k, Some(kernel));
+                    assert_eq!(got, want, "trial {trial}, m = {}, k = {k}", points.len());
+                }
+                cases += 1;
+            }
+        }
+        assert!(cases > 1000);
     }
 }

@@ -141,7 +141,15 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
         });
     }
     if *method == ClusterMethod::LogKMeans {
-        if let Some(index) = importance.par_iter().position_first(|&v| v < 0.0) {
+        // As for non-finite values: a vectorisable check, the position only
+        // when something is wrong.
+        let any_negative = importance
+            .par_chunks(CHUNK)
+            .any(|c| c.iter().fold(false, |bad, &v| bad | (v < 0.0)));
+        if let Some(index) = any_negative
+            .then(|| importance.iter().position(|&v| v < 0.0))
+            .flatten()
+        {
             return Err(ClusterError::NegativeImportance {
                 index,
                 value: f64::from(importance[index]),
