@@ -161,13 +161,32 @@ pub(crate) fn optimal_starts(cost: &SegmentCost, k: usize, kernel: Option<Kernel
     prev.par_iter_mut()
         .enumerate()
         .for_each(|(i, p)| *p = cost.sse(0, i));
-    // `J_1(i)`, the lower bound of every layer's split at `i`.
+    // `J_1(i)`, the lower bound of every layer's split at `i`: a scan of all
+    // `i` candidates, in parallel slices whose leftmost minima reduce to the
+    // whole scan's (the smallest value, then the smallest index; a slice
+    // with no finite candidate gives +inf at its start, as the scan would).
     let two_way = |i: usize| -> usize {
+        const SLICE: usize = 1 << 16;
         if i == 0 {
-            0
-        } else {
-            kernel.best_split(cost, &prev, i, 1, i).1
+            return 0;
         }
+        (0..i.div_ceil(SLICE))
+            .into_par_iter()
+            .map(|s| {
+                let lo = 1 + s * SLICE;
+                kernel.best_split(cost, &prev, i, lo, (lo + SLICE - 1).min(i))
+            })
+            .reduce(
+                || (f64::INFINITY, usize::MAX),
+                |a, b| {
+                    if b.0 < a.0 || (b.0 == a.0 && b.1 < a.1) {
+                        b
+                    } else {
+                        a
+                    }
+                },
+            )
+            .1
     };
 
     // From the top down, first[l]: the first cell of layer l that a later
@@ -745,39 +764,51 @@ impl SegmentCost {
         // Shifting by the median keeps the sums small, which limits the
         // cancellation in `sum_sq - sum^2 / weight`.
         let shift = points[points.len() / 2];
-        Self::from_points(
-            points.len(),
-            shift,
-            points.iter().copied().zip(weights.iter().copied()),
-        )
+        Self::from_runs(points.len(), shift, std::iter::once((points, weights)))
     }
 
-    /// Prefix sums of `m` weighted points `(x, w)` shifted by `shift` (the
-    /// median point: see [`Self::new`]).
-    pub(crate) fn from_points(
+    /// Prefix sums of `m` weighted points shifted by `shift` (the median
+    /// point: see [`Self::new`]), the points given as consecutive runs of
+    /// `(values, weights)` slices of equal lengths.
+    ///
+    /// One sequential pass: the sums' rounding is that of adding the points
+    /// in order, whatever the runs (a parallel scan would round differently
+    /// and could move a clustering). The loop writes into sized buffers
+    /// without a capacity check per point, three independent additions per
+    /// step.
+    pub(crate) fn from_runs<'a>(
         m: usize,
         shift: f64,
-        points: impl Iterator<Item = (f64, f64)>,
+        runs: impl Iterator<Item = (&'a [f64], &'a [f64])>,
     ) -> Self {
-        let (mut weight, mut sum, mut sum_sq) = (
-            buffer::with_capacity(m + 1),
-            buffer::with_capacity(m + 1),
-            buffer::with_capacity(m + 1),
+        let (mut weight, mut sum, mut sum_sq): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            buffer::zeroed(m + 1),
+            buffer::zeroed(m + 1),
+            buffer::zeroed(m + 1),
         );
         let (mut w_acc, mut s_acc, mut q_acc) = (0.0f64, 0.0f64, 0.0f64);
-        weight.push(0.0);
-        sum.push(0.0);
-        sum_sq.push(0.0);
-        for (x, w) in points {
-            let d = x - shift;
-            w_acc += w;
-            s_acc += w * d;
-            q_acc += w * d * d;
-            weight.push(w_acc);
-            sum.push(s_acc);
-            sum_sq.push(q_acc);
+        let mut end = 1;
+        for (points, weights) in runs {
+            assert_eq!(points.len(), weights.len(), "a run's lengths");
+            let next = end + points.len();
+            assert!(next <= m + 1, "more than {m} points");
+            for (((x, w), (wo, so)), qo) in points
+                .iter()
+                .zip(weights)
+                .zip(weight[end..next].iter_mut().zip(&mut sum[end..next]))
+                .zip(&mut sum_sq[end..next])
+            {
+                let d = x - shift;
+                w_acc += w;
+                s_acc += w * d;
+                q_acc += w * d * d;
+                *wo = w_acc;
+                *so = s_acc;
+                *qo = q_acc;
+            }
+            end = next;
         }
-        assert_eq!(weight.len(), m + 1, "point count");
+        assert_eq!(end, m + 1, "point count");
         Self {
             weight,
             sum,

@@ -188,8 +188,8 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
             sorted.extend_from_slice(importance);
             par_sort_f32(&mut sorted);
             match method {
-                ClusterMethod::KMeans => kmeans_groups(&sorted, widths, &f64::from),
-                ClusterMethod::LogKMeans => kmeans_groups(&sorted, widths, &log_transform(&sorted)),
+                ClusterMethod::KMeans => kmeans_groups(&sorted, widths, f64::from),
+                ClusterMethod::LogKMeans => kmeans_groups(&sorted, widths, log_transform(&sorted)),
                 ClusterMethod::Quantiles { fractions } => {
                     quantile_groups(&sorted, widths, fractions)
                 }
@@ -251,9 +251,9 @@ fn log_transform(sorted: &[f32]) -> impl Fn(f32) -> f64 {
 fn kmeans_groups(
     sorted: &[f32],
     widths: &[u8],
-    transform: &(dyn Fn(f32) -> f64 + Sync),
+    transform: impl Fn(f32) -> f64 + Sync,
 ) -> Result<Vec<(f32, u8)>> {
-    let points = MergedRuns::of(sorted, transform);
+    let points = MergedRuns::of(sorted, &transform);
     let m = points.len();
     if m == 1 {
         // Constant importance: nothing distinguishes the parameters.
@@ -264,7 +264,7 @@ fn kmeans_groups(
     }
     let k = widths.len().min(m);
     // Shifting by the median keeps the sums small (SegmentCost::new).
-    let cost = SegmentCost::from_points(m, points.point(m / 2), points.iter());
+    let cost = SegmentCost::from_runs(m, points.point(m / 2), points.runs());
     let starts = optimal_starts(&cost, k, None);
     Ok(starts
         .iter()
@@ -283,8 +283,10 @@ struct WeightedRuns {
 
 impl WeightedRuns {
     /// Merges equal (transformed) values of `sorted` into weighted points,
-    /// remembering the smallest original value of each point.
-    fn of(sorted: &[f32], transform: &(dyn Fn(f32) -> f64 + Sync)) -> Self {
+    /// remembering the smallest original value of each point. (A two-pass
+    /// variant without a branch per value measured no faster on 15 M
+    /// log-normal importances: their ties come in long, predictable runs.)
+    fn of<F: Fn(f32) -> f64 + ?Sized>(sorted: &[f32], transform: &F) -> Self {
         let (mut points, mut weights, mut lowest) = (Vec::new(), Vec::new(), Vec::new());
         let mut previous: Option<f32> = None;
         for &a in sorted {
@@ -327,7 +329,7 @@ struct MergedRuns {
 }
 
 impl MergedRuns {
-    fn of(sorted: &[f32], transform: &(dyn Fn(f32) -> f64 + Sync)) -> Self {
+    fn of<F: Fn(f32) -> f64 + Sync + ?Sized>(sorted: &[f32], transform: &F) -> Self {
         let mut chunks: Vec<WeightedRuns> = sorted
             .par_chunks(CHUNK)
             .map(|chunk| WeightedRuns::of(chunk, transform))
@@ -381,17 +383,12 @@ impl MergedRuns {
         self.chunks[c].lowest[i]
     }
 
-    /// Every point with its weight, in order.
-    fn iter(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+    /// Every point with its weight, in order, as each chunk's slices.
+    fn runs(&self) -> impl Iterator<Item = (&[f64], &[f64])> + '_ {
         self.chunks
             .iter()
             .zip(&self.skip)
-            .flat_map(|(chunk, &skip)| {
-                chunk.points[skip..]
-                    .iter()
-                    .copied()
-                    .zip(chunk.weights[skip..].iter().copied())
-            })
+            .map(|(chunk, &skip)| (&chunk.points[skip..], &chunk.weights[skip..]))
     }
 }
 
@@ -581,13 +578,15 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// The chunked merge of ties equals one sequential pass, with runs cut
-    /// by chunk boundaries and a transform that merges distinct values.
+    /// by chunk boundaries, signed zeros (equal, but the smaller one is
+    /// remembered) and a transform that merges distinct values.
     #[test]
     fn parallel_merge_of_ties_equals_one_pass() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for distinct in [1u16, 3, 700, 60_000] {
             let mut sorted: Vec<f32> = (0..5 * CHUNK + 123)
-                .map(|_| f32::from(rng.random_range(0..distinct)) * 0.5)
+                .map(|_| f32::from(rng.random_range(0..distinct)) * 0.5 - 1.0)
+                .chain((0..CHUNK / 3).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }))
                 .collect();
             sorted.sort_by(f32::total_cmp);
             for transform in [&f64::from as &(dyn Fn(f32) -> f64 + Sync), &|a: f32| {
@@ -596,11 +595,14 @@ mod tests {
                 let one = WeightedRuns::of(&sorted, transform);
                 let parallel = MergedRuns::of(&sorted, transform);
                 assert_eq!(parallel.len(), one.points.len(), "{distinct} distinct");
-                let (points, weights): (Vec<f64>, Vec<f64>) = parallel.iter().unzip();
+                let (points, weights): (Vec<f64>, Vec<f64>) = parallel
+                    .runs()
+                    .flat_map(|(p, w)| p.iter().copied().zip(w.iter().copied()))
+                    .unzip();
                 assert_eq!(points, one.points);
                 assert_eq!(weights, one.weights);
                 for (p, &low) in one.lowest.iter().enumerate() {
-                    assert_eq!(parallel.lowest(p), low);
+                    assert_eq!(parallel.lowest(p).to_bits(), low.to_bits());
                     assert_eq!(parallel.point(p), one.points[p]);
                 }
             }
