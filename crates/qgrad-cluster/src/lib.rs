@@ -18,7 +18,14 @@
 //!   optimal split point is monotone in `i`, so each layer is solved by divide
 //!   and conquer in `O(n log n)` (the two halves in parallel, depth first so
 //!   that a block's candidates stay in the cache, the smallest blocks in one
-//!   loop), `O(K n log n)` in all. The split search is the hot loop: it runs
+//!   loop), `O(K n log n)` in all. With one more cluster the last one starts
+//!   no earlier, so every layer's split at `i` is at least the best
+//!   two-cluster split `J_1(i)`, and at least the layer below's: each layer is
+//!   solved only on the suffix of end points that a later layer reads (the
+//!   last layer needs only the last point), and each cell searches from the
+//!   layer below's split. On heavy-tailed importances, whose high clusters
+//!   are small, the three middle layers of a five-width k-means then cover
+//!   40 %, 23 % and 7 % of the points. The split search is the hot loop: it runs
 //!   eight candidates at a time with AVX-512 (four with AVX2, one otherwise),
 //!   each lane with the scalar loop's operations in the same order and the
 //!   lanes reduced to the scalar loop's leftmost minimum, so that every CPU
