@@ -878,16 +878,27 @@ mod tests {
         }
     }
 
+    /// `values` sorted and deduplicated, each with a random integer weight
+    /// in `1..max_weight`.
+    fn weighted_points(
+        rng: &mut ChaCha8Rng,
+        mut values: Vec<f64>,
+        max_weight: u8,
+    ) -> (Vec<f64>, Vec<f64>) {
+        values.sort_by(f64::total_cmp);
+        values.dedup();
+        let weights = (0..values.len())
+            .map(|_| f64::from(rng.random_range(1..max_weight)))
+            .collect();
+        (values, weights)
+    }
+
     #[test]
     fn vector_kernels_equal_the_scalar_loop_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let m = 300;
-        let mut points: Vec<f64> = (0..m).map(|_| rng.random::<f64>().powi(3) * 10.0).collect();
-        points.sort_by(f64::total_cmp);
-        points.dedup();
-        let weights: Vec<f64> = (0..points.len())
-            .map(|_| f64::from(rng.random_range(1u8..4)))
-            .collect();
+        let values = (0..m).map(|_| rng.random::<f64>().powi(3) * 10.0).collect();
+        let (points, weights) = weighted_points(&mut rng, values, 4);
         let cost = SegmentCost::new(&points, &weights);
         let prev: Vec<f64> = (0..points.len())
             .map(|_| rng.random::<f64>() * 5.0)
@@ -920,14 +931,10 @@ mod tests {
     #[test]
     fn every_kernel_gives_the_same_clustering() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let mut points: Vec<f64> = (0..20_000)
+        let values = (0..20_000)
             .map(|_| (rng.random::<f64>() * 8.0).exp())
             .collect();
-        points.sort_by(f64::total_cmp);
-        points.dedup();
-        let weights: Vec<f64> = (0..points.len())
-            .map(|_| f64::from(rng.random_range(1u8..5)))
-            .collect();
+        let (points, weights) = weighted_points(&mut rng, values, 5);
         for k in [2, 3, 5, 9] {
             let reference =
                 ckmeans_weighted_with(&points, &weights, k, Some(Kernel::Scalar)).unwrap();
@@ -1009,18 +1016,14 @@ mod tests {
         let mut cases = 0;
         for trial in 0..240 {
             let n = [5usize, 40, 300, 1500][trial % 4];
-            let mut points: Vec<f64> = (0..n)
+            let values = (0..n)
                 .map(|_| match trial % 3 {
                     0 => f64::from(rng.random_range(0u32..60)),
                     1 => rng.random::<f64>() * 100.0,
                     _ => (rng.random::<f64>() * 12.0).exp(),
                 })
                 .collect();
-            points.sort_by(f64::total_cmp);
-            points.dedup();
-            let weights: Vec<f64> = (0..points.len())
-                .map(|_| f64::from(rng.random_range(1u8..4)))
-                .collect();
+            let (points, weights) = weighted_points(&mut rng, values, 4);
             let cost = SegmentCost::new(&points, &weights);
             for k in 1..=points.len().min(9) {
                 let want = full_programme_starts(&cost, k);
