@@ -111,9 +111,10 @@
 //! (hand-built activations wider than 2^24, sums past 2^53) are transposed
 //! to `[cols][batch]` so that every non-zero weight updates a contiguous run
 //! of accumulators (a vectorisable axpy), in parallel over weight rows and
-//! in tiles of the batch. Convolution lowers the input with im2col straight
-//! into that transposed layout (`[c·k·k][oh·ow]`), so it runs on the
-//! transposed kernel.
+//! in tiles of the batch. Convolution lowers the input with im2col into one
+//! row of `c·k·k` patch values per output position and runs the batch
+//! product over those rows, so each output has the bits of the one-sample
+//! kernel on its patch (tested).
 
 use rayon::prelude::*;
 
@@ -515,15 +516,6 @@ impl SparseKernel {
         match &self.inner {
             KernelImpl::Fixed(k) => k.matmul(x),
             KernelImpl::Scaled(k) => Ok(k.matmul(x)),
-        }
-    }
-
-    /// `yt[r][j] = Σ_c W[r, c] · xt[c][j]` for `n` columns `j` with
-    /// fractional bits `col_frac[j]`.
-    fn spmm_t(&self, xt: &[i32], n: usize, col_frac: &[i32], max_abs_x: u64, yt: &mut [f32]) {
-        match &self.inner {
-            KernelImpl::Fixed(k) => k.spmm_t(xt, n, col_frac, max_abs_x, yt),
-            KernelImpl::Scaled(k) => k.spmm_t(xt, n, col_frac, max_abs_x, yt),
         }
     }
 }

@@ -135,6 +135,32 @@ proptest! {
         prop_assert_eq!(oh, (h + 2 * padding - k) / stride + 1);
         prop_assert_eq!(ow, (wd_ + 2 * padding - k) / stride + 1);
         prop_assert_eq!(y.len(), samples * o * oh * ow);
+        // Every output has the bits of the one-sample kernel on its patch.
+        let patch = c * k * k;
+        for s in 0..samples {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row: Vec<i32> = (0..patch)
+                        .map(|col| {
+                            let (ci, ki, kj) = (col / (k * k), (col / k) % k, col % k);
+                            let iy = (oy * stride + ki) as isize - padding as isize;
+                            let ix = (ox * stride + kj) as isize - padding as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd_ as isize {
+                                0
+                            } else {
+                                xa.values[s * image + ci * h * wd_ + iy as usize * wd_ + ix as usize]
+                            }
+                        })
+                        .collect();
+                    let one = FixedActivations { values: row, rows: 1, cols: patch, frac_bits: vec![xa.frac_bits[s]] };
+                    let y1 = w.matmul(&one).unwrap();
+                    for f in 0..o {
+                        let got = y[((s * o + f) * oh + oy) * ow + ox];
+                        prop_assert_eq!(got.to_bits(), y1[f].to_bits(), "sample {} filter {}: {} against {}", s, f, got, y1[f]);
+                    }
+                }
+            }
+        }
         for s in 0..samples {
             for f in 0..o {
                 for oy in 0..oh {
