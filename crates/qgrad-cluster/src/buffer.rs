@@ -17,17 +17,6 @@
 /// 2 MiB; a buffer needs several to gain).
 const MIN_ADVISED_BYTES: usize = 8 << 20;
 
-/// An empty vector with room for `capacity` elements, advised to huge pages
-/// when it is large.
-pub(crate) fn with_capacity<T>(capacity: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(capacity);
-    advise_huge_pages(
-        v.as_mut_ptr().cast::<u8>(),
-        v.capacity() * std::mem::size_of::<T>(),
-    );
-    v
-}
-
 /// `len` zeros, in a buffer advised to huge pages when large, whose pages
 /// are not touched until written.
 ///
@@ -58,11 +47,8 @@ impl Zeroable for u32 {
     const ZERO: Self = 0;
 }
 
-/// `len` copies of `value`, in a buffer advised to huge pages when large.
-pub(crate) fn filled<T: Copy>(len: usize, value: T) -> Vec<T> {
-    let mut v = with_capacity(len);
-    v.resize(len, value);
-    v
+impl Zeroable for f32 {
+    const ZERO: Self = 0.0;
 }
 
 #[cfg(target_os = "linux")]
@@ -92,13 +78,13 @@ mod tests {
     #[test]
     fn buffers_hold_what_was_asked() {
         for len in [0usize, 1, 1000, 3 << 20] {
-            let v = super::filled(len, 7u32);
-            assert_eq!(v.len(), len);
-            assert!(v.iter().all(|&x| x == 7));
-            let w: Vec<f64> = super::with_capacity(len);
-            assert!(w.is_empty() && w.capacity() >= len);
             let z: Vec<f64> = super::zeroed(len);
             assert!(z.len() == len && z.iter().all(|&x| x.to_bits() == 0));
+            let mut u: Vec<u32> = super::zeroed(len);
+            assert!(u.len() == len && u.iter().all(|&x| x == 0));
+            // Written after the advice, read back.
+            u.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32);
+            assert!(u.iter().enumerate().all(|(i, &x)| x == i as u32));
         }
     }
 }

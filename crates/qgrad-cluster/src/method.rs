@@ -184,8 +184,11 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
             quantile_groups_select(importance, widths, fractions)
         }
         _ => {
-            let mut sorted = crate::buffer::with_capacity(importance.len());
-            sorted.extend_from_slice(importance);
+            let mut sorted: Vec<f32> = crate::buffer::zeroed(importance.len());
+            sorted
+                .par_chunks_mut(CHUNK)
+                .zip(importance.par_chunks(CHUNK))
+                .for_each(|(s, i)| s.copy_from_slice(i));
             par_sort_f32(&mut sorted);
             match method {
                 ClusterMethod::KMeans => kmeans_groups(&sorted, widths, f64::from),

@@ -50,7 +50,9 @@ pub fn par_sort_f32(values: &mut [f32]) {
         values.sort_unstable_by(f32::total_cmp);
         return;
     }
-    let mut keys: Vec<u32> = buffer::filled(values.len(), 0);
+    // Both buffers are written in full (in parallel) before they are read:
+    // zeroed lazily, so no serial fill touches their pages first.
+    let mut keys: Vec<u32> = buffer::zeroed(values.len());
     keys.par_chunks_mut(HISTOGRAM_CHUNK)
         .zip(values.par_chunks(HISTOGRAM_CHUNK))
         .for_each(|(k, v)| k.iter_mut().zip(v).for_each(|(k, &v)| *k = to_key(v)));
@@ -79,7 +81,7 @@ pub fn par_sort_f32(values: &mut [f32]) {
             total += hist[digit];
         }
     }
-    let mut sorted: Vec<u32> = buffer::filled(keys.len(), 0);
+    let mut sorted: Vec<u32> = buffer::zeroed(keys.len());
     let out = SharedSlice(sorted.as_mut_ptr(), sorted.len());
     keys.par_chunks(HISTOGRAM_CHUNK)
         .zip(starts.into_par_iter())
