@@ -30,10 +30,21 @@ pub fn tensor_exponent(values: &[f32]) -> Result<i32> {
     // +inf, so one integer maximum (which vectorises, unlike an early-exit
     // loop or a float maximum) finds both the largest magnitude and whether
     // any value is NaN or infinite.
-    let max_abs_bits = values
-        .iter()
-        .map(|v| v.to_bits() & 0x7fff_ffff)
-        .fold(0u32, u32::max);
+    // (In parallel chunks for large tensors: a maximum is the same in any
+    // grouping.)
+    let chunk_max = |c: &[f32]| {
+        c.iter()
+            .map(|v| v.to_bits() & 0x7fff_ffff)
+            .fold(0u32, u32::max)
+    };
+    let max_abs_bits = if values.len() < 4 * CHUNK {
+        chunk_max(values)
+    } else {
+        values
+            .par_chunks(CHUNK)
+            .map(chunk_max)
+            .reduce(|| 0, u32::max)
+    };
     if max_abs_bits >= f32::INFINITY.to_bits() {
         let index = values
             .iter()

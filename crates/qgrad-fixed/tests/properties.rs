@@ -54,6 +54,25 @@ fn width_validity() {
     ));
 }
 
+/// Large tensors take the parallel maximum: the same exponent wherever the
+/// largest magnitude is, and the first non-finite value's index.
+#[test]
+fn tensor_exponent_of_large_tensors() {
+    let n = 1 << 20;
+    for at in [0, 70_000, n / 2 + 3, n - 1] {
+        let mut v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
+        v[at] = -3.5;
+        assert_eq!(tensor_exponent(&v).unwrap(), 2, "largest at {at}");
+        v[at + 1 - usize::from(at == n - 1) * 2] = f32::INFINITY;
+        v[at] = f32::NAN;
+        let first = at.min(at + 1 - usize::from(at == n - 1) * 2);
+        assert!(matches!(
+            tensor_exponent(&v),
+            Err(FixedError::NonFinite { index, .. }) if index == first
+        ));
+    }
+}
+
 #[test]
 fn tensor_exponent_examples() {
     assert_eq!(tensor_exponent(&[]).unwrap(), 0);
