@@ -267,15 +267,26 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// `buffer` cut into consecutive slices of `sizes` (one per class).
-fn split_sizes<'a>(mut buffer: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
-    let mut out = Vec::with_capacity(sizes.len());
+/// `buffer` cut into consecutive slices of `sizes` (one per class), each
+/// filled by `fill(slice, class)` with the classes in parallel; the filled
+/// slices, in class order.
+fn fill_per_class<'a>(
+    mut buffer: &'a mut [f32],
+    sizes: &[usize],
+    classes: &[TapClass],
+    fill: impl Fn(&mut [f32], &TapClass) -> Result<(), OpsError> + Sync,
+) -> Result<Vec<&'a [f32]>, OpsError> {
+    let mut slices = Vec::with_capacity(sizes.len());
     for &size in sizes {
         let (head, tail) = std::mem::take(&mut buffer).split_at_mut(size);
-        out.push(head);
+        slices.push(head);
         buffer = tail;
     }
-    out
+    slices
+        .par_iter_mut()
+        .zip(classes.par_iter())
+        .try_for_each(|(slice, class)| fill(slice, class))?;
+    Ok(slices.into_iter().map(|s| &*s).collect())
 }
 
 /// GEMM parallelism inside one class's product: only when there are fewer
@@ -313,24 +324,20 @@ pub(crate) fn forward(
         let (all_products, y_t) = rest.split_at_mut(y_len);
         transpose_into(x, n, isl, x_t);
         let x_t = &*x_t;
-        let mut products = split_sizes(all_products, &sizes);
-        products
-            .par_iter_mut()
-            .zip(classes.par_iter())
-            .try_for_each(|(product, class)| {
-                let (k, cols) = g.class_dims(class);
-                let w = g.class_weight(class, &tap_major);
-                with_scratch(k * cols, |col| {
-                    g.class_im2col(&g.class_offsets(class), x_t, col);
-                    matmul(
-                        product,
-                        MatRef::row_major(&w, o, k),
-                        MatRef::row_major(col, k, cols),
-                        false,
-                        class_parallelism(classes, o, cols, k),
-                    )
-                })
-            })?;
+        let products = fill_per_class(all_products, &sizes, classes, |product, class| {
+            let (k, cols) = g.class_dims(class);
+            let w = g.class_weight(class, &tap_major);
+            with_scratch(k * cols, |col| {
+                g.class_im2col(&g.class_offsets(class), x_t, col);
+                matmul(
+                    product,
+                    MatRef::row_major(&w, o, k),
+                    MatRef::row_major(col, k, cols),
+                    false,
+                    class_parallelism(classes, o, cols, k),
+                )
+            })
+        })?;
         // y_t [o·p, n]: row (oc, position) from its class's product.
         let mut row_source = vec![(0usize, 0usize); p];
         for (c, class) in classes.iter().enumerate() {
@@ -338,7 +345,6 @@ pub(crate) fn forward(
                 row_source[pos] = (c, pi);
             }
         }
-        let products: Vec<&[f32]> = products.into_iter().map(|p| &*p).collect();
         y_t.par_chunks_mut(p * n)
             .enumerate()
             .for_each(|(oc, rows)| {
@@ -384,46 +390,41 @@ pub(crate) fn input_grad(
         let (all_dcols, dx_t) = rest.split_at_mut(dcols_len);
         transpose_into(dy, n, osl, dy_t);
         let dy_t = &*dy_t;
-        let mut dcols = split_sizes(all_dcols, &sizes);
-        dcols
-            .par_iter_mut()
-            .zip(classes.par_iter())
-            .try_for_each(|(dcol, class)| {
-                let (k, cols) = g.class_dims(class);
-                if k == 0 || cols == 0 {
-                    return Ok(());
+        let dcols = fill_per_class(all_dcols, &sizes, classes, |dcol, class| {
+            let (k, cols) = g.class_dims(class);
+            if k == 0 || cols == 0 {
+                return Ok(());
+            }
+            with_scratch(o * cols, |dy_class| {
+                g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
+                let mut rows = dcol.chunks_mut(class.kj.len() * g.in_channels * cols);
+                for ki in class.ki.clone() {
+                    let (start, len) = g.tap_run(class, ki);
+                    let w = MatRef {
+                        data: &tap_major[start..],
+                        rows: o,
+                        cols: len,
+                        row_stride: ckk,
+                        col_stride: 1,
+                    };
+                    let dst = rows.next().ok_or_else(|| {
+                        OpsError::Internal("conv2d class gradient rows run short".into())
+                    })?;
+                    matmul(
+                        dst,
+                        w.t(),
+                        MatRef::row_major(dy_class, o, cols),
+                        false,
+                        class_parallelism(classes, len, cols, o),
+                    )?;
                 }
-                with_scratch(o * cols, |dy_class| {
-                    g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
-                    let mut rows = dcol.chunks_mut(class.kj.len() * g.in_channels * cols);
-                    for ki in class.ki.clone() {
-                        let (start, len) = g.tap_run(class, ki);
-                        let w = MatRef {
-                            data: &tap_major[start..],
-                            rows: o,
-                            cols: len,
-                            row_stride: ckk,
-                            col_stride: 1,
-                        };
-                        let dst = rows.next().ok_or_else(|| {
-                            OpsError::Internal("conv2d class gradient rows run short".into())
-                        })?;
-                        matmul(
-                            dst,
-                            w.t(),
-                            MatRef::row_major(dy_class, o, cols),
-                            false,
-                            class_parallelism(classes, len, cols, o),
-                        )?;
-                    }
-                    Ok::<(), OpsError>(())
-                })
-            })?;
+                Ok(())
+            })
+        })?;
         // dx_t [c·h·w, n], in parallel over input channels (the classes' runs
         // of one channel land in that channel's rows only).
         let plane = g.height * g.width;
         let offsets: Vec<Vec<usize>> = classes.iter().map(|c| g.class_offsets(c)).collect();
-        let dcols: Vec<&[f32]> = dcols.into_iter().map(|d| &*d).collect();
         if plane > 0 {
             dx_t.par_chunks_mut(plane * n)
                 .enumerate()
@@ -477,26 +478,21 @@ pub(crate) fn weight_grad(
         transpose_into(x, n, isl, x_t);
         transpose_into(dy, n, osl, dy_t);
         let (x_t, dy_t) = (&*x_t, &*dy_t);
-        let mut grads = split_sizes(all_grads, &sizes);
-        grads
-            .par_iter_mut()
-            .zip(classes.par_iter())
-            .try_for_each(|(grad, class)| {
-                let (k, cols) = g.class_dims(class);
-                with_scratch(k * cols + o * cols, |scratch| {
-                    let (col, dy_class) = scratch.split_at_mut(k * cols);
-                    g.class_im2col(&g.class_offsets(class), x_t, col);
-                    g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
-                    matmul(
-                        grad,
-                        MatRef::row_major(dy_class, o, cols),
-                        MatRef::row_major(col, k, cols).t(),
-                        false,
-                        class_parallelism(classes, o, k, cols),
-                    )
-                })
-            })?;
-        let grads: Vec<&[f32]> = grads.into_iter().map(|g| &*g).collect();
+        let grads = fill_per_class(all_grads, &sizes, classes, |grad, class| {
+            let (k, cols) = g.class_dims(class);
+            with_scratch(k * cols + o * cols, |scratch| {
+                let (col, dy_class) = scratch.split_at_mut(k * cols);
+                g.class_im2col(&g.class_offsets(class), x_t, col);
+                g.class_output_grad(&g.class_positions(class), dy_t, dy_class);
+                matmul(
+                    grad,
+                    MatRef::row_major(dy_class, o, cols),
+                    MatRef::row_major(col, k, cols).t(),
+                    false,
+                    class_parallelism(classes, o, k, cols),
+                )
+            })
+        })?;
         if g.patch_len() > 0 {
             tap_major
                 .par_chunks_mut(g.patch_len())
