@@ -134,22 +134,14 @@ pub fn assign_widths(importance: &[f32], widths: &[u8], method: &ClusterMethod) 
         return Err(ClusterError::BadWidths(widths.to_vec()));
     }
     method.validate(widths.len())?;
-    if let Some(index) = first_non_finite(importance) {
+    if let Some(index) = first_index_where(importance, |v| !v.is_finite()) {
         return Err(ClusterError::NonFinite {
             index,
             value: f64::from(importance[index]),
         });
     }
     if *method == ClusterMethod::LogKMeans {
-        // As for non-finite values: a vectorisable check, the position only
-        // when something is wrong.
-        let any_negative = importance
-            .par_chunks(CHUNK)
-            .any(|c| c.iter().fold(false, |bad, &v| bad | (v < 0.0)));
-        if let Some(index) = any_negative
-            .then(|| importance.iter().position(|&v| v < 0.0))
-            .flatten()
-        {
+        if let Some(index) = first_index_where(importance, |v| v < 0.0) {
             return Err(ClusterError::NegativeImportance {
                 index,
                 value: f64::from(importance[index]),
@@ -211,14 +203,14 @@ const SELECT_THRESHOLD: usize = 1 << 16;
 /// Bits of the radix-select histogram (the top bits of the order key).
 const SELECT_BITS: u32 = 16;
 
-/// Index of the first non-finite value, if any (a fast vectorizable check
-/// first, the position only when something is wrong).
-fn first_non_finite(values: &[f32]) -> Option<usize> {
+/// Index of the first value that is `bad` (a vectorisable check over
+/// parallel chunks first, the position only when something is there).
+fn first_index_where(values: &[f32], bad: impl Fn(f32) -> bool + Sync) -> Option<usize> {
     let any_bad = values
         .par_chunks(CHUNK)
-        .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()));
+        .any(|c| c.iter().fold(false, |found, &v| found | bad(v)));
     if any_bad {
-        values.iter().position(|v| !v.is_finite())
+        values.iter().position(|&v| bad(v))
     } else {
         None
     }

@@ -224,29 +224,31 @@ fn check_inputs(values: &[f32], widths: &[u8], exponent: i32) -> Result<()> {
     if !(MIN_EXPONENT..=MAX_EXPONENT).contains(&exponent) {
         return Err(FixedError::ExponentOutOfRange { exponent });
     }
-    // Chunks that fold without an early exit vectorise; a per-element
-    // `find_first` spent more in rayon's bookkeeping than the quantization
-    // itself. The first bad width is looked up only when there is one.
-    let any_invalid = widths
-        .par_chunks(CHUNK)
-        .any(|c| c.iter().fold(false, |bad, &w| bad | !is_valid_width(w)));
-    if any_invalid {
-        if let Some(&bad) = widths.iter().find(|&&w| !is_valid_width(w)) {
-            return Err(FixedError::InvalidWidth(bad));
-        }
+    if let Some(index) = first_index_where(widths, |w| !is_valid_width(w)) {
+        return Err(FixedError::InvalidWidth(widths[index]));
     }
-    let any_non_finite = values
-        .par_chunks(CHUNK)
-        .any(|c| c.iter().fold(false, |bad, v| bad | !v.is_finite()));
-    if any_non_finite {
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(FixedError::NonFinite {
-                index,
-                value: values[index],
-            });
-        }
+    if let Some(index) = first_index_where(values, |v| !v.is_finite()) {
+        return Err(FixedError::NonFinite {
+            index,
+            value: values[index],
+        });
     }
     Ok(())
+}
+
+/// Index of the first element that is `bad`. Chunks that fold without an
+/// early exit vectorise (a per-element `find_first` spent more in rayon's
+/// bookkeeping than the quantization itself); the position is looked up
+/// only when there is one.
+fn first_index_where<T: Copy + Sync>(xs: &[T], bad: impl Fn(T) -> bool + Sync) -> Option<usize> {
+    let any_bad = xs
+        .par_chunks(CHUNK)
+        .any(|c| c.iter().fold(false, |found, &x| found | bad(x)));
+    if any_bad {
+        xs.iter().position(|&x| bad(x))
+    } else {
+        None
+    }
 }
 
 /// Per-width formats for one exponent, indexed by width (0..=16).
