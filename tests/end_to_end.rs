@@ -206,3 +206,85 @@ fn loss_aware_files_run_like_candle_for_every_code_kind() {
         }
     }
 }
+
+#[test]
+fn split_weights_run_like_candle_and_count_each_parameter_once() {
+    // Loss-aware codes with the weights of largest accumulated gradient kept
+    // at 8 bits (two tensors per layer in the file): the file's logits are
+    // candle's bit for bit, the ratio counts every parameter once, the two
+    // parts never overlap, and the PyTorch export holds their sum.
+    use qgrad::models::methods::{ImportantWeights, LossAwareOptions, HIGH_SUFFIX};
+    use qgrad::models::train::OptimizerKind;
+    use qgrad::pipeline::{compress_loss_aware, run_loss_aware, LossAwareRun};
+    use qgrad::scaled::Method;
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, method) in [
+        (Arch::Lenet5, Method::LatExact),
+        (Arch::Lenet300100, Method::Lab),
+    ] {
+        let (train, test) = mini(arch);
+        let mut config = quick_config(arch, 1);
+        config.max_batches_per_epoch = Some(8);
+        config.optimizer = OptimizerKind::ADAM;
+        config.lr = 0.002;
+        let mut options = LossAwareOptions::new(method);
+        options.important = Some(ImportantWeights {
+            fraction: 0.05,
+            bits: 8,
+        });
+        let run = LossAwareRun {
+            arch,
+            config,
+            options,
+            start: Start::Scratch,
+            device: default_device(),
+        };
+        let outcome = run_loss_aware(run, (&train, &test), &mut []).unwrap();
+        let model = compress_loss_aware(&outcome, serde_json::json!({})).unwrap();
+        let path = dir.path().join(format!("{arch}-split.qgz"));
+        let export = ExportOptions {
+            act_bits: 16,
+            layout: LayoutChoice::Auto,
+            device: default_device(),
+            run_file: true,
+        };
+        let out = export_and_evaluate(&model, &path, &test, &export).unwrap();
+        let file = out.file.as_ref().unwrap();
+        assert_eq!(file.logits, out.candle.logits, "{arch}");
+        let trained = outcome.state.history.last().unwrap().test_accuracy;
+        assert!((trained - out.candle.accuracy).abs() < 0.02, "{arch}");
+        let bytes = std::fs::metadata(&path).unwrap().len() as f64;
+        let params = arch.num_parameters() as f64;
+        assert!((out.size.ratio - 32.0 * params / (8.0 * bytes)).abs() < 1e-9);
+
+        let decoded = qgrad::csr::CompressedModel::read_file(&path).unwrap();
+        let state_dict = qgrad::pipeline::interchange::export_state_dict(
+            &decoded,
+            qgrad::pipeline::interchange::ExportLayout::Dense,
+        )
+        .unwrap();
+        let exported =
+            candle_core::safetensors::load_buffer(&state_dict, &candle_core::Device::Cpu).unwrap();
+        let mut split = 0;
+        for w in &model.scaled {
+            let high = model
+                .params
+                .iter()
+                .find(|p| p.name == format!("{}{HIGH_SUFFIX}", w.name))
+                .unwrap();
+            let n = w.quantized.codes.len();
+            let kept = high.widths.iter().filter(|&&b| b == 8).count();
+            assert!(kept > 0 && kept <= (0.05 * n as f64).floor().max(1.0) as usize);
+            let codes = decoded.tensor(&w.name).unwrap().dequantize();
+            let highs = decoded.tensor(&high.name).unwrap().dequantize();
+            let torch: Vec<f32> = exported[&w.name].flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..n {
+                assert!(codes[i] == 0.0 || highs[i] == 0.0, "{} {i}", w.name);
+                assert_eq!(torch[i], codes[i] + highs[i], "{} {i}", w.name);
+            }
+            assert!(!exported.contains_key(&high.name));
+            split += 1;
+        }
+        assert_eq!(split, model.scaled.len());
+    }
+}

@@ -7,8 +7,8 @@ use qgrad_csr::{CompressedModel, LayoutChoice, SizeReport};
 use qgrad_data::Dataset;
 use qgrad_models::eval::{evaluate_candle_model, QuantizedModel};
 use qgrad_models::methods::{
-    Importance, InTrainingOptions, LossAwareOptions, PostTrainingOptions, QuantizeSummary, Scope,
-    SparseBudget, SplitOutcome,
+    Importance, ImportantWeights, InTrainingOptions, LossAwareOptions, PostTrainingOptions,
+    QuantizeSummary, Scope, SparseBudget, SplitOutcome,
 };
 use qgrad_models::train::OptimizerKind;
 use qgrad_models::{Arch, EpochStats, TrainConfig, TrainHook, TrainState};
@@ -481,6 +481,17 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
         None => None,
     };
     LossAwareOptions::check_bias_bits(args.bias_bits).usage("invalid --bias-bits")?;
+    let important = match args.important {
+        Some(fraction) => {
+            let important = ImportantWeights {
+                fraction,
+                bits: args.important_bits,
+            };
+            important.validate().usage("invalid --important")?;
+            Some(important)
+        }
+        None => None,
+    };
     let options = LossAwareOptions {
         quantizer: args.quantizer,
         per_channel: args.per_channel,
@@ -488,6 +499,7 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
         seed: config.seed,
         sparsity: sparsity.clone(),
         bias_bits: args.bias_bits,
+        important,
     };
     let start = match args.init.as_deref() {
         Some(path) => Start::Checkpoint {
@@ -527,6 +539,9 @@ pub fn loss_aware(args: LossAwareArgs) -> CliResult<()> {
     }
     if args.bias_bits != 32 {
         json_options["bias_bits"] = json!(args.bias_bits);
+    }
+    if let Some(important) = important {
+        json_options["important"] = json!(important);
     }
     if args.training.lr_schedule.is_some() {
         json_options["lr_schedule"] = json!(outcome.config.schedule);

@@ -330,6 +330,15 @@ struct LossAwareArgs {
     /// model is exported.
     #[arg(long, value_name = "BITS", default_value_t = 32)]
     bias_bits: u8,
+    /// Keep this fraction of each weight tensor, the weights of largest
+    /// accumulated gradient A (the first thesis's importance), at
+    /// --important-bits fixed point; the quantizer takes the rest (split
+    /// weights: two tensors per layer in the file)
+    #[arg(long, value_name = "FRACTION", conflicts_with = "kappa")]
+    important: Option<f64>,
+    /// Width of the --important weights, 2..=16 bits
+    #[arg(long, value_name = "BITS", default_value_t = 8, requires = "important")]
+    important_bits: u8,
     /// Start from this trained checkpoint instead of a fresh network.
     #[arg(long, value_name = "CHECKPOINT")]
     init: Option<PathBuf>,

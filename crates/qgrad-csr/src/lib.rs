@@ -164,6 +164,6 @@ pub use format::{
     Layout, LayoutChoice, LevelKind, FORMAT_VERSION, MAGIC, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
 };
 pub use kernel::{FixedActivations, SparseKernel};
-pub use model::{CompressedModel, CompressedTensor};
+pub use model::{CompressedModel, CompressedTensor, HIGH_SUFFIX, HIGH_WEIGHTS};
 pub use report::{compression_ratio, FieldBits, SizeReport, TensorSize};
 pub use scaled::{ScaledInfo, ScaledTensorData, TensorKind};

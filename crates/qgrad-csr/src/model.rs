@@ -105,9 +105,26 @@ impl CompressedModel {
         self.file_bytes
     }
 
-    /// Total number of elements over all tensors.
+    /// Total number of elements over all tensors, each parameter once: in a
+    /// file with split weights (metadata key `high_weights`, FORMAT.md) the
+    /// high-width part `<w>_high` of a tensor `<w>` of the same shape holds
+    /// the same parameters as `<w>` and is not counted again.
     pub fn num_parameters(&self) -> u64 {
-        self.tensors.iter().map(|t| t.num_elements() as u64).sum()
+        let split = self.metadata_value(HIGH_WEIGHTS).is_some();
+        self.tensors
+            .iter()
+            .filter(|t| !(split && self.is_high_part(t)))
+            .map(|t| t.num_elements() as u64)
+            .sum()
+    }
+
+    /// Whether `t` is the high-width part of a split weight (`<w>_high`
+    /// beside `<w>` of the same shape).
+    fn is_high_part(&self, t: &CompressedTensor) -> bool {
+        t.name
+            .strip_suffix(HIGH_SUFFIX)
+            .and_then(|w| self.tensor(w))
+            .is_some_and(|w| w.shape == t.shape)
     }
 
     /// Bits per tensor and per field; the ratio uses the file's byte length.
@@ -141,6 +158,13 @@ impl CompressedModel {
         }
     }
 }
+
+/// The metadata key of a file with split weights (FORMAT.md, section 3):
+/// the width of their high-width parts.
+pub const HIGH_WEIGHTS: &str = "high_weights";
+/// What a split weight's high-width part appends to the weight's name
+/// (`fc1.weight` → `fc1.weight_high`).
+pub const HIGH_SUFFIX: &str = "_high";
 
 impl CompressedTensor {
     #[allow(clippy::too_many_arguments)]

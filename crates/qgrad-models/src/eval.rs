@@ -380,6 +380,30 @@ pub fn evaluate_candle_model(
             .get(&name)
             .ok_or_else(|| invalid(format!("no tensor '{name}'")))
     };
+    // The high-width parts of split weights (`<layer>.weight_high`, loss-aware
+    // codes with important weights kept wide): their product is added to the
+    // codes' output, in f32, as the file's reader does.
+    let mut highs = std::collections::HashMap::new();
+    for p in params {
+        if let Some(weight) = p.name.strip_suffix(crate::methods::HIGH_SUFFIX) {
+            let (shape, _) = lookup(weight)?;
+            if p.shape != shape {
+                return Err(invalid(format!(
+                    "'{}' has shape {:?}, its weight {shape:?}",
+                    p.name, p.shape
+                )));
+            }
+            let t = Tensor::from_vec(p.values.clone(), shape, device)?.to_dtype(DType::F64)?;
+            highs.insert(weight.to_string(), t);
+        }
+    }
+    let add_high =
+        |y: Tensor, weight: &str, product: &dyn Fn(&Tensor) -> Result<Tensor>| match highs
+            .get(weight)
+        {
+            Some(h) => Ok::<_, ModelsError>((y + product(h)?.to_dtype(DType::F32)?)?),
+            None => Ok(y),
+        };
     let classes = arch.num_classes();
     let mut logits = Vec::with_capacity(data.len() * classes);
     let mut rng = epoch_rng(0, 0, 0);
@@ -403,6 +427,7 @@ pub fn evaluate_candle_model(
                             q.matmul(&weight.t()?)?.to_dtype(DType::F32)?
                         }
                     };
+                    let y = add_high(y, &format!("{name}.weight"), &|w| Ok(q.matmul(&w.t()?)?))?;
                     let y = match step {
                         Some(step) => y.broadcast_mul(&step)?,
                         None => y,
@@ -424,6 +449,9 @@ pub fn evaluate_candle_model(
                                 .to_dtype(DType::F32)?
                         }
                     };
+                    let y = add_high(y, &format!("{name}.weight"), &|w| {
+                        Ok(q.conv2d(w, padding, stride, 1, 1)?)
+                    })?;
                     let y = match step {
                         Some(step) => y.broadcast_mul(&step)?,
                         None => y,

@@ -171,9 +171,15 @@ pub fn compress_loss_aware_state(
     options: serde_json::Value,
 ) -> Result<Compressed> {
     let scaled = hook.finish(state).runtime("cannot quantize the weights")?;
-    let params = hook
+    let mut params = hook
         .float_parameters(state)
         .runtime("cannot copy the float parameters")?;
+    // Split weights: the high-width parts go into the file as fixed point
+    // beside the codes (FORMAT.md, `high_weights`).
+    params.extend(
+        hook.high_parameters(state)
+            .runtime("cannot quantize the important weights")?,
+    );
     let code_bits = match hook.options().quantizer {
         m if m.binary() => 1u8,
         qgrad_scaled::Method::Laq { bits, .. } => bits,
@@ -181,7 +187,14 @@ pub fn compress_loss_aware_state(
     };
     let summary = scaled_summary(&params, &scaled, code_bits);
     let method = format!("loss-aware:{}", hook.options().quantizer);
-    trained_model((state, config), &method, options, params, scaled, summary)
+    let mut model = trained_model((state, config), &method, options, params, scaled, summary)?;
+    if let Some(important) = hook.options().important {
+        model.extra.push((
+            qgrad_models::methods::HIGH_WEIGHTS.into(),
+            important.bits.to_string(),
+        ));
+    }
+    Ok(model)
 }
 
 /// The width counts of float parameters plus scaled-code weights, every
@@ -191,21 +204,40 @@ pub(crate) fn scaled_summary(
     scaled: &[ScaledWeight],
     code_bits: u8,
 ) -> QuantizeSummary {
-    let mut summary = summarize(params);
+    use qgrad_models::methods::HIGH_SUFFIX;
+    // A split weight's high-width part is the same parameters as its codes:
+    // each element counts once, at its high width where it has one.
+    let (highs, params): (Vec<&QuantizedTensor>, Vec<QuantizedTensor>) = (
+        params
+            .iter()
+            .filter(|p| p.name.ends_with(HIGH_SUFFIX))
+            .collect(),
+        params
+            .iter()
+            .filter(|p| !p.name.ends_with(HIGH_SUFFIX))
+            .cloned()
+            .collect(),
+    );
+    let mut summary = summarize(&params);
+    let mut histogram: std::collections::BTreeMap<u8, usize> =
+        summary.width_histogram.iter().copied().collect();
     for w in scaled {
         let n = w.quantized.codes.len();
         summary.parameters += n;
-        summary.zeros += w.quantized.codes.iter().filter(|&&c| c == 0).count();
-        match summary
-            .width_histogram
-            .iter_mut()
-            .find(|(b, _)| *b == code_bits)
-        {
-            Some((_, count)) => *count += n,
-            None => summary.width_histogram.push((code_bits, n)),
+        let high = highs
+            .iter()
+            .find(|h| h.name.strip_suffix(HIGH_SUFFIX) == Some(w.name.as_str()));
+        for (i, &code) in w.quantized.codes.iter().enumerate() {
+            match high.map(|h| h.widths[i]).filter(|&b| b != 0) {
+                Some(bits) => *histogram.entry(bits).or_default() += 1,
+                None => {
+                    *histogram.entry(code_bits).or_default() += 1;
+                    summary.zeros += usize::from(code == 0);
+                }
+            }
         }
     }
-    summary.width_histogram.sort();
+    summary.width_histogram = histogram.into_iter().collect();
     summary
 }
 

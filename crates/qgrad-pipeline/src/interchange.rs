@@ -303,7 +303,17 @@ pub fn state_dict_bytes(tensors: &[NamedTensor], layout: ExportLayout) -> Result
 pub fn export_state_dict(model: &CompressedModel, layout: ExportLayout) -> Result<Vec<u8>> {
     let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for t in &model.tensors {
-        let values = t.dequantize();
+        if t.name.ends_with(qgrad_runtime::HIGH_SUFFIX) {
+            continue;
+        }
+        let mut values = t.dequantize();
+        // A split weight is the sum of its two parts (FORMAT.md,
+        // `high_weights`); they are never both non-zero, so the sum is exact.
+        if let Some(high) = model.tensor(&format!("{}{}", t.name, qgrad_runtime::HIGH_SUFFIX)) {
+            for (v, h) in values.iter_mut().zip(high.dequantize()) {
+                *v += h;
+            }
+        }
         let shape = t.shape.clone();
         if let Some(layer) = t
             .name

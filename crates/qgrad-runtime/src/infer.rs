@@ -147,6 +147,8 @@ pub struct FileModel<'m> {
     arch: Arch,
     /// PACT clip `β` per layer that has one.
     clips: std::collections::HashMap<String, f32>,
+    /// The high-width part of each split weight, by layer.
+    highs: std::collections::HashMap<String, &'m CompressedTensor>,
 }
 
 impl<'m> FileModel<'m> {
@@ -160,6 +162,7 @@ impl<'m> FileModel<'m> {
             meta,
             arch,
             clips: Default::default(),
+            highs: Default::default(),
         };
         // Check every tensor the layer list needs, with its shape, up front.
         // A batch norm is stored folded or as its four tensors (FORMAT.md).
@@ -178,6 +181,25 @@ impl<'m> FileModel<'m> {
             let (LayerSpec::Linear { name, .. } | LayerSpec::Conv2d { name, .. }) = layer else {
                 continue;
             };
+            let weight = format!("{name}.weight");
+            let high_name = format!("{weight}{}", crate::metadata::HIGH_SUFFIX);
+            if let Some(high) = model_ref.model.tensor(&high_name) {
+                if model_ref.meta.high_weights.is_none() {
+                    return Err(invalid(format!(
+                        "tensor '{high_name}' is a split weight's high-width part, but the \
+                         metadata has no '{}'",
+                        crate::metadata::HIGH_WEIGHTS
+                    )));
+                }
+                let shape = &model_ref.tensor(&weight)?.shape;
+                if &high.shape != shape {
+                    return Err(invalid(format!(
+                        "tensor '{high_name}' has shape {:?}, its weight {shape:?}",
+                        high.shape
+                    )));
+                }
+                model_ref.highs.insert(name.clone(), high);
+            }
             let clip_name = format!("{name}.{}", crate::pact::ACT_CLIP);
             let Some(t) = model_ref.model.tensor(&clip_name) else {
                 continue;
@@ -303,6 +325,9 @@ impl<'m> FileModel<'m> {
                     }
                     let (acts, step) = self.layer_input(&name, &x, inputs)?;
                     let mut y = self.tensor(&format!("{name}.weight"))?.matmul(&acts)?;
+                    if let Some(high) = self.highs.get(&name) {
+                        add_into(&mut y, &high.matmul(&acts)?);
+                    }
                     if let Some(step) = step {
                         y.iter_mut().for_each(|v| *v *= step);
                     }
@@ -338,6 +363,12 @@ impl<'m> FileModel<'m> {
                     let (mut y, out_shape) = self
                         .tensor(&format!("{name}.weight"))?
                         .conv2d(&acts, input, kernel, stride, padding)?;
+                    if let Some(high) = self.highs.get(&name) {
+                        add_into(
+                            &mut y,
+                            &high.conv2d(&acts, input, kernel, stride, padding)?.0,
+                        );
+                    }
                     if let Some(step) = step {
                         y.iter_mut().for_each(|v| *v *= step);
                     }
@@ -391,6 +422,14 @@ struct BatchNormParams {
 
 /// `(x - mean) * (gamma / sqrt(var + eps)) + beta`, in this order of f32
 /// operations (the candle side does the same).
+/// `y += high`, element by element in f32: a split weight's output is the
+/// sum of its two parts' (FORMAT.md, `high_weights`).
+fn add_into(y: &mut [f32], high: &[f32]) {
+    for (v, h) in y.iter_mut().zip(high) {
+        *v += *h;
+    }
+}
+
 fn batch_norm_host(x: Activations, channels: usize, bn: &BatchNormParams) -> Result<Activations> {
     let scale: Vec<f32> = (0..channels)
         .map(|c| bn.gamma[c] / (bn.var[c] + BN_EPS).sqrt())

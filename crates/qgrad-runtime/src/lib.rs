@@ -78,7 +78,7 @@ pub mod spec;
 
 pub use error::{Result, RuntimeError};
 pub use infer::{EvalReport, FileModel, DEFAULT_ACT_BITS};
-pub use metadata::{read_metadata, ExportMetadata, FileMetadata};
+pub use metadata::{read_metadata, ExportMetadata, FileMetadata, HIGH_SUFFIX, HIGH_WEIGHTS};
 pub use pact::{pact_codes, pact_step, ACT_CLIP};
 pub use spec::{Arch, DatasetKind, LayerSpec, UnknownArch};
 

@@ -86,6 +86,8 @@ fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| bad(e.to_string()))
 }
 
+pub use qgrad_csr::{HIGH_SUFFIX, HIGH_WEIGHTS};
+
 /// The metadata a compressed model file must carry to be run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileMetadata {
@@ -104,6 +106,10 @@ pub struct FileMetadata {
     /// `k_a` of the layers whose input is PACT-quantized (key `pact_bits`;
     /// those layers carry a `<layer>.act_clip` tensor, see [`crate::pact`]).
     pub pact_bits: Option<u8>,
+    /// The width of the high-width parts of split weights (key
+    /// `high_weights`; those layers carry a `<layer>.weight_high` tensor
+    /// whose product is added to the weight's, see FORMAT.md).
+    pub high_weights: Option<u8>,
 }
 
 impl FileMetadata {
@@ -154,8 +160,18 @@ pub fn read_metadata(model: &qgrad_csr::CompressedModel) -> Result<FileMetadata>
                 .ok_or_else(|| bad("'pact_bits' is not a width in 2..=16"))?,
         ),
     };
+    let high_weights = match model.metadata_value(HIGH_WEIGHTS) {
+        None => None,
+        Some(v) => Some(
+            v.parse()
+                .ok()
+                .filter(|b| (2..=16).contains(b))
+                .ok_or_else(|| bad(format!("'{HIGH_WEIGHTS}' is not a width in 2..=16")))?,
+        ),
+    };
     Ok(FileMetadata {
         pact_bits,
+        high_weights,
         arch,
         act_bits,
         mean,
@@ -224,5 +240,66 @@ mod tests {
                 .expect("must be rejected");
             assert!(!err.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn a_high_width_part_needs_its_key_and_its_weight_shape() {
+        let shapes = Arch::Lenet300100.parameter_shapes();
+        let fc1: Vec<usize> = shapes
+            .iter()
+            .find(|(n, _)| n == "fc1.weight")
+            .unwrap()
+            .1
+            .clone();
+        let base = |extra: &[(&str, Vec<usize>)], key: bool| {
+            let mut all = shapes.clone();
+            all.extend(extra.iter().map(|(n, s)| (n.to_string(), s.clone())));
+            let values: Vec<Vec<f32>> = all
+                .iter()
+                .map(|(_, s)| vec![0.25; s.iter().product()])
+                .collect();
+            let widths: Vec<Vec<u8>> = values.iter().map(|v| vec![4; v.len()]).collect();
+            let tensors: Vec<qgrad_csr::TensorData> = all
+                .iter()
+                .zip(values.iter().zip(&widths))
+                .map(|((name, shape), (values, widths))| qgrad_csr::TensorData {
+                    name,
+                    shape,
+                    values,
+                    widths,
+                    exponent: None,
+                })
+                .collect();
+            let mut metadata: Vec<(String, String)> = [
+                ("arch", "lenet-300-100"),
+                ("act_bits", "8"),
+                ("norm.mean", "[0.1]"),
+                ("norm.std", "[0.3]"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            if key {
+                metadata.push((HIGH_WEIGHTS.into(), "8".into()));
+            }
+            let options = qgrad_csr::EncodeOptions {
+                metadata,
+                ..Default::default()
+            };
+            let bytes = qgrad_csr::encode(&tensors, &options).unwrap();
+            qgrad_csr::CompressedModel::from_bytes(&bytes).unwrap()
+        };
+        let high = format!("fc1.weight{HIGH_SUFFIX}");
+        let good = base(&[(high.as_str(), fc1.clone())], true);
+        assert!(crate::FileModel::new(&good).is_ok());
+        // Each parameter once: the high part is fc1's own.
+        assert_eq!(
+            good.num_parameters(),
+            Arch::Lenet300100.num_parameters() as u64
+        );
+        let unkeyed = base(&[(high.as_str(), fc1.clone())], false);
+        assert!(crate::FileModel::new(&unkeyed).is_err());
+        let wrong = base(&[(high.as_str(), vec![fc1[0], fc1[1] - 1])], true);
+        assert!(crate::FileModel::new(&wrong).is_err());
     }
 }

@@ -100,18 +100,28 @@ pub fn quantize_sparse(
     if keep == w.len() {
         return quantize(method, w, d, groups, warm);
     }
-    // The `keep` largest scores, ties to the lower index.
-    let mut order: Vec<usize> = (0..w.len()).collect();
+    quantize_masked(method, w, d, groups, &largest(score, keep), warm)
+}
+
+/// The mask of the `keep` largest `score`s (ties to the lower index, so the
+/// selection is deterministic); `keep` is capped at `score.len()`.
+///
+/// ```
+/// assert_eq!(qgrad_scaled::sparse::largest(&[0.1, 3.0, 2.0, 3.0], 2), [false, true, false, true]);
+/// ```
+pub fn largest(score: &[f32], keep: usize) -> Vec<bool> {
+    let keep = keep.min(score.len());
+    let mut order: Vec<usize> = (0..score.len()).collect();
     if keep > 0 {
         order.select_nth_unstable_by(keep - 1, |&a, &b| {
             score[b].total_cmp(&score[a]).then(a.cmp(&b))
         });
     }
-    let mut kept = vec![false; w.len()];
+    let mut kept = vec![false; score.len()];
     for &i in &order[..keep] {
         kept[i] = true;
     }
-    quantize_masked(method, w, d, groups, &kept, warm)
+    kept
 }
 
 /// `method`'s quantization of the elements of `w` where `kept` is true (per

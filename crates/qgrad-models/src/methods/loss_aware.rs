@@ -31,8 +31,24 @@
 //! ranking is fixed at the first step at the target budget, so that the
 //! epochs after the ramp train one network instead of a churning mask.
 //!
+//! Beyond the thesis ([`LossAwareOptions::important`]): the two theses'
+//! ideas in one tensor. The fraction of each weight tensor with the largest
+//! accumulated gradient `A` (METHOD §1, summed over this run's steps and any
+//! `--init` checkpoint's) is kept at a higher fixed-point width, as the
+//! first thesis keeps its most important parameters; the loss-aware
+//! quantizer, restricted to the rest, binarizes, ternarizes or m-bit
+//! quantizes them. The file holds the two parts as two tensors of the
+//! layer, `<layer>.weight` (scaled codes, 0 where the weight is kept
+//! high) and `<layer>.weight_high` (fixed point, 0 elsewhere), and the
+//! layer's output is the sum of their products (FORMAT.md, `high_weights`).
+//!
 //! # Decisions
 //!
+//! * The high part: the kept weights rounded to `bits`-bit fixed point with
+//!   one exponent per tensor, that of their largest magnitude
+//!   (`qgrad_fixed::tensor_exponent`), re-ranked at every step as `A` grows;
+//!   their float `W` trains through the straight-through gradient like the
+//!   others. Not combined with a non-zero budget.
 //! * The budget schedule runs in steps: `t` = completed epochs plus the
 //!   fraction of the current epoch ([`LossAwareHook::set_steps_per_epoch`];
 //!   without it `t` counts whole epochs). The per-epoch evaluation uses the
@@ -86,7 +102,51 @@ pub struct LossAwareOptions {
     /// rounded biases.
     #[serde(default = "float_width", skip_serializing_if = "is_float_width")]
     pub bias_bits: u8,
+    /// The most important weights at a higher width (see the module docs):
+    /// `None`, every weight by the quantizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub important: Option<ImportantWeights>,
 }
+
+/// Which weights stay at a higher width beside the loss-aware codes, and
+/// how wide (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ImportantWeights {
+    /// The fraction of each weight tensor, by the largest accumulated
+    /// gradient `A`, in (0, 1): `floor(fraction·n)` weights, at least 1.
+    pub fraction: f64,
+    /// Their fixed-point width, 2..=16.
+    pub bits: u8,
+}
+
+impl ImportantWeights {
+    /// Checks the fraction and the width.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.fraction > 0.0 && self.fraction < 1.0) {
+            return Err(ModelsError::Config(format!(
+                "the fraction of important weights must lie in (0, 1), not {}",
+                self.fraction
+            )));
+        }
+        if !(qgrad_fixed::MIN_FIXED_BITS..=qgrad_fixed::MAX_FIXED_BITS).contains(&self.bits) {
+            return Err(ModelsError::Config(format!(
+                "important weights at {} bits: expected {}..={}",
+                self.bits,
+                qgrad_fixed::MIN_FIXED_BITS,
+                qgrad_fixed::MAX_FIXED_BITS
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The name of layer weight `name`'s high-width part in the file
+/// (`fc1.weight` → `fc1.weight_high`).
+pub fn high_name(name: &str) -> String {
+    format!("{name}{HIGH_SUFFIX}")
+}
+
+pub use qgrad_runtime::{HIGH_SUFFIX, HIGH_WEIGHTS};
 
 fn float_width() -> u8 {
     qgrad_fixed::FLOAT
@@ -194,6 +254,7 @@ impl LossAwareOptions {
             seed: 0,
             sparsity: None,
             bias_bits: qgrad_fixed::FLOAT,
+            important: None,
         }
     }
 
@@ -288,6 +349,19 @@ impl LossAwareHook {
             }
         }
         LossAwareOptions::check_bias_bits(options.bias_bits)?;
+        if let Some(important) = &options.important {
+            important.validate()?;
+            if options.sparsity.is_some() {
+                return Err(ModelsError::Config(
+                    "important weights at a higher width take no non-zero budget".into(),
+                ));
+            }
+            if options.quantizer == Method::TerConnect {
+                return Err(ModelsError::Config(
+                    "ter-connect's stochastic codes take no important weights".into(),
+                ));
+            }
+        }
         let seed = options.seed;
         Ok(LossAwareHook {
             options,
@@ -397,14 +471,15 @@ impl LossAwareHook {
         Ok(Some(v.iter().map(|v| v.sqrt() + CURVATURE_EPS).collect()))
     }
 
-    /// `Q(W)` of parameter `name` with the current curvature.
+    /// `Q(W)` of parameter `name` with the current curvature, and its
+    /// high-width part with [`LossAwareOptions::important`].
     fn quantize_one(
         &self,
         state: &TrainState,
         name: &str,
         warm: Option<&Quantized>,
         at: BudgetAt,
-    ) -> Result<ScaledWeight> {
+    ) -> Result<(ScaledWeight, Option<super::QuantizedTensor>)> {
         let kappa = self.kappa_of(name, at);
         let var = state
             .network
@@ -418,7 +493,30 @@ impl LossAwareHook {
         } else {
             1
         };
+        let config = |e: qgrad_scaled::ScaledError| ModelsError::Config(format!("{name}: {e}"));
+        let high = match self.options.important {
+            Some(important) => {
+                let a = self.score(state, name, &w, None, Importance::AccumulatedGradient)?;
+                let keep = qgrad_scaled::kept_count(important.fraction, w.len()).map_err(config)?;
+                Some((qgrad_scaled::sparse::largest(&a, keep), important.bits))
+            }
+            None => None,
+        };
         let quantized = match (kappa, &self.options.sparsity) {
+            _ if high.is_some() => {
+                let rest: Vec<bool> = high
+                    .iter()
+                    .flat_map(|(h, _)| h.iter().map(|h| !h))
+                    .collect();
+                qgrad_scaled::quantize_masked(
+                    self.options.quantizer,
+                    &w,
+                    d.as_deref(),
+                    groups,
+                    &rest,
+                    warm,
+                )
+            }
             (Some(kappa), Some(budget)) => {
                 // The frozen ranking is read in place, not copied every step.
                 let score: std::borrow::Cow<[f32]> = match self.frozen_scores.get(name) {
@@ -441,14 +539,37 @@ impl LossAwareHook {
             }
             _ => quantize(self.options.quantizer, &w, d.as_deref(), groups, warm),
         }
-        .map_err(|e| ModelsError::Config(format!("{name}: {e}")))?;
-        Ok(ScaledWeight {
+        .map_err(config)?;
+        let high = match high {
+            Some((mask, bits)) => Some(high_part(name, &shape, &w, &mask, bits)?),
+            None => None,
+        };
+        let scaled = ScaledWeight {
             name: name.to_string(),
             method: self.options.quantizer,
             shape,
             groups,
             quantized,
-        })
+        };
+        Ok((scaled, high))
+    }
+
+    /// The high-width parts of the weights now (with
+    /// [`LossAwareOptions::important`]; empty without), for the file beside
+    /// [`LossAwareHook::finish`]'s codes.
+    pub fn high_parameters(&self, state: &TrainState) -> Result<Vec<super::QuantizedTensor>> {
+        if self.options.important.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(self.names.len());
+        for n in &self.names {
+            if let (_, Some(high)) =
+                self.quantize_one(state, n, self.warm.get(n), BudgetAt::Target)?
+            {
+                out.push(high);
+            }
+        }
+        Ok(out)
     }
 
     /// The parameters of `state` that the quantizer leaves alone (biases,
@@ -481,9 +602,61 @@ impl LossAwareHook {
     fn quantized_weights(&self, state: &TrainState, at: BudgetAt) -> Result<Vec<ScaledWeight>> {
         self.names
             .iter()
-            .map(|n| self.quantize_one(state, n, self.warm.get(n), at))
+            .map(|n| Ok(self.quantize_one(state, n, self.warm.get(n), at)?.0))
             .collect()
     }
+
+    /// The weights the network computes with at `at`: the codes' values,
+    /// plus the high-width part where there is one (the two are never both
+    /// non-zero, so the sum is exact).
+    fn forward_values(&self, state: &TrainState, at: BudgetAt) -> Result<Vec<ScaledWeight>> {
+        self.names
+            .iter()
+            .map(|n| {
+                let (mut w, high) = self.quantize_one(state, n, self.warm.get(n), at)?;
+                if let Some(high) = high {
+                    for (v, h) in w.quantized.values.iter_mut().zip(&high.values) {
+                        *v += *h;
+                    }
+                }
+                Ok(w)
+            })
+            .collect()
+    }
+}
+
+/// The weights of `w` under `mask` at `bits`-bit fixed point, one exponent
+/// for the tensor from their largest magnitude; 0 (width 0) elsewhere and
+/// where the rounding gives 0.
+fn high_part(
+    name: &str,
+    shape: &[usize],
+    w: &[f32],
+    mask: &[bool],
+    bits: u8,
+) -> Result<super::QuantizedTensor> {
+    let fixed = |e: qgrad_fixed::FixedError| ModelsError::Other(format!("{name}: {e}"));
+    let kept: Vec<f32> = w
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(&v, _)| v)
+        .collect();
+    let exponent = qgrad_fixed::tensor_exponent(&kept).map_err(fixed)?;
+    let mut widths: Vec<u8> = mask.iter().map(|&m| if m { bits } else { 0 }).collect();
+    let values = qgrad_fixed::fake_quantize(w, &widths, exponent).map_err(fixed)?;
+    for (width, v) in widths.iter_mut().zip(&values) {
+        if *v == 0.0 {
+            *width = qgrad_fixed::PRUNED;
+        }
+    }
+    Ok(super::QuantizedTensor {
+        name: high_name(name),
+        shape: shape.to_vec(),
+        values,
+        widths,
+        exponent,
+    })
 }
 
 impl TrainHook for LossAwareHook {
@@ -510,7 +683,18 @@ impl TrainHook for LossAwareHook {
         let mut weights = Vec::with_capacity(self.names.len());
         for name in &self.names {
             if self.options.quantizer != Method::TerConnect {
-                weights.push(self.quantize_one(state, name, self.warm.get(name), at)?);
+                let (mut w, high) = self.quantize_one(state, name, self.warm.get(name), at)?;
+                if let Some(high) = high {
+                    // The warm start keeps the codes' own values.
+                    let scaled = w.quantized.clone();
+                    for (v, h) in w.quantized.values.iter_mut().zip(&high.values) {
+                        *v += *h;
+                    }
+                    super::straight_through(state, std::slice::from_ref(&w), overrides)?;
+                    self.warm.insert(w.name, scaled);
+                    continue;
+                }
+                weights.push(w);
                 continue;
             }
             // TerConnect is stochastic in training (qgrad-scaled's docs).
@@ -552,7 +736,7 @@ impl TrainHook for LossAwareHook {
 
     fn eval_weights(&self, state: &TrainState, overrides: &mut WeightOverrides) -> Result<()> {
         let at = self.last_time.map_or(BudgetAt::Target, BudgetAt::Time);
-        let weights = self.quantized_weights(state, at)?;
+        let weights = self.forward_values(state, at)?;
         super::straight_through_owned(state, weights, overrides)
     }
 }
@@ -815,5 +999,89 @@ mod tests {
         let mut options = LossAwareOptions::new(Method::LatExact);
         options.bias_bits = 1;
         assert!(LossAwareHook::new(options, &state).is_err());
+    }
+
+    #[test]
+    fn important_weights_are_the_largest_accumulated_gradients_at_their_width() {
+        let (train_set, test_set) = mini();
+        let arch = Arch::Lenet300100;
+        let mut config = adam_config(arch, 1, 6);
+        config.weight_decay = 0.0;
+        let mut state = TrainState::new(arch, &Device::Cpu, &config).unwrap();
+        let mut options = LossAwareOptions::new(Method::LatExact);
+        options.important = Some(ImportantWeights {
+            fraction: 0.03,
+            bits: 6,
+        });
+        let mut hook = LossAwareHook::new(options.clone(), &state).unwrap();
+        train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
+        let scaled = hook.finish(&state).unwrap();
+        let highs = hook.high_parameters(&state).unwrap();
+        let mut forward = WeightOverrides::new();
+        hook.eval_weights(&state, &mut forward).unwrap();
+        assert_eq!(highs.len(), scaled.len());
+        for (w, high) in scaled.iter().zip(&highs) {
+            assert_eq!(high.name, high_name(&w.name));
+            let a: Vec<f32> = state
+                .accum
+                .get(&w.name)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let n = a.len();
+            let top = qgrad_scaled::sparse::largest(&a, (0.03 * n as f64).floor() as usize);
+            let ranked: Vec<f32> = {
+                let mut v = a.clone();
+                v.sort_by(|x, y| y.total_cmp(x));
+                v
+            };
+            let forward: Vec<f32> = forward[&w.name].flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..n {
+                if top[i] {
+                    // No code, and the weight on the 6-bit grid of the tensor.
+                    assert_eq!(w.quantized.codes[i], 0, "{} {i}", w.name);
+                    let step = 2f32.powi(high.exponent - 5);
+                    assert_eq!((high.values[i] / step).fract(), 0.0);
+                    assert!(high.widths[i] == 6 || high.values[i] == 0.0);
+                } else {
+                    assert_eq!(high.widths[i], 0);
+                    assert_eq!(high.values[i], 0.0);
+                }
+                assert_eq!(forward[i], w.quantized.values[i] + high.values[i]);
+            }
+            // The kept ones are the largest A.
+            let kept_min = (0..n)
+                .filter(|&i| top[i])
+                .map(|i| a[i])
+                .fold(f32::INFINITY, f32::min);
+            assert_eq!(kept_min, ranked[(0.03 * n as f64).floor() as usize - 1]);
+            // The rest is ternary with one scale.
+            let mut levels: Vec<u32> = (0..n)
+                .filter(|&i| !top[i])
+                .map(|i| w.quantized.values[i].to_bits())
+                .collect();
+            levels.sort();
+            levels.dedup();
+            assert!(levels.len() <= 3, "{}: {} levels", w.name, levels.len());
+        }
+        // Not with a non-zero budget or TerConnect, nor at a bad width.
+        for (method, sparse, fraction, bits) in [
+            (Method::LatExact, true, 0.03, 8),
+            (Method::TerConnect, false, 0.03, 8),
+            (Method::LatExact, false, 1.0, 8),
+            (Method::LatExact, false, 0.03, 1),
+        ] {
+            let mut bad = LossAwareOptions::new(method);
+            bad.important = Some(ImportantWeights { fraction, bits });
+            if sparse {
+                bad.sparsity = Some(SparseBudget::uniform(0.1, 0.0, Importance::Curvature));
+            }
+            assert!(
+                LossAwareHook::new(bad, &state).is_err(),
+                "{method} {fraction} {bits}"
+            );
+        }
     }
 }

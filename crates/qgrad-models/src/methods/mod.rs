@@ -77,7 +77,10 @@ pub use in_training::{
     FractionSchedule, InTrainingHook, InTrainingOptions, InTrainingQuantizer, InTrainingState,
     SplitOutcome,
 };
-pub use loss_aware::{Importance, LossAwareHook, LossAwareOptions, ScaledWeight, SparseBudget};
+pub use loss_aware::{
+    high_name, Importance, ImportantWeights, LossAwareHook, LossAwareOptions, ScaledWeight,
+    SparseBudget, HIGH_SUFFIX, HIGH_WEIGHTS,
+};
 pub use post_training::{post_training, PostTrainingOptions};
 pub use sparsity::{
     block_masks, BlockMask, BlockSelection, BlockSparsityHook, BlockSparsityOptions,
