@@ -17,6 +17,7 @@
 //! is also what makes `reproduce` safely resumable.
 
 pub mod continual;
+pub mod curve;
 pub mod data_parallel;
 pub mod download;
 pub mod fsutil;

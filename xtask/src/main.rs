@@ -97,6 +97,24 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "runs/powerlaw")]
         out: PathBuf,
     },
+    /// The accuracy-against-file-size curve of compressed files, one line
+    /// per series, each point measured from its file (size on disk, accuracy
+    /// by the integer kernels on the whole test set): CURVE.md, curve.json,
+    /// curve.png.
+    Curve {
+        /// Series as LABEL=FILE,FILE,... (repeat for several lines).
+        #[arg(required = true, value_name = "LABEL=FILES")]
+        series: Vec<xtask::curve::Series>,
+        /// The data set folder of the files' networks (MNIST or CIFAR-10).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The plot's title.
+        #[arg(long, default_value = "Accuracy against file size")]
+        title: String,
+        /// The output folder.
+        #[arg(long, value_name = "DIR", default_value = "runs/curve")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -663,6 +681,14 @@ fn main() -> ExitCode {
         Command::DataParallel(a) => run_data_parallel(a),
         Command::Powerlaw { files, out } => xtask::powerlaw::run(&files, &out).map(|()| {
             println!("wrote {}", out.join("POWERLAW.md").display());
+        }),
+        Command::Curve {
+            series,
+            data,
+            title,
+            out,
+        } => xtask::curve::run(&series, &data, &out, &title).map(|()| {
+            println!("wrote {}", out.join("CURVE.md").display());
         }),
     };
     match result {

@@ -281,6 +281,9 @@ pub(crate) fn line_chart(
         .flat_map(|c| c.points.iter().map(|p| p.0))
         .fold(x_max, f64::min)
         .min(x_max - 1.0);
+    // A margin, so that the first and last points' dots are not cut.
+    let pad = 0.03 * (x_max - x_min);
+    let (x_min, x_max) = (x_min - pad, x_max + pad);
     write_atomic_with(file, |tmp| {
         let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
         let root = BitMapBackend::new(tmp, SIZE).into_drawing_area();
@@ -314,6 +317,17 @@ pub(crate) fn line_chart(
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
                 });
+            // A dot on every measured point, so that a line of few points
+            // does not read as a continuum.
+            chart
+                .draw_series(
+                    curve
+                        .points
+                        .iter()
+                        .filter(|p| (y_min..=y_max).contains(&p.1))
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(|e| err(&e))?;
         }
         draw_legend(&mut chart, 14)?;
         root.present().map_err(|e| err(&e))?;
