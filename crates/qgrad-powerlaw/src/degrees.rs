@@ -24,6 +24,13 @@ impl LayerDegrees {
     /// The degrees of `t`, a linear (`[out, in]`) or convolution
     /// (`[out, in, kh, kw]`) weight.
     pub fn of(t: &CompressedTensor) -> Result<Self> {
+        Self::of_split(t, None)
+    }
+
+    /// The degrees of a split weight (FORMAT.md, `high_weights`): an element
+    /// is a connection when it is non-zero in `t` or in its high-width part
+    /// `high` (of the same shape).
+    pub fn of_split(t: &CompressedTensor, high: Option<&CompressedTensor>) -> Result<Self> {
         let (outs, ins, taps) = match *t.shape.as_slice() {
             [o, i] => (o, i, 1),
             [o, i, kh, kw] => (o, i, kh * kw),
@@ -31,7 +38,12 @@ impl LayerDegrees {
         };
         let mut in_degree = vec![0u32; outs];
         let mut out_degree = vec![0u32; ins];
-        let widths = t.widths();
+        let mut widths = t.widths();
+        if let Some(high) = high.filter(|h| h.shape == t.shape) {
+            for (w, h) in widths.iter_mut().zip(high.widths()) {
+                *w = (*w).max(h);
+            }
+        }
         for (e, &w) in widths.iter().enumerate() {
             if w != 0 {
                 let row = e / (ins * taps);
@@ -84,7 +96,10 @@ pub fn layer_degrees(model: &CompressedModel) -> Vec<LayerDegrees> {
         .tensors
         .iter()
         .filter(|t| t.name.ends_with(".weight") && !t.name.ends_with(".bn.weight"))
-        .filter_map(|t| LayerDegrees::of(t).ok())
+        .filter_map(|t| {
+            let high = model.tensor(&format!("{}{}", t.name, qgrad_csr::HIGH_SUFFIX));
+            LayerDegrees::of_split(t, high).ok()
+        })
         .collect()
 }
 
@@ -147,5 +162,37 @@ mod tests {
         let bias = model("fc.bias", &[3], &[0.5, 0.5, 0.5]);
         assert!(layer_degrees(&bias).is_empty());
         assert!(LayerDegrees::of(&bias.tensors[0]).is_err());
+    }
+
+    #[test]
+    fn a_split_weight_counts_both_parts() {
+        // fc.weight [1 0 0 1 / 0 0 0 0] and its high part [0 1 0 0 / 0 0 1 0].
+        let widths =
+            |v: &[f32]| -> Vec<u8> { v.iter().map(|&x| if x == 0.0 { 0 } else { 8 }).collect() };
+        let low = [0.5f32, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0];
+        let high = [0.0f32, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0];
+        let (wl, wh) = (widths(&low), widths(&high));
+        let tensors = [
+            TensorData {
+                name: "fc.weight",
+                shape: &[2, 4],
+                values: &low,
+                widths: &wl,
+                exponent: Some(0),
+            },
+            TensorData {
+                name: "fc.weight_high",
+                shape: &[2, 4],
+                values: &high,
+                widths: &wh,
+                exponent: Some(0),
+            },
+        ];
+        let bytes = qgrad_csr::encode(&tensors, &EncodeOptions::default()).unwrap();
+        let m = CompressedModel::from_bytes(&bytes).unwrap();
+        let d = layer_degrees(&m);
+        assert_eq!(d.len(), 1, "the high part is not a layer of its own");
+        assert_eq!(d[0].in_degree, vec![3, 1]);
+        assert_eq!(d[0].out_degree, vec![1, 1, 1, 1]);
     }
 }
