@@ -81,8 +81,7 @@ pub fn run(series: &[Series], data: &Path, out: &Path, title: &str) -> Result<()
             let test = match tests.entry(arch.dataset()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let (_, test) =
-                        qgrad_pipeline::data::load_datasets(arch, data, Some(1), None)?;
+                    let (_, test) = qgrad_pipeline::data::load_datasets(arch, data, Some(1), None)?;
                     e.insert(test)
                 }
             };
