@@ -41,6 +41,9 @@
 //! layer, `<layer>.weight` (scaled codes, 0 where the weight is kept
 //! high) and `<layer>.weight_high` (fixed point, 0 elsewhere), and the
 //! layer's output is the sum of their products (FORMAT.md, `high_weights`).
+//! Binary codes have no 0 (one would make the tensor ternary, 2 bits a
+//! weight): there the important weights keep their sign code `b` with the
+//! scale `α` of the rest, and the high part holds the residual `W − α·b`.
 //!
 //! # Decisions
 //!
@@ -540,7 +543,25 @@ impl LossAwareHook {
             _ => quantize(self.options.quantizer, &w, d.as_deref(), groups, warm),
         }
         .map_err(config)?;
+        let mut quantized = quantized;
         let high = match high {
+            Some((mask, bits)) if self.options.quantizer.binary() => {
+                // Binary codes have no 0: a zero would turn the whole tensor
+                // into ternary codes (2 bits a weight). The important weights
+                // keep the sign code of their group's scale, and the high
+                // part holds the residual `W − α·b` (the weight is the sum).
+                let per = w.len() / groups;
+                let spg = self.options.quantizer.scales_per_group();
+                let mut residual = w.clone();
+                for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+                    let code: i8 = if w[i] < 0.0 { -1 } else { 1 };
+                    let scale = quantized.scales[(i / per) * spg];
+                    quantized.codes[i] = code;
+                    quantized.values[i] = scale * f32::from(code);
+                    residual[i] = w[i] - quantized.values[i];
+                }
+                Some(high_part(name, &shape, &residual, &mask, bits)?)
+            }
             Some((mask, bits)) => Some(high_part(name, &shape, &w, &mask, bits)?),
             None => None,
         };
