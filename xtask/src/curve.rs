@@ -140,6 +140,8 @@ pub fn run(series: &[Series], data: &Path, out: &Path, title: &str) -> Result<()
         ("file size (KiB)", "test accuracy from the file (%)"),
         &curves,
         ((lo - pad).max(0.0), (hi + pad).min(100.0)),
+        // Accuracy rises with size and levels off: the empty corner.
+        crate::plot::LegendAt::LowerRight,
     )
 }
 

@@ -476,6 +476,7 @@ fn plot_curves(runs: &[&RunResult], file: &Path, title: &str) -> Result<()> {
         ("step", "training loss (25-step mean)"),
         &curves,
         (0.0, y_max * 1.05),
+        crate::plot::LegendAt::UpperRight,
     )
 }
 

@@ -396,6 +396,7 @@ fn report(opts: &LstmOptions, results: &[LstmResult], train_batches: usize) -> R
             ("epoch", "validation bits per character"),
             &curves,
             (0.0, y_max * 1.05 + 0.1),
+            crate::plot::LegendAt::UpperRight,
         )?;
     }
     // Gradient-norm traces of float, BinaryConnect and BinaryConnect + LN.
@@ -427,6 +428,7 @@ fn report(opts: &LstmOptions, results: &[LstmResult], train_batches: usize) -> R
             ("step", "gradient norm"),
             &traces,
             (0.0, y_max * 1.05 + 0.1),
+            crate::plot::LegendAt::UpperRight,
         )?;
     }
     Ok(())

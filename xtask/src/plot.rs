@@ -262,14 +262,19 @@ pub(crate) struct Curve {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A PNG line chart of `curves` (one colour each, a legend at the upper
-/// right) with the y axis cut to `y_range`, written atomically to `file`.
+/// Where a [`line_chart`]'s legend goes: over the curves' empty corner.
+pub(crate) use plotters::chart::SeriesLabelPosition as LegendAt;
+
+/// A PNG line chart of `curves` (one colour each, a dot on every point of a
+/// curve of at most 60, the legend at `legend`) with the y axis cut to `y_range`, written atomically
+/// to `file`.
 pub(crate) fn line_chart(
     file: &Path,
     title: &str,
     (x_desc, y_desc): (&str, &str),
     curves: &[Curve],
     (y_min, y_max): (f64, f64),
+    legend: LegendAt,
 ) -> Result<()> {
     register_font();
     let x_max = curves
@@ -318,7 +323,10 @@ pub(crate) fn line_chart(
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
                 });
             // A dot on every measured point, so that a line of few points
-            // does not read as a continuum.
+            // does not read as a continuum (traces of many steps are lines).
+            if curve.points.len() > 60 {
+                continue;
+            }
             chart
                 .draw_series(
                     curve
@@ -329,7 +337,7 @@ pub(crate) fn line_chart(
                 )
                 .map_err(|e| err(&e))?;
         }
-        draw_legend(&mut chart, 14)?;
+        draw_legend_at(&mut chart, 14, legend)?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
     })
@@ -366,9 +374,21 @@ pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, C>(
 where
     C: plotters::coord::CoordTranslate,
 {
+    draw_legend_at(chart, font_size, SeriesLabelPosition::UpperRight)
+}
+
+/// [`draw_legend`] at `position`.
+pub(crate) fn draw_legend_at<'a, DB: DrawingBackend + 'a, C>(
+    chart: &mut ChartContext<'a, DB, C>,
+    font_size: u32,
+    position: SeriesLabelPosition,
+) -> Result<()>
+where
+    C: plotters::coord::CoordTranslate,
+{
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(180, 180, 180))
         .label_font(("sans-serif", font_size))
