@@ -144,11 +144,53 @@ fn a_zero_start_ranks_by_the_fine_tuning_alone() {
     assert_eq!(carry.state.accum.steps(), 40);
 }
 
+/// A short loss-aware run (8 batches of Adam at lr 0.002) with `options`,
+/// written to `path` with 16-bit activations, run from the file and checked
+/// against candle: the logits agree bit for bit, and the run's reported
+/// accuracy is the quantized network's. Returns the model and the export.
+fn loss_aware_checked(
+    arch: Arch,
+    options: qgrad::models::methods::LossAwareOptions,
+    (train, test): (&Dataset, &Dataset),
+    path: &Path,
+) -> (Compressed, qgrad::pipeline::Exported) {
+    use qgrad::models::train::OptimizerKind;
+    use qgrad::pipeline::{compress_loss_aware, run_loss_aware, LossAwareRun};
+    let mut config = quick_config(arch, 1);
+    config.max_batches_per_epoch = Some(8);
+    config.optimizer = OptimizerKind::ADAM;
+    config.lr = 0.002;
+    let run = LossAwareRun {
+        arch,
+        config,
+        options,
+        start: Start::Scratch,
+        device: default_device(),
+    };
+    let outcome = run_loss_aware(run, (train, test), &mut []).unwrap();
+    let model = compress_loss_aware(&outcome, serde_json::json!({})).unwrap();
+    let export = ExportOptions {
+        act_bits: 16,
+        layout: LayoutChoice::Auto,
+        device: default_device(),
+        run_file: true,
+    };
+    let out = export_and_evaluate(&model, path, test, &export).unwrap();
+    let file = out.file.as_ref().unwrap();
+    assert_eq!(out.mismatches(), Some(0), "{}", path.display());
+    assert_eq!(file.logits, out.candle.logits, "{}", path.display());
+    let trained = outcome.state.history.last().unwrap().test_accuracy;
+    assert!(
+        (trained - out.candle.accuracy).abs() < 0.02,
+        "{}",
+        path.display()
+    );
+    (model, out)
+}
+
 #[test]
 fn loss_aware_files_run_like_candle_for_every_code_kind() {
     use qgrad::models::methods::LossAwareOptions;
-    use qgrad::models::train::OptimizerKind;
-    use qgrad::pipeline::{compress_loss_aware, run_loss_aware, LossAwareRun};
     use qgrad::scaled::Method;
     let (train, test) = mini(Arch::Lenet5);
     let dir = tempfile::tempdir().unwrap();
@@ -167,38 +209,10 @@ fn loss_aware_files_run_like_candle_for_every_code_kind() {
     ];
     for arch in [Arch::Lenet300100, Arch::Lenet5] {
         for (method, per_channel) in methods {
-            let mut config = quick_config(arch, 1);
-            config.max_batches_per_epoch = Some(8);
-            config.optimizer = OptimizerKind::ADAM;
-            config.lr = 0.002;
             let mut options = LossAwareOptions::new(method);
             options.per_channel = per_channel;
-            let run = LossAwareRun {
-                arch,
-                config,
-                options,
-                start: Start::Scratch,
-                device: default_device(),
-            };
-            let outcome = run_loss_aware(run, (&train, &test), &mut []).unwrap();
-            let model = compress_loss_aware(&outcome, serde_json::json!({})).unwrap();
             let path = dir.path().join(format!("{arch}-{method}.qgz"));
-            let export = ExportOptions {
-                act_bits: 16,
-                layout: LayoutChoice::Auto,
-                device: default_device(),
-                run_file: true,
-            };
-            let out = export_and_evaluate(&model, &path, &test, &export).unwrap();
-            let file = out.file.as_ref().unwrap();
-            assert_eq!(out.mismatches(), Some(0), "{arch} {method}");
-            assert_eq!(file.logits, out.candle.logits, "{arch} {method}");
-            // The reported accuracy of the run is the quantized network's.
-            let trained = outcome.state.history.last().unwrap().test_accuracy;
-            assert!(
-                (trained - out.candle.accuracy).abs() < 0.02,
-                "{arch} {method}"
-            );
+            let (_, out) = loss_aware_checked(arch, options, (&train, &test), &path);
             if method == Method::Lab && arch == Arch::Lenet300100 {
                 // About one bit per weight, plus the float biases.
                 assert!(out.size.ratio > 25.0, "{}", out.size.ratio);
@@ -215,8 +229,6 @@ fn split_weights_run_like_candle_and_count_each_parameter_once() {
     // codes leave the high part's elements at 0 (binary ones keep their
     // signs under a residual), and the PyTorch export holds the sum.
     use qgrad::models::methods::{ImportantWeights, LossAwareOptions, HIGH_SUFFIX};
-    use qgrad::models::train::OptimizerKind;
-    use qgrad::pipeline::{compress_loss_aware, run_loss_aware, LossAwareRun};
     use qgrad::scaled::Method;
     let dir = tempfile::tempdir().unwrap();
     for (arch, method) in [
@@ -224,36 +236,13 @@ fn split_weights_run_like_candle_and_count_each_parameter_once() {
         (Arch::Lenet300100, Method::Lab),
     ] {
         let (train, test) = mini(arch);
-        let mut config = quick_config(arch, 1);
-        config.max_batches_per_epoch = Some(8);
-        config.optimizer = OptimizerKind::ADAM;
-        config.lr = 0.002;
         let mut options = LossAwareOptions::new(method);
         options.important = Some(ImportantWeights {
             fraction: 0.05,
             bits: 8,
         });
-        let run = LossAwareRun {
-            arch,
-            config,
-            options,
-            start: Start::Scratch,
-            device: default_device(),
-        };
-        let outcome = run_loss_aware(run, (&train, &test), &mut []).unwrap();
-        let model = compress_loss_aware(&outcome, serde_json::json!({})).unwrap();
         let path = dir.path().join(format!("{arch}-split.qgz"));
-        let export = ExportOptions {
-            act_bits: 16,
-            layout: LayoutChoice::Auto,
-            device: default_device(),
-            run_file: true,
-        };
-        let out = export_and_evaluate(&model, &path, &test, &export).unwrap();
-        let file = out.file.as_ref().unwrap();
-        assert_eq!(file.logits, out.candle.logits, "{arch}");
-        let trained = outcome.state.history.last().unwrap().test_accuracy;
-        assert!((trained - out.candle.accuracy).abs() < 0.02, "{arch}");
+        let (model, out) = loss_aware_checked(arch, options, (&train, &test), &path);
         let bytes = std::fs::metadata(&path).unwrap().len() as f64;
         let params = arch.num_parameters() as f64;
         assert!((out.size.ratio - 32.0 * params / (8.0 * bytes)).abs() < 1e-9);

@@ -185,9 +185,11 @@ pub fn read_metadata(model: &qgrad_csr::CompressedModel) -> Result<FileMetadata>
 mod tests {
     use super::*;
 
-    #[test]
-    fn files_without_the_metadata_to_run_them_are_rejected() {
-        let shapes = Arch::Lenet300100.parameter_shapes();
+    /// A file of `shapes`, every element 0.25 at 4 bits, with `metadata`.
+    fn file_of(
+        shapes: &[(String, Vec<usize>)],
+        metadata: &[(&str, &str)],
+    ) -> qgrad_csr::CompressedModel {
         let values: Vec<Vec<f32>> = shapes
             .iter()
             .map(|(_, s)| vec![0.25; s.iter().product()])
@@ -204,6 +206,20 @@ mod tests {
                 exponent: None,
             })
             .collect();
+        let options = qgrad_csr::EncodeOptions {
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let bytes = qgrad_csr::encode(&tensors, &options).unwrap();
+        qgrad_csr::CompressedModel::from_bytes(&bytes).unwrap()
+    }
+
+    #[test]
+    fn files_without_the_metadata_to_run_them_are_rejected() {
+        let shapes = Arch::Lenet300100.parameter_shapes();
         let cases: [Vec<(&str, &str)>; 4] = [
             vec![],
             vec![
@@ -226,15 +242,7 @@ mod tests {
             ],
         ];
         for metadata in cases {
-            let options = qgrad_csr::EncodeOptions {
-                metadata: metadata
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            };
-            let bytes = qgrad_csr::encode(&tensors, &options).unwrap();
-            let model = qgrad_csr::CompressedModel::from_bytes(&bytes).unwrap();
+            let model = file_of(&shapes, &metadata);
             let err = crate::FileModel::new(&model)
                 .err()
                 .expect("must be rejected");
@@ -251,55 +259,29 @@ mod tests {
             .unwrap()
             .1
             .clone();
-        let base = |extra: &[(&str, Vec<usize>)], key: bool| {
+        let high = format!("fc1.weight{HIGH_SUFFIX}");
+        let base = |high_shape: &[usize], key: bool| {
             let mut all = shapes.clone();
-            all.extend(extra.iter().map(|(n, s)| (n.to_string(), s.clone())));
-            let values: Vec<Vec<f32>> = all
-                .iter()
-                .map(|(_, s)| vec![0.25; s.iter().product()])
-                .collect();
-            let widths: Vec<Vec<u8>> = values.iter().map(|v| vec![4; v.len()]).collect();
-            let tensors: Vec<qgrad_csr::TensorData> = all
-                .iter()
-                .zip(values.iter().zip(&widths))
-                .map(|((name, shape), (values, widths))| qgrad_csr::TensorData {
-                    name,
-                    shape,
-                    values,
-                    widths,
-                    exponent: None,
-                })
-                .collect();
-            let mut metadata: Vec<(String, String)> = [
+            all.push((high.clone(), high_shape.to_vec()));
+            let mut metadata = vec![
                 ("arch", "lenet-300-100"),
                 ("act_bits", "8"),
                 ("norm.mean", "[0.1]"),
                 ("norm.std", "[0.3]"),
-            ]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+            ];
             if key {
-                metadata.push((HIGH_WEIGHTS.into(), "8".into()));
+                metadata.push((HIGH_WEIGHTS, "8"));
             }
-            let options = qgrad_csr::EncodeOptions {
-                metadata,
-                ..Default::default()
-            };
-            let bytes = qgrad_csr::encode(&tensors, &options).unwrap();
-            qgrad_csr::CompressedModel::from_bytes(&bytes).unwrap()
+            file_of(&all, &metadata)
         };
-        let high = format!("fc1.weight{HIGH_SUFFIX}");
-        let good = base(&[(high.as_str(), fc1.clone())], true);
+        let good = base(&fc1, true);
         assert!(crate::FileModel::new(&good).is_ok());
         // Each parameter once: the high part is fc1's own.
         assert_eq!(
             good.num_parameters(),
             Arch::Lenet300100.num_parameters() as u64
         );
-        let unkeyed = base(&[(high.as_str(), fc1.clone())], false);
-        assert!(crate::FileModel::new(&unkeyed).is_err());
-        let wrong = base(&[(high.as_str(), vec![fc1[0], fc1[1] - 1])], true);
-        assert!(crate::FileModel::new(&wrong).is_err());
+        assert!(crate::FileModel::new(&base(&fc1, false)).is_err());
+        assert!(crate::FileModel::new(&base(&[fc1[0], fc1[1] - 1], true)).is_err());
     }
 }
