@@ -184,7 +184,8 @@ struct RepackArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "csr", "csr-rice", "dense", "block", "flat-gaps"])]
     layout: String,
     /// The newest format version the file may have, for readers built
-    /// before a layout existed (1..=5; 1 holds fixed-point tensors only).
+    /// before a layout existed (1..=6; 1 holds fixed-point tensors only, 6
+    /// is needed by split weights).
     #[arg(long, value_name = "VERSION")]
     format_version: Option<u32>,
     /// Print one JSON document on stdout instead of the summary.

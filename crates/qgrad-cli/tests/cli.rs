@@ -648,7 +648,7 @@ fn a_non_zero_budget_gives_a_sparse_file_that_runs_like_candle() {
     let (file_s, back_s) = (file.to_str().unwrap(), back.to_str().unwrap());
     for (args, code, says) in [
         (vec!["--format-version", "1"], 2, "needs version 2"),
-        (vec!["--format-version", "6"], 2, "does not exist"),
+        (vec!["--format-version", "7"], 2, "does not exist"),
         (
             vec!["--format-version", "3", "--layout", "flat-gaps"],
             2,

@@ -12,7 +12,7 @@ use crate::error::{CsrError, Result};
 use crate::format::{
     choose_layout, csr_widths, dense_tag_bits, flat_rows_fit, matrix_dims, Admissible, FileHeader,
     FileHeaderV1, Layout, LayoutChoice, TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION,
-    MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES,
+    MAGIC, MAX_TENSOR_ELEMENTS, PREFIX_BYTES, SPLIT_WEIGHTS_VERSION,
 };
 use crate::gaps::{best_rice, column_gaps, flat_gaps, write_rice, GapCode, RICE_PARAM_BITS};
 use crate::model::CompressedModel;
@@ -395,6 +395,18 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
             needed,
         });
     }
+    // Split weights: older readers must refuse the file (FORMAT.md §3).
+    let split = options
+        .metadata
+        .iter()
+        .any(|(k, _)| k == crate::model::HIGH_WEIGHTS);
+    if split && max_version < SPLIT_WEIGHTS_VERSION {
+        return Err(CsrError::VersionTooLow {
+            max_version,
+            what: format!("split weights (metadata `{}`)", crate::model::HIGH_WEIGHTS),
+            needed: SPLIT_WEIGHTS_VERSION,
+        });
+    }
     if let (true, Some(t)) = (
         max_version < 2,
         tensors.iter().find(|t| matches!(t, TensorInput::Scaled(_))),
@@ -484,12 +496,17 @@ fn encode_all(
     // is byte for byte what earlier writers wrote and what older readers
     // read (FORMAT.md, "Versions"): version 1 for fixed-point tensors only,
     // 2 with scaled tensors, 3 with a tensor in layout 2, 4 with one in
-    // layout 3, 5 with one in layout 4.
+    // layout 3, 5 with one in layout 4, 6 with split weights.
+    let split = options
+        .metadata
+        .iter()
+        .any(|(k, _)| k == crate::model::HIGH_WEIGHTS);
     let needed = headers
         .iter()
         .map(|h| h.layout().min_version())
         .max()
-        .unwrap_or(1);
+        .unwrap_or(1)
+        .max(if split { SPLIT_WEIGHTS_VERSION } else { 1 });
     let fixed: Option<Vec<TensorHeader>> = headers
         .iter()
         .map(|h| match h {

@@ -10,8 +10,13 @@ pub const MAGIC: [u8; 8] = *b"QGRADCSR";
 /// files (scaled tensors), version 3 files (layout 2) and version 4 files
 /// (layout 3) still decode exactly as before; a file is written at the
 /// lowest version its tensors need (version 3: a tensor in layout 2;
-/// version 4: a tensor in layout 3; version 5: a tensor in layout 4).
-pub const FORMAT_VERSION: u32 = 5;
+/// version 4: a tensor in layout 3; version 5: a tensor in layout 4;
+/// version 6: split weights, [`SPLIT_WEIGHTS_VERSION`]).
+pub const FORMAT_VERSION: u32 = 6;
+/// The version of a file with split weights (metadata key `high_weights`,
+/// FORMAT.md section 3): a reader that does not add a layer's high-width
+/// part would compute the wrong network, so older readers must refuse it.
+pub const SPLIT_WEIGHTS_VERSION: u32 = 6;
 /// Fixed prefix: magic (8) + version (4) + header length (4) + file length (8).
 pub const PREFIX_BYTES: usize = 24;
 /// CRC32 trailer.

@@ -162,6 +162,7 @@ pub use encode::{
 pub use error::{CsrError, Result};
 pub use format::{
     Layout, LayoutChoice, LevelKind, FORMAT_VERSION, MAGIC, MAX_SCALED_CODE, MAX_TENSOR_ELEMENTS,
+    SPLIT_WEIGHTS_VERSION,
 };
 pub use kernel::{FixedActivations, SparseKernel};
 pub use model::{CompressedModel, CompressedTensor, HIGH_SUFFIX, HIGH_WEIGHTS};

@@ -14,7 +14,7 @@ use crate::error::{CsrError, Result};
 use crate::format::{
     csr_widths, dense_tag_bits, matrix_dims, table_width_ok, FileHeader, FileHeaderV1, Layout,
     TensorEntry, TensorHeader, CHECKSUM_BYTES, FORMAT_VERSION, MAGIC, MAX_TENSOR_ELEMENTS,
-    PREFIX_BYTES,
+    PREFIX_BYTES, SPLIT_WEIGHTS_VERSION,
 };
 use crate::gaps::{read_flat_gaps, read_rice_columns, GapCode, GAP_CODE_BITS, RICE_PARAM_BITS};
 use crate::kernel::SparseKernel;
@@ -483,6 +483,12 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
         return Err(CsrError::CorruptHeader(format!(
             "{} bytes left over after the header",
             rest.len()
+        )));
+    }
+    if version < SPLIT_WEIGHTS_VERSION && header.metadata.iter().any(|(k, _)| k == HIGH_WEIGHTS) {
+        return Err(CsrError::CorruptHeader(format!(
+            "the metadata `{HIGH_WEIGHTS}` (split weights) needs version \
+             {SPLIT_WEIGHTS_VERSION}, in a version-{version} file"
         )));
     }
     if let Some(entry) = header

@@ -240,11 +240,11 @@ fn wrong_magic() {
 #[test]
 fn future_and_zero_versions() {
     for mut bytes in valid_files() {
-        bytes[8..12].copy_from_slice(&6u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
         let e = err(&bytes);
         assert_eq!(
             e.to_string(),
-            "format version 6 is newer than this reader (5)"
+            "format version 7 is newer than this reader (6)"
         );
         bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(err(&bytes), CsrError::InvalidVersion { found: 0 }));

@@ -115,7 +115,7 @@ proptest! {
             .unwrap_or(1);
         let version: u32 = if any_scaled { newest_layout.max(2) } else { newest_layout };
         prop_assert_eq!(&bytes[8..12], &version.to_le_bytes());
-        prop_assert_eq!(FORMAT_VERSION, 5);
+        prop_assert_eq!(FORMAT_VERSION, 6);
         if layout == LayoutChoice::CsrRice {
             prop_assert_eq!(version, 3);
         }

@@ -99,13 +99,13 @@ fn version_3_decodes_to_its_inputs_and_the_writer_writes_it_again() {
     assert_eq!(u32::from_le_bytes(v2[8..12].try_into().unwrap()), 2);
     let m2 = CompressedModel::from_bytes(&v2).unwrap();
     assert_eq!(m2.tensors[0].layout, Layout::Csr);
-    // Version 1 cannot hold scaled tensors, and there is no version 6.
+    // Version 1 cannot hold scaled tensors, and there is no version 7.
     let e = encode_tensors(&inputs, &at_most(Some(1))).unwrap_err();
     assert!(
         e.to_string()
             .contains("the scaled tensor `t` needs version 2"),
         "{e}"
     );
-    assert!(encode_tensors(&inputs, &at_most(Some(6))).is_err());
+    assert!(encode_tensors(&inputs, &at_most(Some(7))).is_err());
     assert!(encode_tensors(&inputs, &at_most(Some(0))).is_err());
 }
