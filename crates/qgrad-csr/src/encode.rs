@@ -396,11 +396,7 @@ pub fn encode_tensors(tensors: &[TensorInput], options: &EncodeOptions) -> Resul
         });
     }
     // Split weights: older readers must refuse the file (FORMAT.md §3).
-    let split = options
-        .metadata
-        .iter()
-        .any(|(k, _)| k == crate::model::HIGH_WEIGHTS);
-    if split && max_version < SPLIT_WEIGHTS_VERSION {
+    if crate::model::has_split_weights(&options.metadata) && max_version < SPLIT_WEIGHTS_VERSION {
         return Err(CsrError::VersionTooLow {
             max_version,
             what: format!("split weights (metadata `{}`)", crate::model::HIGH_WEIGHTS),
@@ -497,10 +493,7 @@ fn encode_all(
     // read (FORMAT.md, "Versions"): version 1 for fixed-point tensors only,
     // 2 with scaled tensors, 3 with a tensor in layout 2, 4 with one in
     // layout 3, 5 with one in layout 4, 6 with split weights.
-    let split = options
-        .metadata
-        .iter()
-        .any(|(k, _)| k == crate::model::HIGH_WEIGHTS);
+    let split = crate::model::has_split_weights(&options.metadata);
     let needed = headers
         .iter()
         .map(|h| h.layout().min_version())

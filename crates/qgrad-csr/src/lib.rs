@@ -165,6 +165,6 @@ pub use format::{
     SPLIT_WEIGHTS_VERSION,
 };
 pub use kernel::{FixedActivations, SparseKernel};
-pub use model::{CompressedModel, CompressedTensor, HIGH_SUFFIX, HIGH_WEIGHTS};
+pub use model::{high_part_name, CompressedModel, CompressedTensor, HIGH_SUFFIX, HIGH_WEIGHTS};
 pub use report::{compression_ratio, FieldBits, SizeReport, TensorSize};
 pub use scaled::{ScaledInfo, ScaledTensorData, TensorKind};

@@ -110,12 +110,19 @@ impl CompressedModel {
     /// high-width part `<w>_high` of a tensor `<w>` of the same shape holds
     /// the same parameters as `<w>` and is not counted again.
     pub fn num_parameters(&self) -> u64 {
-        let split = self.metadata_value(HIGH_WEIGHTS).is_some();
+        let split = has_split_weights(&self.metadata);
         self.tensors
             .iter()
             .filter(|t| !(split && self.is_high_part(t)))
             .map(|t| t.num_elements() as u64)
             .sum()
+    }
+
+    /// The high-width part stored for weight `weight` (a tensor named
+    /// [`high_part_name`]), if the file has one; of any shape (a reader
+    /// checks it against the weight's).
+    pub fn high_part(&self, weight: &str) -> Option<&CompressedTensor> {
+        self.tensor(&high_part_name(weight))
     }
 
     /// Whether `t` is the high-width part of a split weight (`<w>_high`
@@ -165,6 +172,18 @@ pub const HIGH_WEIGHTS: &str = "high_weights";
 /// What a split weight's high-width part appends to the weight's name
 /// (`fc1.weight` → `fc1.weight_high`).
 pub const HIGH_SUFFIX: &str = "_high";
+
+/// The name of weight `weight`'s high-width part (`fc1.weight` →
+/// `fc1.weight_high`).
+pub fn high_part_name(weight: &str) -> String {
+    format!("{weight}{HIGH_SUFFIX}")
+}
+
+/// Whether file metadata declares split weights (the key
+/// [`HIGH_WEIGHTS`]): such a file is version 6 (FORMAT.md section 11).
+pub(crate) fn has_split_weights(metadata: &[(String, String)]) -> bool {
+    metadata.iter().any(|(k, _)| k == HIGH_WEIGHTS)
+}
 
 impl CompressedTensor {
     #[allow(clippy::too_many_arguments)]
@@ -485,7 +504,7 @@ fn decode(bytes: &[u8]) -> Result<CompressedModel> {
             rest.len()
         )));
     }
-    if version < SPLIT_WEIGHTS_VERSION && header.metadata.iter().any(|(k, _)| k == HIGH_WEIGHTS) {
+    if version < SPLIT_WEIGHTS_VERSION && has_split_weights(&header.metadata) {
         return Err(CsrError::CorruptHeader(format!(
             "the metadata `{HIGH_WEIGHTS}` (split weights) needs version \
              {SPLIT_WEIGHTS_VERSION}, in a version-{version} file"

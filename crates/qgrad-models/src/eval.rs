@@ -386,7 +386,7 @@ pub fn evaluate_candle_model(
     let mut highs = std::collections::HashMap::new();
     for p in params {
         if let Some(weight) = p.name.strip_suffix(crate::methods::HIGH_SUFFIX) {
-            let (shape, _) = lookup(weight)?;
+            let shape = get(weight.to_string())?.dims().to_vec();
             if p.shape != shape {
                 return Err(invalid(format!(
                     "'{}' has shape {:?}, its weight {shape:?}",

@@ -170,16 +170,15 @@ pub fn compress_loss_aware_state(
     config: &qgrad_models::TrainConfig,
     options: serde_json::Value,
 ) -> Result<Compressed> {
-    let scaled = hook.finish(state).runtime("cannot quantize the weights")?;
+    // Split weights: the high-width parts go into the file as fixed point
+    // beside the codes (FORMAT.md, `high_weights`).
+    let (scaled, highs) = hook
+        .finish_split(state)
+        .runtime("cannot quantize the weights")?;
     let mut params = hook
         .float_parameters(state)
         .runtime("cannot copy the float parameters")?;
-    // Split weights: the high-width parts go into the file as fixed point
-    // beside the codes (FORMAT.md, `high_weights`).
-    params.extend(
-        hook.high_parameters(state)
-            .runtime("cannot quantize the important weights")?,
-    );
+    params.extend(highs);
     let code_bits = match hook.options().quantizer {
         m if m.binary() => 1u8,
         qgrad_scaled::Method::Laq { bits, .. } => bits,
@@ -207,18 +206,10 @@ pub(crate) fn scaled_summary(
     use qgrad_models::methods::HIGH_SUFFIX;
     // A split weight's high-width part is the same parameters as its codes:
     // each element counts once, at its high width where it has one.
-    let (highs, params): (Vec<&QuantizedTensor>, Vec<QuantizedTensor>) = (
-        params
-            .iter()
-            .filter(|p| p.name.ends_with(HIGH_SUFFIX))
-            .collect(),
-        params
-            .iter()
-            .filter(|p| !p.name.ends_with(HIGH_SUFFIX))
-            .cloned()
-            .collect(),
-    );
-    let mut summary = summarize(&params);
+    let (highs, rest): (Vec<&QuantizedTensor>, Vec<&QuantizedTensor>) =
+        params.iter().partition(|p| p.name.ends_with(HIGH_SUFFIX));
+    let rest: Vec<QuantizedTensor> = rest.into_iter().cloned().collect();
+    let mut summary = summarize(&rest);
     let mut histogram: std::collections::BTreeMap<u8, usize> =
         summary.width_histogram.iter().copied().collect();
     for w in scaled {

@@ -308,8 +308,8 @@ pub fn export_state_dict(model: &CompressedModel, layout: ExportLayout) -> Resul
         }
         let mut values = t.dequantize();
         // A split weight is the sum of its two parts (FORMAT.md,
-        // `high_weights`); they are never both non-zero, so the sum is exact.
-        if let Some(high) = model.tensor(&format!("{}{}", t.name, qgrad_runtime::HIGH_SUFFIX)) {
+        // `high_weights`), added in f32 as training added them.
+        if let Some(high) = model.high_part(&t.name) {
             for (v, h) in values.iter_mut().zip(high.dequantize()) {
                 *v += h;
             }

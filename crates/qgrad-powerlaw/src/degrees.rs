@@ -96,10 +96,7 @@ pub fn layer_degrees(model: &CompressedModel) -> Vec<LayerDegrees> {
         .tensors
         .iter()
         .filter(|t| t.name.ends_with(".weight") && !t.name.ends_with(".bn.weight"))
-        .filter_map(|t| {
-            let high = model.tensor(&format!("{}{}", t.name, qgrad_csr::HIGH_SUFFIX));
-            LayerDegrees::of_split(t, high).ok()
-        })
+        .filter_map(|t| LayerDegrees::of_split(t, model.high_part(&t.name)).ok())
         .collect()
 }
 

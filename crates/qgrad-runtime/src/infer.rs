@@ -182,8 +182,8 @@ impl<'m> FileModel<'m> {
                 continue;
             };
             let weight = format!("{name}.weight");
-            let high_name = format!("{weight}{}", crate::metadata::HIGH_SUFFIX);
-            if let Some(high) = model_ref.model.tensor(&high_name) {
+            if let Some(high) = model_ref.model.high_part(&weight) {
+                let high_name = &high.name;
                 if model_ref.meta.high_weights.is_none() {
                     return Err(invalid(format!(
                         "tensor '{high_name}' is a split weight's high-width part, but the \

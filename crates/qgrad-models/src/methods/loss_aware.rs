@@ -143,13 +143,7 @@ impl ImportantWeights {
     }
 }
 
-/// The name of layer weight `name`'s high-width part in the file
-/// (`fc1.weight` → `fc1.weight_high`).
-pub fn high_name(name: &str) -> String {
-    format!("{name}{HIGH_SUFFIX}")
-}
-
-pub use qgrad_runtime::{HIGH_SUFFIX, HIGH_WEIGHTS};
+pub use qgrad_csr::{high_part_name as high_name, HIGH_SUFFIX, HIGH_WEIGHTS};
 
 fn float_width() -> u8 {
     qgrad_fixed::FLOAT
@@ -505,12 +499,9 @@ impl LossAwareHook {
             }
             None => None,
         };
-        let quantized = match (kappa, &self.options.sparsity) {
-            _ if high.is_some() => {
-                let rest: Vec<bool> = high
-                    .iter()
-                    .flat_map(|(h, _)| h.iter().map(|h| !h))
-                    .collect();
+        let quantized = match (&high, kappa, &self.options.sparsity) {
+            (Some((mask, _)), _, _) => {
+                let rest: Vec<bool> = mask.iter().map(|h| !h).collect();
                 qgrad_scaled::quantize_masked(
                     self.options.quantizer,
                     &w,
@@ -520,7 +511,7 @@ impl LossAwareHook {
                     warm,
                 )
             }
-            (Some(kappa), Some(budget)) => {
+            (None, Some(kappa), Some(budget)) => {
                 // The frozen ranking is read in place, not copied every step.
                 let score: std::borrow::Cow<[f32]> = match self.frozen_scores.get(name) {
                     Some(frozen) => frozen.into(),
@@ -575,22 +566,21 @@ impl LossAwareHook {
         Ok((scaled, high))
     }
 
-    /// The high-width parts of the weights now (with
-    /// [`LossAwareOptions::important`]; empty without), for the file beside
-    /// [`LossAwareHook::finish`]'s codes.
-    pub fn high_parameters(&self, state: &TrainState) -> Result<Vec<super::QuantizedTensor>> {
-        if self.options.important.is_none() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::with_capacity(self.names.len());
+    /// [`LossAwareHook::finish`] and, with [`LossAwareOptions::important`],
+    /// the high-width parts of the weights (empty without), each weight
+    /// quantized once: what the file holds.
+    pub fn finish_split(
+        &self,
+        state: &TrainState,
+    ) -> Result<(Vec<ScaledWeight>, Vec<super::QuantizedTensor>)> {
+        let mut scaled = Vec::with_capacity(self.names.len());
+        let mut highs = Vec::new();
         for n in &self.names {
-            if let (_, Some(high)) =
-                self.quantize_one(state, n, self.warm.get(n), BudgetAt::Target)?
-            {
-                out.push(high);
-            }
+            let (w, high) = self.quantize_one(state, n, self.warm.get(n), BudgetAt::Target)?;
+            scaled.push(w);
+            highs.extend(high);
         }
-        Ok(out)
+        Ok((scaled, highs))
     }
 
     /// The parameters of `state` that the quantizer leaves alone (biases,
@@ -628,21 +618,27 @@ impl LossAwareHook {
     }
 
     /// The weights the network computes with at `at`: the codes' values,
-    /// plus the high-width part where there is one (the two are never both
-    /// non-zero, so the sum is exact).
+    /// plus the high-width part where there is one.
     fn forward_values(&self, state: &TrainState, at: BudgetAt) -> Result<Vec<ScaledWeight>> {
         self.names
             .iter()
             .map(|n| {
                 let (mut w, high) = self.quantize_one(state, n, self.warm.get(n), at)?;
                 if let Some(high) = high {
-                    for (v, h) in w.quantized.values.iter_mut().zip(&high.values) {
-                        *v += *h;
-                    }
+                    add_high(&mut w.quantized.values, &high);
                 }
                 Ok(w)
             })
             .collect()
+    }
+}
+
+/// `values += high`, in f32: a split weight is the sum of its parts
+/// (exact where the codes are 0; binary codes add their residual, and the
+/// file's readers add in the same f32 order).
+fn add_high(values: &mut [f32], high: &super::QuantizedTensor) {
+    for (v, h) in values.iter_mut().zip(&high.values) {
+        *v += *h;
     }
 }
 
@@ -708,9 +704,7 @@ impl TrainHook for LossAwareHook {
                 if let Some(high) = high {
                     // The warm start keeps the codes' own values.
                     let scaled = w.quantized.clone();
-                    for (v, h) in w.quantized.values.iter_mut().zip(&high.values) {
-                        *v += *h;
-                    }
+                    add_high(&mut w.quantized.values, &high);
                     super::straight_through(state, std::slice::from_ref(&w), overrides)?;
                     self.warm.insert(w.name, scaled);
                     continue;
@@ -1036,8 +1030,7 @@ mod tests {
         });
         let mut hook = LossAwareHook::new(options.clone(), &state).unwrap();
         train(&mut state, &train_set, &test_set, &config, &mut [&mut hook]).unwrap();
-        let scaled = hook.finish(&state).unwrap();
-        let highs = hook.high_parameters(&state).unwrap();
+        let (scaled, highs) = hook.finish_split(&state).unwrap();
         let mut forward = WeightOverrides::new();
         hook.eval_weights(&state, &mut forward).unwrap();
         assert_eq!(highs.len(), scaled.len());
