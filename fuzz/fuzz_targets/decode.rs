@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = model.size_report();
         for t in &model.tensors {
             // Dense views allocate rows·cols: keep them small under the fuzzer.
-            let _ = (t.kind(), t.scales());
+            let _ = (t.kind(), t.scales(), model.high_part(&t.name));
             if t.num_elements() <= 1 << 16 {
                 let _ = t.dequantize();
                 let _ = t.codes();

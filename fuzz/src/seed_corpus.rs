@@ -135,4 +135,39 @@ fn main() {
                 .expect("write seed");
         }
     }
+    // Split weights (format version 6): ternary codes and their high-width
+    // part, `w_high`, under the metadata key `high_weights`.
+    let (rows, cols) = (3, 7);
+    let codes: Vec<i8> = (0..rows * cols).map(|i| [0, 1, -1][i % 3]).collect();
+    let high: Vec<f32> = (0..rows * cols)
+        .map(|i| if i % 3 == 0 { 0.5 - i as f32 / 64.0 } else { 0.0 })
+        .collect();
+    let high_w: Vec<u8> = high.iter().map(|&v| if v != 0.0 { 8 } else { 0 }).collect();
+    let shape = [rows, cols];
+    let tensors = [
+        TensorInput::Scaled(ScaledTensorData {
+            name: "w",
+            shape: &shape,
+            codes: &codes,
+            levels: LevelKind::Linear,
+            max_code: 1,
+            groups: 1,
+            two_sided: false,
+            scales: &[0.25],
+        }),
+        TensorInput::Fixed(TensorData {
+            name: "w_high",
+            shape: &shape,
+            values: &high,
+            widths: &high_w,
+            exponent: None,
+        }),
+    ];
+    let options = EncodeOptions {
+        metadata: vec![(qgrad_csr::HIGH_WEIGHTS.into(), "8".into())],
+        ..Default::default()
+    };
+    let mut file = vec![1u8];
+    file.extend(encode_tensors(&tensors, &options).expect("valid input"));
+    std::fs::write(dir.join("seed_split"), file).expect("write seed");
 }
